@@ -1,0 +1,93 @@
+//! The replicated commands and their results.
+//!
+//! Every entry in the Raft log that carries application data is a [`Request`]:
+//! a format version, the time the leader stamped on it, and one [`Command`].
+//! The state machine never reads a clock; it uses `stamped_at_ms`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// The newest version of the [`Request`] format this build writes.
+///
+/// Version 1 is the first. A node refuses (as a typed rejection, never a panic) a request whose
+/// version is newer than it understands, so a mixed-version cluster cannot silently diverge.
+pub const REQUEST_FORMAT_VERSION: u16 = 1;
+
+/// Upper bound on a coordination key, in bytes.
+pub const KEY_BYTES_MAX: usize = 256;
+/// Upper bound on a coordination value, in bytes.
+pub const VALUE_BYTES_MAX: usize = 64 * 1024;
+/// Upper bound on the number of coordination keys held by the state machine.
+pub const KEYS_MAX: usize = 1_000_000;
+/// Upper bound on a cluster name, in bytes.
+pub const CLUSTER_NAME_BYTES_MAX: usize = 64;
+/// Upper bound on a network address string, in bytes.
+pub const ADDRESS_BYTES_MAX: usize = 256;
+
+/// One log entry's application payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Format version of this request; see [`REQUEST_FORMAT_VERSION`].
+    pub format_version: u16,
+    /// Milliseconds since the Unix epoch, stamped by the leader that proposed the entry.
+    /// Apply uses this instead of a clock so every replica computes the same state.
+    pub stamped_at_ms: u64,
+    pub command: Command,
+}
+
+impl Request {
+    /// A request in the current format.
+    pub fn new(stamped_at_ms: u64, command: Command) -> Self {
+        Self { format_version: REQUEST_FORMAT_VERSION, stamped_at_ms, command }
+    }
+}
+
+/// The commands the replicated state machine applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Record the cluster's identity. Proposed once, by the node that initialised the group;
+    /// a second, different identity is refused.
+    InitCluster { cluster_id: String, cluster_name: String },
+    /// Register (or re-register with new addresses) a node's advertised addresses.
+    RegisterNode { node_id: NodeId, raft_addr: String, api_addr: String },
+    /// Write a coordination key.
+    KvPut { key: String, value: String },
+    /// Write a coordination key only if its current value is `expected` (`None`: absent).
+    KvCompareAndSet { key: String, expected: Option<String>, value: String },
+    /// Remove a coordination key; removing an absent key is not an error.
+    KvDelete { key: String },
+}
+
+/// The result of applying one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// A blank or membership entry, or a command with nothing to report.
+    Applied,
+    /// A key was written; `revision` is the log index of the write.
+    KvWritten { revision: u64 },
+    /// A key was deleted (`existed` says whether it was present).
+    KvDeleted { existed: bool },
+    /// A compare-and-set found another value; nothing changed.
+    KvCompareFailed { current: Option<String> },
+    /// The command was refused; nothing changed.
+    Rejected(Rejection),
+}
+
+/// Why a command was refused. Every refusal leaves the state unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("request format version {found} is newer than this node understands ({supported}); upgrade this node")]
+    UnsupportedFormat { found: u16, supported: u16 },
+    #[error("field `{field}` is invalid: {message}")]
+    InvalidField { field: String, message: String },
+    #[error("field `{field}` is {actual} bytes, over the limit of {limit}")]
+    TooLarge { field: String, actual: usize, limit: usize },
+    #[error("the coordination key space is full ({limit} keys); delete keys before writing new ones")]
+    KeySpaceFull { limit: usize },
+    #[error("this cluster is already initialised as {existing_id}; refusing identity {proposed_id}")]
+    ClusterIdentityConflict { existing_id: String, proposed_id: String },
+}

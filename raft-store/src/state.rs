@@ -1,0 +1,412 @@
+//! The replicated state and its deterministic apply.
+//!
+//! [`StateMachineData`] is a pure value: `apply` takes an entry and returns the new state and a
+//! [`Response`], with no clock, randomness or I/O. Ordered maps only, so iteration (and therefore
+//! serialisation and the state hash) is identical on every replica.
+
+use std::collections::BTreeMap;
+
+use openraft::{EntryPayload, LogId, StoredMembership};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::command::{
+    Command, Rejection, Request, Response, ADDRESS_BYTES_MAX, CLUSTER_NAME_BYTES_MAX, KEYS_MAX,
+    KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
+};
+use crate::{Entry, MaosNode, NodeId};
+
+/// The identity recorded by the node that initialised the group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    pub cluster_id: String,
+    pub cluster_name: String,
+}
+
+/// A node's advertised addresses, as last registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub raft_addr: String,
+    pub api_addr: String,
+    /// Leader-stamped time of the registration.
+    pub registered_at_ms: u64,
+}
+
+/// A coordination key's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvValue {
+    pub value: String,
+    /// Log index of the write that produced this value; doubles as a fencing revision.
+    pub revision: u64,
+    /// Leader-stamped time of that write.
+    pub updated_at_ms: u64,
+}
+
+/// The application part of the state: what the state hash covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppState {
+    pub cluster: Option<ClusterIdentity>,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub kv: BTreeMap<String, KvValue>,
+    /// Highest leader stamp applied so far. Stamps from a new leader whose clock is behind are
+    /// raised to this, so replicated time never goes backwards.
+    pub clock_ms: u64,
+}
+
+/// Everything the state machine holds, including Raft's own bookkeeping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMachineData {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, MaosNode>,
+    pub app: AppState,
+}
+
+/// A broken invariant: a bug, never an operating error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("state machine invariant broken: {0}")]
+pub struct InvariantViolation(pub String);
+
+impl StateMachineData {
+    /// Apply one committed entry. Deterministic: the same entries give the same state everywhere.
+    pub fn apply(&mut self, entry: &Entry) -> Response {
+        self.last_applied = Some(entry.log_id);
+        match &entry.payload {
+            EntryPayload::Blank => Response::Applied,
+            EntryPayload::Membership(membership) => {
+                self.last_membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                Response::Applied
+            }
+            EntryPayload::Normal(request) => self.apply_request(entry.log_id.index, request),
+        }
+    }
+
+    fn apply_request(&mut self, index: u64, request: &Request) -> Response {
+        if request.format_version > REQUEST_FORMAT_VERSION {
+            return Response::Rejected(Rejection::UnsupportedFormat {
+                found: request.format_version,
+                supported: REQUEST_FORMAT_VERSION,
+            });
+        }
+        let now_ms = request.stamped_at_ms.max(self.app.clock_ms);
+        self.app.clock_ms = now_ms;
+        match apply_command(&mut self.app, index, now_ms, &request.command) {
+            Ok(response) => response,
+            Err(rejection) => Response::Rejected(rejection),
+        }
+    }
+
+    /// Check the invariants that must hold after every apply.
+    pub fn validate(&self) -> Result<(), InvariantViolation> {
+        let applied = self.last_applied.map(|id| id.index);
+        if let Some(membership_log_id) = self.last_membership.log_id() {
+            if Some(membership_log_id.index) > applied {
+                return Err(InvariantViolation(format!(
+                    "membership log id {membership_log_id} is ahead of last applied {applied:?}"
+                )));
+            }
+        }
+        for (key, value) in &self.app.kv {
+            if key.is_empty() || key.len() > KEY_BYTES_MAX {
+                return Err(InvariantViolation(format!("key {key:?} breaks the key size bounds")));
+            }
+            if value.value.len() > VALUE_BYTES_MAX {
+                return Err(InvariantViolation(format!("value of {key:?} is over the size bound")));
+            }
+            if Some(value.revision) > applied || value.updated_at_ms > self.app.clock_ms {
+                return Err(InvariantViolation(format!(
+                    "key {key:?} has revision {} / time {} beyond applied {applied:?} / clock {}",
+                    value.revision, value.updated_at_ms, self.app.clock_ms
+                )));
+            }
+        }
+        if self.app.kv.len() > KEYS_MAX {
+            return Err(InvariantViolation(format!("{} keys exceed the bound {KEYS_MAX}", self.app.kv.len())));
+        }
+        for (node_id, record) in &self.app.nodes {
+            if *node_id == 0 || record.raft_addr.is_empty() || record.api_addr.is_empty() {
+                return Err(InvariantViolation(format!("node record {node_id} is incomplete")));
+            }
+        }
+        Ok(())
+    }
+
+    /// A digest of the application state. Replicas that applied the same entries have the same hash.
+    pub fn state_hash(&self) -> String {
+        // Serialising ordered maps of plain data to JSON cannot fail.
+        let bytes = serde_json::to_vec(&self.app).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+fn check_len(field: &str, value: &str, limit: usize) -> Result<(), Rejection> {
+    if value.len() > limit {
+        return Err(Rejection::TooLarge { field: field.to_string(), actual: value.len(), limit });
+    }
+    Ok(())
+}
+
+fn check_non_empty(field: &str, value: &str) -> Result<(), Rejection> {
+    if value.is_empty() {
+        return Err(Rejection::InvalidField { field: field.to_string(), message: "must not be empty".into() });
+    }
+    Ok(())
+}
+
+fn check_key(key: &str) -> Result<(), Rejection> {
+    check_non_empty("key", key)?;
+    check_len("key", key, KEY_BYTES_MAX)
+}
+
+fn check_room(app: &AppState, key: &str) -> Result<(), Rejection> {
+    if app.kv.len() >= KEYS_MAX && !app.kv.contains_key(key) {
+        return Err(Rejection::KeySpaceFull { limit: KEYS_MAX });
+    }
+    Ok(())
+}
+
+/// Validate a command against the state without changing it. Used by apply and, before proposing,
+/// by the node, so most bad input is refused before it costs a log entry.
+pub fn check_command(command: &Command) -> Result<(), Rejection> {
+    match command {
+        Command::InitCluster { cluster_id, cluster_name } => {
+            check_non_empty("cluster_id", cluster_id)?;
+            check_len("cluster_id", cluster_id, CLUSTER_NAME_BYTES_MAX)?;
+            check_non_empty("cluster_name", cluster_name)?;
+            check_len("cluster_name", cluster_name, CLUSTER_NAME_BYTES_MAX)
+        }
+        Command::RegisterNode { node_id, raft_addr, api_addr } => {
+            if *node_id == 0 {
+                return Err(Rejection::InvalidField {
+                    field: "node_id".into(),
+                    message: "must be at least 1".into(),
+                });
+            }
+            check_non_empty("raft_addr", raft_addr)?;
+            check_len("raft_addr", raft_addr, ADDRESS_BYTES_MAX)?;
+            check_non_empty("api_addr", api_addr)?;
+            check_len("api_addr", api_addr, ADDRESS_BYTES_MAX)
+        }
+        Command::KvPut { key, value } | Command::KvCompareAndSet { key, value, .. } => {
+            check_key(key)?;
+            check_len("value", value, VALUE_BYTES_MAX)
+        }
+        Command::KvDelete { key } => check_key(key),
+    }
+}
+
+fn apply_command(app: &mut AppState, index: u64, now_ms: u64, command: &Command) -> Result<Response, Rejection> {
+    check_command(command)?;
+    match command {
+        Command::InitCluster { cluster_id, cluster_name } => {
+            match &app.cluster {
+                Some(existing) if existing.cluster_id != *cluster_id => {
+                    return Err(Rejection::ClusterIdentityConflict {
+                        existing_id: existing.cluster_id.clone(),
+                        proposed_id: cluster_id.clone(),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    app.cluster =
+                        Some(ClusterIdentity { cluster_id: cluster_id.clone(), cluster_name: cluster_name.clone() })
+                }
+            }
+            Ok(Response::Applied)
+        }
+        Command::RegisterNode { node_id, raft_addr, api_addr } => {
+            app.nodes.insert(
+                *node_id,
+                NodeRecord { raft_addr: raft_addr.clone(), api_addr: api_addr.clone(), registered_at_ms: now_ms },
+            );
+            Ok(Response::Applied)
+        }
+        Command::KvPut { key, value } => {
+            check_room(app, key)?;
+            app.kv.insert(key.clone(), KvValue { value: value.clone(), revision: index, updated_at_ms: now_ms });
+            Ok(Response::KvWritten { revision: index })
+        }
+        Command::KvCompareAndSet { key, expected, value } => {
+            let current = app.kv.get(key).map(|v| v.value.clone());
+            if current != *expected {
+                return Ok(Response::KvCompareFailed { current });
+            }
+            check_room(app, key)?;
+            app.kv.insert(key.clone(), KvValue { value: value.clone(), revision: index, updated_at_ms: now_ms });
+            Ok(Response::KvWritten { revision: index })
+        }
+        Command::KvDelete { key } => Ok(Response::KvDeleted { existed: app.kv.remove(key).is_some() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
+
+    use super::*;
+
+    fn entry(index: u64, stamped_at_ms: u64, command: Command) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request::new(stamped_at_ms, command)),
+        }
+    }
+
+    fn put(key: &str, value: &str) -> Command {
+        Command::KvPut { key: key.into(), value: value.into() }
+    }
+
+    fn cas(key: &str, expected: Option<&str>, value: &str) -> Command {
+        Command::KvCompareAndSet { key: key.into(), expected: expected.map(Into::into), value: value.into() }
+    }
+
+    fn too_large(field: &str, actual: usize, limit: usize) -> Response {
+        Response::Rejected(Rejection::TooLarge { field: field.into(), actual, limit })
+    }
+
+    fn invalid(field: &str, message: &str) -> Response {
+        Response::Rejected(Rejection::InvalidField { field: field.into(), message: message.into() })
+    }
+
+    /// Each case: commands applied in order to a fresh state, and the expected result of each.
+    #[test]
+    fn every_command_and_refusal_gives_its_typed_result() {
+        let long_key = "k".repeat(KEY_BYTES_MAX + 1);
+        let long_value = "v".repeat(VALUE_BYTES_MAX + 1);
+        let cases: Vec<(&str, Vec<(Command, Response)>)> = vec![
+            ("put writes at the entry's index", vec![(put("a", "1"), Response::KvWritten { revision: 1 })]),
+            (
+                "put overwrites",
+                vec![(put("a", "1"), Response::KvWritten { revision: 1 }), (put("a", "2"), Response::KvWritten { revision: 2 })],
+            ),
+            ("empty key is refused", vec![(put("", "1"), invalid("key", "must not be empty"))]),
+            ("long key is refused", vec![(put(&long_key, "1"), too_large("key", KEY_BYTES_MAX + 1, KEY_BYTES_MAX))]),
+            (
+                "long value is refused",
+                vec![(put("a", &long_value), too_large("value", VALUE_BYTES_MAX + 1, VALUE_BYTES_MAX))],
+            ),
+            ("cas on absent key with expected None writes", vec![(cas("a", None, "1"), Response::KvWritten { revision: 1 })]),
+            (
+                "cas with a wrong expectation reports the current value",
+                vec![
+                    (put("a", "1"), Response::KvWritten { revision: 1 }),
+                    (cas("a", Some("0"), "2"), Response::KvCompareFailed { current: Some("1".into()) }),
+                    (cas("a", None, "2"), Response::KvCompareFailed { current: Some("1".into()) }),
+                    (cas("a", Some("1"), "2"), Response::KvWritten { revision: 4 }),
+                ],
+            ),
+            (
+                "delete reports whether the key existed",
+                vec![
+                    (Command::KvDelete { key: "a".into() }, Response::KvDeleted { existed: false }),
+                    (put("a", "1"), Response::KvWritten { revision: 2 }),
+                    (Command::KvDelete { key: "a".into() }, Response::KvDeleted { existed: true }),
+                ],
+            ),
+            (
+                "cluster identity is set once; the same again is accepted, another refused",
+                vec![
+                    (Command::InitCluster { cluster_id: "c1".into(), cluster_name: "maos".into() }, Response::Applied),
+                    (Command::InitCluster { cluster_id: "c1".into(), cluster_name: "maos".into() }, Response::Applied),
+                    (
+                        Command::InitCluster { cluster_id: "c2".into(), cluster_name: "maos".into() },
+                        Response::Rejected(Rejection::ClusterIdentityConflict {
+                            existing_id: "c1".into(),
+                            proposed_id: "c2".into(),
+                        }),
+                    ),
+                ],
+            ),
+            (
+                "node registration needs an id and both addresses",
+                vec![
+                    (
+                        Command::RegisterNode { node_id: 0, raft_addr: "a:1".into(), api_addr: "a:2".into() },
+                        invalid("node_id", "must be at least 1"),
+                    ),
+                    (
+                        Command::RegisterNode { node_id: 1, raft_addr: "".into(), api_addr: "a:2".into() },
+                        invalid("raft_addr", "must not be empty"),
+                    ),
+                    (
+                        Command::RegisterNode { node_id: 1, raft_addr: "a:1".into(), api_addr: "a:2".into() },
+                        Response::Applied,
+                    ),
+                ],
+            ),
+        ];
+        for (name, steps) in cases {
+            let mut state = StateMachineData::default();
+            for (i, (command, expected)) in steps.into_iter().enumerate() {
+                let before = state.app.clone();
+                let response = state.apply(&entry(i as u64 + 1, 1_000, command));
+                assert_eq!(response, expected, "case {name:?}, step {i}");
+                state.validate().unwrap_or_else(|e| panic!("case {name:?}, step {i}: {e}"));
+                if matches!(response, Response::Rejected(_) | Response::KvCompareFailed { .. }) {
+                    // A refusal changes nothing but the replicated clock.
+                    assert_eq!(state.app.kv, before.kv, "case {name:?}, step {i}: refusal changed the keys");
+                    assert_eq!(state.app.nodes, before.nodes, "case {name:?}, step {i}: refusal changed the nodes");
+                    assert_eq!(state.app.cluster, before.cluster, "case {name:?}, step {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_newer_request_format_is_refused_without_change() {
+        let mut state = StateMachineData::default();
+        let mut request = Request::new(5, put("a", "1"));
+        request.format_version = REQUEST_FORMAT_VERSION + 1;
+        let entry = Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(request) };
+        assert_eq!(
+            state.apply(&entry),
+            Response::Rejected(Rejection::UnsupportedFormat { found: REQUEST_FORMAT_VERSION + 1, supported: REQUEST_FORMAT_VERSION })
+        );
+        assert!(state.app.kv.is_empty());
+        state.validate().expect("valid");
+    }
+
+    #[test]
+    fn replicated_time_never_goes_backwards() {
+        let mut state = StateMachineData::default();
+        state.apply(&entry(1, 2_000, put("a", "1")));
+        state.apply(&entry(2, 1_500, put("b", "1")));
+        assert_eq!(state.app.clock_ms, 2_000);
+        assert_eq!(state.app.kv["b"].updated_at_ms, 2_000);
+        state.validate().expect("valid");
+    }
+
+    #[test]
+    fn membership_and_blank_entries_move_the_applied_position() {
+        let mut state = StateMachineData::default();
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), 1);
+        state.apply(&Entry { log_id, payload: EntryPayload::Blank });
+        let membership = Membership::new(vec![[1u64, 2, 3].into_iter().collect()], ());
+        let log_id2 = LogId::new(CommittedLeaderId::new(1, 1), 2);
+        state.apply(&Entry { log_id: log_id2, payload: EntryPayload::Membership(membership.clone()) });
+        assert_eq!(state.last_applied, Some(log_id2));
+        assert_eq!(state.last_membership.membership(), &membership);
+        state.validate().expect("valid");
+    }
+
+    #[test]
+    fn validate_catches_a_broken_state() {
+        let mut state = StateMachineData::default();
+        state.apply(&entry(1, 10, put("a", "1")));
+        state.app.kv.get_mut("a").expect("a").revision = 99;
+        assert!(state.validate().is_err());
+    }
+
+    #[test]
+    fn the_same_entries_give_the_same_hash_and_different_ones_do_not() {
+        let entries = [entry(1, 1, put("a", "1")), entry(2, 2, put("b", "2")), entry(3, 3, Command::KvDelete { key: "a".into() })];
+        let mut first = StateMachineData::default();
+        let mut second = StateMachineData::default();
+        for e in &entries {
+            first.apply(e);
+            second.apply(e);
+        }
+        assert_eq!(first.state_hash(), second.state_hash());
+        second.apply(&entry(4, 4, put("c", "3")));
+        assert_ne!(first.state_hash(), second.state_hash());
+    }
+}
