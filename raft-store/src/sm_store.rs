@@ -125,8 +125,8 @@ impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineSto
             let data = self.data.read();
             data.validate().map_err(invariant_error)?;
             let body = SnapshotBody { format_version: SNAPSHOT_FORMAT_VERSION, state: data.clone() };
-            let bytes = serde_json::to_vec(&body)
-                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            let bytes =
+                serde_json::to_vec(&body).map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             (bytes, data.last_applied, data.last_membership.clone())
         };
         let snapshot_id = match last_log_id {
@@ -137,6 +137,7 @@ impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineSto
         let stored = StoredSnapshot { meta: meta.clone(), data: bytes.clone() };
         self.persistence.save_snapshot(&stored)?;
         *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        tracing::debug!(snapshot_id = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -144,9 +145,7 @@ impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineSto
 impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<P> {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, MaosNode>), StorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, MaosNode>), StorageError> {
         let data = self.data.read();
         Ok((data.last_applied, data.last_membership.clone()))
     }
@@ -187,6 +186,7 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         self.persistence.save_snapshot(&stored)?;
         self.data.replace(state);
         *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        tracing::info!(snapshot_id = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "installed a snapshot");
         Ok(())
     }
 

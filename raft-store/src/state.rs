@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::command::{
-    Command, Rejection, Request, Response, ADDRESS_BYTES_MAX, CLUSTER_NAME_BYTES_MAX, KEYS_MAX,
-    KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
+    Command, Rejection, Request, Response, ADDRESS_BYTES_MAX, CLUSTER_NAME_BYTES_MAX, KEYS_MAX, KEY_BYTES_MAX,
+    REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
 };
 use crate::{Entry, MaosNode, NodeId};
 
@@ -176,10 +176,7 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
         }
         Command::RegisterNode { node_id, raft_addr, api_addr } => {
             if *node_id == 0 {
-                return Err(Rejection::InvalidField {
-                    field: "node_id".into(),
-                    message: "must be at least 1".into(),
-                });
+                return Err(Rejection::InvalidField { field: "node_id".into(), message: "must be at least 1".into() });
             }
             check_non_empty("raft_addr", raft_addr)?;
             check_len("raft_addr", raft_addr, ADDRESS_BYTES_MAX)?;
@@ -276,7 +273,10 @@ mod tests {
             ("put writes at the entry's index", vec![(put("a", "1"), Response::KvWritten { revision: 1 })]),
             (
                 "put overwrites",
-                vec![(put("a", "1"), Response::KvWritten { revision: 1 }), (put("a", "2"), Response::KvWritten { revision: 2 })],
+                vec![
+                    (put("a", "1"), Response::KvWritten { revision: 1 }),
+                    (put("a", "2"), Response::KvWritten { revision: 2 }),
+                ],
             ),
             ("empty key is refused", vec![(put("", "1"), invalid("key", "must not be empty"))]),
             ("long key is refused", vec![(put(&long_key, "1"), too_large("key", KEY_BYTES_MAX + 1, KEY_BYTES_MAX))]),
@@ -284,7 +284,10 @@ mod tests {
                 "long value is refused",
                 vec![(put("a", &long_value), too_large("value", VALUE_BYTES_MAX + 1, VALUE_BYTES_MAX))],
             ),
-            ("cas on absent key with expected None writes", vec![(cas("a", None, "1"), Response::KvWritten { revision: 1 })]),
+            (
+                "cas on absent key with expected None writes",
+                vec![(cas("a", None, "1"), Response::KvWritten { revision: 1 })],
+            ),
             (
                 "cas with a wrong expectation reports the current value",
                 vec![
@@ -356,10 +359,14 @@ mod tests {
         let mut state = StateMachineData::default();
         let mut request = Request::new(5, put("a", "1"));
         request.format_version = REQUEST_FORMAT_VERSION + 1;
-        let entry = Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(request) };
+        let entry =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(request) };
         assert_eq!(
             state.apply(&entry),
-            Response::Rejected(Rejection::UnsupportedFormat { found: REQUEST_FORMAT_VERSION + 1, supported: REQUEST_FORMAT_VERSION })
+            Response::Rejected(Rejection::UnsupportedFormat {
+                found: REQUEST_FORMAT_VERSION + 1,
+                supported: REQUEST_FORMAT_VERSION
+            })
         );
         assert!(state.app.kv.is_empty());
         state.validate().expect("valid");
@@ -398,7 +405,11 @@ mod tests {
 
     #[test]
     fn the_same_entries_give_the_same_hash_and_different_ones_do_not() {
-        let entries = [entry(1, 1, put("a", "1")), entry(2, 2, put("b", "2")), entry(3, 3, Command::KvDelete { key: "a".into() })];
+        let entries = [
+            entry(1, 1, put("a", "1")),
+            entry(2, 2, put("b", "2")),
+            entry(3, 3, Command::KvDelete { key: "a".into() }),
+        ];
         let mut first = StateMachineData::default();
         let mut second = StateMachineData::default();
         for e in &entries {

@@ -27,11 +27,11 @@ impl StoreBuilder<TypeConfig, RocksLogStore, StateMachineStore<RocksSnapshots>, 
 }
 
 #[test]
-fn openraft_suite_passes_on_the_memory_store() -> Result<(), StorageError> {
-    Suite::test_all(MemBuilder)
+fn openraft_suite_passes_on_the_memory_store() -> Result<(), String> {
+    Suite::test_all(MemBuilder).map_err(|e| e.to_string())
 }
 
 #[test]
-fn openraft_suite_passes_on_the_rocksdb_store() -> Result<(), StorageError> {
-    Suite::test_all(RocksBuilder)
+fn openraft_suite_passes_on_the_rocksdb_store() -> Result<(), String> {
+    Suite::test_all(RocksBuilder).map_err(|e| e.to_string())
 }
