@@ -1,0 +1,229 @@
+//! `maos-client`: the MAOS protobuf API and the Rust SDK over it.
+//!
+//! [`proto`] holds the code generated from `client/proto/maos/v1/*.proto`; those files are the
+//! API's source of truth and any language can generate a client from them.
+//! [`Client`] is the Rust SDK: it knows every endpoint, puts a deadline on every call, and retries
+//! a call that could not reach a working node on the next endpoint.
+//!
+//! Must not depend on: `maos-node`, `maos-raft-store`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+pub mod proto {
+    pub mod v1 {
+        tonic::include_proto!("maos.v1");
+    }
+}
+
+use proto::v1::cluster_service_client::ClusterServiceClient;
+use proto::v1::kv_service_client::KvServiceClient;
+use proto::v1::{GetRequest, PutRequest, StatusRequest, StatusResponse};
+
+/// How long one call may take, retries included, unless the caller sets another.
+pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
+/// Upper bound on attempts per call, across all endpoints.
+pub const ATTEMPTS_MAX: usize = 16;
+/// Pause before trying the same endpoint list again after every endpoint failed.
+const ROUND_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("endpoint {endpoint:?} is not a valid address: {message}; use host:port or http://host:port")]
+    InvalidEndpoint { endpoint: String, message: String },
+    #[error("no endpoints given; pass at least one host:port")]
+    NoEndpoints,
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("resource exhausted (retry later): {0}")]
+    ResourceExhausted(String),
+    #[error("no node could serve the call within {deadline_ms} ms: {last}")]
+    Unavailable { deadline_ms: u64, last: String },
+    #[error("server error: {0}")]
+    Server(Status),
+}
+
+impl ClientError {
+    fn from_status(status: Status) -> Self {
+        match status.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                ClientError::InvalidArgument(status.message().to_string())
+            }
+            Code::NotFound => ClientError::NotFound(status.message().to_string()),
+            Code::ResourceExhausted => ClientError::ResourceExhausted(status.message().to_string()),
+            _ => ClientError::Server(status),
+        }
+    }
+}
+
+/// Whether a failed attempt may be retried on another node.
+fn retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
+}
+
+/// Turn `host:port` or a URL into an endpoint.
+pub fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
+    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| ClientError::InvalidEndpoint { endpoint: address.to_string(), message: e.to_string() })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+/// A client of a MAOS cluster.
+#[derive(Debug)]
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    /// Index of the endpoint that answered last; calls start there.
+    preferred: AtomicUsize,
+    deadline: Duration,
+    /// Upper bound on one attempt, so an endpoint that hangs (partitioned, frozen) costs part of
+    /// the deadline, not all of it.
+    attempt_timeout: Duration,
+}
+
+impl Client {
+    /// A client of the nodes at `endpoints` (`host:port`). Connections open lazily.
+    pub fn new<I, S>(endpoints: I) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        let channels: Vec<Channel> =
+            endpoints.iter().map(|e| endpoint(e).map(|e| e.connect_lazy())).collect::<Result<_, _>>()?;
+        Self::from_channels(endpoints.into_iter().zip(channels).collect())
+    }
+
+    /// A client over channels the caller built: a custom connector (a simulated network, a
+    /// proxy) or TLS settings. `endpoints` names each channel for error messages.
+    pub fn from_channels(endpoints: Vec<(String, Channel)>) -> Result<Self, ClientError> {
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let (endpoints, channels) = endpoints.into_iter().unzip();
+        Ok(Self {
+            endpoints,
+            channels,
+            preferred: AtomicUsize::new(0),
+            deadline: CALL_DEADLINE_DEFAULT,
+            attempt_timeout: CALL_DEADLINE_DEFAULT / 3,
+        })
+    }
+
+    /// Use `deadline` for every call, retries included; one attempt gets at most a third of it.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self.attempt_timeout = deadline / 3;
+        self
+    }
+
+    /// Bound one attempt on one endpoint to `timeout` (at most the call deadline).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// The endpoints this client was built with.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Run `call` against one endpoint after another until one answers or the deadline passes.
+    async fn with_failover<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut index = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+        let mut last = String::from("no attempt made");
+        for attempt in 0..ATTEMPTS_MAX {
+            let remaining = self.deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                break;
+            }
+            let limit = remaining.min(self.attempt_timeout);
+            let outcome = match tokio::time::timeout(limit, call(self.channels[index].clone(), limit)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", limit.as_millis()))),
+            };
+            match outcome {
+                Ok(value) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Err(status) if retryable(&status) => {
+                    last = format!("{}: {}", self.endpoints[index], status.message());
+                    tracing::debug!(endpoint = %self.endpoints[index], attempt, error = %status.message(), "retrying on the next endpoint");
+                    index = (index + 1) % self.channels.len();
+                    if index == 0 {
+                        tokio::time::sleep(ROUND_BACKOFF.min(remaining)).await;
+                    }
+                }
+                Err(status) => return Err(ClientError::from_status(status)),
+            }
+        }
+        Err(ClientError::Unavailable { deadline_ms: self.deadline.as_millis() as u64, last })
+    }
+
+    /// Write `key`; returns the revision (log index) of the write.
+    pub async fn put(&self, key: &str, value: &str) -> Result<u64, ClientError> {
+        self.with_failover(|channel, remaining| async move {
+            let mut request = Request::new(PutRequest { key: key.to_string(), value: value.to_string() });
+            request.set_timeout(remaining);
+            Ok(KvServiceClient::new(channel).put(request).await?.into_inner().revision)
+        })
+        .await
+    }
+
+    /// Read `key`: `Some((value, revision))` or `None` when absent.
+    pub async fn get(&self, key: &str, stale: bool) -> Result<Option<(String, u64)>, ClientError> {
+        self.with_failover(|channel, remaining| async move {
+            let mut request = Request::new(GetRequest { key: key.to_string(), stale });
+            request.set_timeout(remaining);
+            let response = KvServiceClient::new(channel).get(request).await?.into_inner();
+            Ok(response.found.then_some((response.value, response.revision)))
+        })
+        .await
+    }
+
+    /// The status of the node at `endpoints()[index]`, without failover.
+    pub async fn status_of(&self, index: usize) -> Result<StatusResponse, ClientError> {
+        let channel = self
+            .channels
+            .get(index)
+            .cloned()
+            .ok_or_else(|| ClientError::InvalidArgument(format!("endpoint index {index} is out of range")))?;
+        let mut request = Request::new(StatusRequest {});
+        request.set_timeout(self.deadline);
+        let outcome =
+            match tokio::time::timeout(self.deadline, ClusterServiceClient::new(channel).status(request)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", self.deadline.as_millis()))),
+            };
+        match outcome {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) if retryable(&status) => Err(ClientError::Unavailable {
+                deadline_ms: self.deadline.as_millis() as u64,
+                last: format!("{}: {}", self.endpoints[index], status.message()),
+            }),
+            Err(status) => Err(ClientError::from_status(status)),
+        }
+    }
+
+    /// A raw channel to `endpoints()[index]`, for calls the SDK does not wrap yet.
+    pub fn channel(&self, index: usize) -> Option<Channel> {
+        self.channels.get(index).cloned()
+    }
+}
