@@ -1,0 +1,246 @@
+//! The client API on port 8000: key-value and cluster services.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
+use maos_client::proto::v1::cluster_service_server::ClusterService;
+use maos_client::proto::v1::kv_service_server::KvService;
+use maos_client::proto::v1::*;
+use maos_raft_store::{Command, MaosNode, Rejection, Response as Applied};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tonic::{Request, Response, Status};
+
+use crate::config::check_address;
+use crate::core::{CoreError, NodeCore};
+
+/// Header marking a request already forwarded once, so forwarding never loops.
+const FORWARDED_HEADER: &str = "x-maos-forwarded";
+
+pub fn status_from(error: CoreError) -> Status {
+    match error {
+        CoreError::Rejected(rejection @ (Rejection::TooLarge { .. } | Rejection::KeySpaceFull { .. })) => {
+            Status::resource_exhausted(rejection.to_string())
+        }
+        CoreError::Rejected(rejection) => Status::invalid_argument(rejection.to_string()),
+        CoreError::Unavailable { .. } | CoreError::Stopped(_) => Status::unavailable(error.to_string()),
+    }
+}
+
+fn unexpected(response: Applied) -> Status {
+    Status::internal(format!("unexpected result from the state machine: {response:?}"))
+}
+
+/// The key-value service.
+pub struct KvApi {
+    pub core: Arc<NodeCore>,
+}
+
+#[tonic::async_trait]
+impl KvService for KvApi {
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let PutRequest { key, value } = request.into_inner();
+        match self.core.write(Command::KvPut { key, value }).await.map_err(status_from)? {
+            Applied::KvWritten { revision } => Ok(Response::new(PutResponse { revision })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let GetRequest { key, stale } = request.into_inner();
+        if key.is_empty() {
+            return Err(Status::invalid_argument("key: must not be empty"));
+        }
+        if !stale {
+            self.core.read_barrier().await.map_err(status_from)?;
+        }
+        let state = self.core.state.read();
+        let applied_index = state.last_applied.map(|id| id.index).unwrap_or(0);
+        Ok(Response::new(match state.app.kv.get(&key) {
+            Some(value) => {
+                GetResponse { found: true, value: value.value.clone(), revision: value.revision, applied_index }
+            }
+            None => GetResponse { found: false, value: String::new(), revision: 0, applied_index },
+        }))
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let key = request.into_inner().key;
+        match self.core.write(Command::KvDelete { key }).await.map_err(status_from)? {
+            Applied::KvDeleted { existed } => Ok(Response::new(DeleteResponse { existed })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compare_and_set(
+        &self,
+        request: Request<CompareAndSetRequest>,
+    ) -> Result<Response<CompareAndSetResponse>, Status> {
+        let CompareAndSetRequest { key, expected, value } = request.into_inner();
+        match self.core.write(Command::KvCompareAndSet { key, expected, value }).await.map_err(status_from)? {
+            Applied::KvWritten { revision } => {
+                Ok(Response::new(CompareAndSetResponse { succeeded: true, revision, current: None }))
+            }
+            Applied::KvCompareFailed { current } => {
+                Ok(Response::new(CompareAndSetResponse { succeeded: false, revision: 0, current }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// The cluster service.
+pub struct ClusterApi {
+    pub core: Arc<NodeCore>,
+}
+
+fn member_list(core: &NodeCore) -> Vec<Member> {
+    core.members()
+        .into_iter()
+        .map(|(id, (node, voter))| Member { id, raft_addr: node.raft_addr, api_addr: node.api_addr, voter })
+        .collect()
+}
+
+impl ClusterApi {
+    /// Run a membership change on the leader: here if this node leads, else forwarded once.
+    async fn on_leader<T, Local, Fut, Remote, RFut>(
+        &self,
+        forwarded: bool,
+        local: Local,
+        remote: Remote,
+    ) -> Result<T, Status>
+    where
+        Local: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+        Remote: FnOnce(ClusterServiceClient<tonic::transport::Channel>) -> RFut,
+        RFut: std::future::Future<Output = Result<T, Status>>,
+    {
+        if self.core.is_leader() {
+            return local().await;
+        }
+        if forwarded {
+            return Err(Status::unavailable("leadership moved while forwarding; retry"));
+        }
+        let (leader, node) = self.core.leader().ok_or_else(|| Status::unavailable("no leader known; retry"))?;
+        let channel = self
+            .core
+            .channels
+            .get(&node.api_addr)
+            .map_err(|e| Status::unavailable(format!("leader {leader} at {}: {e}", node.api_addr)))?;
+        remote(ClusterServiceClient::new(channel)).await
+    }
+}
+
+fn forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED_HEADER)
+}
+
+fn mark_forwarded<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+fn membership_status(error: RaftError<u64, ClientWriteError<u64, MaosNode>>) -> Status {
+    match &error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Status::unavailable(format!("{error}; retry")),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Status::failed_precondition(e.to_string()),
+        RaftError::Fatal(_) => Status::unavailable(error.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let metrics = self.core.raft.metrics().borrow().clone();
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader_api_addr = self.core.leader().map(|(_, node)| node.api_addr).unwrap_or_default();
+        let (state_hash, cluster_id, last_applied_index) = {
+            let state = self.core.state.read();
+            (
+                state.state_hash(),
+                state.app.cluster.as_ref().map(|c| c.cluster_id.clone()).unwrap_or_default(),
+                state.last_applied.map(|id| id.index).unwrap_or(0),
+            )
+        };
+        Ok(Response::new(StatusResponse {
+            node_id: self.core.id,
+            role: role.into(),
+            current_term: metrics.current_term,
+            leader_id: metrics.current_leader,
+            leader_api_addr,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            last_applied_index,
+            state_hash,
+            cluster_id,
+            cluster_name: self.core.cluster_name.clone(),
+            members: member_list(&self.core),
+        }))
+    }
+
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<AddNodeResponse>, Status> {
+        let forwarded = forwarded(&request);
+        let add = request.into_inner();
+        if add.id == 0 {
+            return Err(Status::invalid_argument("id: must be at least 1"));
+        }
+        check_address(&add.raft_addr).map_err(|e| Status::invalid_argument(format!("raft_addr: {e}")))?;
+        check_address(&add.api_addr).map_err(|e| Status::invalid_argument(format!("api_addr: {e}")))?;
+        if let Some((existing, _)) = self.core.members().get(&add.id) {
+            if existing.raft_addr != add.raft_addr {
+                return Err(Status::already_exists(format!(
+                    "id: node {} is already a member at {}; remove it first or choose another id",
+                    add.id, existing.raft_addr
+                )));
+            }
+        }
+        let core = self.core.clone();
+        let remote_add = add.clone();
+        self.on_leader(
+            forwarded,
+            || async move {
+                let node = MaosNode { raft_addr: add.raft_addr.clone(), api_addr: add.api_addr.clone() };
+                core.raft.add_learner(add.id, node, true).await.map_err(membership_status)?;
+                if !add.learner_only {
+                    let voters = BTreeSet::from([add.id]);
+                    core.raft
+                        .change_membership(ChangeMembers::AddVoterIds(voters), false)
+                        .await
+                        .map_err(membership_status)?;
+                }
+                Ok(Response::new(AddNodeResponse { members: member_list(&core) }))
+            },
+            |mut client| async move { client.add_node(mark_forwarded(remote_add)).await },
+        )
+        .await
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
+        let forwarded = forwarded(&request);
+        let id = request.into_inner().id;
+        let members = self.core.members();
+        let Some((_, voter)) = members.get(&id) else {
+            return Err(Status::not_found(format!("id: node {id} is not a member")));
+        };
+        let voter = *voter;
+        let core = self.core.clone();
+        self.on_leader(
+            forwarded,
+            || async move {
+                let ids = BTreeSet::from([id]);
+                let change = if voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
+                core.raft.change_membership(change, false).await.map_err(membership_status)?;
+                Ok(Response::new(RemoveNodeResponse { members: member_list(&core) }))
+            },
+            |mut client| async move { client.remove_node(mark_forwarded(RemoveNodeRequest { id })).await },
+        )
+        .await
+    }
+}

@@ -1,0 +1,482 @@
+//! Configuration: YAML, overridden by `MAOS_*` environment variables, overridden by flags.
+//!
+//! An environment variable names a key path upper-cased with nesting joined by `_`
+//! (`MAOS_NODE_ID`, `MAOS_CLUSTER_PEERS`, `MAOS_SYSTEM_LOG_LEVEL`). Its value is read as YAML,
+//! so numbers and booleans need no quoting. [`Config::validate`] names every bad key and value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_yaml::Value;
+
+/// Upper bound on the number of static peers.
+pub const PEERS_MAX: usize = 64;
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub cluster: ClusterSection,
+    pub network: NetworkSection,
+    pub raft: RaftSection,
+    pub system: SystemSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's id in the Raft group: unique, at least 1, never reused for another node.
+    pub id: u64,
+    /// Where the Raft log, snapshots and the node identity file live.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// A name every member shares; a data directory or peer of another name is refused.
+    pub name: String,
+    /// The static members that form the cluster on first start. The lowest id initialises the
+    /// group once every listed peer answers and none is initialised already.
+    #[serde(deserialize_with = "deserialize_peers")]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One static member: `{id, raft_addr, api_addr}` in YAML, `ID=RAFT_ADDR/API_ADDR` in a flag or
+/// environment variable (several joined by `,`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Client API (gRPC) listen address.
+    pub listen_addr: String,
+    /// Raft traffic listen address.
+    pub raft_listen_addr: String,
+    /// The API address other nodes and clients use for this node; defaults to `listen_addr`.
+    pub advertise_addr: Option<String>,
+    /// The Raft address other nodes use for this node; defaults to `raft_listen_addr`.
+    pub raft_advertise_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Entries kept in the log behind a snapshot, so a slightly lagging follower catches up from
+    /// the log instead of a snapshot.
+    pub logs_kept_after_snapshot: u64,
+    /// Entries per append-entries message.
+    pub max_payload_entries: u64,
+    /// Deadline of a forwarded write or read, leader elections included.
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SystemSection {
+    /// ERROR, WARN, INFO, DEBUG or TRACE (any case). `RUST_LOG`, when set, wins.
+    pub log_level: String,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self { id: 1, data_dir: PathBuf::from("/var/lib/maos") }
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { name: "maos".into(), peers: Vec::new() }
+    }
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            listen_addr: "0.0.0.0:8000".into(),
+            raft_listen_addr: "0.0.0.0:7000".into(),
+            advertise_addr: None,
+            raft_advertise_addr: None,
+        }
+    }
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_after_logs: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            max_payload_entries: 512,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for SystemSection {
+    fn default() -> Self {
+        Self { log_level: "INFO".into() }
+    }
+}
+
+/// One problem with the configuration, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found, so an operator fixes them in one pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem{}):", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError(vec![ConfigProblem { key: key.into(), message: message.into() }])
+}
+
+/// Parse `ID=RAFT_ADDR/API_ADDR[,ID=RAFT_ADDR/API_ADDR...]`.
+pub fn parse_peer_list(text: &str) -> Result<Vec<PeerConfig>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let (id, addrs) = part.split_once('=').ok_or_else(|| {
+                format!("peer {part:?} is not ID=RAFT_ADDR/API_ADDR (e.g. 1=10.0.0.1:7000/10.0.0.1:8000)")
+            })?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("peer {part:?} has id {id:?}, which is not a positive integer"))?;
+            let (raft_addr, api_addr) = addrs.split_once('/').ok_or_else(|| {
+                format!("peer {part:?} is not ID=RAFT_ADDR/API_ADDR (e.g. 1=10.0.0.1:7000/10.0.0.1:8000)")
+            })?;
+            Ok(PeerConfig { id, raft_addr: raft_addr.trim().into(), api_addr: api_addr.trim().into() })
+        })
+        .collect()
+}
+
+fn deserialize_peers<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<PeerConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Peers {
+        List(Vec<PeerConfig>),
+        Text(String),
+    }
+    match Peers::deserialize(deserializer)? {
+        Peers::List(list) => Ok(list),
+        Peers::Text(text) => parse_peer_list(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Check that `addr` is `host:port` with a non-empty host and a port in 1..=65535.
+pub fn check_address(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not host:port (e.g. 10.0.0.1:7000 or maos-0:7000)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/' || c == '@') {
+        return Err(format!("{addr:?} has no valid host (use host:port, e.g. 10.0.0.1:7000)"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{addr:?} has port {port:?}; a port is a number in 1..=65535")),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The leaf key paths of the configuration, for environment overrides.
+fn leaf_paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, child) in map {
+                if let Some(key) = key.as_str() {
+                    prefix.push(key.to_string());
+                    leaf_paths(child, prefix, out);
+                    prefix.pop();
+                }
+            }
+        }
+        _ => out.push(prefix.clone()),
+    }
+}
+
+fn set_path(root: &mut Value, path: &[String], value: Value) {
+    let mut current = root;
+    for (depth, key) in path.iter().enumerate() {
+        if !current.is_mapping() {
+            *current = Value::Mapping(Default::default());
+        }
+        let Value::Mapping(map) = current else { return };
+        let key = Value::String(key.clone());
+        if depth + 1 == path.len() {
+            map.insert(key, value);
+            return;
+        }
+        current = map.entry(key).or_insert(Value::Mapping(Default::default()));
+    }
+}
+
+/// Where a configuration came from, for `maos config show`.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub config: Config,
+    /// `MAOS_*` variables that name no key: probably a typo.
+    pub unknown_env: Vec<String>,
+}
+
+impl Config {
+    /// Load the YAML file (if any), then apply `MAOS_*` variables from `env`.
+    pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Loaded, ConfigError> {
+        let mut root = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| problem("--config", format!("cannot read {}: {e}", path.display())))?;
+                let value: Value = serde_yaml::from_str(&text)
+                    .map_err(|e| problem(path.display().to_string(), format!("is not valid YAML: {e}")))?;
+                if value.is_null() {
+                    Value::Mapping(Default::default())
+                } else {
+                    value
+                }
+            }
+            None => Value::Mapping(Default::default()),
+        };
+        let defaults = serde_yaml::to_value(Config::default()).map_err(|e| problem("(defaults)", e.to_string()))?;
+        let mut paths = Vec::new();
+        leaf_paths(&defaults, &mut Vec::new(), &mut paths);
+        let by_env_name: BTreeMap<String, Vec<String>> =
+            paths.into_iter().map(|path| (format!("MAOS_{}", path.join("_").to_uppercase()), path)).collect();
+        let mut unknown_env = Vec::new();
+        for (name, raw) in env.iter().filter(|(name, _)| name.starts_with("MAOS_")) {
+            match by_env_name.get(name) {
+                Some(path) => {
+                    let value = serde_yaml::from_str::<Value>(raw).unwrap_or_else(|_| Value::String(raw.clone()));
+                    set_path(&mut root, path, value);
+                }
+                None => unknown_env.push(name.clone()),
+            }
+        }
+        let config: Config = serde_yaml::from_value(root).map_err(|e| {
+            let key = file.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
+            problem(key, e.to_string())
+        })?;
+        Ok(Loaded { config, unknown_env })
+    }
+
+    /// The API address others use for this node.
+    pub fn advertised_api_addr(&self) -> String {
+        self.network.advertise_addr.clone().unwrap_or_else(|| self.network.listen_addr.clone())
+    }
+
+    /// The Raft address others use for this node.
+    pub fn advertised_raft_addr(&self) -> String {
+        self.network.raft_advertise_addr.clone().unwrap_or_else(|| self.network.raft_listen_addr.clone())
+    }
+
+    /// Check every value; report all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| problems.push(ConfigProblem { key: key.into(), message });
+        if self.node.id == 0 {
+            bad("node.id", "must be at least 1; 0 is reserved".into());
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            bad("node.data_dir", "must name a directory".into());
+        }
+        let name = &self.cluster.name;
+        if name.is_empty()
+            || name.len() > maos_raft_store::command::CLUSTER_NAME_BYTES_MAX
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bad("cluster.name", format!("{name:?} must be 1..=64 characters of A-Z a-z 0-9 - _"));
+        }
+        if self.cluster.peers.len() > PEERS_MAX {
+            bad("cluster.peers", format!("{} peers exceed the limit of {PEERS_MAX}", self.cluster.peers.len()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, peer) in self.cluster.peers.iter().enumerate() {
+            if peer.id == 0 {
+                bad(&format!("cluster.peers[{i}].id"), "must be at least 1".into());
+            }
+            if !seen.insert(peer.id) {
+                bad(&format!("cluster.peers[{i}].id"), format!("id {} is listed twice", peer.id));
+            }
+            if let Err(e) = check_address(&peer.raft_addr) {
+                bad(&format!("cluster.peers[{i}].raft_addr"), e);
+            }
+            if let Err(e) = check_address(&peer.api_addr) {
+                bad(&format!("cluster.peers[{i}].api_addr"), e);
+            }
+            if peer.id == self.node.id && peer.raft_addr != self.advertised_raft_addr() {
+                bad(
+                    &format!("cluster.peers[{i}].raft_addr"),
+                    format!(
+                        "lists this node (id {}) at {}, but it advertises {}; set network.raft_advertise_addr or fix the peer",
+                        peer.id,
+                        peer.raft_addr,
+                        self.advertised_raft_addr()
+                    ),
+                );
+            }
+        }
+        for (key, addr) in [
+            ("network.listen_addr", Some(&self.network.listen_addr)),
+            ("network.raft_listen_addr", Some(&self.network.raft_listen_addr)),
+            ("network.advertise_addr", self.network.advertise_addr.as_ref()),
+            ("network.raft_advertise_addr", self.network.raft_advertise_addr.as_ref()),
+        ] {
+            if let Some(Err(e)) = addr.map(|a| check_address(a)) {
+                bad(key, e);
+            }
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0 {
+            bad("raft.heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
+            bad("raft.election_timeout_min_ms", "must be greater than raft.heartbeat_interval_ms".into());
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            bad("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms".into());
+        }
+        if raft.snapshot_after_logs == 0 {
+            bad("raft.snapshot_after_logs", "must be at least 1".into());
+        }
+        if raft.max_payload_entries == 0 || raft.max_payload_entries > 65_536 {
+            bad("raft.max_payload_entries", "must be in 1..=65536".into());
+        }
+        if raft.request_timeout_ms < raft.election_timeout_max_ms {
+            bad("raft.request_timeout_ms", "must be at least raft.election_timeout_max_ms".into());
+        }
+        if !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&self.system.log_level.to_uppercase().as_str()) {
+            bad(
+                "system.log_level",
+                format!("{:?} is not one of ERROR, WARN, INFO, DEBUG, TRACE", self.system.log_level),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_names_unknown_variables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("maos.yml");
+        std::fs::write(&path, "node:\n  id: 2\nsystem:\n  log_level: INFO\n").expect("write");
+        let loaded = Config::load(
+            Some(&path),
+            &env(&[
+                ("MAOS_SYSTEM_LOG_LEVEL", "DEBUG"),
+                ("MAOS_CLUSTER_PEERS", "1=127.0.0.1:7001/127.0.0.1:8001,2=127.0.0.1:7002/127.0.0.1:8002"),
+                ("MAOS_RAFT_SNAPSHOT_AFTER_LOGS", "50"),
+                ("MAOS_NO_SUCH_KEY", "1"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.config.node.id, 2);
+        assert_eq!(loaded.config.system.log_level, "DEBUG");
+        assert_eq!(loaded.config.raft.snapshot_after_logs, 50);
+        assert_eq!(loaded.config.cluster.peers.len(), 2);
+        assert_eq!(loaded.config.cluster.peers[1].api_addr, "127.0.0.1:8002");
+        assert_eq!(loaded.unknown_env, vec!["MAOS_NO_SUCH_KEY".to_string()]);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("maos.yml");
+        std::fs::write(&path, "raft:\n  heartbeat_ms: 5\n").expect("write");
+        let error = Config::load(Some(&path), &BTreeMap::new()).expect_err("unknown key");
+        assert!(error.to_string().contains("heartbeat_ms"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_each_bad_value() {
+        type Case = (&'static str, fn(&mut Config), &'static str);
+        let cases: &[Case] = &[
+            ("zero id", |c| c.node.id = 0, "node.id"),
+            ("bad port", |c| c.network.listen_addr = "127.0.0.1:99999".into(), "network.listen_addr"),
+            ("no port", |c| c.network.raft_listen_addr = "localhost".into(), "network.raft_listen_addr"),
+            (
+                "malformed peer",
+                |c| {
+                    c.cluster.peers =
+                        vec![PeerConfig { id: 2, raft_addr: "10.0.0.2".into(), api_addr: "10.0.0.2:8000".into() }]
+                },
+                "cluster.peers[0].raft_addr",
+            ),
+            (
+                "duplicate peer",
+                |c| {
+                    let p = PeerConfig { id: 2, raft_addr: "a:7000".into(), api_addr: "a:8000".into() };
+                    c.cluster.peers = vec![p.clone(), p];
+                },
+                "cluster.peers[1].id",
+            ),
+            ("bad name", |c| c.cluster.name = "my cluster".into(), "cluster.name"),
+            ("timeouts", |c| c.raft.election_timeout_max_ms = 10, "raft.election_timeout_max_ms"),
+            ("log level", |c| c.system.log_level = "LOUD".into(), "system.log_level"),
+        ];
+        for (name, mutate, key) in cases {
+            let mut config = Config::default();
+            mutate(&mut config);
+            let error = config.validate().expect_err(name);
+            assert!(error.0.iter().any(|p| p.key == *key), "{name}: {error}");
+        }
+        Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn peer_lists_parse_and_malformed_ones_say_how_to_fix_them() {
+        let peers = parse_peer_list("1=a:7000/a:8000, 2=b:7000/b:8000").expect("parses");
+        assert_eq!(peers[1], PeerConfig { id: 2, raft_addr: "b:7000".into(), api_addr: "b:8000".into() });
+        for bad in ["1=a:7000", "x=a:7000/a:8000", "a:7000/a:8000"] {
+            let error = parse_peer_list(bad).expect_err(bad);
+            assert!(error.contains("ID=RAFT_ADDR/API_ADDR") || error.contains("positive integer"), "{error}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The running node: its Raft instance, its read handle on applied state, and the write and read
+//! paths every API shares.
+//!
+//! Writes: any node accepts one. The leader stamps it with its clock and proposes it; a follower
+//! forwards it to the leader's Raft port (`Propose`). Reads: linearizable by ReadIndex (the
+//! leader confirms it still leads and names an index; the reader waits until it has applied that
+//! index), or stale from local state when the caller asks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use maos_raft_store::state::check_command;
+use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Request, Response, StateMachineHandle};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::ReadIndexRequest;
+use crate::raft_network::{decode, encode, Channels};
+
+/// Milliseconds since the Unix epoch. Real nodes read the system clock; simulations supply theirs.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    })
+}
+
+/// Pause between attempts while a leader is unknown or changing.
+const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
+
+/// Why a write or read did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    Rejected(#[from] Rejection),
+    #[error("no leader could take the request within {timeout_ms} ms ({last}); retry, or check that a majority of nodes is up")]
+    Unavailable { timeout_ms: u64, last: String },
+    #[error("this node has stopped: {0}")]
+    Stopped(String),
+}
+
+/// What `Propose` returns to a forwarding node.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ProposeOutcome {
+    Applied(Response),
+    /// The receiver is not the leader; the forwarder retries with its own view of the leader.
+    NotLeader {
+        leader_id: Option<NodeId>,
+    },
+    Failed(String),
+}
+
+/// Everything the APIs and the Raft service share.
+pub struct NodeCore {
+    pub id: NodeId,
+    pub cluster_name: String,
+    pub raft: Raft,
+    pub state: StateMachineHandle,
+    pub channels: Channels,
+    pub clock: Clock,
+    pub request_timeout: Duration,
+}
+
+impl NodeCore {
+    /// The leader as this node sees it, with its addresses.
+    pub fn leader(&self) -> Option<(NodeId, MaosNode)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let leader = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader).cloned()?;
+        Some((leader, node))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.state == ServerState::Leader && metrics.current_leader == Some(self.id)
+    }
+
+    /// The members of the current membership: id -> (node, is voter).
+    pub fn members(&self) -> BTreeMap<NodeId, (MaosNode, bool)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership.nodes().map(|(id, node)| (*id, (node.clone(), voters.contains(id)))).collect()
+    }
+
+    /// Propose `command` on this node, which must be the leader. Stamps it with this node's clock.
+    pub async fn propose_local(&self, command: Command) -> ProposeOutcome {
+        match self.raft.client_write(Request::new((self.clock)(), command)).await {
+            Ok(written) => ProposeOutcome::Applied(written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                ProposeOutcome::NotLeader { leader_id: forward.leader_id }
+            }
+            Err(other) => ProposeOutcome::Failed(other.to_string()),
+        }
+    }
+
+    /// Replicate `command` through the leader, wherever it is, and return its result.
+    pub async fn write(&self, command: Command) -> Result<Response, CoreError> {
+        check_command(&command)?;
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        loop {
+            let outcome = match self.leader() {
+                Some((leader, _)) if leader == self.id => self.propose_local(command.clone()).await,
+                Some((leader, node)) => match self.forward_propose(&node.raft_addr, &command, deadline).await {
+                    Ok(outcome) => outcome,
+                    Err(error) => ProposeOutcome::Failed(format!("leader {leader} at {}: {error}", node.raft_addr)),
+                },
+                None => ProposeOutcome::NotLeader { leader_id: None },
+            };
+            let last = match outcome {
+                ProposeOutcome::Applied(Response::Rejected(rejection)) => return Err(rejection.into()),
+                ProposeOutcome::Applied(response) => return Ok(response),
+                ProposeOutcome::NotLeader { leader_id } => format!("leader changing (hint: {leader_id:?})"),
+                ProposeOutcome::Failed(message) => message,
+            };
+            if tokio::time::Instant::now() + LEADER_RETRY_PAUSE >= deadline {
+                return Err(CoreError::Unavailable { timeout_ms: self.request_timeout.as_millis() as u64, last });
+            }
+            tokio::time::sleep(LEADER_RETRY_PAUSE).await;
+        }
+    }
+
+    async fn forward_propose(
+        &self,
+        raft_addr: &str,
+        command: &Command,
+        deadline: tokio::time::Instant,
+    ) -> Result<ProposeOutcome, String> {
+        let mut client = self.channels.raft_client(raft_addr).map_err(|e| e.to_string())?;
+        let payload = encode(command).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let reply = tokio::time::timeout_at(deadline, client.propose(request))
+            .await
+            .map_err(|_| "no answer before the deadline".to_string())?
+            .map_err(|status| status.message().to_string())?;
+        decode(&reply.into_inner()).map_err(|e| e.to_string())
+    }
+
+    /// Wait until this node's applied state reflects every write acknowledged before the call.
+    pub async fn read_barrier(&self) -> Result<u64, CoreError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        loop {
+            let read_index = match self.leader() {
+                Some((leader, _)) if leader == self.id => match self.raft.ensure_linearizable().await {
+                    Ok(read_log_id) => Ok(read_log_id.map(|id| id.index).unwrap_or(0)),
+                    Err(error) => Err(error.to_string()),
+                },
+                Some((leader, node)) => self
+                    .forward_read_index(&node.raft_addr, deadline)
+                    .await
+                    .map_err(|e| format!("leader {leader} at {}: {e}", node.raft_addr)),
+                None => Err("no leader known".to_string()),
+            };
+            let last = match read_index {
+                Ok(index) => {
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    self.raft.wait(Some(remaining)).applied_index_at_least(Some(index), "read barrier").await.map_err(
+                        |e| CoreError::Unavailable {
+                            timeout_ms: self.request_timeout.as_millis() as u64,
+                            last: format!("waiting to apply index {index}: {e}"),
+                        },
+                    )?;
+                    return Ok(index);
+                }
+                Err(message) => message,
+            };
+            if tokio::time::Instant::now() + LEADER_RETRY_PAUSE >= deadline {
+                return Err(CoreError::Unavailable { timeout_ms: self.request_timeout.as_millis() as u64, last });
+            }
+            tokio::time::sleep(LEADER_RETRY_PAUSE).await;
+        }
+    }
+
+    async fn forward_read_index(&self, raft_addr: &str, deadline: tokio::time::Instant) -> Result<u64, String> {
+        let mut client = self.channels.raft_client(raft_addr).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let reply = tokio::time::timeout_at(deadline, client.read_index(request))
+            .await
+            .map_err(|_| "no answer before the deadline".to_string())?
+            .map_err(|status| status.message().to_string())?;
+        Ok(reply.into_inner().read_index)
+    }
+}

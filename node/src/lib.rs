@@ -1,0 +1,31 @@
+//! `maos-node`: the MAOS server and the `maos` command line.
+//!
+//! Layout:
+//! - [`config`]: YAML + `MAOS_*` environment + flags, validated with every problem named.
+//! - [`transport`]: TCP or simulated connections; the rest of the node only sees tonic channels.
+//! - [`raft_network`], [`raft_service`]: Raft traffic on port 7000 (client and server sides).
+//! - [`core`]: the shared write path (leader stamps time, followers forward) and ReadIndex reads.
+//! - [`api`]: the client API on port 8000 (key-value and cluster services).
+//! - [`node`]: starting a node, forming the cluster with no coordinator, housekeeping.
+//! - [`data_dir`]: the data directory's identity and the checks made before touching it.
+//! - [`serve`]: `maos serve` on RocksDB; [`local_cluster`]: real local clusters of processes
+//!   for the demo, tests and benchmarks; [`demo`]: `maos demo`.
+//!
+//! Depends on `maos-raft-store` for the replicated state and `maos-client` for the API types.
+
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod data_dir;
+pub mod demo;
+pub mod local_cluster;
+pub mod node;
+pub mod raft_network;
+pub mod raft_service;
+pub mod serve;
+pub mod transport;
+
+/// Code generated from `node/proto/maos/raft/v1/raft.proto` (internal node-to-node API).
+pub mod proto {
+    tonic::include_proto!("maos.raft.v1");
+}

@@ -1,0 +1,249 @@
+//! A real cluster of `maos serve` processes on loopback, for the demo, tests and benchmarks.
+//!
+//! Each node gets free ports, its own data directory under one root, and a log file there.
+//! Dropping the cluster kills every process it started.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use maos_client::proto::v1::StatusResponse;
+use maos_client::Client;
+
+/// Knobs for a local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalClusterOptions {
+    pub nodes: u64,
+    pub cluster_name: String,
+    /// Passed as `MAOS_RAFT_SNAPSHOT_AFTER_LOGS`.
+    pub snapshot_after_logs: u64,
+    /// Passed as `MAOS_RAFT_LOGS_KEPT_AFTER_SNAPSHOT`.
+    pub logs_kept_after_snapshot: u64,
+    /// Passed as `MAOS_SYSTEM_LOG_LEVEL`.
+    pub log_level: String,
+}
+
+impl Default for LocalClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            cluster_name: "maos".into(),
+            snapshot_after_logs: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            log_level: "INFO".into(),
+        }
+    }
+}
+
+/// One node of a local cluster.
+#[derive(Debug)]
+pub struct LocalNode {
+    pub id: u64,
+    pub api_addr: String,
+    pub raft_addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalNode {
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+/// A local cluster of processes.
+#[derive(Debug)]
+pub struct LocalCluster {
+    binary: PathBuf,
+    root: PathBuf,
+    options: LocalClusterOptions,
+    pub nodes: BTreeMap<u64, LocalNode>,
+}
+
+/// A free loopback port (bound then released; a small race with other processes remains).
+pub fn free_loopback_addr() -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+impl LocalCluster {
+    /// Plan a cluster of `options.nodes` nodes under `root`, run by `binary`. Starts nothing.
+    pub fn new(binary: &Path, root: &Path, options: LocalClusterOptions) -> anyhow::Result<Self> {
+        let mut nodes = BTreeMap::new();
+        for id in 1..=options.nodes {
+            let dir = root.join(format!("node-{id}"));
+            nodes.insert(
+                id,
+                LocalNode {
+                    id,
+                    api_addr: free_loopback_addr()?,
+                    raft_addr: free_loopback_addr()?,
+                    data_dir: dir.join("data"),
+                    log_path: dir.join("maos.log"),
+                    child: None,
+                },
+            );
+        }
+        Ok(Self { binary: binary.to_path_buf(), root: root.to_path_buf(), options, nodes })
+    }
+
+    /// The `--peers` value naming every planned node.
+    pub fn peers_arg(&self) -> String {
+        self.nodes.values().map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The command that runs node `id`, for callers that want to change it before spawning.
+    pub fn command(&self, id: u64) -> anyhow::Result<Command> {
+        let node = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("serve")
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--listen")
+            .arg(&node.api_addr)
+            .arg("--raft-listen")
+            .arg(&node.raft_addr)
+            .arg("--peers")
+            .arg(self.peers_arg())
+            .arg("--cluster-name")
+            .arg(&self.options.cluster_name)
+            .env("MAOS_RAFT_SNAPSHOT_AFTER_LOGS", self.options.snapshot_after_logs.to_string())
+            .env("MAOS_RAFT_LOGS_KEPT_AFTER_SNAPSHOT", self.options.logs_kept_after_snapshot.to_string())
+            .env("MAOS_SYSTEM_LOG_LEVEL", &self.options.log_level)
+            .stdin(Stdio::null());
+        Ok(command)
+    }
+
+    /// Start (or restart) node `id`, appending its output to its log file.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut command = self.command(id)?;
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
+        if node.is_running() {
+            bail!("node {id} is already running");
+        }
+        if let Some(dir) = node.log_path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let log = File::options().create(true).append(true).open(&node.log_path)?;
+        command.stdout(log.try_clone()?).stderr(log);
+        node.child = Some(command.spawn().with_context(|| format!("cannot run {}", self.binary.display()))?);
+        Ok(())
+    }
+
+    /// Start every node.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        ids.into_iter().try_for_each(|id| self.start_node(id))
+    }
+
+    /// `kill -9` node `id` and reap it.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
+        if let Some(mut child) = node.child.take() {
+            child.kill().ok();
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Kill every node.
+    pub fn stop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let _ = self.kill(id);
+        }
+    }
+
+    /// Where the cluster keeps its data and logs.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A client of every node.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(self.nodes.values().map(|n| n.api_addr.clone()))?.with_deadline(Duration::from_secs(15)))
+    }
+
+    /// A client of node `id` alone.
+    pub fn client_of(&self, id: u64) -> anyhow::Result<Client> {
+        let node = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
+        Ok(Client::new([node.api_addr.clone()])?.with_deadline(Duration::from_secs(15)))
+    }
+
+    /// Node `id`'s status.
+    pub async fn status(&self, id: u64) -> anyhow::Result<StatusResponse> {
+        let client = self.client_of(id)?.with_deadline(Duration::from_secs(2));
+        Ok(client.status_of(0).await?)
+    }
+
+    /// Wait until every node in `among` that answers agrees on one leader in `among`;
+    /// returns (leader, term).
+    pub async fn wait_for_leader(&self, among: &[u64], timeout: Duration) -> anyhow::Result<(u64, u64)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        while tokio::time::Instant::now() < deadline {
+            let mut seen = Vec::new();
+            for id in among {
+                match self.status(*id).await {
+                    Ok(status) => seen.push((status.leader_id, status.current_term)),
+                    Err(error) => last = format!("node {id}: {error}"),
+                }
+            }
+            if seen.len() == among.len() {
+                if let Some((Some(leader), term)) = seen.first().copied() {
+                    if seen.iter().all(|s| *s == (Some(leader), term)) && among.contains(&leader) {
+                        return Ok((leader, term));
+                    }
+                }
+                last = format!("views differ: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("no agreed leader among {among:?} within {timeout:?}: {last}")
+    }
+
+    /// Wait until every node in `among` has applied the same state; returns the state hash.
+    pub async fn wait_for_same_state(&self, among: &[u64], timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        while tokio::time::Instant::now() < deadline {
+            let mut views = Vec::new();
+            for id in among {
+                match self.status(*id).await {
+                    Ok(status) => views.push((status.last_applied_index, status.state_hash)),
+                    Err(error) => last = format!("node {id}: {error}"),
+                }
+            }
+            if views.len() == among.len() && views.windows(2).all(|w| w[0] == w[1]) {
+                return Ok(views[0].1.clone());
+            }
+            if views.len() == among.len() {
+                last = format!("views differ: {views:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("nodes {among:?} did not converge within {timeout:?}: {last}")
+    }
+
+    /// The last `lines` lines of node `id`'s log, for error reports.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let Some(node) = self.nodes.get(&id) else { return String::new() };
+        let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,280 @@
+//! Starting a node: Raft, its two servers, cluster formation and housekeeping.
+//!
+//! Formation needs no coordinator: among the static peers the lowest id initialises the group,
+//! and only once every listed peer answers `Hello` and none is initialised already. A node whose
+//! Raft state is initialised (it has a vote or a log) never initialises again, so restarts
+//! cannot fork the cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use maos_raft_store::runtime::MaosRuntime;
+use maos_raft_store::sm_store::SnapshotPersistence;
+use maos_raft_store::{Command, MaosNode, NodeId, Raft, StateMachineStore, TypeConfig};
+use openraft::storage::RaftLogStorage;
+use openraft::{AsyncRuntime, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::api::{ClusterApi, KvApi};
+use crate::config::Config;
+use crate::core::{Clock, NodeCore};
+use crate::proto::raft_service_server::RaftServiceServer;
+use crate::proto::{HelloRequest, HelloResponse};
+use crate::raft_network::{Channels, NetworkFactory};
+use crate::raft_service::RaftServer;
+use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
+use maos_client::proto::v1::cluster_service_server::ClusterServiceServer;
+use maos_client::proto::v1::kv_service_server::KvServiceServer;
+
+/// How often housekeeping checks the cluster identity and this node's registration.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause between formation attempts while peers are not all reachable.
+const FORMATION_RETRY: Duration = Duration::from_millis(300);
+/// Deadline of one `Hello` call.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid Raft settings: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("Raft could not start: {0}")]
+    Raft(String),
+    #[error("cannot listen on {addr} ({what}): {source}; is another process using the port?")]
+    Listen { addr: String, what: &'static str, source: std::io::Error },
+}
+
+/// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub core: Arc<NodeCore>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RunningNode {
+    /// Stop Raft and the servers and wait for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Err(error) = self.core.raft.shutdown().await {
+            tracing::warn!(%error, "Raft did not stop cleanly");
+        }
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when a shutdown was requested.
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+}
+
+/// openraft settings from the node configuration.
+#[allow(clippy::result_large_err)] // openraft's own error type, returned once at start
+pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::ConfigError> {
+    let raft = &config.raft;
+    openraft::Config {
+        cluster_name: config.cluster.name.clone(),
+        heartbeat_interval: raft.heartbeat_interval_ms,
+        election_timeout_min: raft.election_timeout_min_ms,
+        election_timeout_max: raft.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(raft.snapshot_after_logs),
+        max_in_snapshot_log_to_keep: raft.logs_kept_after_snapshot,
+        max_payload_entries: raft.max_payload_entries,
+        install_snapshot_timeout: raft.request_timeout_ms,
+        ..Default::default()
+    }
+    .validate()
+}
+
+/// Ask the node at `raft_addr` who it is and what cluster it is in.
+pub async fn hello(
+    channels: &Channels,
+    raft_addr: &str,
+    from: NodeId,
+    cluster_name: &str,
+) -> Result<HelloResponse, String> {
+    let mut client = channels.raft_client(raft_addr).map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(HelloRequest { from_node_id: from, cluster_name: cluster_name.to_string() });
+    request.set_timeout(HELLO_TIMEOUT);
+    match tokio::time::timeout(HELLO_TIMEOUT, client.hello(request)).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(status.message().to_string()),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+/// Start a node over `log` and `state_machine`, serving on `transport`.
+pub async fn start<LS, P>(
+    config: &Config,
+    log: LS,
+    state_machine: StateMachineStore<P>,
+    transport: SharedTransport,
+    clock: Clock,
+) -> Result<RunningNode, StartError>
+where
+    LS: RaftLogStorage<TypeConfig>,
+    P: SnapshotPersistence,
+{
+    let raft_settings = Arc::new(raft_config(config)?);
+    let channels = Channels::new(transport.clone());
+    let state = state_machine.handle();
+    let raft =
+        Raft::new(config.node.id, raft_settings, NetworkFactory { channels: channels.clone() }, log, state_machine)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+    let core = Arc::new(NodeCore {
+        id: config.node.id,
+        cluster_name: config.cluster.name.clone(),
+        raft,
+        state,
+        channels,
+        clock,
+        request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    let raft_incoming = transport
+        .listen(&config.network.raft_listen_addr)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.network.raft_listen_addr.clone(), what: "Raft", source })?;
+    let api_incoming = transport.listen(&config.network.listen_addr).await.map_err(|source| StartError::Listen {
+        addr: config.network.listen_addr.clone(),
+        what: "client API",
+        source,
+    })?;
+
+    let raft_service = RaftServiceServer::new(RaftServer { core: core.clone() })
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let mut until_stopped = stopped.clone();
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(raft_service)
+            .serve_with_incoming_shutdown(raft_incoming, async move {
+                let _ = until_stopped.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "the Raft server stopped");
+        }
+    });
+
+    let mut until_stopped = stopped.clone();
+    let kv = KvServiceServer::new(KvApi { core: core.clone() });
+    let cluster = ClusterServiceServer::new(ClusterApi { core: core.clone() });
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(kv)
+            .add_service(cluster)
+            .serve_with_incoming_shutdown(api_incoming, async move {
+                let _ = until_stopped.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "the API server stopped");
+        }
+    });
+
+    let peers: BTreeMap<NodeId, MaosNode> = if config.cluster.peers.is_empty() {
+        BTreeMap::from([(
+            config.node.id,
+            MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
+        )])
+    } else {
+        config
+            .cluster
+            .peers
+            .iter()
+            .map(|p| (p.id, MaosNode { raft_addr: p.raft_addr.clone(), api_addr: p.api_addr.clone() }))
+            .collect()
+    };
+    tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
+    tasks.spawn(housekeeping(
+        core.clone(),
+        MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
+        stopped,
+    ));
+    Ok(RunningNode { core, stop, tasks })
+}
+
+/// Initialise the group if this node is the lowest-id peer and nobody else has.
+async fn form_cluster(core: Arc<NodeCore>, peers: BTreeMap<NodeId, MaosNode>, mut stopped: watch::Receiver<bool>) {
+    let bootstrapper = peers.keys().next().copied();
+    loop {
+        match core.raft.is_initialized().await {
+            Ok(true) | Err(_) => return,
+            Ok(false) => {}
+        }
+        if bootstrapper != Some(core.id) {
+            tracing::info!(node_id = core.id, ?bootstrapper, "waiting to be brought into the cluster");
+            return;
+        }
+        let mut all_fresh = true;
+        for (id, node) in peers.iter().filter(|(id, _)| **id != core.id) {
+            match hello(&core.channels, &node.raft_addr, core.id, &core.cluster_name).await {
+                Ok(answer) if answer.initialized => {
+                    tracing::info!(node_id = core.id, peer = id, "a peer is already in a cluster; not initialising");
+                    return;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(node_id = core.id, peer = id, %error, "peer not reachable yet");
+                    all_fresh = false;
+                }
+            }
+        }
+        if all_fresh {
+            match core.raft.initialize(peers.clone()).await {
+                Ok(()) => {
+                    tracing::info!(node_id = core.id, members = ?peers.keys().collect::<Vec<_>>(), "initialised the cluster")
+                }
+                Err(error) => tracing::warn!(node_id = core.id, %error, "initialise failed"),
+            }
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FORMATION_RETRY) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Keep the cluster identity recorded and this node's addresses registered.
+async fn housekeeping(core: Arc<NodeCore>, me: MaosNode, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        if core.leader().is_none() {
+            continue;
+        }
+        let (has_identity, registered) = {
+            let state = core.state.read();
+            let registered =
+                state.app.nodes.get(&core.id).is_some_and(|r| r.raft_addr == me.raft_addr && r.api_addr == me.api_addr);
+            (state.app.cluster.is_some(), registered)
+        };
+        if !has_identity && core.is_leader() {
+            // Drawn from openraft's runtime random source: seeded in simulations, so runs replay.
+            let bytes: [u8; 16] = rand::Rng::gen(&mut <MaosRuntime as AsyncRuntime>::thread_rng());
+            let cluster_id = uuid::Builder::from_random_bytes(bytes).into_uuid().to_string();
+            let command = Command::InitCluster { cluster_id, cluster_name: core.cluster_name.clone() };
+            if let Err(error) = core.write(command).await {
+                tracing::debug!(node_id = core.id, %error, "recording the cluster identity failed; will retry");
+            }
+        }
+        if !registered && core.members().contains_key(&core.id) {
+            let command = Command::RegisterNode {
+                node_id: core.id,
+                raft_addr: me.raft_addr.clone(),
+                api_addr: me.api_addr.clone(),
+            };
+            if let Err(error) = core.write(command).await {
+                tracing::debug!(node_id = core.id, %error, "registering this node failed; will retry");
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Raft traffic between nodes over tonic: the client side ([`RaftNetworkFactory`]) and the
+//! payload encoding shared with the server side ([`crate::raft_service`]).
+//!
+//! openraft's request and response types travel as JSON inside a versioned `RaftPayload`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use maos_raft_store::{MaosNode, NodeId, TypeConfig};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::proto::raft_service_client::RaftServiceClient;
+use crate::proto::RaftPayload;
+use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
+
+/// The newest `RaftPayload` format this build writes.
+pub const PAYLOAD_FORMAT_VERSION: u32 = 1;
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error(
+        "payload format {found} is newer than this node understands ({PAYLOAD_FORMAT_VERSION}); upgrade this node"
+    )]
+    NewerFormat { found: u32 },
+    #[error("payload is not valid: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json::Error> {
+    Ok(RaftPayload { format_version: PAYLOAD_FORMAT_VERSION, json: serde_json::to_vec(value)? })
+}
+
+pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, PayloadError> {
+    if payload.format_version > PAYLOAD_FORMAT_VERSION {
+        return Err(PayloadError::NewerFormat { found: payload.format_version });
+    }
+    Ok(serde_json::from_slice(&payload.json)?)
+}
+
+/// Caches one lazily connecting channel per peer address.
+#[derive(Clone)]
+pub struct Channels {
+    transport: SharedTransport,
+    by_addr: Arc<Mutex<BTreeMap<String, Channel>>>,
+}
+
+impl Channels {
+    pub fn new(transport: SharedTransport) -> Self {
+        Self { transport, by_addr: Arc::new(Mutex::new(BTreeMap::new())) }
+    }
+
+    /// The channel to `addr`, made on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut by_addr = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = by_addr.get(addr) {
+            return Ok(channel.clone());
+        }
+        let channel = self.transport.channel(addr)?;
+        by_addr.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// A Raft-port client for `addr`.
+    pub fn raft_client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, tonic::transport::Error> {
+        Ok(RaftServiceClient::new(self.get(addr)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+}
+
+/// Makes a [`PeerClient`] per target for openraft.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub channels: Channels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &MaosNode) -> Self::Network {
+        PeerClient { target, addr: node.raft_addr.clone(), channels: self.channels.clone() }
+    }
+}
+
+/// Raft RPCs to one peer.
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    channels: Channels,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, MaosNode, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(&self, rpc: &'static str, request: &Req, option: &RPCOption) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client =
+            self.channels.raft_client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut grpc_request = tonic::Request::new(payload);
+        grpc_request.set_timeout(option.hard_ttl());
+        // The grpc-timeout header only tells the server; the deadline is enforced here.
+        let response = tokio::time::timeout(option.hard_ttl(), async {
+            match rpc {
+                "append_entries" => client.append_entries(grpc_request).await,
+                "vote" => client.vote(grpc_request).await,
+                _ => client.install_snapshot(grpc_request).await,
+            }
+        })
+        .await;
+        let reply = match response {
+            Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
+            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)))
+            }
+            Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call("append_entries", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call("install_snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call("vote", &rpc, &option).await
+    }
+}

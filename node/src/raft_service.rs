@@ -1,0 +1,79 @@
+//! The Raft port's server side: openraft RPCs, forwarded proposals, ReadIndex and Hello.
+
+use std::sync::Arc;
+
+use maos_raft_store::Command;
+use tonic::{Request, Response, Status};
+
+use crate::core::{NodeCore, ProposeOutcome};
+use crate::proto::raft_service_server::RaftService;
+use crate::proto::{HelloMember, HelloRequest, HelloResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse};
+use crate::raft_network::{decode, encode};
+
+/// Serves the Raft port for one node.
+pub struct RaftServer {
+    pub core: Arc<NodeCore>,
+}
+
+fn bad_payload(error: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("payload: {error}"))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    encode(value).map(Response::new).map_err(|e| Status::internal(format!("cannot encode reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftServer {
+    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(request.get_ref()).map_err(bad_payload)?;
+        reply(&self.core.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(request.get_ref()).map_err(bad_payload)?;
+        reply(&self.core.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(request.get_ref()).map_err(bad_payload)?;
+        reply(&self.core.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let command: Command = decode(request.get_ref()).map_err(bad_payload)?;
+        let outcome = if self.core.is_leader() {
+            self.core.propose_local(command).await
+        } else {
+            ProposeOutcome::NotLeader { leader_id: self.core.leader().map(|(id, _)| id) }
+        };
+        reply(&outcome)
+    }
+
+    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        match self.core.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => {
+                Ok(Response::new(ReadIndexResponse { read_index: read_log_id.map(|id| id.index).unwrap_or(0) }))
+            }
+            Err(error) => Err(Status::unavailable(format!("not the leader: {error}"))),
+        }
+    }
+
+    async fn hello(&self, _request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        let initialized = self.core.raft.is_initialized().await.unwrap_or(false);
+        let cluster_id = self.core.state.read().app.cluster.as_ref().map(|c| c.cluster_id.clone()).unwrap_or_default();
+        let members = self
+            .core
+            .members()
+            .into_iter()
+            .map(|(id, (node, _))| HelloMember { id, raft_addr: node.raft_addr })
+            .collect();
+        Ok(Response::new(HelloResponse {
+            node_id: self.core.id,
+            cluster_name: self.core.cluster_name.clone(),
+            cluster_id,
+            initialized,
+            members,
+        }))
+    }
+}

@@ -1,0 +1,105 @@
+//! How a node reaches and accepts connections: real TCP, or a simulated network.
+//!
+//! Everything above this module speaks tonic over a [`Channel`] and serves from an [`Incoming`]
+//! stream, so the same node code runs over real sockets and over turmoil's simulated TCP
+//! (`maos-chaos` implements [`Transport`] for the simulation).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+use tonic::transport::Channel;
+
+/// A byte stream a server can run a connection on.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// An accepted connection of any transport.
+pub struct BoxedIo(pub Box<dyn Io>);
+
+impl Connected for BoxedIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for BoxedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoxedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+/// A stream of accepted connections.
+pub type Incoming = Pin<Box<dyn Stream<Item = io::Result<BoxedIo>> + Send>>;
+
+/// Outgoing channels and listening sockets.
+#[tonic::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// A lazily connecting channel to `addr` (`host:port`).
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error>;
+    /// Listen on `addr` (`host:port`).
+    async fn listen(&self, addr: &str) -> io::Result<Incoming>;
+}
+
+/// Settings every node-to-node channel uses, on any transport.
+///
+/// HTTP/2 keep-alive pings find a connection that silently stopped delivering (a partition, a
+/// peer frozen or killed without a reset) within `KEEP_ALIVE_TIMEOUT`; the channel then drops it
+/// and reconnects on the next call instead of queueing calls on a dead connection.
+pub fn peer_endpoint(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+}
+
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Maximum gRPC message size between nodes and from clients: snapshots travel in chunks below it.
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Real TCP sockets.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpTransport;
+
+#[tonic::async_trait]
+impl Transport for TcpTransport {
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(peer_endpoint(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?)
+            .tcp_nodelay(true)
+            .connect_lazy())
+    }
+
+    async fn listen(&self, addr: &str) -> io::Result<Incoming> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let stream = futures::stream::unfold(listener, |listener| async move {
+            let accepted = listener.accept().await.map(|(socket, _)| {
+                let _ = socket.set_nodelay(true);
+                BoxedIo(Box::new(socket))
+            });
+            Some((accepted, listener))
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// A shared transport.
+pub type SharedTransport = Arc<dyn Transport>;

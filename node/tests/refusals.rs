@@ -1,0 +1,179 @@
+//! A node refuses to start, says why and what to do, and writes nothing, when its data dir
+//! belongs to another cluster, its id collides with a member's, or a peer address is malformed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use maos_node::local_cluster::{free_loopback_addr, LocalCluster, LocalClusterOptions};
+
+const STEP: Duration = Duration::from_secs(30);
+
+fn maos() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_maos"))
+}
+
+/// Every file under `dir` with its bytes, to prove a refused start changed nothing.
+fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(next) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path).unwrap_or_default());
+            }
+        }
+    }
+    files
+}
+
+/// Run `maos serve` with `args`; it must exit non-zero within the deadline. Returns stderr.
+fn refused(args: &[&str]) -> anyhow::Result<String> {
+    let mut child = maos()
+        .arg("serve")
+        .args(args)
+        .env("MAOS_SYSTEM_LOG_LEVEL", "WARN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let output = child.wait_with_output()?;
+            let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+            anyhow::ensure!(!status.success(), "maos serve {args:?} started but should have refused: {stderr}");
+            return Ok(stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("maos serve {args:?} kept running; it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_malformed_peer_address_is_refused_before_anything_is_written() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    for (peers, named) in [
+        ("1=127.0.0.1:70001/127.0.0.1:8001", "cluster.peers[0].raft_addr"),
+        ("1=127.0.0.1:7001/nohost", "cluster.peers[0].api_addr"),
+        ("1=127.0.0.1:7001", "ID=RAFT_ADDR/API_ADDR"),
+    ] {
+        let stderr = refused(&["--node-id", "1", "--data-dir", data.to_str().unwrap_or_default(), "--peers", peers])?;
+        assert!(stderr.contains(named), "{peers}: error should name {named}: {stderr}");
+        assert!(!data.exists(), "{peers}: a refused start must not create the data dir");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_colliding_id_or_a_foreign_data_dir_is_refused_and_left_untouched() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let binary = Path::new(env!("CARGO_BIN_EXE_maos"));
+
+    // A one-node cluster of its own, to own a data dir of another cluster.
+    let other_root = root.path().join("other");
+    let mut other = LocalCluster::new(binary, &other_root, LocalClusterOptions { nodes: 1, ..Default::default() })?;
+    other.start_all()?;
+    other.wait_for_leader(&[1], STEP).await?;
+    let other_data = other.nodes[&1].data_dir.clone();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !std::fs::read_to_string(other_data.join("node.json"))?.contains("\"cluster_id\": \"")
+        || std::fs::read_to_string(other_data.join("node.json"))?.contains("\"cluster_id\": \"\"")
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the other cluster never recorded its id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    other.stop();
+
+    let mut cluster = LocalCluster::new(binary, &root.path().join("main"), LocalClusterOptions::default())?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    // The cluster id is recorded shortly after the first leader is elected.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while cluster.status(1).await?.cluster_id.is_empty() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the cluster never recorded its id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peers_without = |id: u64| -> String {
+        cluster
+            .nodes
+            .values()
+            .filter(|n| n.id != id)
+            .map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+
+    // Node id 2 is a member at another address.
+    let fresh = root.path().join("fresh");
+    let (api, raft) = (free_loopback_addr()?, free_loopback_addr()?);
+    let stderr = refused(&[
+        "--node-id",
+        "2",
+        "--data-dir",
+        fresh.to_str().unwrap_or_default(),
+        "--listen",
+        &api,
+        "--raft-listen",
+        &raft,
+        "--peers",
+        &peers_without(2),
+    ])?;
+    assert!(stderr.contains("node id 2 is already a member"), "{stderr}");
+    assert!(stderr.contains("choose an unused node.id"), "{stderr}");
+    assert!(!fresh.exists(), "a refused start must not create the data dir");
+
+    // The other cluster's data dir (node 1 there), pointed at this cluster.
+    let before = contents(&other_data);
+    let (api, raft) = (free_loopback_addr()?, free_loopback_addr()?);
+    let stderr = refused(&[
+        "--node-id",
+        "1",
+        "--data-dir",
+        other_data.to_str().unwrap_or_default(),
+        "--listen",
+        &api,
+        "--raft-listen",
+        &raft,
+        "--peers",
+        &peers_without(1),
+    ])?;
+    assert!(stderr.contains("this data is from another cluster"), "{stderr}");
+    assert_eq!(contents(&other_data), before, "a refused start must not change the data dir");
+
+    // The same data dir under another cluster name, and under another node id.
+    let stderr = refused(&[
+        "--node-id",
+        "1",
+        "--data-dir",
+        other_data.to_str().unwrap_or_default(),
+        "--cluster-name",
+        "elsewhere",
+        "--listen",
+        &api,
+        "--raft-listen",
+        &raft,
+    ])?;
+    assert!(stderr.contains("belongs to cluster \"maos\""), "{stderr}");
+    let stderr = refused(&[
+        "--node-id",
+        "7",
+        "--data-dir",
+        other_data.to_str().unwrap_or_default(),
+        "--listen",
+        &api,
+        "--raft-listen",
+        &raft,
+    ])?;
+    assert!(stderr.contains("belongs to node 1"), "{stderr}");
+    assert_eq!(contents(&other_data), before, "a refused start must not change the data dir");
+    Ok(())
+}
