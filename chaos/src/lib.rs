@@ -1,0 +1,24 @@
+//! `maos-chaos`: deterministic turmoil simulations of whole MAOS clusters.
+//!
+//! The real node code ([`maos_node::node::start`]) runs on the in-memory Raft store over
+//! turmoil's simulated TCP ([`SimTransport`]). One seed derives every parameter of a run: the
+//! fault schedule, message latencies, election timeouts (through openraft's runtime random
+//! source) and tokio's own scheduling choices (the workspace builds with `--cfg tokio_unstable`),
+//! so a failing seed replays exactly.
+//!
+//! A run has a safety phase (writes under a leader crash and a partition) and a heal-and-liveness
+//! phase (everything repaired, a final write must commit, all replicas must converge). Invariants
+//! checked, each from the Raft paper (Ongaro and Ousterhout, 2014, figure 3):
+//! - Election Safety: at most one leader per term ([`invariants::election_safety`]).
+//! - State Machine Safety: replicas that applied the same index hold the same state; after
+//!   healing all hold the same state ([`invariants::converged`]).
+//! - Leader Completeness, as a client sees it: every acknowledged write is in the final state
+//!   ([`invariants::acknowledged_writes_present`]).
+//!
+//! Uses only the public faces of `maos-node`, `maos-raft-store` and `maos-client`.
+
+pub mod invariants;
+pub mod scenario;
+pub mod transport;
+
+pub use scenario::{run, Outcome, ScenarioPlan};
