@@ -1,0 +1,28 @@
+# Sourced by scripts/demo and scripts/test: install what the build needs, pick the target dir.
+# Installs only what is missing, so repeated runs cost nothing.
+
+need=()
+command -v clang >/dev/null 2>&1 || need+=(clang)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for RocksDB's C API
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)  # tonic-prost-build
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup.rs) first" >&2; exit 1; }
+
+# The build lives outside the clone so every clone and CI run on this machine reuses it.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if mkdir -p /var/cache/maos-target 2>/dev/null && [ -w /var/cache/maos-target ]; then
+    CARGO_TARGET_DIR=/var/cache/maos-target
+  else
+    CARGO_TARGET_DIR="$HOME/.cache/maos-target"
+  fi
+fi
+export CARGO_TARGET_DIR
