@@ -1,28 +1,39 @@
 //! `maos-bench`: load generators with hdrhistogram reports.
 //!
 //! `maos-bench raft-writes` starts a local cluster of real `maos serve` processes (RocksDB, fsync
-//! on), then for each client count drives key-value writes at the leader for a fixed time and
-//! reports committed writes per second and latency percentiles. Every load loop is bounded in
+//! on), then for each client count drives key-value writes for a fixed time and reports committed
+//! writes per second and latency percentiles. With `--peer etcd` it also starts a 3-member etcd
+//! cluster (the `etcd` binary from Debian's `etcd-server`) on loopback and drives it with the same
+//! load generator, in the same run, for a side-by-side comparison. Every load loop is bounded in
 //! count and time.
+
+mod etcd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use maos_client::Client;
 use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// Upper bound on writes in one phase, whatever the duration.
 const WRITES_PER_PHASE_MAX: u64 = 5_000_000;
+/// Clients sharing one connection (HTTP/2 multiplexes them), as an SDK fleet would.
+const CLIENTS_PER_CONNECTION: usize = 8;
 
 #[derive(Parser)]
 #[command(name = "maos-bench", about = "MAOS benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Bench,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Peer {
+    Etcd,
 }
 
 #[derive(Subcommand)]
@@ -44,28 +55,50 @@ enum Bench {
         /// Value size in bytes.
         #[arg(long, default_value_t = 256)]
         value_bytes: usize,
-        /// Nodes in the cluster.
-        #[arg(long, default_value_t = 3)]
-        nodes: u64,
+        /// Also measure a peer system with the same load, in the same run.
+        #[arg(long)]
+        peer: Option<Peer>,
+        /// The `etcd` binary for `--peer etcd`.
+        #[arg(long, default_value = "etcd")]
+        etcd: PathBuf,
     },
 }
 
+/// Where the load goes.
+#[derive(Clone)]
+enum Target {
+    Maos(Arc<Client>),
+    Etcd(etcd::KvClient),
+}
+
+impl Target {
+    async fn put(&mut self, key: String, value: &str) -> Result<(), String> {
+        match self {
+            Target::Maos(client) => client.put(&key, value).await.map(|_| ()).map_err(|e| e.to_string()),
+            Target::Etcd(client) => client.put(key, value).await,
+        }
+    }
+}
+
 struct PhaseResult {
-    clients: usize,
     writes: u64,
     errors: u64,
     elapsed: Duration,
     latency_us: Histogram<u64>,
 }
 
-async fn drive(client: Arc<Client>, worker: usize, until: Instant, value: Arc<String>) -> (Histogram<u64>, u64, u64) {
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+async fn drive(mut target: Target, worker: usize, until: Instant, value: Arc<String>) -> (Histogram<u64>, u64, u64) {
+    let mut latency_us = histogram();
     let (mut writes, mut errors) = (0u64, 0u64);
-    while Instant::now() < until && writes < WRITES_PER_PHASE_MAX {
+    while Instant::now() < until && writes + errors < WRITES_PER_PHASE_MAX {
         let key = format!("bench/{worker}/{writes}");
         let started = Instant::now();
-        match client.put(&key, &value).await {
-            Ok(_) => {
+        match target.put(key, &value).await {
+            Ok(()) => {
                 let _ = latency_us.record(started.elapsed().as_micros() as u64);
                 writes += 1;
             }
@@ -75,78 +108,116 @@ async fn drive(client: Arc<Client>, worker: usize, until: Instant, value: Arc<St
     (latency_us, writes, errors)
 }
 
-async fn phase(endpoint: &str, clients: usize, seconds: u64, value: Arc<String>) -> anyhow::Result<PhaseResult> {
-    // One connection per 8 clients: realistic for an SDK fleet, and HTTP/2 multiplexes the rest.
-    let connections: Vec<Arc<Client>> = (0..clients.div_ceil(8))
-        .map(|_| Client::new([endpoint.to_string()]).map(Arc::new))
-        .collect::<Result<_, _>>()?;
+/// Drive `clients` concurrent writers for `seconds`; connection `i` goes to `endpoints[i % n]`.
+async fn phase(
+    connect: &dyn Fn(usize) -> anyhow::Result<Target>,
+    clients: usize,
+    seconds: u64,
+    value: Arc<String>,
+) -> anyhow::Result<PhaseResult> {
+    let connections: Vec<Target> =
+        (0..clients.div_ceil(CLIENTS_PER_CONNECTION)).map(connect).collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..clients)
-        .map(|worker| tokio::spawn(drive(connections[worker / 8].clone(), worker, until, value.clone())))
+        .map(|worker| {
+            let target = connections[worker / CLIENTS_PER_CONNECTION].clone();
+            tokio::spawn(drive(target, worker, until, value.clone()))
+        })
         .collect();
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latency_us = histogram();
     let (mut writes, mut errors) = (0, 0);
     for task in tasks {
-        let (histogram, w, e) = task.await?;
-        latency_us.add(&histogram)?;
+        let (h, w, e) = task.await?;
+        latency_us.add(&h)?;
         writes += w;
         errors += e;
     }
-    Ok(PhaseResult { clients, writes, errors, elapsed: started.elapsed(), latency_us })
+    Ok(PhaseResult { writes, errors, elapsed: started.elapsed(), latency_us })
 }
 
-async fn raft_writes(
-    maos: PathBuf,
+struct Settings {
     client_counts: Vec<usize>,
     seconds: u64,
     warmup_seconds: u64,
-    value_bytes: usize,
-    nodes: u64,
+    value: Arc<String>,
+}
+
+async fn measure(
+    system: &str,
+    connect: &dyn Fn(usize) -> anyhow::Result<Target>,
+    settings: &Settings,
 ) -> anyhow::Result<()> {
-    let root = tempfile::Builder::new().prefix("maos-bench-").tempdir()?;
-    let options = LocalClusterOptions { nodes, log_level: "WARN".into(), ..Default::default() };
-    let mut cluster = LocalCluster::new(&maos, root.path(), options)?;
-    cluster.start_all()?;
-    let all: Vec<u64> = cluster.nodes.keys().copied().collect();
-    let (leader, _) = cluster.wait_for_leader(&all, Duration::from_secs(30)).await?;
-    let endpoint = cluster.nodes[&leader].api_addr.clone();
-    let value = Arc::new("x".repeat(value_bytes));
-    println!("cluster: {nodes} nodes, RocksDB with fsync, leader node {leader}; value {value_bytes} bytes; {seconds} s per phase");
-    println!();
-    println!("| clients | writes/s | p50 ms | p99 ms | p999 ms | max ms | errors |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for clients in client_counts {
-        if warmup_seconds > 0 {
-            phase(&endpoint, clients, warmup_seconds, value.clone()).await?;
+    for &clients in &settings.client_counts {
+        if settings.warmup_seconds > 0 {
+            phase(connect, clients, settings.warmup_seconds, settings.value.clone()).await?;
         }
-        let result = phase(&endpoint, clients, seconds, value.clone()).await?;
-        let ms = |q: f64| result.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        let r = phase(connect, clients, settings.seconds, settings.value.clone()).await?;
+        let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-            result.clients,
-            result.writes as f64 / result.elapsed.as_secs_f64(),
+            "| {system} | {clients} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            r.writes as f64 / r.elapsed.as_secs_f64(),
             ms(0.5),
             ms(0.99),
             ms(0.999),
-            result.latency_us.max() as f64 / 1000.0,
-            result.errors
+            r.latency_us.max() as f64 / 1000.0,
+            r.errors
         );
     }
+    Ok(())
+}
+
+async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, PathBuf)>) -> anyhow::Result<()> {
+    let root = tempfile::Builder::new().prefix("maos-bench-").tempdir()?;
+    println!(
+        "value {} bytes; {} s per phase after {} s warm-up; {CLIENTS_PER_CONNECTION} clients per connection; fsync on",
+        settings.value.len(),
+        settings.seconds,
+        settings.warmup_seconds
+    );
+    println!();
+    println!("| system | clients | writes/s | p50 ms | p99 ms | p999 ms | max ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+
+    let options = LocalClusterOptions { log_level: "WARN".into(), ..Default::default() };
+    let mut cluster = LocalCluster::new(&maos, &root.path().join("maos"), options)?;
+    cluster.start_all()?;
+    let all: Vec<u64> = cluster.nodes.keys().copied().collect();
+    let (leader, _) = cluster.wait_for_leader(&all, Duration::from_secs(30)).await?;
+    let leader_addr = cluster.nodes[&leader].api_addr.clone();
+    let to_leader =
+        move |_: usize| -> anyhow::Result<Target> { Ok(Target::Maos(Arc::new(Client::new([leader_addr.clone()])?))) };
+    measure("maos (to leader)", &to_leader, &settings).await?;
+    let addrs: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+    let spread = move |i: usize| -> anyhow::Result<Target> {
+        Ok(Target::Maos(Arc::new(Client::new([addrs[i % addrs.len()].clone()])?)))
+    };
+    measure("maos (all nodes)", &spread, &settings).await?;
     cluster.stop();
+
+    if let Some((Peer::Etcd, binary)) = peer {
+        let etcd = etcd::EtcdCluster::start(&binary, &root.path().join("etcd"), 3).await?;
+        let endpoints = etcd.client_addrs();
+        let spread = move |i: usize| -> anyhow::Result<Target> {
+            Ok(Target::Etcd(etcd::KvClient::connect(&endpoints[i % endpoints.len()])?))
+        };
+        measure(&format!("etcd {} (all nodes)", etcd.version), &spread, &settings).await?;
+    }
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes } => {
+        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, peer, etcd } => {
             let maos = match maos {
                 Some(path) => path,
                 None => std::env::current_exe()?.parent().context("no parent directory")?.join("maos"),
             };
             anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
-            raft_writes(maos, clients, seconds, warmup_seconds, value_bytes, nodes).await
+            let settings =
+                Settings { client_counts: clients, seconds, warmup_seconds, value: Arc::new("x".repeat(value_bytes)) };
+            raft_writes(maos, settings, peer.map(|p| (p, etcd))).await
         }
     }
 }

@@ -11,6 +11,16 @@ pub fn election_safety(leaders: &BTreeMap<u64, BTreeSet<u64>>) -> Result<(), Str
     }
 }
 
+/// State Machine Safety (Raft, figure 3): if a server has applied a log entry at an index, no
+/// other server applies a different entry there. Checked as it runs: each replica's state hash at
+/// each applied index it passes through is compared with the first one seen at that index.
+pub fn state_machine_safety(divergences: &[String]) -> Result<(), String> {
+    match divergences.first() {
+        Some(first) => Err(format!("{} divergences, first {first}", divergences.len())),
+        None => Ok(()),
+    }
+}
+
 /// State Machine Safety (Raft, figure 3), after healing: every replica applied the same entries,
 /// so every replica reports the same applied index and state hash.
 pub fn converged(views: &BTreeMap<u64, (u64, String)>) -> Result<(), String> {
@@ -51,6 +61,9 @@ mod tests {
         assert!(converged(&diverged).is_err());
         let lagging = BTreeMap::from([(1, (5, "a".to_string())), (2, (4, "a".to_string()))]);
         assert!(converged(&lagging).is_err());
+
+        assert!(state_machine_safety(&["at index 3: n2 has a, n1 had b".into()]).is_err());
+        assert!(state_machine_safety(&[]).is_ok());
 
         let acked = BTreeMap::from([("k".to_string(), "v".to_string())]);
         assert!(acknowledged_writes_present(&acked, &BTreeMap::new()).is_err());

@@ -10,10 +10,15 @@
 //! phase (everything repaired, a final write must commit, all replicas must converge). Invariants
 //! checked, each from the Raft paper (Ongaro and Ousterhout, 2014, figure 3):
 //! - Election Safety: at most one leader per term ([`invariants::election_safety`]).
-//! - State Machine Safety: replicas that applied the same index hold the same state; after
-//!   healing all hold the same state ([`invariants::converged`]).
+//! - State Machine Safety: replicas that applied the same index hold the same state, checked at
+//!   every index a replica is seen at while the run goes on
+//!   ([`invariants::state_machine_safety`]); after healing all hold the same state
+//!   ([`invariants::converged`]).
 //! - Leader Completeness, as a client sees it: every acknowledged write is in the final state
 //!   ([`invariants::acknowledged_writes_present`]).
+//!
+//! The in-memory log store acknowledges appends at once, so a simulated crash never loses an
+//! unflushed entry; RocksDB's group-commit path is exercised by the multi-process tests instead.
 //!
 //! Uses only the public faces of `maos-node`, `maos-raft-store` and `maos-client`.
 

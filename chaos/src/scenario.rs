@@ -77,6 +77,10 @@ pub struct Outcome {
 #[derive(Default)]
 struct Observations {
     leaders_by_term: BTreeMap<u64, BTreeSet<u64>>,
+    /// The state hash first seen at each applied index, and by which node.
+    hash_at_index: BTreeMap<u64, (u64, String)>,
+    /// Replicas seen with a different state at the same applied index.
+    divergences: Vec<String>,
     states: BTreeMap<u64, StateMachineHandle>,
     acknowledged: BTreeMap<String, String>,
     events: Vec<String>,
@@ -91,6 +95,21 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Observations> {
 fn record(shared: &Shared, event: String) {
     tracing::info!(%event, "chaos");
     lock(shared).events.push(event);
+}
+
+/// Compare this replica's state at `index` with the first state any replica reported there.
+fn record_applied(shared: &Shared, node: u64, index: u64, hash: String) {
+    let mut observations = lock(shared);
+    match observations.hash_at_index.get(&index) {
+        Some((first, seen)) if *seen != hash => {
+            let divergence = format!("at index {index}: n{node} has {hash}, n{first} had {seen}");
+            observations.divergences.push(divergence);
+        }
+        Some(_) => {}
+        None => {
+            observations.hash_at_index.insert(index, (node, hash));
+        }
+    }
 }
 
 fn host(id: u64) -> String {
@@ -147,15 +166,27 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
                     maos_node::node::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock()).await?;
                 lock(&shared).states.insert(id, node.core.state.clone());
                 let mut metrics = node.core.raft.metrics();
+                let mut last_index = None;
                 loop {
                     {
                         let m = metrics.borrow_and_update();
+                        if let Err(fatal) = &m.running_state {
+                            return Err(format!("n{id}: Raft stopped: {fatal}").into());
+                        }
                         if m.state == ServerState::Leader {
                             lock(&shared).leaders_by_term.entry(m.current_term).or_default().insert(id);
                         }
                     }
+                    let (index, hash) = {
+                        let state = node.core.state.read();
+                        (state.last_applied.map(|l| l.index).unwrap_or(0), state.state_hash())
+                    };
+                    if last_index != Some(index) {
+                        last_index = Some(index);
+                        record_applied(&shared, id, index, hash);
+                    }
                     if metrics.changed().await.is_err() {
-                        return Ok(());
+                        return Err(format!("n{id}: Raft stopped").into());
                     }
                 }
             }
@@ -274,6 +305,7 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
 
     let observations = lock(&shared);
     invariants::election_safety(&observations.leaders_by_term)?;
+    invariants::state_machine_safety(&observations.divergences)?;
     invariants::converged(&views)?;
     let final_state: BTreeMap<String, String> = observations
         .states

@@ -207,7 +207,20 @@ impl ClusterService for ClusterApi {
             forwarded,
             || async move {
                 let node = MaosNode { raft_addr: add.raft_addr.clone(), api_addr: add.api_addr.clone() };
-                core.raft.add_learner(add.id, node, true).await.map_err(membership_status)?;
+                // Blocking: returns once the learner has caught up, or not at all if it is
+                // unreachable, hence the deadline. A learner that timed out stays a learner.
+                tokio::time::timeout(core.request_timeout, core.raft.add_learner(add.id, node, true))
+                    .await
+                    .map_err(|_| {
+                        Status::deadline_exceeded(format!(
+                            "node {} was added as a learner but did not catch up within {} ms; check that it runs and is reachable at {}, then run add-node again, or remove-node {}",
+                            add.id,
+                            core.request_timeout.as_millis(),
+                            add.raft_addr,
+                            add.id
+                        ))
+                    })?
+                    .map_err(membership_status)?;
                 if !add.learner_only {
                     let voters = BTreeSet::from([add.id]);
                     core.raft

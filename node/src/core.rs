@@ -63,6 +63,8 @@ pub struct NodeCore {
     pub channels: Channels,
     pub clock: Clock,
     pub request_timeout: Duration,
+    /// The static peer list as `id=raft_addr,...` (sorted); see `Hello.peers_digest`.
+    pub peers_digest: String,
 }
 
 impl NodeCore {
@@ -107,7 +109,14 @@ impl NodeCore {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         loop {
             let outcome = match self.leader() {
-                Some((leader, _)) if leader == self.id => self.propose_local(command.clone()).await,
+                // A leader cut off from its majority keeps its role until it learns of a newer
+                // term, so a local proposal needs the deadline too.
+                Some((leader, _)) if leader == self.id => {
+                    match tokio::time::timeout_at(deadline, self.propose_local(command.clone())).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => ProposeOutcome::Failed("not committed before the deadline".into()),
+                    }
+                }
                 Some((leader, node)) => match self.forward_propose(&node.raft_addr, &command, deadline).await {
                     Ok(outcome) => outcome,
                     Err(error) => ProposeOutcome::Failed(format!("leader {leader} at {}: {error}", node.raft_addr)),
@@ -149,10 +158,13 @@ impl NodeCore {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         loop {
             let read_index = match self.leader() {
-                Some((leader, _)) if leader == self.id => match self.raft.ensure_linearizable().await {
-                    Ok(read_log_id) => Ok(read_log_id.map(|id| id.index).unwrap_or(0)),
-                    Err(error) => Err(error.to_string()),
-                },
+                Some((leader, _)) if leader == self.id => {
+                    match tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await {
+                        Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map(|id| id.index).unwrap_or(0)),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err("leadership not confirmed before the deadline".into()),
+                    }
+                }
                 Some((leader, node)) => self
                     .forward_read_index(&node.raft_addr, deadline)
                     .await

@@ -105,7 +105,9 @@ impl DataDir {
             file.write_all(&bytes).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
-        std::fs::rename(&temporary, self.root.join(IDENTITY_FILE)).map_err(io)
+        std::fs::rename(&temporary, self.root.join(IDENTITY_FILE)).map_err(io)?;
+        // Sync the directory so the rename itself survives a crash.
+        std::fs::File::open(&self.root).and_then(|dir| dir.sync_all()).map_err(io)
     }
 }
 

@@ -63,6 +63,8 @@ pub struct LocalCluster {
     root: PathBuf,
     options: LocalClusterOptions,
     pub nodes: BTreeMap<u64, LocalNode>,
+    /// `--peers` values that replace the planned list for some nodes (to test disagreement).
+    peers_override: BTreeMap<u64, String>,
 }
 
 /// A free loopback port (bound then released; a small race with other processes remains).
@@ -89,12 +91,23 @@ impl LocalCluster {
                 },
             );
         }
-        Ok(Self { binary: binary.to_path_buf(), root: root.to_path_buf(), options, nodes })
+        Ok(Self {
+            binary: binary.to_path_buf(),
+            root: root.to_path_buf(),
+            options,
+            nodes,
+            peers_override: BTreeMap::new(),
+        })
     }
 
     /// The `--peers` value naming every planned node.
     pub fn peers_arg(&self) -> String {
         self.nodes.values().map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Start node `id` with `peers` as its `--peers` instead of the planned list.
+    pub fn override_peers(&mut self, id: u64, peers: String) {
+        self.peers_override.insert(id, peers);
     }
 
     /// The command that runs node `id`, for callers that want to change it before spawning.
@@ -112,7 +125,7 @@ impl LocalCluster {
             .arg("--raft-listen")
             .arg(&node.raft_addr)
             .arg("--peers")
-            .arg(self.peers_arg())
+            .arg(self.peers_override.get(&id).cloned().unwrap_or_else(|| self.peers_arg()))
             .arg("--cluster-name")
             .arg(&self.options.cluster_name)
             .env("MAOS_RAFT_SNAPSHOT_AFTER_LOGS", self.options.snapshot_after_logs.to_string())

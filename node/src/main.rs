@@ -147,6 +147,19 @@ struct ServeArgs {
     cluster_name: Option<String>,
 }
 
+/// Deadline of a membership change from the CLI; the server bounds its own part tighter.
+const ADMIN_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn admin_call<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => anyhow::bail!("{}", status.message()),
+        Err(_) => anyhow::bail!("no answer within {} s", ADMIN_CALL_TIMEOUT.as_secs()),
+    }
+}
+
 fn environment() -> BTreeMap<String, String> {
     std::env::vars().collect()
 }
@@ -288,13 +301,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Cluster(ClusterCommand::AddNode { id, raft_addr, api_addr, learner_only, target }) => {
             let (_, mut cluster) = cluster_client(&target).await?;
             let response =
-                cluster.add_node(AddNodeRequest { id, raft_addr, api_addr, learner_only }).await?.into_inner();
+                admin_call(cluster.add_node(AddNodeRequest { id, raft_addr, api_addr, learner_only })).await?;
             print_members(&response.members, target.json);
             Ok(())
         }
         Commands::Cluster(ClusterCommand::RemoveNode { id, target }) => {
             let (_, mut cluster) = cluster_client(&target).await?;
-            let response = cluster.remove_node(RemoveNodeRequest { id }).await?.into_inner();
+            let response = admin_call(cluster.remove_node(RemoveNodeRequest { id })).await?;
             print_members(&response.members, target.json);
             Ok(())
         }

@@ -117,6 +117,7 @@ where
     P: SnapshotPersistence,
 {
     let raft_settings = Arc::new(raft_config(config)?);
+    let peers = formation_peers(config);
     let channels = Channels::new(transport.clone());
     let state = state_machine.handle();
     let raft =
@@ -131,6 +132,7 @@ where
         channels,
         clock,
         request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
+        peers_digest: peers_digest(&peers),
     });
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -177,19 +179,6 @@ where
         }
     });
 
-    let peers: BTreeMap<NodeId, MaosNode> = if config.cluster.peers.is_empty() {
-        BTreeMap::from([(
-            config.node.id,
-            MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
-        )])
-    } else {
-        config
-            .cluster
-            .peers
-            .iter()
-            .map(|p| (p.id, MaosNode { raft_addr: p.raft_addr.clone(), api_addr: p.api_addr.clone() }))
-            .collect()
-    };
     tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
     tasks.spawn(housekeeping(
         core.clone(),
@@ -199,9 +188,31 @@ where
     Ok(RunningNode { core, stop, tasks })
 }
 
+/// The members the cluster forms with: the static peers, or this node alone when none are listed.
+fn formation_peers(config: &Config) -> BTreeMap<NodeId, MaosNode> {
+    if config.cluster.peers.is_empty() {
+        return BTreeMap::from([(
+            config.node.id,
+            MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
+        )]);
+    }
+    config
+        .cluster
+        .peers
+        .iter()
+        .map(|p| (p.id, MaosNode { raft_addr: p.raft_addr.clone(), api_addr: p.api_addr.clone() }))
+        .collect()
+}
+
+/// `id=raft_addr` for each peer in id order, joined by `,`.
+fn peers_digest(peers: &BTreeMap<NodeId, MaosNode>) -> String {
+    peers.iter().map(|(id, node)| format!("{id}={}", node.raft_addr)).collect::<Vec<_>>().join(",")
+}
+
 /// Initialise the group if this node is the lowest-id peer and nobody else has.
 async fn form_cluster(core: Arc<NodeCore>, peers: BTreeMap<NodeId, MaosNode>, mut stopped: watch::Receiver<bool>) {
     let bootstrapper = peers.keys().next().copied();
+    let mut mismatch_reported = false;
     loop {
         match core.raft.is_initialized().await {
             Ok(true) | Err(_) => return,
@@ -217,6 +228,19 @@ async fn form_cluster(core: Arc<NodeCore>, peers: BTreeMap<NodeId, MaosNode>, mu
                 Ok(answer) if answer.initialized => {
                     tracing::info!(node_id = core.id, peer = id, "a peer is already in a cluster; not initialising");
                     return;
+                }
+                Ok(answer) if answer.peers_digest != core.peers_digest => {
+                    if !mismatch_reported {
+                        tracing::error!(
+                            node_id = core.id,
+                            peer = id,
+                            ours = %core.peers_digest,
+                            theirs = %answer.peers_digest,
+                            "peers were started with different cluster.peers lists; not initialising until they agree"
+                        );
+                        mismatch_reported = true;
+                    }
+                    all_fresh = false;
                 }
                 Ok(_) => {}
                 Err(error) => {

@@ -43,7 +43,10 @@ impl RaftService for RaftServer {
     async fn propose(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let command: Command = decode(request.get_ref()).map_err(bad_payload)?;
         let outcome = if self.core.is_leader() {
-            self.core.propose_local(command).await
+            match tokio::time::timeout(self.core.request_timeout, self.core.propose_local(command)).await {
+                Ok(outcome) => outcome,
+                Err(_) => ProposeOutcome::Failed("not committed before the deadline".into()),
+            }
         } else {
             ProposeOutcome::NotLeader { leader_id: self.core.leader().map(|(id, _)| id) }
         };
@@ -51,7 +54,10 @@ impl RaftService for RaftServer {
     }
 
     async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
-        match self.core.raft.get_read_log_id().await {
+        let read = tokio::time::timeout(self.core.request_timeout, self.core.raft.get_read_log_id())
+            .await
+            .map_err(|_| Status::unavailable("leadership not confirmed before the deadline"))?;
+        match read {
             Ok((read_log_id, _applied)) => {
                 Ok(Response::new(ReadIndexResponse { read_index: read_log_id.map(|id| id.index).unwrap_or(0) }))
             }
@@ -60,7 +66,9 @@ impl RaftService for RaftServer {
     }
 
     async fn hello(&self, _request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
-        let initialized = self.core.raft.is_initialized().await.unwrap_or(false);
+        // A node that cannot tell must not claim to be fresh: formation would count it as such.
+        let initialized =
+            self.core.raft.is_initialized().await.map_err(|e| Status::unavailable(format!("Raft has stopped: {e}")))?;
         let cluster_id = self.core.state.read().app.cluster.as_ref().map(|c| c.cluster_id.clone()).unwrap_or_default();
         let members = self
             .core
@@ -74,6 +82,7 @@ impl RaftService for RaftServer {
             cluster_id,
             initialized,
             members,
+            peers_digest: self.core.peers_digest.clone(),
         }))
     }
 }

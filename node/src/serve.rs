@@ -22,6 +22,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let transport = Arc::new(TcpTransport);
     let data_dir = DataDir::new(&config.node.data_dir);
     let mut identity = preflight(&config, &data_dir, &Channels::new(transport.clone())).await?;
+    // Read-only: a database this build cannot read is refused before anything is written.
+    RocksDb::check_format(&data_dir.raft_path())?;
     data_dir.write_identity(&identity)?;
 
     let db = RocksDb::open(&data_dir.raft_path())?;

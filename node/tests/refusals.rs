@@ -177,3 +177,37 @@ async fn a_colliding_id_or_a_foreign_data_dir_is_refused_and_left_untouched() ->
     assert_eq!(contents(&other_data), before, "a refused start must not change the data dir");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_with_different_peer_lists_do_not_form_a_cluster() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut cluster =
+        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), LocalClusterOptions::default())?;
+    // Node 3 believes the cluster is nodes 1 and 3 only.
+    let partial = cluster
+        .nodes
+        .values()
+        .filter(|n| n.id != 2)
+        .map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr))
+        .collect::<Vec<_>>()
+        .join(",");
+    cluster.override_peers(3, partial);
+    cluster.start_all()?;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !std::fs::read_to_string(&cluster.nodes[&1].log_path)
+        .unwrap_or_default()
+        .contains("different cluster.peers lists")
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "node 1 never reported the disagreement:\n{}",
+            cluster.log_tail(1, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in [1, 2, 3] {
+        let status = cluster.status(id).await?;
+        assert!(status.members.is_empty() && status.leader_id.is_none(), "node {id} joined a cluster: {status:?}");
+    }
+    Ok(())
+}

@@ -10,8 +10,9 @@ use crate::NodeId;
 
 /// The newest version of the [`Request`] format this build writes.
 ///
-/// Version 1 is the first. A node refuses (as a typed rejection, never a panic) a request whose
-/// version is newer than it understands, so a mixed-version cluster cannot silently diverge.
+/// Version 1 is the first. A node stops applying (a storage error, never a panic or a silent
+/// difference) at a request whose version is newer than it understands, so a mixed-version
+/// cluster cannot diverge; upgrading the node lets it continue from that entry.
 pub const REQUEST_FORMAT_VERSION: u16 = 1;
 
 /// Upper bound on a coordination key, in bytes.
@@ -80,8 +81,6 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Rejection {
-    #[error("request format version {found} is newer than this node understands ({supported}); upgrade this node")]
-    UnsupportedFormat { found: u16, supported: u16 },
     #[error("field `{field}` is invalid: {message}")]
     InvalidField { field: String, message: String },
     #[error("field `{field}` is {actual} bytes, over the limit of {limit}")]

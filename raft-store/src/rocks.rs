@@ -100,6 +100,30 @@ impl RocksDb {
         Ok(Self { db })
     }
 
+    /// Check, without writing anything, that an existing database at `path` has a format this
+    /// build reads. A missing database passes.
+    pub fn check_format(path: &Path) -> Result<(), OpenError> {
+        let shown = path.display().to_string();
+        if !path.join("CURRENT").exists() {
+            return Ok(());
+        }
+        let db = DB::open_cf_for_read_only(&Options::default(), path, [CF_META, CF_LOGS, CF_SNAPSHOT], false)
+            .map_err(|source| OpenError::Rocks { path: shown.clone(), source })?;
+        let meta = db.cf_handle(CF_META).ok_or_else(|| OpenError::BadFormatMarker { path: shown.clone() })?;
+        let Some(bytes) =
+            db.get_cf(&meta, KEY_FORMAT).map_err(|source| OpenError::Rocks { path: shown.clone(), source })?
+        else {
+            return Err(OpenError::BadFormatMarker { path: shown });
+        };
+        let raw: [u8; 4] =
+            bytes.as_slice().try_into().map_err(|_| OpenError::BadFormatMarker { path: shown.clone() })?;
+        let found = u32::from_be_bytes(raw);
+        if found > STORAGE_FORMAT_VERSION {
+            return Err(OpenError::NewerFormat { path: shown, found, supported: STORAGE_FORMAT_VERSION });
+        }
+        Ok(())
+    }
+
     /// The log store over this database. Starts the flusher thread.
     pub fn log_store(&self) -> RocksLogStore {
         let (flush_tx, flush_rx) = mpsc::channel(FLUSH_QUEUE_CAPACITY);
@@ -242,7 +266,9 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
             }
             None => None,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+        // A purge marker ahead of the remaining entries (the purge went past the local log, or
+        // its unsynced delete was lost) still bounds the log from below.
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.max(last_purged) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -134,9 +134,16 @@ impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineSto
             None => format!("empty-{}", bytes.len()),
         };
         let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+        // openraft builds snapshots on a separate task, so an install may have landed a newer
+        // snapshot since the state was read above. Saving under the lock and keeping whichever is
+        // newer means the persisted snapshot never goes back past a purged log.
+        let mut current = self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(newer) = current.as_ref().filter(|c| c.meta.last_log_id >= last_log_id) {
+            return Ok(Snapshot { meta: newer.meta.clone(), snapshot: Box::new(Cursor::new(newer.data.clone())) });
+        }
         let stored = StoredSnapshot { meta: meta.clone(), data: bytes.clone() };
         self.persistence.save_snapshot(&stored)?;
-        *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        *current = Some(stored);
         tracing::debug!(snapshot_id = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
@@ -156,7 +163,14 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         I::IntoIter: openraft::OptionalSend,
     {
         let mut data = self.data.0.write().unwrap_or_else(|p| p.into_inner());
-        let responses: Vec<Response> = entries.into_iter().map(|entry| data.apply(&entry)).collect();
+        let mut responses = Vec::new();
+        for entry in entries {
+            // An entry this build cannot read halts this node rather than letting it diverge.
+            let response = data.apply(&entry).map_err(|e| {
+                io_error(ErrorSubject::Apply(entry.log_id), ErrorVerb::Write, std::io::Error::other(e.to_string()))
+            })?;
+            responses.push(response);
+        }
         if self.validate_every_apply {
             data.validate().map_err(invariant_error)?;
         }
@@ -183,9 +197,10 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         state.last_membership = meta.last_membership.clone();
         state.validate().map_err(invariant_error)?;
         let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
+        let mut current = self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner());
         self.persistence.save_snapshot(&stored)?;
         self.data.replace(state);
-        *self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        *current = Some(stored);
         tracing::info!(snapshot_id = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "installed a snapshot");
         Ok(())
     }

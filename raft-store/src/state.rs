@@ -61,6 +61,14 @@ pub struct StateMachineData {
     pub app: AppState,
 }
 
+/// A log entry written by a newer build than this one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("log entry {index} has request format {found}, newer than this build understands ({REQUEST_FORMAT_VERSION}); upgrade this node")]
+pub struct UnsupportedFormat {
+    pub index: u64,
+    pub found: u16,
+}
+
 /// A broken invariant: a bug, never an operating error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("state machine invariant broken: {0}")]
@@ -68,25 +76,27 @@ pub struct InvariantViolation(pub String);
 
 impl StateMachineData {
     /// Apply one committed entry. Deterministic: the same entries give the same state everywhere.
-    pub fn apply(&mut self, entry: &Entry) -> Response {
+    ///
+    /// An entry in a format newer than this build understands is an error, not a refusal: an
+    /// older replica must stop rather than apply differently from newer ones. Nothing changes.
+    pub fn apply(&mut self, entry: &Entry) -> Result<Response, UnsupportedFormat> {
+        if let EntryPayload::Normal(request) = &entry.payload {
+            if request.format_version > REQUEST_FORMAT_VERSION {
+                return Err(UnsupportedFormat { index: entry.log_id.index, found: request.format_version });
+            }
+        }
         self.last_applied = Some(entry.log_id);
-        match &entry.payload {
+        Ok(match &entry.payload {
             EntryPayload::Blank => Response::Applied,
             EntryPayload::Membership(membership) => {
                 self.last_membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                 Response::Applied
             }
             EntryPayload::Normal(request) => self.apply_request(entry.log_id.index, request),
-        }
+        })
     }
 
     fn apply_request(&mut self, index: u64, request: &Request) -> Response {
-        if request.format_version > REQUEST_FORMAT_VERSION {
-            return Response::Rejected(Rejection::UnsupportedFormat {
-                found: request.format_version,
-                supported: REQUEST_FORMAT_VERSION,
-            });
-        }
         let now_ms = request.stamped_at_ms.max(self.app.clock_ms);
         self.app.clock_ms = now_ms;
         match apply_command(&mut self.app, index, now_ms, &request.command) {
@@ -341,7 +351,7 @@ mod tests {
             let mut state = StateMachineData::default();
             for (i, (command, expected)) in steps.into_iter().enumerate() {
                 let before = state.app.clone();
-                let response = state.apply(&entry(i as u64 + 1, 1_000, command));
+                let response = state.apply(&entry(i as u64 + 1, 1_000, command)).expect("current format");
                 assert_eq!(response, expected, "case {name:?}, step {i}");
                 state.validate().unwrap_or_else(|e| panic!("case {name:?}, step {i}: {e}"));
                 if matches!(response, Response::Rejected(_) | Response::KvCompareFailed { .. }) {
@@ -355,28 +365,22 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_request_format_is_refused_without_change() {
+    fn a_newer_request_format_stops_apply_without_change() {
         let mut state = StateMachineData::default();
         let mut request = Request::new(5, put("a", "1"));
         request.format_version = REQUEST_FORMAT_VERSION + 1;
         let entry =
             Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(request) };
-        assert_eq!(
-            state.apply(&entry),
-            Response::Rejected(Rejection::UnsupportedFormat {
-                found: REQUEST_FORMAT_VERSION + 1,
-                supported: REQUEST_FORMAT_VERSION
-            })
-        );
-        assert!(state.app.kv.is_empty());
-        state.validate().expect("valid");
+        let before = state.clone();
+        assert_eq!(state.apply(&entry), Err(UnsupportedFormat { index: 1, found: REQUEST_FORMAT_VERSION + 1 }));
+        assert_eq!(state, before, "a refused entry must not move the applied position");
     }
 
     #[test]
     fn replicated_time_never_goes_backwards() {
         let mut state = StateMachineData::default();
-        state.apply(&entry(1, 2_000, put("a", "1")));
-        state.apply(&entry(2, 1_500, put("b", "1")));
+        state.apply(&entry(1, 2_000, put("a", "1"))).expect("current format");
+        state.apply(&entry(2, 1_500, put("b", "1"))).expect("current format");
         assert_eq!(state.app.clock_ms, 2_000);
         assert_eq!(state.app.kv["b"].updated_at_ms, 2_000);
         state.validate().expect("valid");
@@ -386,10 +390,12 @@ mod tests {
     fn membership_and_blank_entries_move_the_applied_position() {
         let mut state = StateMachineData::default();
         let log_id = LogId::new(CommittedLeaderId::new(1, 1), 1);
-        state.apply(&Entry { log_id, payload: EntryPayload::Blank });
+        state.apply(&Entry { log_id, payload: EntryPayload::Blank }).expect("current format");
         let membership = Membership::new(vec![[1u64, 2, 3].into_iter().collect()], ());
         let log_id2 = LogId::new(CommittedLeaderId::new(1, 1), 2);
-        state.apply(&Entry { log_id: log_id2, payload: EntryPayload::Membership(membership.clone()) });
+        state
+            .apply(&Entry { log_id: log_id2, payload: EntryPayload::Membership(membership.clone()) })
+            .expect("current format");
         assert_eq!(state.last_applied, Some(log_id2));
         assert_eq!(state.last_membership.membership(), &membership);
         state.validate().expect("valid");
@@ -398,7 +404,7 @@ mod tests {
     #[test]
     fn validate_catches_a_broken_state() {
         let mut state = StateMachineData::default();
-        state.apply(&entry(1, 10, put("a", "1")));
+        state.apply(&entry(1, 10, put("a", "1"))).expect("current format");
         state.app.kv.get_mut("a").expect("a").revision = 99;
         assert!(state.validate().is_err());
     }
@@ -413,11 +419,11 @@ mod tests {
         let mut first = StateMachineData::default();
         let mut second = StateMachineData::default();
         for e in &entries {
-            first.apply(e);
-            second.apply(e);
+            first.apply(e).expect("current format");
+            second.apply(e).expect("current format");
         }
         assert_eq!(first.state_hash(), second.state_hash());
-        second.apply(&entry(4, 4, put("c", "3")));
+        second.apply(&entry(4, 4, put("c", "3"))).expect("current format");
         assert_ne!(first.state_hash(), second.state_hash());
     }
 }

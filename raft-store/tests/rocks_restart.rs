@@ -96,7 +96,10 @@ fn a_database_from_a_newer_build_is_refused() -> anyhow::Result<()> {
         let meta = db.cf_handle("meta").expect("meta column family");
         db.put_cf(&meta, b"format_version", 99u32.to_be_bytes())?;
     }
+    let error = RocksDb::check_format(dir.path()).expect_err("the read-only check refuses a newer format");
+    assert!(error.to_string().contains("newer than this build"), "{error}");
     let error = RocksDb::open(dir.path()).expect_err("a newer format must be refused");
     assert!(error.to_string().contains("newer than this build"), "{error}");
+    RocksDb::check_format(&dir.path().join("absent")).expect("no database yet passes");
     Ok(())
 }
