@@ -21,6 +21,8 @@ use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// Upper bound on writes in one phase, whatever the duration.
 const WRITES_PER_PHASE_MAX: u64 = 5_000_000;
+/// Keys each writer cycles through, so the key space stays bounded however long a run lasts.
+const KEYS_PER_WRITER: u64 = 1024;
 /// Clients sharing one connection (HTTP/2 multiplexes them), as an SDK fleet would.
 const CLIENTS_PER_CONNECTION: usize = 8;
 
@@ -55,6 +57,9 @@ enum Bench {
         /// Value size in bytes.
         #[arg(long, default_value_t = 256)]
         value_bytes: usize,
+        /// Nodes in the MAOS cluster (the etcd peer always has 3 members).
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
         /// Also measure a peer system with the same load, in the same run.
         #[arg(long)]
         peer: Option<Peer>,
@@ -95,7 +100,7 @@ async fn drive(mut target: Target, worker: usize, until: Instant, value: Arc<Str
     let mut latency_us = histogram();
     let (mut writes, mut errors) = (0u64, 0u64);
     while Instant::now() < until && writes + errors < WRITES_PER_PHASE_MAX {
-        let key = format!("bench/{worker}/{writes}");
+        let key = format!("bench/{worker}/{}", writes % KEYS_PER_WRITER);
         let started = Instant::now();
         match target.put(key, &value).await {
             Ok(()) => {
@@ -140,6 +145,7 @@ struct Settings {
     client_counts: Vec<usize>,
     seconds: u64,
     warmup_seconds: u64,
+    nodes: u64,
     value: Arc<String>,
 }
 
@@ -179,7 +185,7 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
     println!("| system | clients | writes/s | p50 ms | p99 ms | p999 ms | max ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
 
-    let options = LocalClusterOptions { log_level: "WARN".into(), ..Default::default() };
+    let options = LocalClusterOptions { nodes: settings.nodes, log_level: "WARN".into(), ..Default::default() };
     let mut cluster = LocalCluster::new(&maos, &root.path().join("maos"), options)?;
     cluster.start_all()?;
     let all: Vec<u64> = cluster.nodes.keys().copied().collect();
@@ -209,14 +215,19 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, peer, etcd } => {
+        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd } => {
             let maos = match maos {
                 Some(path) => path,
                 None => std::env::current_exe()?.parent().context("no parent directory")?.join("maos"),
             };
             anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
-            let settings =
-                Settings { client_counts: clients, seconds, warmup_seconds, value: Arc::new("x".repeat(value_bytes)) };
+            let settings = Settings {
+                client_counts: clients,
+                seconds,
+                warmup_seconds,
+                nodes,
+                value: Arc::new("x".repeat(value_bytes)),
+            };
             raft_writes(maos, settings, peer.map(|p| (p, etcd))).await
         }
     }

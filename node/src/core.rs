@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use maos_raft_store::state::check_command;
-use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Request, Response, StateMachineHandle};
-use openraft::error::{ClientWriteError, RaftError};
+use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Response, StateMachineHandle};
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
+use crate::proposer::Proposer;
 use crate::proto::ReadIndexRequest;
 use crate::raft_network::{decode, encode, Channels};
 
@@ -62,6 +62,8 @@ pub struct NodeCore {
     pub state: StateMachineHandle,
     pub channels: Channels,
     pub clock: Clock,
+    /// Batches this node's proposals while it leads.
+    pub proposer: Proposer,
     pub request_timeout: Duration,
     /// The static peer list as `id=raft_addr,...` (sorted); see `Hello.peers_digest`.
     pub peers_digest: String,
@@ -92,15 +94,9 @@ impl NodeCore {
         membership.nodes().map(|(id, node)| (*id, (node.clone(), voters.contains(id)))).collect()
     }
 
-    /// Propose `command` on this node, which must be the leader. Stamps it with this node's clock.
+    /// Propose `command` on this node, which must be the leader, in the next batch.
     pub async fn propose_local(&self, command: Command) -> ProposeOutcome {
-        match self.raft.client_write(Request::new((self.clock)(), command)).await {
-            Ok(written) => ProposeOutcome::Applied(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                ProposeOutcome::NotLeader { leader_id: forward.leader_id }
-            }
-            Err(other) => ProposeOutcome::Failed(other.to_string()),
-        }
+        self.proposer.propose(command).await
     }
 
     /// Replicate `command` through the leader, wherever it is, and return its result.

@@ -5,6 +5,7 @@
 //! - [`transport`]: TCP or simulated connections; the rest of the node only sees tonic channels.
 //! - [`raft_network`], [`raft_service`]: Raft traffic on port 7000 (client and server sides).
 //! - [`core`]: the shared write path (leader stamps time, followers forward) and ReadIndex reads.
+//! - [`proposer`]: batches concurrent commands into one log entry on the leader.
 //! - [`api`]: the client API on port 8000 (key-value and cluster services).
 //! - [`node`]: starting a node, forming the cluster with no coordinator, housekeeping.
 //! - [`data_dir`]: the data directory's identity and the checks made before touching it.
@@ -20,6 +21,7 @@ pub mod data_dir;
 pub mod demo;
 pub mod local_cluster;
 pub mod node;
+pub mod proposer;
 pub mod raft_network;
 pub mod raft_service;
 pub mod serve;

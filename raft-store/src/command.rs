@@ -26,7 +26,17 @@ pub const CLUSTER_NAME_BYTES_MAX: usize = 64;
 /// Upper bound on a network address string, in bytes.
 pub const ADDRESS_BYTES_MAX: usize = 256;
 
-/// One log entry's application payload.
+/// Upper bound on commands in one log entry.
+pub const BATCH_COMMANDS_MAX: usize = 1024;
+/// Upper bound on the key and value bytes of the commands in one log entry (one command may
+/// exceed it alone; it then travels alone).
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+
+/// One log entry's application payload: a batch of commands proposed together.
+///
+/// The leader batches concurrent commands into one entry so that one log write and one
+/// replication round serve them all (openraft 0.9 writes each entry to the log before taking
+/// the next). Commands in a batch apply in order and each gets its own [`Response`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Format version of this request; see [`REQUEST_FORMAT_VERSION`].
@@ -34,15 +44,19 @@ pub struct Request {
     /// Milliseconds since the Unix epoch, stamped by the leader that proposed the entry.
     /// Apply uses this instead of a clock so every replica computes the same state.
     pub stamped_at_ms: u64,
-    pub command: Command,
+    pub commands: Vec<Command>,
 }
 
 impl Request {
     /// A request in the current format.
-    pub fn new(stamped_at_ms: u64, command: Command) -> Self {
-        Self { format_version: REQUEST_FORMAT_VERSION, stamped_at_ms, command }
+    pub fn new(stamped_at_ms: u64, commands: Vec<Command>) -> Self {
+        Self { format_version: REQUEST_FORMAT_VERSION, stamped_at_ms, commands }
     }
 }
+
+/// The results of one entry: one [`Response`] per command, in order (none for blank and
+/// membership entries).
+pub type Responses = Vec<Response>;
 
 /// The commands the replicated state machine applies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,13 +75,28 @@ pub enum Command {
     KvDelete { key: String },
 }
 
-/// The result of applying one entry.
+impl Command {
+    /// Key and value bytes this command carries, for batch size limits.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Command::InitCluster { cluster_id, cluster_name } => cluster_id.len() + cluster_name.len(),
+            Command::RegisterNode { raft_addr, api_addr, .. } => raft_addr.len() + api_addr.len(),
+            Command::KvPut { key, value } => key.len() + value.len(),
+            Command::KvCompareAndSet { key, expected, value } => {
+                key.len() + value.len() + expected.as_ref().map_or(0, String::len)
+            }
+            Command::KvDelete { key } => key.len(),
+        }
+    }
+}
+
+/// The result of applying one command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     /// A blank or membership entry, or a command with nothing to report.
     Applied,
-    /// A key was written; `revision` is the log index of the write.
+    /// A key was written; `revision` is the cluster-wide write counter after this write.
     KvWritten { revision: u64 },
     /// A key was deleted (`existed` says whether it was present).
     KvDeleted { existed: bool },
@@ -87,6 +116,8 @@ pub enum Rejection {
     TooLarge { field: String, actual: usize, limit: usize },
     #[error("the coordination key space is full ({limit} keys); delete keys before writing new ones")]
     KeySpaceFull { limit: usize },
+    #[error("an entry carries {count} commands, over the limit of {limit}")]
+    BatchTooLarge { count: usize, limit: usize },
     #[error("this cluster is already initialised as {existing_id}; refusing identity {proposed_id}")]
     ClusterIdentityConflict { existing_id: String, proposed_id: String },
 }

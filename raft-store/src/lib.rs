@@ -27,7 +27,7 @@ pub mod state;
 
 use serde::{Deserialize, Serialize};
 
-pub use command::{Command, Rejection, Request, Response};
+pub use command::{Command, Rejection, Request, Response, Responses};
 pub use sm_store::{SnapshotPersistence, StateMachineHandle, StateMachineStore, StoredSnapshot};
 pub use state::{InvariantViolation, StateMachineData};
 
@@ -53,7 +53,7 @@ openraft::declare_raft_types!(
     /// The openraft type configuration shared by every MAOS node.
     pub TypeConfig:
         D = Request,
-        R = Response,
+        R = Responses,
         NodeId = NodeId,
         Node = MaosNode,
         Entry = openraft::Entry<TypeConfig>,

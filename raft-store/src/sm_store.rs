@@ -13,7 +13,7 @@ use openraft::{ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use crate::state::StateMachineData;
-use crate::{io_error, Entry, LogId, MaosNode, NodeId, Response, Snapshot, SnapshotMeta, StorageError, TypeConfig};
+use crate::{io_error, Entry, LogId, MaosNode, NodeId, Responses, Snapshot, SnapshotMeta, StorageError, TypeConfig};
 
 /// The newest snapshot format this build writes. Older formats stay readable.
 pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
@@ -121,14 +121,13 @@ impl<P: SnapshotPersistence> StateMachineStore<P> {
 
 impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<P> {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (bytes, last_log_id, last_membership) = {
-            let data = self.data.read();
-            data.validate().map_err(invariant_error)?;
-            let body = SnapshotBody { format_version: SNAPSHOT_FORMAT_VERSION, state: data.clone() };
-            let bytes =
-                serde_json::to_vec(&body).map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            (bytes, data.last_applied, data.last_membership.clone())
-        };
+        // Copy under the read lock, then check and serialise without it, so apply is held up
+        // only for the copy.
+        let state = self.data.read().clone();
+        state.validate().map_err(invariant_error)?;
+        let (last_log_id, last_membership) = (state.last_applied, state.last_membership.clone());
+        let body = SnapshotBody { format_version: SNAPSHOT_FORMAT_VERSION, state };
+        let bytes = serde_json::to_vec(&body).map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
         let snapshot_id = match last_log_id {
             Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, bytes.len()),
             None => format!("empty-{}", bytes.len()),
@@ -157,7 +156,7 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         Ok((data.last_applied, data.last_membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Responses>, StorageError>
     where
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,

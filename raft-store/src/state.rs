@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::command::{
-    Command, Rejection, Request, Response, ADDRESS_BYTES_MAX, CLUSTER_NAME_BYTES_MAX, KEYS_MAX, KEY_BYTES_MAX,
-    REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
+    Command, Rejection, Request, Response, Responses, ADDRESS_BYTES_MAX, BATCH_COMMANDS_MAX, CLUSTER_NAME_BYTES_MAX,
+    KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
 };
 use crate::{Entry, MaosNode, NodeId};
 
@@ -36,7 +36,7 @@ pub struct NodeRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvValue {
     pub value: String,
-    /// Log index of the write that produced this value; doubles as a fencing revision.
+    /// The cluster-wide write counter at this write: unique per write, increasing.
     pub revision: u64,
     /// Leader-stamped time of that write.
     pub updated_at_ms: u64,
@@ -48,6 +48,8 @@ pub struct AppState {
     pub cluster: Option<ClusterIdentity>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub kv: BTreeMap<String, KvValue>,
+    /// Cluster-wide key-value write counter: every successful write takes the next value.
+    pub kv_revision: u64,
     /// Highest leader stamp applied so far. Stamps from a new leader whose clock is behind are
     /// raised to this, so replicated time never goes backwards.
     pub clock_ms: u64,
@@ -79,7 +81,7 @@ impl StateMachineData {
     ///
     /// An entry in a format newer than this build understands is an error, not a refusal: an
     /// older replica must stop rather than apply differently from newer ones. Nothing changes.
-    pub fn apply(&mut self, entry: &Entry) -> Result<Response, UnsupportedFormat> {
+    pub fn apply(&mut self, entry: &Entry) -> Result<Responses, UnsupportedFormat> {
         if let EntryPayload::Normal(request) = &entry.payload {
             if request.format_version > REQUEST_FORMAT_VERSION {
                 return Err(UnsupportedFormat { index: entry.log_id.index, found: request.format_version });
@@ -87,22 +89,30 @@ impl StateMachineData {
         }
         self.last_applied = Some(entry.log_id);
         Ok(match &entry.payload {
-            EntryPayload::Blank => Response::Applied,
+            EntryPayload::Blank => Vec::new(),
             EntryPayload::Membership(membership) => {
                 self.last_membership = StoredMembership::new(Some(entry.log_id), membership.clone());
-                Response::Applied
+                Vec::new()
             }
-            EntryPayload::Normal(request) => self.apply_request(entry.log_id.index, request),
+            EntryPayload::Normal(request) => self.apply_request(request),
         })
     }
 
-    fn apply_request(&mut self, index: u64, request: &Request) -> Response {
+    fn apply_request(&mut self, request: &Request) -> Responses {
         let now_ms = request.stamped_at_ms.max(self.app.clock_ms);
         self.app.clock_ms = now_ms;
-        match apply_command(&mut self.app, index, now_ms, &request.command) {
-            Ok(response) => response,
-            Err(rejection) => Response::Rejected(rejection),
+        if request.commands.len() > BATCH_COMMANDS_MAX {
+            let rejection = Rejection::BatchTooLarge { count: request.commands.len(), limit: BATCH_COMMANDS_MAX };
+            return vec![Response::Rejected(rejection); request.commands.len()];
         }
+        request
+            .commands
+            .iter()
+            .map(|command| match apply_command(&mut self.app, now_ms, command) {
+                Ok(response) => response,
+                Err(rejection) => Response::Rejected(rejection),
+            })
+            .collect()
     }
 
     /// Check the invariants that must hold after every apply.
@@ -122,10 +132,10 @@ impl StateMachineData {
             if value.value.len() > VALUE_BYTES_MAX {
                 return Err(InvariantViolation(format!("value of {key:?} is over the size bound")));
             }
-            if Some(value.revision) > applied || value.updated_at_ms > self.app.clock_ms {
+            if value.revision == 0 || value.revision > self.app.kv_revision || value.updated_at_ms > self.app.clock_ms {
                 return Err(InvariantViolation(format!(
-                    "key {key:?} has revision {} / time {} beyond applied {applied:?} / clock {}",
-                    value.revision, value.updated_at_ms, self.app.clock_ms
+                    "key {key:?} has revision {} / time {} beyond the counter {} / clock {}",
+                    value.revision, value.updated_at_ms, self.app.kv_revision, self.app.clock_ms
                 )));
             }
         }
@@ -201,7 +211,14 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
     }
 }
 
-fn apply_command(app: &mut AppState, index: u64, now_ms: u64, command: &Command) -> Result<Response, Rejection> {
+fn write_kv(app: &mut AppState, key: &str, value: &str, now_ms: u64) -> u64 {
+    app.kv_revision += 1;
+    let revision = app.kv_revision;
+    app.kv.insert(key.to_string(), KvValue { value: value.to_string(), revision, updated_at_ms: now_ms });
+    revision
+}
+
+fn apply_command(app: &mut AppState, now_ms: u64, command: &Command) -> Result<Response, Rejection> {
     check_command(command)?;
     match command {
         Command::InitCluster { cluster_id, cluster_name } => {
@@ -229,8 +246,7 @@ fn apply_command(app: &mut AppState, index: u64, now_ms: u64, command: &Command)
         }
         Command::KvPut { key, value } => {
             check_room(app, key)?;
-            app.kv.insert(key.clone(), KvValue { value: value.clone(), revision: index, updated_at_ms: now_ms });
-            Ok(Response::KvWritten { revision: index })
+            Ok(Response::KvWritten { revision: write_kv(app, key, value, now_ms) })
         }
         Command::KvCompareAndSet { key, expected, value } => {
             let current = app.kv.get(key).map(|v| v.value.clone());
@@ -238,8 +254,7 @@ fn apply_command(app: &mut AppState, index: u64, now_ms: u64, command: &Command)
                 return Ok(Response::KvCompareFailed { current });
             }
             check_room(app, key)?;
-            app.kv.insert(key.clone(), KvValue { value: value.clone(), revision: index, updated_at_ms: now_ms });
-            Ok(Response::KvWritten { revision: index })
+            Ok(Response::KvWritten { revision: write_kv(app, key, value, now_ms) })
         }
         Command::KvDelete { key } => Ok(Response::KvDeleted { existed: app.kv.remove(key).is_some() }),
     }
@@ -254,7 +269,7 @@ mod tests {
     fn entry(index: u64, stamped_at_ms: u64, command: Command) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Request::new(stamped_at_ms, command)),
+            payload: EntryPayload::Normal(Request::new(stamped_at_ms, vec![command])),
         }
     }
 
@@ -280,7 +295,7 @@ mod tests {
         let long_key = "k".repeat(KEY_BYTES_MAX + 1);
         let long_value = "v".repeat(VALUE_BYTES_MAX + 1);
         let cases: Vec<(&str, Vec<(Command, Response)>)> = vec![
-            ("put writes at the entry's index", vec![(put("a", "1"), Response::KvWritten { revision: 1 })]),
+            ("put takes the next revision", vec![(put("a", "1"), Response::KvWritten { revision: 1 })]),
             (
                 "put overwrites",
                 vec![
@@ -304,14 +319,14 @@ mod tests {
                     (put("a", "1"), Response::KvWritten { revision: 1 }),
                     (cas("a", Some("0"), "2"), Response::KvCompareFailed { current: Some("1".into()) }),
                     (cas("a", None, "2"), Response::KvCompareFailed { current: Some("1".into()) }),
-                    (cas("a", Some("1"), "2"), Response::KvWritten { revision: 4 }),
+                    (cas("a", Some("1"), "2"), Response::KvWritten { revision: 2 }),
                 ],
             ),
             (
                 "delete reports whether the key existed",
                 vec![
                     (Command::KvDelete { key: "a".into() }, Response::KvDeleted { existed: false }),
-                    (put("a", "1"), Response::KvWritten { revision: 2 }),
+                    (put("a", "1"), Response::KvWritten { revision: 1 }),
                     (Command::KvDelete { key: "a".into() }, Response::KvDeleted { existed: true }),
                 ],
             ),
@@ -351,7 +366,9 @@ mod tests {
             let mut state = StateMachineData::default();
             for (i, (command, expected)) in steps.into_iter().enumerate() {
                 let before = state.app.clone();
-                let response = state.apply(&entry(i as u64 + 1, 1_000, command)).expect("current format");
+                let mut responses = state.apply(&entry(i as u64 + 1, 1_000, command)).expect("current format");
+                assert_eq!(responses.len(), 1, "case {name:?}, step {i}: one response per command");
+                let response = responses.remove(0);
                 assert_eq!(response, expected, "case {name:?}, step {i}");
                 state.validate().unwrap_or_else(|e| panic!("case {name:?}, step {i}: {e}"));
                 if matches!(response, Response::Rejected(_) | Response::KvCompareFailed { .. }) {
@@ -367,13 +384,45 @@ mod tests {
     #[test]
     fn a_newer_request_format_stops_apply_without_change() {
         let mut state = StateMachineData::default();
-        let mut request = Request::new(5, put("a", "1"));
+        let mut request = Request::new(5, vec![put("a", "1")]);
         request.format_version = REQUEST_FORMAT_VERSION + 1;
         let entry =
             Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(request) };
         let before = state.clone();
         assert_eq!(state.apply(&entry), Err(UnsupportedFormat { index: 1, found: REQUEST_FORMAT_VERSION + 1 }));
         assert_eq!(state, before, "a refused entry must not move the applied position");
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_one_response_each() {
+        let mut state = StateMachineData::default();
+        let batch = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Request::new(
+                7,
+                vec![put("a", "1"), cas("a", Some("1"), "2"), put("", "x"), Command::KvDelete { key: "a".into() }],
+            )),
+        };
+        let responses = state.apply(&batch).expect("current format");
+        assert_eq!(
+            responses,
+            vec![
+                Response::KvWritten { revision: 1 },
+                Response::KvWritten { revision: 2 },
+                invalid("key", "must not be empty"),
+                Response::KvDeleted { existed: true },
+            ]
+        );
+        state.validate().expect("valid");
+
+        let oversized = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+            payload: EntryPayload::Normal(Request::new(8, vec![put("b", "1"); BATCH_COMMANDS_MAX + 1])),
+        };
+        let responses = state.apply(&oversized).expect("current format");
+        assert_eq!(responses.len(), BATCH_COMMANDS_MAX + 1);
+        assert!(responses.iter().all(|r| matches!(r, Response::Rejected(Rejection::BatchTooLarge { .. }))));
+        assert!(!state.app.kv.contains_key("b"), "a refused batch changes nothing");
     }
 
     #[test]
@@ -406,6 +455,8 @@ mod tests {
         let mut state = StateMachineData::default();
         state.apply(&entry(1, 10, put("a", "1"))).expect("current format");
         state.app.kv.get_mut("a").expect("a").revision = 99;
+        assert!(state.validate().is_err());
+        state.app.kv.get_mut("a").expect("a").revision = 0;
         assert!(state.validate().is_err());
     }
 
