@@ -15,9 +15,9 @@ use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Response, Stat
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
-use crate::proposer::Proposer;
+use crate::proposer::Batcher;
 use crate::proto::ReadIndexRequest;
-use crate::raft_network::{decode, encode, Channels};
+use crate::raft_network::Channels;
 
 /// Milliseconds since the Unix epoch. Real nodes read the system clock; simulations supply theirs.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -44,7 +44,7 @@ pub enum CoreError {
 }
 
 /// What `Propose` returns to a forwarding node.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ProposeOutcome {
     Applied(Response),
     /// The receiver is not the leader; the forwarder retries with its own view of the leader.
@@ -62,8 +62,10 @@ pub struct NodeCore {
     pub state: StateMachineHandle,
     pub channels: Channels,
     pub clock: Clock,
-    /// Batches this node's proposals while it leads.
-    pub proposer: Proposer,
+    /// Batches this node's proposals into log entries while it leads.
+    pub proposer: Batcher,
+    /// Batches this node's forwarded writes to the leader while it follows.
+    pub forwarder: Batcher,
     pub request_timeout: Duration,
     /// The static peer list as `id=raft_addr,...` (sorted); see `Hello.peers_digest`.
     pub peers_digest: String,
@@ -96,7 +98,7 @@ impl NodeCore {
 
     /// Propose `command` on this node, which must be the leader, in the next batch.
     pub async fn propose_local(&self, command: Command) -> ProposeOutcome {
-        self.proposer.propose(command).await
+        self.proposer.submit("", command).await
     }
 
     /// Replicate `command` through the leader, wherever it is, and return its result.
@@ -113,10 +115,13 @@ impl NodeCore {
                         Err(_) => ProposeOutcome::Failed("not committed before the deadline".into()),
                     }
                 }
-                Some((leader, node)) => match self.forward_propose(&node.raft_addr, &command, deadline).await {
-                    Ok(outcome) => outcome,
-                    Err(error) => ProposeOutcome::Failed(format!("leader {leader} at {}: {error}", node.raft_addr)),
-                },
+                Some((leader, node)) => {
+                    let forwarded = self.forwarder.submit(&node.raft_addr, command.clone());
+                    match tokio::time::timeout_at(deadline, forwarded).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => ProposeOutcome::Failed(format!("leader {leader} did not answer before the deadline")),
+                    }
+                }
                 None => ProposeOutcome::NotLeader { leader_id: None },
             };
             let last = match outcome {
@@ -130,23 +135,6 @@ impl NodeCore {
             }
             tokio::time::sleep(LEADER_RETRY_PAUSE).await;
         }
-    }
-
-    async fn forward_propose(
-        &self,
-        raft_addr: &str,
-        command: &Command,
-        deadline: tokio::time::Instant,
-    ) -> Result<ProposeOutcome, String> {
-        let mut client = self.channels.raft_client(raft_addr).map_err(|e| e.to_string())?;
-        let payload = encode(command).map_err(|e| e.to_string())?;
-        let mut request = tonic::Request::new(payload);
-        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
-        let reply = tokio::time::timeout_at(deadline, client.propose(request))
-            .await
-            .map_err(|_| "no answer before the deadline".to_string())?
-            .map_err(|status| status.message().to_string())?;
-        decode(&reply.into_inner()).map_err(|e| e.to_string())
     }
 
     /// Wait until this node's applied state reflects every write acknowledged before the call.

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use crate::api::{ClusterApi, KvApi};
 use crate::config::Config;
 use crate::core::{Clock, NodeCore};
-use crate::proposer::Proposer;
+use crate::proposer::{forwarder, leader_proposer};
 use crate::proto::raft_service_server::RaftServiceServer;
 use crate::proto::{HelloRequest, HelloResponse};
 use crate::raft_network::{Channels, NetworkFactory};
@@ -125,7 +125,8 @@ where
         Raft::new(config.node.id, raft_settings, NetworkFactory { channels: channels.clone() }, log, state_machine)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-    let proposer = Proposer::start(raft.clone(), clock.clone());
+    let proposer = leader_proposer(raft.clone(), clock.clone());
+    let forwarder = forwarder(channels.clone(), Duration::from_millis(config.raft.request_timeout_ms));
     let core = Arc::new(NodeCore {
         id: config.node.id,
         cluster_name: config.cluster.name.clone(),
@@ -134,6 +135,7 @@ where
         channels,
         clock,
         proposer,
+        forwarder,
         request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
         peers_digest: peers_digest(&peers),
     });

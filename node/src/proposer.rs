@@ -1,55 +1,73 @@
-//! Batching proposals on the leader.
+//! Batching proposals: on the leader into one log entry, on a follower into one forwarded call.
 //!
 //! openraft 0.9 writes each log entry (and waits for its flush) before it takes the next client
-//! write, so one entry per command would cap a cluster at one fsync per command. The proposer
-//! queues commands and puts every command that arrived while earlier entries were in flight into
-//! one entry: throughput grows with concurrency instead of being capped by disk latency.
+//! write, so one entry per command would cap a cluster at one fsync per command. A [`Batcher`]
+//! queues commands and hands every command that arrived while earlier batches were in flight to
+//! one execution: throughput grows with concurrency instead of being capped by disk latency.
+//! - [`leader_proposer`]: a batch becomes one log entry, stamped with the leader's clock.
+//! - [`forwarder`]: a follower sends a batch to the leader in one `Propose` call, where it joins
+//!   the leader's own batches.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use maos_raft_store::command::{BATCH_BYTES_MAX, BATCH_COMMANDS_MAX};
-use maos_raft_store::{Command, Raft, Request, Response};
+use maos_raft_store::{Command, Raft, Request};
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::core::{Clock, ProposeOutcome};
+use crate::raft_network::{decode, encode, Channels};
 
-/// Upper bound on commands waiting for a batch; a full queue makes proposers wait (backpressure).
+/// Upper bound on commands waiting for a batch; a full queue makes submitters wait (backpressure).
 pub const QUEUE_CAPACITY: usize = 16_384;
-/// Entries proposed and not yet applied at once. More overlap replication with the next log
-/// write; each one still waits its turn in openraft's log writer.
+/// Batches executing at once. More overlap replication with the next log write; each entry still
+/// waits its turn in openraft's log writer.
 pub const IN_FLIGHT_MAX: usize = 4;
 
 struct Pending {
+    /// Where the batch goes: commands for different targets never share a batch.
+    target: String,
     command: Command,
     reply: oneshot::Sender<ProposeOutcome>,
 }
 
-/// A handle to the batching task. Cheap to clone.
+/// A handle to a batching task. Cheap to clone.
 #[derive(Clone)]
-pub struct Proposer {
+pub struct Batcher {
     queue: mpsc::Sender<Pending>,
 }
 
-impl Proposer {
-    /// Start the batching task for `raft`, stamping each entry with `clock`.
-    pub fn start(raft: Raft, clock: Clock) -> Self {
+impl Batcher {
+    /// Start a batching task that runs `execute(target, commands)` per batch. `execute` returns
+    /// one outcome per command, in order.
+    pub fn start<F, Fut>(execute: F) -> Self
+    where
+        F: Fn(String, Vec<Command>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<ProposeOutcome>> + Send + 'static,
+    {
         let (queue, pending) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(run(raft, clock, pending));
+        tokio::spawn(run(Arc::new(execute), pending));
         Self { queue }
     }
 
-    /// Propose `command` in the next batch and wait for its result.
-    pub async fn propose(&self, command: Command) -> ProposeOutcome {
+    /// Submit `command` for `target` and wait for its outcome.
+    pub async fn submit(&self, target: &str, command: Command) -> ProposeOutcome {
         let (reply, result) = oneshot::channel();
-        if self.queue.send(Pending { command, reply }).await.is_err() {
-            return ProposeOutcome::Failed("the proposer has stopped".into());
+        let pending = Pending { target: target.to_string(), command, reply };
+        if self.queue.send(pending).await.is_err() {
+            return ProposeOutcome::Failed("the batcher has stopped".into());
         }
-        result.await.unwrap_or_else(|_| ProposeOutcome::Failed("the proposer has stopped".into()))
+        result.await.unwrap_or_else(|_| ProposeOutcome::Failed("the batcher has stopped".into()))
     }
 }
 
-async fn run(raft: Raft, clock: Clock, mut pending: mpsc::Receiver<Pending>) {
+async fn run<F, Fut>(execute: Arc<F>, mut pending: mpsc::Receiver<Pending>)
+where
+    F: Fn(String, Vec<Command>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<ProposeOutcome>> + Send + 'static,
+{
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
     let mut carried: Option<Pending> = None;
     loop {
@@ -61,11 +79,12 @@ async fn run(raft: Raft, clock: Clock, mut pending: mpsc::Receiver<Pending>) {
                 None => return,
             },
         };
+        let target = first.target.clone();
         let mut bytes = first.command.payload_bytes();
         let mut batch = vec![first];
         while batch.len() < BATCH_COMMANDS_MAX {
             match pending.try_recv() {
-                Ok(next) if bytes + next.command.payload_bytes() > BATCH_BYTES_MAX => {
+                Ok(next) if next.target != target || bytes + next.command.payload_bytes() > BATCH_BYTES_MAX => {
                     carried = Some(next);
                     break;
                 }
@@ -76,43 +95,72 @@ async fn run(raft: Raft, clock: Clock, mut pending: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
-        let stamped_at_ms = clock();
+        let execute = execute.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let (commands, replies): (Vec<Command>, Vec<oneshot::Sender<ProposeOutcome>>) =
                 batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let count = commands.len();
-            match raft.client_write(Request::new(stamped_at_ms, commands)).await {
-                Ok(written) if written.data.len() == count => {
-                    for (reply, response) in replies.into_iter().zip(written.data) {
-                        let _ = reply.send(ProposeOutcome::Applied(response));
-                    }
+            let outcomes = execute(target, commands).await;
+            if outcomes.len() != count {
+                let message = format!("{} outcomes for a batch of {count} commands", outcomes.len());
+                tracing::error!(%message, "a batch was answered with the wrong number of outcomes");
+                for reply in replies {
+                    let _ = reply.send(ProposeOutcome::Failed(message.clone()));
                 }
-                Ok(written) => {
-                    let message = format!("{} results for {count} commands", written.data.len());
-                    tracing::error!(%message, "the state machine answered a batch with the wrong number of results");
-                    for reply in replies {
-                        let _ = reply.send(ProposeOutcome::Applied(Response::Rejected(
-                            maos_raft_store::Rejection::InvalidField {
-                                field: "batch".into(),
-                                message: message.clone(),
-                            },
-                        )));
-                    }
-                }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                    for reply in replies {
-                        let _ = reply.send(ProposeOutcome::NotLeader { leader_id: forward.leader_id });
-                    }
-                }
-                Err(other) => {
-                    let message = other.to_string();
-                    for reply in replies {
-                        let _ = reply.send(ProposeOutcome::Failed(message.clone()));
-                    }
-                }
+                return;
+            }
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
             }
         });
     }
+}
+
+/// On the leader: each batch becomes one log entry stamped with `clock`.
+pub fn leader_proposer(raft: Raft, clock: Clock) -> Batcher {
+    Batcher::start(move |_target, commands| {
+        let raft = raft.clone();
+        let stamped_at_ms = clock();
+        async move {
+            let count = commands.len();
+            match raft.client_write(Request::new(stamped_at_ms, commands)).await {
+                Ok(written) => written.data.into_iter().map(ProposeOutcome::Applied).collect(),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    vec![ProposeOutcome::NotLeader { leader_id: forward.leader_id }; count]
+                }
+                Err(other) => vec![ProposeOutcome::Failed(other.to_string()); count],
+            }
+        }
+    })
+}
+
+/// On a follower: each batch goes to the leader at the target Raft address in one `Propose`.
+pub fn forwarder(channels: Channels, rpc_timeout: Duration) -> Batcher {
+    Batcher::start(move |target, commands| {
+        let channels = channels.clone();
+        async move {
+            let count = commands.len();
+            match forward(&channels, &target, &commands, rpc_timeout).await {
+                Ok(outcomes) => outcomes,
+                Err(error) => vec![ProposeOutcome::Failed(format!("leader at {target}: {error}")); count],
+            }
+        }
+    })
+}
+
+async fn forward(
+    channels: &Channels,
+    target: &str,
+    commands: &[Command],
+    timeout: Duration,
+) -> Result<Vec<ProposeOutcome>, String> {
+    let mut client = channels.raft_client(target).map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(encode(&commands).map_err(|e| e.to_string())?);
+    request.set_timeout(timeout);
+    let reply = tokio::time::timeout(timeout, client.propose(request))
+        .await
+        .map_err(|_| "no answer before the deadline".to_string())?
+        .map_err(|status| status.message().to_string())?;
+    decode(&reply.into_inner()).map_err(|e| e.to_string())
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use maos_raft_store::command::BATCH_COMMANDS_MAX;
 use maos_raft_store::Command;
 use tonic::{Request, Response, Status};
 
@@ -41,16 +42,25 @@ impl RaftService for RaftServer {
     }
 
     async fn propose(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let command: Command = decode(request.get_ref()).map_err(bad_payload)?;
-        let outcome = if self.core.is_leader() {
-            match tokio::time::timeout(self.core.request_timeout, self.core.propose_local(command)).await {
-                Ok(outcome) => outcome,
-                Err(_) => ProposeOutcome::Failed("not committed before the deadline".into()),
-            }
-        } else {
-            ProposeOutcome::NotLeader { leader_id: self.core.leader().map(|(id, _)| id) }
+        let commands: Vec<Command> = decode(request.get_ref()).map_err(bad_payload)?;
+        if commands.len() > BATCH_COMMANDS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "payload: {} commands, over the limit of {BATCH_COMMANDS_MAX}",
+                commands.len()
+            )));
+        }
+        if !self.core.is_leader() {
+            let outcome = ProposeOutcome::NotLeader { leader_id: self.core.leader().map(|(id, _)| id) };
+            return reply(&vec![outcome; commands.len()]);
+        }
+        // Submitted together, so they join the same batches as the leader's own proposals.
+        let proposals = commands.into_iter().map(|command| self.core.propose_local(command));
+        let outcomes = match tokio::time::timeout(self.core.request_timeout, futures::future::join_all(proposals)).await
+        {
+            Ok(outcomes) => outcomes,
+            Err(_) => return Err(Status::deadline_exceeded("not committed before the deadline")),
         };
-        reply(&outcome)
+        reply(&outcomes)
     }
 
     async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
