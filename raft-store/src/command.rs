@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tasks::{TaskCommand, TaskRejection, TaskResponse};
 use crate::NodeId;
 
 /// The newest version of the [`Request`] format this build writes.
@@ -73,6 +74,8 @@ pub enum Command {
     KvCompareAndSet { key: String, expected: Option<String>, value: String },
     /// Remove a coordination key; removing an absent key is not an error.
     KvDelete { key: String },
+    /// A task, lease or scheduling command.
+    Task(TaskCommand),
 }
 
 impl Command {
@@ -86,6 +89,10 @@ impl Command {
                 key.len() + value.len() + expected.as_ref().map_or(0, String::len)
             }
             Command::KvDelete { key } => key.len(),
+            Command::Task(TaskCommand::Submit { spec }) => spec.description.len() + spec.input.len(),
+            Command::Task(TaskCommand::Complete { result, .. }) => result.len(),
+            Command::Task(TaskCommand::Fail { error, .. }) => error.len(),
+            Command::Task(_) => 64,
         }
     }
 }
@@ -102,6 +109,8 @@ pub enum Response {
     KvDeleted { existed: bool },
     /// A compare-and-set found another value; nothing changed.
     KvCompareFailed { current: Option<String> },
+    /// A task command's result.
+    Task(TaskResponse),
     /// The command was refused; nothing changed.
     Rejected(Rejection),
 }
@@ -118,6 +127,8 @@ pub enum Rejection {
     KeySpaceFull { limit: usize },
     #[error("an entry carries {count} commands, over the limit of {limit}")]
     BatchTooLarge { count: usize, limit: usize },
+    #[error("{0}")]
+    Task(#[from] TaskRejection),
     #[error("this cluster is already initialised as {existing_id}; refusing identity {proposed_id}")]
     ClusterIdentityConflict { existing_id: String, proposed_id: String },
 }

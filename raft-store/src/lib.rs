@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`command`]: versioned log payloads, results and typed refusals.
 //! - [`state`]: `StateMachineData::apply`, `validate`, `state_hash`: pure, no clock, no I/O.
+//! - [`tasks`]: tasks, leases with fencing tokens, retries, dependencies, cancellation.
 //! - [`sm_store`]: the openraft state-machine store around that data, with snapshots.
 //! - [`rocks`], [`mem`]: log storage and snapshot persistence engines.
 //! - [`runtime`]: openraft's async runtime on tokio with a seedable random source,
@@ -24,6 +25,7 @@ pub mod rocks;
 pub mod runtime;
 pub mod sm_store;
 pub mod state;
+pub mod tasks;
 
 use serde::{Deserialize, Serialize};
 

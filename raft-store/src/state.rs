@@ -14,6 +14,7 @@ use crate::command::{
     Command, Rejection, Request, Response, Responses, ADDRESS_BYTES_MAX, BATCH_COMMANDS_MAX, CLUSTER_NAME_BYTES_MAX,
     KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
 };
+use crate::tasks::{check_spec, TaskCommand, TaskTable};
 use crate::{Entry, MaosNode, NodeId};
 
 /// The identity recorded by the node that initialised the group.
@@ -50,6 +51,8 @@ pub struct AppState {
     pub kv: BTreeMap<String, KvValue>,
     /// Cluster-wide key-value write counter: every successful write takes the next value.
     pub kv_revision: u64,
+    /// Tasks, leases and their indexes.
+    pub tasks: TaskTable,
     /// Highest leader stamp applied so far. Stamps from a new leader whose clock is behind are
     /// raised to this, so replicated time never goes backwards.
     pub clock_ms: u64,
@@ -94,11 +97,11 @@ impl StateMachineData {
                 self.last_membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                 Vec::new()
             }
-            EntryPayload::Normal(request) => self.apply_request(request),
+            EntryPayload::Normal(request) => self.apply_request(entry.log_id.index, request),
         })
     }
 
-    fn apply_request(&mut self, request: &Request) -> Responses {
+    fn apply_request(&mut self, index: u64, request: &Request) -> Responses {
         let now_ms = request.stamped_at_ms.max(self.app.clock_ms);
         self.app.clock_ms = now_ms;
         if request.commands.len() > BATCH_COMMANDS_MAX {
@@ -108,9 +111,12 @@ impl StateMachineData {
         request
             .commands
             .iter()
-            .map(|command| match apply_command(&mut self.app, now_ms, command) {
-                Ok(response) => response,
-                Err(rejection) => Response::Rejected(rejection),
+            .enumerate()
+            .map(|(position, command)| {
+                match apply_command(&mut self.app, now_ms, fencing_token(index, position), command) {
+                    Ok(response) => response,
+                    Err(rejection) => Response::Rejected(rejection),
+                }
             })
             .collect()
     }
@@ -142,6 +148,7 @@ impl StateMachineData {
         if self.app.kv.len() > KEYS_MAX {
             return Err(InvariantViolation(format!("{} keys exceed the bound {KEYS_MAX}", self.app.kv.len())));
         }
+        self.app.tasks.validate().map_err(InvariantViolation)?;
         for (node_id, record) in &self.app.nodes {
             if *node_id == 0 || record.raft_addr.is_empty() || record.api_addr.is_empty() {
                 return Err(InvariantViolation(format!("node record {node_id} is incomplete")));
@@ -208,7 +215,15 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
             check_len("value", value, VALUE_BYTES_MAX)
         }
         Command::KvDelete { key } => check_key(key),
+        Command::Task(TaskCommand::Submit { spec }) => Ok(check_spec(spec)?),
+        Command::Task(_) => Ok(()),
     }
+}
+
+/// The fencing token granted by the command at `position` in the entry at log `index`: unique,
+/// and larger for every later command in the log (a batch holds fewer than 2,048 commands).
+pub fn fencing_token(index: u64, position: usize) -> u64 {
+    index.saturating_mul(2048).saturating_add(position as u64)
 }
 
 fn write_kv(app: &mut AppState, key: &str, value: &str, now_ms: u64) -> u64 {
@@ -218,7 +233,7 @@ fn write_kv(app: &mut AppState, key: &str, value: &str, now_ms: u64) -> u64 {
     revision
 }
 
-fn apply_command(app: &mut AppState, now_ms: u64, command: &Command) -> Result<Response, Rejection> {
+fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command) -> Result<Response, Rejection> {
     check_command(command)?;
     match command {
         Command::InitCluster { cluster_id, cluster_name } => {
@@ -257,6 +272,7 @@ fn apply_command(app: &mut AppState, now_ms: u64, command: &Command) -> Result<R
             Ok(Response::KvWritten { revision: write_kv(app, key, value, now_ms) })
         }
         Command::KvDelete { key } => Ok(Response::KvDeleted { existed: app.kv.remove(key).is_some() }),
+        Command::Task(command) => Ok(Response::Task(app.tasks.apply(now_ms, token, command)?)),
     }
 }
 
