@@ -8,7 +8,8 @@
 //! Layout:
 //! - [`command`]: versioned log payloads, results and typed refusals.
 //! - [`state`]: `StateMachineData::apply`, `validate`, `state_hash`: pure, no clock, no I/O.
-//! - [`tasks`]: tasks, leases with fencing tokens, retries, dependencies, cancellation.
+//! - [`tasks`]: tasks, leases with fencing tokens, retries, dependencies, cancellation, slots.
+//! - [`scheduler`]: the leader's assignment decisions, a pure function of the table and a time.
 //! - [`sm_store`]: the openraft state-machine store around that data, with snapshots.
 //! - [`rocks`], [`mem`]: log storage and snapshot persistence engines.
 //! - [`runtime`]: openraft's async runtime on tokio with a seedable random source,
@@ -23,6 +24,7 @@ pub mod command;
 pub mod mem;
 pub mod rocks;
 pub mod runtime;
+pub mod scheduler;
 pub mod sm_store;
 pub mod state;
 pub mod tasks;

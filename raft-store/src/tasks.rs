@@ -69,6 +69,17 @@ pub struct TaskSpec {
     pub idempotency_key: Option<String>,
     pub submitter: String,
     pub labels: BTreeMap<String, String>,
+    /// Capabilities the agent slot must have, beyond matching `task_type`.
+    #[serde(default)]
+    pub capabilities: BTreeSet<String>,
+}
+
+/// One place an agent can run one attempt at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub node_id: u64,
+    pub agent_type: String,
+    pub capabilities: BTreeSet<String>,
 }
 
 /// One attempt's hold on one agent slot.
@@ -111,6 +122,8 @@ pub struct TaskLimits {
     pub dependency_timeout_ms: u64,
     pub retry_backoff_base_ms: u64,
     pub retry_backoff_max_ms: u64,
+    /// Children of one parent running at once, at most.
+    pub max_parallel_branches: usize,
 }
 
 impl Default for TaskLimits {
@@ -120,9 +133,13 @@ impl Default for TaskLimits {
             dependency_timeout_ms: 3_600_000,
             retry_backoff_base_ms: 1_000,
             retry_backoff_max_ms: 300_000,
+            max_parallel_branches: 10,
         }
     }
 }
+
+/// Upper bound on slots one node registers.
+pub const SLOTS_PER_NODE_MAX: usize = 4_096;
 
 /// Task commands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +184,12 @@ pub enum TaskCommand {
     Configure {
         limits: TaskLimits,
     },
+    /// Replace node `node_id`'s slots (its agent pool). Leases on slots that disappear stay until
+    /// they end; no new work goes to them.
+    RegisterSlots {
+        node_id: u64,
+        slots: BTreeMap<String, Slot>,
+    },
 }
 
 /// Results of task commands.
@@ -182,6 +205,7 @@ pub enum TaskResponse {
     Ticked { failed_attempts: Vec<TaskId>, failed_tasks: Vec<TaskId> },
     Extended { leases: usize },
     Configured,
+    SlotsRegistered { slots: usize },
 }
 
 /// Why a task command was refused. Nothing changed.
@@ -204,6 +228,8 @@ pub enum TaskRejection {
     WrongState { task_id: TaskId, state: TaskState, expected: TaskState },
     #[error("task {task_id} is not assignable before {not_before_ms} (retry backoff)")]
     NotYet { task_id: TaskId, not_before_ms: u64 },
+    #[error("slot {slot} is unknown, busy, or does not fit task {task_id} (type and capabilities)")]
+    SlotUnavailable { task_id: TaskId, slot: String },
 }
 
 /// All tasks and their indexes.
@@ -215,6 +241,10 @@ pub struct TaskTable {
     pub dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
     /// Task → its children (tasks naming it as parent).
     pub children: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    /// Registered agent slots by id (`node/agent/slot`).
+    pub slots: BTreeMap<String, Slot>,
+    /// Slot → the task whose lease holds it.
+    pub slot_holder: BTreeMap<String, TaskId>,
     pub limits: TaskLimits,
 }
 
@@ -285,14 +315,32 @@ impl TaskTable {
         match command {
             TaskCommand::Submit { spec } => self.submit(now_ms, spec),
             TaskCommand::Assign { task_id, slot, node_id, lease_ms } => {
+                let fits = match (self.tasks.get(task_id), self.slots.get(slot)) {
+                    (Some(task), Some(candidate)) => {
+                        slot_fits(candidate, &task.spec)
+                            && candidate.node_id == *node_id
+                            && !self.slot_holder.contains_key(slot)
+                    }
+                    _ => false,
+                };
+                let parent_full = self
+                    .tasks
+                    .get(task_id)
+                    .and_then(|t| t.spec.parent.as_ref())
+                    .is_some_and(|parent| self.running_children(parent) >= self.limits.max_parallel_branches);
+                if parent_full {
+                    return Err(TaskRejection::SlotUnavailable { task_id: task_id.clone(), slot: slot.clone() });
+                }
                 let task = self.get_mut(task_id)?;
                 expect_state(task, TaskState::Queued)?;
                 if task.not_before_ms > now_ms {
                     return Err(TaskRejection::NotYet { task_id: task_id.clone(), not_before_ms: task.not_before_ms });
                 }
-                if slot.is_empty() {
-                    return Err(invalid("slot", "must not be empty"));
+                if !fits {
+                    return Err(TaskRejection::SlotUnavailable { task_id: task_id.clone(), slot: slot.clone() });
                 }
+                self.slot_holder.insert(slot.clone(), task_id.clone());
+                let task = self.get_mut(task_id)?;
                 let expires_at_ms = now_ms.saturating_add(*lease_ms);
                 task.attempt += 1;
                 task.state = TaskState::Running;
@@ -321,10 +369,13 @@ impl TaskTable {
             }
             TaskCommand::Complete { task_id, token: presented, result } => {
                 check_text("result", result, TASK_TEXT_BYTES_MAX)?;
-                let task = self.get_mut(task_id)?;
+                let task = self
+                    .tasks
+                    .get_mut(task_id)
+                    .ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
                 check_token(task, *presented)?;
                 task.state = TaskState::Completed;
-                task.lease = None;
+                release(&mut self.slot_holder, task);
                 task.result = Some(result.clone());
                 task.updated_at_ms = now_ms;
                 self.promote_dependents(now_ms, task_id);
@@ -356,7 +407,7 @@ impl TaskTable {
                         continue;
                     }
                     task.state = TaskState::Cancelled;
-                    task.lease = None;
+                    release(&mut self.slot_holder, task);
                     task.cause = Some(format!("cancelled: {reason}"));
                     task.updated_at_ms = now_ms;
                     cancelled.push(next.clone());
@@ -408,10 +459,40 @@ impl TaskTable {
                 if limits.queue_size == 0 {
                     return Err(invalid("queue_size", "must be at least 1"));
                 }
+                if limits.max_parallel_branches == 0 {
+                    return Err(invalid("max_parallel_branches", "must be at least 1"));
+                }
                 self.limits = limits.clone();
                 Ok(TaskResponse::Configured)
             }
+            TaskCommand::RegisterSlots { node_id, slots } => {
+                if slots.len() > SLOTS_PER_NODE_MAX {
+                    return Err(invalid(
+                        "slots",
+                        format!("{} slots, over the limit of {SLOTS_PER_NODE_MAX}", slots.len()),
+                    ));
+                }
+                if let Some((id, _)) = slots.iter().find(|(id, slot)| {
+                    id.is_empty() || id.len() > 128 || slot.node_id != *node_id || slot.agent_type.is_empty()
+                }) {
+                    return Err(invalid(
+                        "slots",
+                        format!("slot {id:?} needs a 1..=128 byte id, node {node_id} and an agent type"),
+                    ));
+                }
+                self.slots.retain(|_, slot| slot.node_id != *node_id);
+                self.slots.extend(slots.iter().map(|(id, slot)| (id.clone(), slot.clone())));
+                Ok(TaskResponse::SlotsRegistered { slots: slots.len() })
+            }
         }
+    }
+
+    /// Children of `parent` running now.
+    pub fn running_children(&self, parent: &TaskId) -> usize {
+        self.children
+            .get(parent)
+            .map(|c| c.iter().filter(|id| self.tasks.get(*id).is_some_and(|t| t.state == TaskState::Running)).count())
+            .unwrap_or(0)
     }
 
     fn get_mut(&mut self, task_id: &TaskId) -> Result<&mut Task, TaskRejection> {
@@ -475,7 +556,7 @@ impl TaskTable {
     fn fail_attempt(&mut self, now_ms: u64, task_id: &TaskId, error: &str, retryable: bool) -> (bool, u32) {
         let limits = self.limits.clone();
         let Some(task) = self.tasks.get_mut(task_id) else { return (false, 0) };
-        task.lease = None;
+        release(&mut self.slot_holder, task);
         task.cause = Some(error.to_string());
         task.updated_at_ms = now_ms;
         let attempt = task.attempt;
@@ -495,7 +576,7 @@ impl TaskTable {
     fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
         if let Some(task) = self.tasks.get_mut(task_id) {
             task.state = TaskState::Failed;
-            task.lease = None;
+            release(&mut self.slot_holder, task);
             task.cause = Some(cause);
             task.updated_at_ms = now_ms;
         }
@@ -512,7 +593,7 @@ impl TaskTable {
                 continue;
             }
             task.state = TaskState::Failed;
-            task.lease = None;
+            release(&mut self.slot_holder, task);
             task.cause = Some(cause.to_string());
             task.updated_at_ms = now_ms;
             if let Some(more) = self.dependents.get(&next) {
@@ -572,6 +653,17 @@ impl TaskTable {
                 }
             }
         }
+        let held: BTreeMap<&String, &TaskId> =
+            self.tasks.iter().filter_map(|(id, t)| t.lease.as_ref().map(|l| (&l.slot, id))).collect();
+        let leases = self.tasks.values().filter(|t| t.lease.is_some()).count();
+        if held.len() != leases {
+            return Err("two live leases hold one slot".into());
+        }
+        if held.len() != self.slot_holder.len()
+            || held.iter().any(|(slot, id)| self.slot_holder.get(*slot) != Some(*id))
+        {
+            return Err("the slot index disagrees with the leases".into());
+        }
         for (key, id) in &self.by_idempotency_key {
             if self.tasks.get(id).and_then(|t| t.spec.idempotency_key.as_ref()) != Some(key) {
                 return Err(format!("idempotency key {key} points at {id}, which does not carry it"));
@@ -579,6 +671,18 @@ impl TaskTable {
         }
         Ok(())
     }
+}
+
+/// End `task`'s lease, if any, and free its slot.
+fn release(slot_holder: &mut BTreeMap<String, TaskId>, task: &mut Task) {
+    if let Some(lease) = task.lease.take() {
+        slot_holder.remove(&lease.slot);
+    }
+}
+
+/// Whether `slot` can run `spec`: same type, and every capability the task needs.
+pub fn slot_fits(slot: &Slot, spec: &TaskSpec) -> bool {
+    slot.agent_type == spec.task_type && spec.capabilities.is_subset(&slot.capabilities)
 }
 
 fn expect_state(task: &Task, expected: TaskState) -> Result<(), TaskRejection> {

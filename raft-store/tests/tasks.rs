@@ -1,10 +1,12 @@
 //! Table-driven tests of every task transition and refusal, through the replicated apply, with
 //! `validate()` after every entry; and a randomized property test of the invariants.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use maos_raft_store::state::fencing_token;
-use maos_raft_store::tasks::{Priority, TaskCommand, TaskLimits, TaskRejection, TaskResponse, TaskSpec, TaskState};
+use maos_raft_store::tasks::{
+    Priority, Slot, TaskCommand, TaskLimits, TaskRejection, TaskResponse, TaskSpec, TaskState,
+};
 use maos_raft_store::{Command, Entry, Rejection, Request, Response, StateMachineData};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use rand::rngs::StdRng;
@@ -17,8 +19,21 @@ struct Replica {
 }
 
 impl Replica {
+    /// A replica whose node 1 has one `coder` slot per task name the tests use, `n1/coder/<name>`.
     fn new() -> Self {
-        Self { state: StateMachineData::default(), index: 0 }
+        let mut replica = Self { state: StateMachineData::default(), index: 0 };
+        let names = ["a", "b", "c", "d", "short", "leased", "child", "parent", "after-child", "late"];
+        let slots = names
+            .iter()
+            .map(|n| n.to_string())
+            .chain((0..24).map(|i| format!("t{i}")))
+            .map(|name| {
+                let slot = Slot { node_id: 1, agent_type: "coder".into(), capabilities: BTreeSet::new() };
+                (format!("n1/coder/{name}"), slot)
+            })
+            .collect();
+        replica.apply(0, TaskCommand::RegisterSlots { node_id: 1, slots }).expect("register slots");
+        replica
     }
 
     fn apply(&mut self, now_ms: u64, command: TaskCommand) -> Result<TaskResponse, TaskRejection> {
@@ -63,6 +78,7 @@ fn spec(id: &str) -> TaskSpec {
         idempotency_key: None,
         submitter: "alice".into(),
         labels: BTreeMap::new(),
+        capabilities: BTreeSet::new(),
     }
 }
 
@@ -71,7 +87,7 @@ fn submit(spec: TaskSpec) -> TaskCommand {
 }
 
 fn assign(id: &str) -> TaskCommand {
-    TaskCommand::Assign { task_id: id.into(), slot: "n1/coder/0".into(), node_id: 1, lease_ms: 10_000 }
+    TaskCommand::Assign { task_id: id.into(), slot: format!("n1/coder/{id}"), node_id: 1, lease_ms: 10_000 }
 }
 
 fn complete(id: &str, token: u64) -> TaskCommand {
@@ -336,7 +352,7 @@ fn random_command_sequences_keep_the_invariants_on_every_replica() {
                 }
                 2 | 3 => TaskCommand::Assign {
                     task_id: id.clone(),
-                    slot: "n1/x/0".into(),
+                    slot: format!("n1/coder/{}", if rng.gen_bool(0.8) { id.clone() } else { other.clone() }),
                     node_id: 1,
                     lease_ms: rng.gen_range(100..2_000),
                 },
