@@ -20,8 +20,13 @@ const FORWARDED_HEADER: &str = "x-maos-forwarded";
 
 pub fn status_from(error: CoreError) -> Status {
     match error {
-        CoreError::Rejected(rejection @ (Rejection::TooLarge { .. } | Rejection::KeySpaceFull { .. })) => {
-            Status::resource_exhausted(rejection.to_string())
+        CoreError::Rejected(
+            rejection @ (Rejection::TooLarge { .. }
+            | Rejection::KeySpaceFull { .. }
+            | Rejection::Task(maos_raft_store::tasks::TaskRejection::QueueFull { .. })),
+        ) => Status::resource_exhausted(rejection.to_string()),
+        CoreError::Rejected(Rejection::Task(rejection @ maos_raft_store::tasks::TaskRejection::UnknownTask { .. })) => {
+            Status::not_found(rejection.to_string())
         }
         CoreError::Rejected(rejection) => Status::invalid_argument(rejection.to_string()),
         CoreError::Unavailable { .. } | CoreError::Stopped(_) => Status::unavailable(error.to_string()),

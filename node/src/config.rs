@@ -22,7 +22,46 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub network: NetworkSection,
     pub raft: RaftSection,
+    pub scheduler: SchedulerSection,
+    pub workers: WorkersSection,
     pub system: SystemSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// How long a lease lasts without a renewal.
+    pub lease_ms: u64,
+    /// How often a node renews all its leases in one command.
+    pub lease_renew_interval_ms: u64,
+    /// How often the leader plans assignments and expires leases.
+    pub interval_ms: u64,
+    /// Assignments proposed per round, at most.
+    pub assignments_max: usize,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self { lease_ms: 10_000, lease_renew_interval_ms: 2_000, interval_ms: 100, assignments_max: 1_000 }
+    }
+}
+
+/// In-process builtin workers: this node's agent slots until the agent runtime replaces them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Slots per agent type on this node.
+    pub slots_per_type: u32,
+    pub agent_types: Vec<String>,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            slots_per_type: 2,
+            agent_types: ["researcher", "coder", "analyst", "tester", "coordinator"].map(String::from).to_vec(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,6 +417,27 @@ impl Config {
         }
         if raft.request_timeout_ms < raft.election_timeout_max_ms {
             bad("raft.request_timeout_ms", "must be at least raft.election_timeout_max_ms".into());
+        }
+        let scheduler = &self.scheduler;
+        if scheduler.lease_ms < 2 * scheduler.lease_renew_interval_ms.max(1) {
+            bad("scheduler.lease_ms", "must be at least twice scheduler.lease_renew_interval_ms".into());
+        }
+        if scheduler.lease_renew_interval_ms == 0 || scheduler.interval_ms == 0 {
+            bad("scheduler.interval_ms", "intervals must be at least 1 ms".into());
+        }
+        if scheduler.assignments_max == 0 || scheduler.assignments_max > 100_000 {
+            bad("scheduler.assignments_max", "must be in 1..=100000".into());
+        }
+        if self.workers.slots_per_type as usize * self.workers.agent_types.len()
+            > maos_raft_store::tasks::SLOTS_PER_NODE_MAX
+        {
+            bad(
+                "workers.slots_per_type",
+                format!("at most {} slots per node", maos_raft_store::tasks::SLOTS_PER_NODE_MAX),
+            );
+        }
+        if self.workers.agent_types.iter().any(|t| t.is_empty() || t.len() > 64) {
+            bad("workers.agent_types", "each type must be 1..=64 bytes".into());
         }
         if !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&self.system.log_level.to_uppercase().as_str()) {
             bad(

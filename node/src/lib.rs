@@ -6,7 +6,8 @@
 //! - [`raft_network`], [`raft_service`]: Raft traffic on port 7000 (client and server sides).
 //! - [`core`]: the shared write path (leader stamps time, followers forward) and ReadIndex reads.
 //! - [`proposer`]: batches concurrent commands into one log entry on the leader.
-//! - [`api`]: the client API on port 8000 (key-value and cluster services).
+//! - [`api`], [`task_api`]: the client API on port 8000 (key-value, cluster and task services).
+//! - [`scheduling`]: the leader's scheduling loop and the builtin workers (lease keeping).
 //! - [`node`]: starting a node, forming the cluster with no coordinator, housekeeping.
 //! - [`data_dir`]: the data directory's identity and the checks made before touching it.
 //! - [`serve`]: `maos serve` on RocksDB; [`local_cluster`]: real local clusters of processes
@@ -24,7 +25,9 @@ pub mod node;
 pub mod proposer;
 pub mod raft_network;
 pub mod raft_service;
+pub mod scheduling;
 pub mod serve;
+pub mod task_api;
 pub mod transport;
 
 /// Code generated from `node/proto/maos/raft/v1/raft.proto` (internal node-to-node API).

@@ -25,6 +25,8 @@ pub struct LocalClusterOptions {
     pub logs_kept_after_snapshot: u64,
     /// Passed as `MAOS_SYSTEM_LOG_LEVEL`.
     pub log_level: String,
+    /// More environment for every node (`MAOS_*` overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for LocalClusterOptions {
@@ -35,6 +37,7 @@ impl Default for LocalClusterOptions {
             snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 1_000,
             log_level: "INFO".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -131,6 +134,7 @@ impl LocalCluster {
             .env("MAOS_RAFT_SNAPSHOT_AFTER_LOGS", self.options.snapshot_after_logs.to_string())
             .env("MAOS_RAFT_LOGS_KEPT_AFTER_SNAPSHOT", self.options.logs_kept_after_snapshot.to_string())
             .env("MAOS_SYSTEM_LOG_LEVEL", &self.options.log_level)
+            .envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         Ok(command)
     }

@@ -28,6 +28,10 @@ use crate::raft_service::RaftServer;
 use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
 use maos_client::proto::v1::cluster_service_server::ClusterServiceServer;
 use maos_client::proto::v1::kv_service_server::KvServiceServer;
+use maos_client::proto::v1::task_service_server::TaskServiceServer;
+
+use crate::scheduling::{leader_loop, workers};
+use crate::task_api::TaskApi;
 
 /// How often housekeeping checks the cluster identity and this node's registration.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
@@ -171,10 +175,12 @@ where
     let mut until_stopped = stopped.clone();
     let kv = KvServiceServer::new(KvApi { core: core.clone() });
     let cluster = ClusterServiceServer::new(ClusterApi { core: core.clone() });
+    let tasks_service = TaskServiceServer::new(TaskApi { core: core.clone() });
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(kv)
             .add_service(cluster)
+            .add_service(tasks_service)
             .serve_with_incoming_shutdown(api_incoming, async move {
                 let _ = until_stopped.wait_for(|stop| *stop).await;
             })
@@ -185,6 +191,8 @@ where
     });
 
     tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
+    tasks.spawn(leader_loop(core.clone(), config.clone(), stopped.clone()));
+    tasks.spawn(workers(core.clone(), config.clone(), stopped.clone()));
     tasks.spawn(housekeeping(
         core.clone(),
         MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },

@@ -5,7 +5,7 @@
 //!
 //! Order: priority (CRITICAL first); within a priority, submitters take turns (fairness), and
 //! each submitter's tasks go first-come first-served (creation time, then id, which is
-//! time-ordered). A task goes to the first free slot of its type that has every capability it
+//! time-ordered). A task goes to the first free slot (of a node seen within a lease time) of its type that has every capability it
 //! needs; a parent's children never run more than `max_parallel_branches` at once; a retried task
 //! waits for its `not_before_ms`.
 
@@ -18,11 +18,12 @@ use crate::tasks::{slot_fits, Priority, TaskCommand, TaskId, TaskState, TaskTabl
 type BySubmitter<'a> = BTreeMap<&'a str, Vec<(u64, &'a TaskId)>>;
 
 /// Plan at most `assignments_max` assignments at `now_ms`, each with a lease of `lease_ms`.
+/// Only slots of nodes seen within `lease_ms` are used.
 pub fn plan_assignments(table: &TaskTable, now_ms: u64, assignments_max: usize, lease_ms: u64) -> Vec<TaskCommand> {
-    // Free slots by agent type, in slot id order.
+    // Free slots of live nodes by agent type, in slot id order.
     let mut free: BTreeMap<&str, Vec<(&String, &crate::tasks::Slot)>> = BTreeMap::new();
     for (id, slot) in &table.slots {
-        if !table.slot_holder.contains_key(id) {
+        if !table.slot_holder.contains_key(id) && table.node_alive(slot.node_id, now_ms, lease_ms) {
             free.entry(slot.agent_type.as_str()).or_default().push((id, slot));
         }
     }

@@ -154,7 +154,8 @@ pub enum TaskCommand {
         node_id: u64,
         lease_ms: u64,
     },
-    /// One node's heartbeat for all its leases.
+    /// One node's heartbeat for all its leases (sent even with none: it also says the node is
+    /// alive, which the scheduler needs before it uses the node's slots).
     Renew {
         node_id: u64,
         leases: Vec<(TaskId, u64)>,
@@ -245,6 +246,10 @@ pub struct TaskTable {
     pub slots: BTreeMap<String, Slot>,
     /// Slot → the task whose lease holds it.
     pub slot_holder: BTreeMap<String, TaskId>,
+    /// Node → the leader-stamped time of its last renewal or slot registration. The scheduler
+    /// only uses slots of nodes seen within a lease time, so a dead node's slots get no work.
+    #[serde(default)]
+    pub node_seen_ms: BTreeMap<u64, u64>,
     pub limits: TaskLimits,
 }
 
@@ -355,6 +360,7 @@ impl TaskTable {
                 Ok(TaskResponse::Assigned { token, expires_at_ms })
             }
             TaskCommand::Renew { node_id, leases, lease_ms } => {
+                self.node_seen_ms.insert(*node_id, now_ms);
                 let (mut renewed, mut lost) = (Vec::new(), Vec::new());
                 for (task_id, presented) in leases {
                     match self.tasks.get_mut(task_id).and_then(|t| t.lease.as_mut()) {
@@ -480,11 +486,27 @@ impl TaskTable {
                         format!("slot {id:?} needs a 1..=128 byte id, node {node_id} and an agent type"),
                     ));
                 }
+                self.node_seen_ms.insert(*node_id, now_ms);
                 self.slots.retain(|_, slot| slot.node_id != *node_id);
                 self.slots.extend(slots.iter().map(|(id, slot)| (id.clone(), slot.clone())));
                 Ok(TaskResponse::SlotsRegistered { slots: slots.len() })
             }
         }
+    }
+
+    /// Whether a [`TaskCommand::Tick`] at `now_ms` would change anything: a lease or attempt has
+    /// run out, or a task has waited too long on its dependencies.
+    pub fn tick_due(&self, now_ms: u64) -> bool {
+        let timeout = self.limits.dependency_timeout_ms;
+        self.tasks.values().any(|t| match &t.lease {
+            Some(lease) => lease.expires_at_ms <= now_ms || lease.attempt_deadline_ms <= now_ms,
+            None => t.state == TaskState::Pending && t.created_at_ms.saturating_add(timeout) <= now_ms,
+        })
+    }
+
+    /// Whether node `node_id` renewed or registered within `window_ms` of `now_ms`.
+    pub fn node_alive(&self, node_id: u64, now_ms: u64, window_ms: u64) -> bool {
+        self.node_seen_ms.get(&node_id).is_some_and(|seen| seen.saturating_add(window_ms) >= now_ms)
     }
 
     /// Children of `parent` running now.

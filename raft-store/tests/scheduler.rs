@@ -170,3 +170,15 @@ fn plans_are_bounded_and_every_assignment_is_accepted() {
     }
     table.validate().expect("valid");
 }
+
+#[test]
+fn slots_of_a_node_not_seen_within_a_lease_get_no_work() {
+    let mut table = table_with(
+        vec![("quiet", slot(1, "coder", &[])), ("chatty", slot(2, "coder", &[]))],
+        vec![spec("a", "alice", Priority::Normal), spec("b", "alice", Priority::Normal)],
+    );
+    // Node 2 renews at 9,000; node 1 was last seen registering at 0.
+    table.apply(9_000, 50, &TaskCommand::Renew { node_id: 2, leases: vec![], lease_ms: 5_000 }).expect("renew");
+    let plan = planned(&plan_assignments(&table, 9_000, 100, 5_000));
+    assert_eq!(plan, [("a".to_string(), "chatty".to_string())], "node 1 is presumed dead");
+}
