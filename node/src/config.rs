@@ -24,7 +24,23 @@ pub struct Config {
     pub raft: RaftSection,
     pub scheduler: SchedulerSection,
     pub workers: WorkersSection,
+    pub task_planner: TaskPlannerSection,
     pub system: SystemSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskPlannerSection {
+    /// Children of one parent running at once, at most.
+    pub max_parallel_branches: usize,
+    /// Seconds a task may wait on its dependencies before it fails.
+    pub dependency_timeout: u64,
+}
+
+impl Default for TaskPlannerSection {
+    fn default() -> Self {
+        Self { max_parallel_branches: 10, dependency_timeout: 3_600 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +145,8 @@ pub struct RaftSection {
 pub struct SystemSection {
     /// ERROR, WARN, INFO, DEBUG or TRACE (any case). `RUST_LOG`, when set, wins.
     pub log_level: String,
+    /// Open (not finished) tasks the cluster holds at most; more submits are refused, retryably.
+    pub task_queue_size: usize,
 }
 
 impl Default for NodeSection {
@@ -170,7 +188,7 @@ impl Default for RaftSection {
 
 impl Default for SystemSection {
     fn default() -> Self {
-        Self { log_level: "INFO".into() }
+        Self { log_level: "INFO".into(), task_queue_size: 100_000 }
     }
 }
 
@@ -295,6 +313,16 @@ pub struct Loaded {
 }
 
 impl Config {
+    /// The task limits this configuration asks the cluster to apply (the leader's win).
+    pub fn task_limits(&self) -> maos_raft_store::tasks::TaskLimits {
+        maos_raft_store::tasks::TaskLimits {
+            queue_size: self.system.task_queue_size,
+            dependency_timeout_ms: self.task_planner.dependency_timeout.saturating_mul(1_000),
+            max_parallel_branches: self.task_planner.max_parallel_branches,
+            ..Default::default()
+        }
+    }
+
     /// Load the YAML file (if any), then apply `MAOS_*` variables from `env`.
     pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Loaded, ConfigError> {
         let mut root = match file {
@@ -417,6 +445,15 @@ impl Config {
         }
         if raft.request_timeout_ms < raft.election_timeout_max_ms {
             bad("raft.request_timeout_ms", "must be at least raft.election_timeout_max_ms".into());
+        }
+        if self.system.task_queue_size == 0 || self.system.task_queue_size > 10_000_000 {
+            bad("system.task_queue_size", "must be in 1..=10000000".into());
+        }
+        if self.task_planner.max_parallel_branches == 0 {
+            bad("task_planner.max_parallel_branches", "must be at least 1".into());
+        }
+        if self.task_planner.dependency_timeout == 0 {
+            bad("task_planner.dependency_timeout", "must be at least 1 (seconds)".into());
         }
         let scheduler = &self.scheduler;
         if scheduler.lease_ms < 2 * scheduler.lease_renew_interval_ms.max(1) {

@@ -1,7 +1,8 @@
 //! The leader's scheduling loop and each node's builtin workers.
 //!
 //! Leader loop: on taking leadership it first extends every live lease by the election window
-//! (so a failover never mass-expires leases), then each round proposes a `Tick` when one is due
+//! (so a failover never mass-expires leases) and applies its configured task limits
+//! (`system.task_queue_size`, `task_planner.*`; the leader's configuration wins), then each round proposes a `Tick` when one is due
 //! and the assignments `scheduler::plan_assignments` returns, all through the batching write path.
 //!
 //! Workers: each node registers its builtin slots, runs the tasks leased to them, renews all its
@@ -49,6 +50,13 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
                     tracing::warn!(node_id = core.id, term, %error, "extending leases after the election failed; retrying");
                     continue;
                 }
+            }
+        }
+        let limits = config.task_limits();
+        if core.state.read().app.tasks.limits != limits {
+            if let Err(error) = core.write(Command::Task(TaskCommand::Configure { limits })).await {
+                tracing::warn!(%error, "applying the configured task limits failed; retrying");
+                continue;
             }
         }
         let now_ms = (core.clock)();

@@ -211,7 +211,8 @@ pub enum TaskResponse {
 
 /// Why a task command was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(tag = "reason", rename_all = "snake_case")]
+// Its own tag name: it travels inside `Rejection`, whose tag is `reason`.
+#[serde(tag = "task_reason", rename_all = "snake_case")]
 pub enum TaskRejection {
     #[error("field `{field}` is invalid: {message}")]
     InvalidSpec { field: String, message: String },
