@@ -1,4 +1,6 @@
-//! Shared by the task failover tests (included with `#[path]`; not a test target itself).
+//! Shared by the task tests (included with `#[path]`; not a test target itself). Each test uses
+//! a different part of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
