@@ -1,5 +1,8 @@
 //! `maos-bench`: load generators with hdrhistogram reports.
 //!
+//! `maos-bench scheduling` measures assignments per second from a deep queue and the memory a
+//! queued task costs (see `scheduling.rs`).
+//!
 //! `maos-bench raft-writes` starts a local cluster of real `maos serve` processes (RocksDB, fsync
 //! on), then for each client count drives key-value writes for a fixed time and reports committed
 //! writes per second and latency percentiles. With `--peer etcd` it also starts a 3-member etcd
@@ -8,6 +11,7 @@
 //! count and time.
 
 mod etcd;
+mod scheduling;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +44,16 @@ enum Peer {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Assignments per second from a deep queue, and memory per queued task.
+    Scheduling {
+        /// The `maos` binary to run (default: next to this one).
+        #[arg(long)]
+        maos: Option<PathBuf>,
+        #[arg(long, default_value_t = 100_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 1_000)]
+        slots: usize,
+    },
     /// Committed key-value writes per second on a local 3-node cluster.
     RaftWrites {
         /// The `maos` binary to run (default: next to this one).
@@ -214,11 +228,22 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let default_maos = || -> anyhow::Result<PathBuf> {
+        Ok(std::env::current_exe()?.parent().context("no parent directory")?.join("maos"))
+    };
     match Cli::parse().command {
+        Bench::Scheduling { maos, tasks, slots } => {
+            let maos = match maos {
+                Some(path) => path,
+                None => default_maos()?,
+            };
+            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            scheduling::run(&maos, tasks, slots).await
+        }
         Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd } => {
             let maos = match maos {
                 Some(path) => path,
-                None => std::env::current_exe()?.parent().context("no parent directory")?.join("maos"),
+                None => default_maos()?,
             };
             anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
             let settings = Settings {

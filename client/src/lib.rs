@@ -198,14 +198,15 @@ impl Client {
         .await
     }
 
-    /// The status of the node at `endpoints()[index]`, without failover.
-    pub async fn status_of(&self, index: usize) -> Result<StatusResponse, ClientError> {
+    /// The status of the node at `endpoints()[index]`, without failover; `with_state_hash` also
+    /// digests the whole applied state (costly on a large state).
+    pub async fn status_of(&self, index: usize, with_state_hash: bool) -> Result<StatusResponse, ClientError> {
         let channel = self
             .channels
             .get(index)
             .cloned()
             .ok_or_else(|| ClientError::InvalidArgument(format!("endpoint index {index} is out of range")))?;
-        let mut request = Request::new(StatusRequest {});
+        let mut request = Request::new(StatusRequest { with_state_hash });
         request.set_timeout(self.deadline);
         let outcome =
             match tokio::time::timeout(self.deadline, ClusterServiceClient::new(channel).status(request)).await {

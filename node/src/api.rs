@@ -157,7 +157,8 @@ fn membership_status(error: RaftError<u64, ClientWriteError<u64, MaosNode>>) -> 
 
 #[tonic::async_trait]
 impl ClusterService for ClusterApi {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let with_state_hash = request.into_inner().with_state_hash;
         let metrics = self.core.raft.metrics().borrow().clone();
         let role = match metrics.state {
             ServerState::Leader => "leader",
@@ -167,12 +168,25 @@ impl ClusterService for ClusterApi {
             ServerState::Shutdown => "shutdown",
         };
         let leader_api_addr = self.core.leader().map(|(_, node)| node.api_addr).unwrap_or_default();
-        let (state_hash, cluster_id, last_applied_index) = {
+        let (state_hash, cluster_id, last_applied_index, tasks) = {
             let state = self.core.state.read();
+            let mut counts = TaskCounts::default();
+            for task in state.app.tasks.tasks.values() {
+                use maos_raft_store::tasks::TaskState::*;
+                match task.state {
+                    Pending => counts.pending += 1,
+                    Queued => counts.queued += 1,
+                    Running => counts.running += 1,
+                    Completed => counts.completed += 1,
+                    Failed => counts.failed += 1,
+                    Cancelled => counts.cancelled += 1,
+                }
+            }
             (
-                state.state_hash(),
+                if with_state_hash { state.state_hash() } else { String::new() },
                 state.app.cluster.as_ref().map(|c| c.cluster_id.clone()).unwrap_or_default(),
                 state.last_applied.map(|id| id.index).unwrap_or(0),
+                counts,
             )
         };
         Ok(Response::new(StatusResponse {
@@ -187,6 +201,7 @@ impl ClusterService for ClusterApi {
             cluster_id,
             cluster_name: self.core.cluster_name.clone(),
             members: member_list(&self.core),
+            tasks: Some(tasks),
         }))
     }
 

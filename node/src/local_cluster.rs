@@ -108,6 +108,16 @@ impl LocalCluster {
         self.nodes.values().map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr)).collect::<Vec<_>>().join(",")
     }
 
+    /// The options, to change before (re)starting nodes.
+    pub fn options_mut(&mut self) -> &mut LocalClusterOptions {
+        &mut self.options
+    }
+
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id).and_then(|n| n.child.as_ref()).map(Child::id)
+    }
+
     /// Start node `id` with `peers` as its `--peers` instead of the planned list.
     pub fn override_peers(&mut self, id: u64, peers: String) {
         self.peers_override.insert(id, peers);
@@ -195,10 +205,16 @@ impl LocalCluster {
         Ok(Client::new([node.api_addr.clone()])?.with_deadline(Duration::from_secs(15)))
     }
 
-    /// Node `id`'s status.
+    /// Node `id`'s status (without the state hash).
     pub async fn status(&self, id: u64) -> anyhow::Result<StatusResponse> {
         let client = self.client_of(id)?.with_deadline(Duration::from_secs(2));
-        Ok(client.status_of(0).await?)
+        Ok(client.status_of(0, false).await?)
+    }
+
+    /// Node `id`'s status with the state hash.
+    pub async fn status_with_hash(&self, id: u64) -> anyhow::Result<StatusResponse> {
+        let client = self.client_of(id)?.with_deadline(Duration::from_secs(10));
+        Ok(client.status_of(0, true).await?)
     }
 
     /// Wait until every node in `among` that answers agrees on one leader in `among`;
@@ -234,7 +250,7 @@ impl LocalCluster {
         while tokio::time::Instant::now() < deadline {
             let mut views = Vec::new();
             for id in among {
-                match self.status(*id).await {
+                match self.status_with_hash(*id).await {
                     Ok(status) => views.push((status.last_applied_index, status.state_hash)),
                     Err(error) => last = format!("node {id}: {error}"),
                 }

@@ -252,7 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = Client::new(target.endpoints.clone())?;
             let mut rows = Vec::new();
             for (index, endpoint) in client.endpoints().iter().enumerate() {
-                match client.status_of(index).await {
+                match client.status_of(index, true).await {
                     Ok(s) => rows.push(serde_json::json!({
                         "endpoint": endpoint, "node_id": s.node_id, "role": s.role, "term": s.current_term,
                         "leader_id": s.leader_id, "last_log_index": s.last_log_index,
@@ -294,7 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::Cluster(ClusterCommand::Members { target }) => {
             let (client, _) = cluster_client(&target).await?;
-            let status = client.status_of(0).await?;
+            let status = client.status_of(0, false).await?;
             print_members(&status.members, target.json);
             Ok(())
         }

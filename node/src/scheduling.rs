@@ -29,11 +29,15 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
     // Long enough to cover an election: renewals cannot commit while there is no leader.
     let extension_ms = config.raft.election_timeout_max_ms * 2 + settings.lease_renew_interval_ms;
     let mut extended_in_term: Option<u64> = None;
+    // After a round that assigned work, the next one starts at once: more may be ready.
+    let mut busy = false;
     loop {
+        let pause = if busy { Duration::ZERO } else { Duration::from_millis(settings.interval_ms) };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(settings.interval_ms)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
+        busy = false;
         let (state, term) = {
             let metrics = core.raft.metrics();
             let metrics = metrics.borrow();
@@ -71,6 +75,7 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
             }
         }
         if !plan.is_empty() {
+            busy = true;
             let writes = plan.into_iter().map(|assign| core.write(Command::Task(assign)));
             for result in futures::future::join_all(writes).await {
                 if let Err(error) = result {

@@ -251,6 +251,9 @@ pub struct TaskTable {
     /// only uses slots of nodes seen within a lease time, so a dead node's slots get no work.
     #[serde(default)]
     pub node_seen_ms: BTreeMap<u64, u64>,
+    /// Tasks not yet terminal, kept as a count so the queue bound costs O(1) per submit.
+    #[serde(default)]
+    pub open: usize,
     pub limits: TaskLimits,
 }
 
@@ -313,7 +316,7 @@ pub fn check_spec(spec: &TaskSpec) -> Result<(), TaskRejection> {
 impl TaskTable {
     /// Tasks not yet terminal.
     pub fn open_tasks(&self) -> usize {
-        self.tasks.values().filter(|t| !t.state.is_terminal()).count()
+        self.open
     }
 
     /// Apply one command at `now_ms`; `token` is the fencing token this log position grants.
@@ -382,6 +385,7 @@ impl TaskTable {
                     .ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
                 check_token(task, *presented)?;
                 task.state = TaskState::Completed;
+                self.open -= 1;
                 release(&mut self.slot_holder, task);
                 task.result = Some(result.clone());
                 task.updated_at_ms = now_ms;
@@ -414,6 +418,7 @@ impl TaskTable {
                         continue;
                     }
                     task.state = TaskState::Cancelled;
+                    self.open -= 1;
                     release(&mut self.slot_holder, task);
                     task.cause = Some(format!("cancelled: {reason}"));
                     task.updated_at_ms = now_ms;
@@ -557,6 +562,9 @@ impl TaskTable {
         if let Some(key) = &spec.idempotency_key {
             self.by_idempotency_key.insert(key.clone(), spec.id.clone());
         }
+        if !state.is_terminal() {
+            self.open += 1;
+        }
         self.tasks.insert(
             spec.id.clone(),
             Task {
@@ -598,6 +606,9 @@ impl TaskTable {
 
     fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
         if let Some(task) = self.tasks.get_mut(task_id) {
+            if !task.state.is_terminal() {
+                self.open -= 1;
+            }
             task.state = TaskState::Failed;
             release(&mut self.slot_holder, task);
             task.cause = Some(cause);
@@ -616,6 +627,7 @@ impl TaskTable {
                 continue;
             }
             task.state = TaskState::Failed;
+            self.open -= 1;
             release(&mut self.slot_holder, task);
             task.cause = Some(cause.to_string());
             task.updated_at_ms = now_ms;
