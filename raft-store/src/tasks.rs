@@ -384,11 +384,8 @@ impl TaskTable {
                     .get_mut(task_id)
                     .ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
                 check_token(task, *presented)?;
-                task.state = TaskState::Completed;
-                self.open -= 1;
-                release(&mut self.slot_holder, task);
                 task.result = Some(result.clone());
-                task.updated_at_ms = now_ms;
+                close(&mut self.open, &mut self.slot_holder, task, TaskState::Completed, None, now_ms);
                 self.promote_dependents(now_ms, task_id);
                 Ok(TaskResponse::Completed)
             }
@@ -417,11 +414,8 @@ impl TaskTable {
                     if task.state.is_terminal() {
                         continue;
                     }
-                    task.state = TaskState::Cancelled;
-                    self.open -= 1;
-                    release(&mut self.slot_holder, task);
-                    task.cause = Some(format!("cancelled: {reason}"));
-                    task.updated_at_ms = now_ms;
+                    let cause = Some(format!("cancelled: {reason}"));
+                    close(&mut self.open, &mut self.slot_holder, task, TaskState::Cancelled, cause, now_ms);
                     cancelled.push(next.clone());
                     self.fail_dependents(now_ms, &next, &format!("dependency {next} was cancelled"));
                 }
@@ -605,14 +599,8 @@ impl TaskTable {
     }
 
     fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
-        if let Some(task) = self.tasks.get_mut(task_id) {
-            if !task.state.is_terminal() {
-                self.open -= 1;
-            }
-            task.state = TaskState::Failed;
-            release(&mut self.slot_holder, task);
-            task.cause = Some(cause);
-            task.updated_at_ms = now_ms;
+        if let Some(task) = self.tasks.get_mut(task_id).filter(|t| !t.state.is_terminal()) {
+            close(&mut self.open, &mut self.slot_holder, task, TaskState::Failed, Some(cause), now_ms);
         }
         self.fail_dependents(now_ms, task_id, &format!("dependency {task_id} failed"));
     }
@@ -626,11 +614,7 @@ impl TaskTable {
             if task.state.is_terminal() {
                 continue;
             }
-            task.state = TaskState::Failed;
-            self.open -= 1;
-            release(&mut self.slot_holder, task);
-            task.cause = Some(cause.to_string());
-            task.updated_at_ms = now_ms;
+            close(&mut self.open, &mut self.slot_holder, task, TaskState::Failed, Some(cause.to_string()), now_ms);
             if let Some(more) = self.dependents.get(&next) {
                 stack.extend(more.iter().cloned());
             }
@@ -706,6 +690,26 @@ impl TaskTable {
         }
         Ok(())
     }
+}
+
+/// Move an open `task` to the terminal `state`: end its lease, count it closed, and record
+/// `cause` when one is given.
+fn close(
+    open: &mut usize,
+    slot_holder: &mut BTreeMap<String, TaskId>,
+    task: &mut Task,
+    state: TaskState,
+    cause: Option<String>,
+    now_ms: u64,
+) {
+    debug_assert!(!task.state.is_terminal() && state.is_terminal());
+    release(slot_holder, task);
+    *open = open.saturating_sub(1);
+    task.state = state;
+    if cause.is_some() {
+        task.cause = cause;
+    }
+    task.updated_at_ms = now_ms;
 }
 
 /// End `task`'s lease, if any, and free its slot.
