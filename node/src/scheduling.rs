@@ -115,6 +115,9 @@ async fn run_builtin(input: String) -> Result<String, String> {
     Ok(format!("echo: {input}"))
 }
 
+/// The longest a worker waits before looking at the state again without being woken.
+const WORKER_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
 struct Running {
     token: u64,
     work: JoinHandle<()>,
@@ -126,13 +129,20 @@ pub async fn workers(core: Arc<NodeCore>, config: Config, mut stopped: watch::Re
     let settings = config.scheduler.clone();
     let mut running: BTreeMap<TaskId, Running> = BTreeMap::new();
     let mut last_renewal = tokio::time::Instant::now();
+    // Wake on every change Raft reports (an apply, a new leader), or at least every interval, so
+    // a new lease starts its work as soon as it is applied here.
+    let mut changes = core.raft.metrics();
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        let raft_stopped_reporting = tokio::select! {
+            woken = tokio::time::timeout(WORKER_POLL_INTERVAL, changes.changed()) => matches!(woken, Ok(Err(_))),
             _ = stopped.wait_for(|stop| *stop) => {
                 running.values().for_each(|r| r.work.abort());
                 return;
             }
+        };
+        if raft_stopped_reporting {
+            // Raft no longer reports changes; fall back to the interval.
+            tokio::time::sleep(WORKER_POLL_INTERVAL).await;
         }
         running.retain(|_, r| !r.work.is_finished());
         // What the replicated state says this node should be running.

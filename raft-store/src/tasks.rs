@@ -107,7 +107,8 @@ pub struct Task {
     pub not_before_ms: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
-    pub lease: Option<Lease>,
+    /// Boxed: most tasks are not running, and the box keeps every task record smaller.
+    pub lease: Option<Box<Lease>>,
     pub result: Option<String>,
     /// Why the task (or its last attempt) failed or was cancelled.
     pub cause: Option<String>,
@@ -237,7 +238,8 @@ pub enum TaskRejection {
 /// All tasks and their indexes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTable {
-    pub tasks: BTreeMap<TaskId, Task>,
+    /// Boxed records: a B-tree node then holds small entries, so its slack costs little.
+    pub tasks: BTreeMap<TaskId, Box<Task>>,
     pub by_idempotency_key: BTreeMap<String, TaskId>,
     /// Task → tasks that depend on it.
     pub dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
@@ -354,13 +356,13 @@ impl TaskTable {
                 task.attempt += 1;
                 task.state = TaskState::Running;
                 task.updated_at_ms = now_ms;
-                task.lease = Some(Lease {
+                task.lease = Some(Box::new(Lease {
                     slot: slot.clone(),
                     node_id: *node_id,
                     token,
                     expires_at_ms,
                     attempt_deadline_ms: now_ms.saturating_add(task.spec.timeout_ms),
-                });
+                }));
                 Ok(TaskResponse::Assigned { token, expires_at_ms })
             }
             TaskCommand::Renew { node_id, leases, lease_ms } => {
@@ -518,7 +520,10 @@ impl TaskTable {
     }
 
     fn get_mut(&mut self, task_id: &TaskId) -> Result<&mut Task, TaskRejection> {
-        self.tasks.get_mut(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })
+        self.tasks
+            .get_mut(task_id)
+            .map(|t| &mut **t)
+            .ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })
     }
 
     fn submit(&mut self, now_ms: u64, spec: &TaskSpec) -> Result<TaskResponse, TaskRejection> {
@@ -561,7 +566,7 @@ impl TaskTable {
         }
         self.tasks.insert(
             spec.id.clone(),
-            Task {
+            Box::new(Task {
                 spec: spec.clone(),
                 state,
                 attempt: 0,
@@ -571,7 +576,7 @@ impl TaskTable {
                 lease: None,
                 result: None,
                 cause,
-            },
+            }),
         );
         Ok(TaskResponse::Submitted { task_id: spec.id.clone(), duplicate: false })
     }
