@@ -170,7 +170,7 @@ impl ClusterService for ClusterApi {
         let leader_api_addr = self.core.leader().map(|(_, node)| node.api_addr).unwrap_or_default();
         let (state_hash, cluster_id, last_applied_index, tasks) = {
             let state = self.core.state.read();
-            let mut counts = TaskCounts::default();
+            let mut counts = TaskCounts { queue_limit: state.app.tasks.limits.queue_size as u64, ..Default::default() };
             for task in state.app.tasks.tasks.values() {
                 use maos_raft_store::tasks::TaskState::*;
                 match task.state {

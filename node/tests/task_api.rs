@@ -30,18 +30,22 @@ async fn submits_are_bounded_idempotent_validated_and_cancellable() -> anyhow::R
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
     let mut client = tasks_client(&cluster, follower)?;
 
-    // The configured limit reaches the replicated state shortly after the election.
+    // The leader applies the configured limit shortly after it is elected.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while cluster.status(follower).await?.tasks.map(|t| t.queue_limit) != Some(3) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the configured queue size never applied");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let first = client.submit(unserved(0)).await?.into_inner();
     let again = client.submit(unserved(0)).await?.into_inner();
     assert_eq!((again.task_id.as_str(), again.duplicate), (first.task_id.as_str(), true), "same idempotency key");
-    let deadline = tokio::time::Instant::now() + STEP;
     let mut submitted = 1;
     let refusal = loop {
         match client.submit(unserved(submitted)).await {
             Ok(_) => submitted += 1,
             Err(status) => break status,
         }
-        anyhow::ensure!(submitted <= 3 || tokio::time::Instant::now() < deadline, "the queue bound never applied");
+        anyhow::ensure!(submitted <= 3, "more than 3 open tasks were accepted");
     };
     assert_eq!(refusal.code(), tonic::Code::ResourceExhausted, "{refusal:?}");
     assert!(refusal.message().contains("queue is full"), "{refusal:?}");
