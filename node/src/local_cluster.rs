@@ -63,7 +63,6 @@ impl LocalNode {
 #[derive(Debug)]
 pub struct LocalCluster {
     binary: PathBuf,
-    root: PathBuf,
     options: LocalClusterOptions,
     pub nodes: BTreeMap<u64, LocalNode>,
     /// `--peers` values that replace the planned list for some nodes (to test disagreement).
@@ -94,18 +93,22 @@ impl LocalCluster {
                 },
             );
         }
-        Ok(Self {
-            binary: binary.to_path_buf(),
-            root: root.to_path_buf(),
-            options,
-            nodes,
-            peers_override: BTreeMap::new(),
-        })
+        Ok(Self { binary: binary.to_path_buf(), options, nodes, peers_override: BTreeMap::new() })
     }
 
     /// The `--peers` value naming every planned node.
     pub fn peers_arg(&self) -> String {
-        self.nodes.values().map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr)).collect::<Vec<_>>().join(",")
+        self.peers_arg_except(None)
+    }
+
+    /// The `--peers` value naming every planned node but `excluded`.
+    pub fn peers_arg_except(&self, excluded: Option<u64>) -> String {
+        self.nodes
+            .values()
+            .filter(|n| Some(n.id) != excluded)
+            .map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The options, to change before (re)starting nodes.
@@ -187,11 +190,6 @@ impl LocalCluster {
         for id in ids {
             let _ = self.kill(id);
         }
-    }
-
-    /// Where the cluster keeps its data and logs.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// A client of every node.

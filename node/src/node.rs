@@ -67,11 +67,6 @@ impl RunningNode {
         }
         while self.tasks.join_next().await.is_some() {}
     }
-
-    /// Resolves when a shutdown was requested.
-    pub fn stopped(&self) -> watch::Receiver<bool> {
-        self.stop.subscribe()
-    }
 }
 
 /// openraft settings from the node configuration.

@@ -57,6 +57,20 @@ fn refused(args: &[&str]) -> anyhow::Result<String> {
     }
 }
 
+/// `maos serve` arguments for node `id` on `dir` with fresh loopback ports, then `extra`.
+fn serve_args(id: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut args: Vec<String> = ["--node-id", id, "--data-dir"].map(String::from).to_vec();
+    args.push(dir.to_string_lossy().into_owned());
+    args.extend(["--listen".to_string(), free_loopback_addr()?, "--raft-listen".to_string(), free_loopback_addr()?]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Ok(args)
+}
+
+fn refused_serve(id: &str, dir: &Path, extra: &[&str]) -> anyhow::Result<String> {
+    let args = serve_args(id, dir, extra)?;
+    refused(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 #[test]
 fn a_malformed_peer_address_is_refused_before_anything_is_written() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
@@ -66,7 +80,7 @@ fn a_malformed_peer_address_is_refused_before_anything_is_written() -> anyhow::R
         ("1=127.0.0.1:7001/nohost", "cluster.peers[0].api_addr"),
         ("1=127.0.0.1:7001", "ID=RAFT_ADDR/API_ADDR"),
     ] {
-        let stderr = refused(&["--node-id", "1", "--data-dir", data.to_str().unwrap_or_default(), "--peers", peers])?;
+        let stderr = refused_serve("1", &data, &["--peers", peers])?;
         assert!(stderr.contains(named), "{peers}: error should name {named}: {stderr}");
         assert!(!data.exists(), "{peers}: a refused start must not create the data dir");
     }
@@ -102,77 +116,23 @@ async fn a_colliding_id_or_a_foreign_data_dir_is_refused_and_left_untouched() ->
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "the cluster never recorded its id");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let peers_without = |id: u64| -> String {
-        cluster
-            .nodes
-            .values()
-            .filter(|n| n.id != id)
-            .map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-
     // Node id 2 is a member at another address.
     let fresh = root.path().join("fresh");
-    let (api, raft) = (free_loopback_addr()?, free_loopback_addr()?);
-    let stderr = refused(&[
-        "--node-id",
-        "2",
-        "--data-dir",
-        fresh.to_str().unwrap_or_default(),
-        "--listen",
-        &api,
-        "--raft-listen",
-        &raft,
-        "--peers",
-        &peers_without(2),
-    ])?;
+    let stderr = refused_serve("2", &fresh, &["--peers", &cluster.peers_arg_except(Some(2))])?;
     assert!(stderr.contains("node id 2 is already a member"), "{stderr}");
     assert!(stderr.contains("choose an unused node.id"), "{stderr}");
     assert!(!fresh.exists(), "a refused start must not create the data dir");
 
     // The other cluster's data dir (node 1 there), pointed at this cluster.
     let before = contents(&other_data);
-    let (api, raft) = (free_loopback_addr()?, free_loopback_addr()?);
-    let stderr = refused(&[
-        "--node-id",
-        "1",
-        "--data-dir",
-        other_data.to_str().unwrap_or_default(),
-        "--listen",
-        &api,
-        "--raft-listen",
-        &raft,
-        "--peers",
-        &peers_without(1),
-    ])?;
+    let stderr = refused_serve("1", &other_data, &["--peers", &cluster.peers_arg_except(Some(1))])?;
     assert!(stderr.contains("this data is from another cluster"), "{stderr}");
     assert_eq!(contents(&other_data), before, "a refused start must not change the data dir");
 
     // The same data dir under another cluster name, and under another node id.
-    let stderr = refused(&[
-        "--node-id",
-        "1",
-        "--data-dir",
-        other_data.to_str().unwrap_or_default(),
-        "--cluster-name",
-        "elsewhere",
-        "--listen",
-        &api,
-        "--raft-listen",
-        &raft,
-    ])?;
+    let stderr = refused_serve("1", &other_data, &["--cluster-name", "elsewhere"])?;
     assert!(stderr.contains("belongs to cluster \"maos\""), "{stderr}");
-    let stderr = refused(&[
-        "--node-id",
-        "7",
-        "--data-dir",
-        other_data.to_str().unwrap_or_default(),
-        "--listen",
-        &api,
-        "--raft-listen",
-        &raft,
-    ])?;
+    let stderr = refused_serve("7", &other_data, &[])?;
     assert!(stderr.contains("belongs to node 1"), "{stderr}");
     assert_eq!(contents(&other_data), before, "a refused start must not change the data dir");
     Ok(())
@@ -184,13 +144,7 @@ async fn nodes_started_with_different_peer_lists_do_not_form_a_cluster() -> anyh
     let mut cluster =
         LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), LocalClusterOptions::default())?;
     // Node 3 believes the cluster is nodes 1 and 3 only.
-    let partial = cluster
-        .nodes
-        .values()
-        .filter(|n| n.id != 2)
-        .map(|n| format!("{}={}/{}", n.id, n.raft_addr, n.api_addr))
-        .collect::<Vec<_>>()
-        .join(",");
+    let partial = cluster.peers_arg_except(Some(2));
     cluster.override_peers(3, partial);
     cluster.start_all()?;
     let deadline = tokio::time::Instant::now() + STEP;
