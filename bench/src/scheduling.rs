@@ -33,8 +33,8 @@ pub async fn run(maos: &Path, tasks: usize, slots: usize) -> anyhow::Result<()> 
     let root = tempfile::Builder::new().prefix("maos-bench-sched-").tempdir()?;
     let env = |slots_per_node: usize| {
         vec![
-            ("MAOS_WORKERS_AGENT_TYPES".to_string(), "[bench]".to_string()),
-            ("MAOS_WORKERS_SLOTS_PER_TYPE".to_string(), slots_per_node.to_string()),
+            ("MAOS_AGENTS_TYPES".to_string(), format!("{{bench: {{slots: {slots_per_node}}}}}")),
+            ("MAOS_SYSTEM_MAX_AGENTS".to_string(), slots_per_node.max(1).to_string()),
             ("MAOS_SYSTEM_TASK_QUEUE_SIZE".to_string(), (tasks + 1_000).to_string()),
         ]
     };

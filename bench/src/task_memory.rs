@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                         submitter: format!("submitter-{}", n % 8),
                         labels: BTreeMap::new(),
                         capabilities: BTreeSet::new(),
+                        planner_type: None,
                     },
                 })
             })

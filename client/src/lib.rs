@@ -4,6 +4,8 @@
 //! API's source of truth and any language can generate a client from them.
 //! [`Client`] is the Rust SDK: it knows every endpoint, puts a deadline on every call, and retries
 //! a call that could not reach a working node on the next endpoint.
+//! [`Worker`] runs agents outside the cluster: it registers agent types, receives assignments,
+//! heartbeats its leases and reports with their fencing tokens.
 //!
 //! Must not depend on: `maos-node`, `maos-raft-store`.
 
@@ -12,6 +14,10 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
+
+pub mod worker;
+
+pub use worker::{Worker, WorkerAgentType, WorkerAssignment};
 
 pub mod proto {
     pub mod v1 {
@@ -41,6 +47,9 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The call does not fit the current state: for a worker, its lease is gone (stale token).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     #[error("resource exhausted (retry later): {0}")]
     ResourceExhausted(String),
     #[error("no node could serve the call within {deadline_ms} ms: {last}")]
@@ -52,9 +61,8 @@ pub enum ClientError {
 impl ClientError {
     fn from_status(status: Status) -> Self {
         match status.code() {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                ClientError::InvalidArgument(status.message().to_string())
-            }
+            Code::InvalidArgument | Code::OutOfRange => ClientError::InvalidArgument(status.message().to_string()),
+            Code::FailedPrecondition => ClientError::FailedPrecondition(status.message().to_string()),
             Code::NotFound => ClientError::NotFound(status.message().to_string()),
             Code::ResourceExhausted => ClientError::ResourceExhausted(status.message().to_string()),
             _ => ClientError::Server(status),
@@ -140,7 +148,7 @@ impl Client {
     }
 
     /// Run `call` against one endpoint after another until one answers or the deadline passes.
-    async fn with_failover<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    pub(crate) async fn with_failover<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -180,7 +188,7 @@ impl Client {
     /// Write `key`; returns the revision (log index) of the write.
     pub async fn put(&self, key: &str, value: &str) -> Result<u64, ClientError> {
         self.with_failover(|channel, remaining| async move {
-            let mut request = Request::new(PutRequest { key: key.to_string(), value: value.to_string() });
+            let mut request = Request::new(PutRequest { key: key.to_string(), value: value.to_string(), ttl_ms: 0 });
             request.set_timeout(remaining);
             Ok(KvServiceClient::new(channel).put(request).await?.into_inner().revision)
         })

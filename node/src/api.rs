@@ -1,4 +1,4 @@
-//! The client API on port 8000: key-value and cluster services.
+//! The client API on port 8000: key-value and cluster services, and the mapping of refusals to gRPC codes.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
+use crate::agents::credential::Credentials;
 use crate::config::check_address;
 use crate::core::{CoreError, NodeCore};
 
@@ -20,16 +21,28 @@ const FORWARDED_HEADER: &str = "x-maos-forwarded";
 
 pub fn status_from(error: CoreError) -> Status {
     match error {
-        CoreError::Rejected(
-            rejection @ (Rejection::TooLarge { .. }
-            | Rejection::KeySpaceFull { .. }
-            | Rejection::Task(maos_raft_store::tasks::TaskRejection::QueueFull { .. })),
-        ) => Status::resource_exhausted(rejection.to_string()),
-        CoreError::Rejected(Rejection::Task(rejection @ maos_raft_store::tasks::TaskRejection::UnknownTask { .. })) => {
-            Status::not_found(rejection.to_string())
-        }
-        CoreError::Rejected(rejection) => Status::invalid_argument(rejection.to_string()),
+        CoreError::Rejected(rejection) => status_of_rejection(rejection),
         CoreError::Unavailable { .. } | CoreError::Stopped(_) => Status::unavailable(error.to_string()),
+    }
+}
+
+/// The gRPC code of a refusal: the caller's fix differs by case.
+pub fn status_of_rejection(rejection: Rejection) -> Status {
+    use maos_raft_store::tasks::TaskRejection as T;
+    let message = rejection.to_string();
+    match rejection {
+        Rejection::TooLarge { .. }
+        | Rejection::KeySpaceFull { .. }
+        | Rejection::Task(T::QueueFull { .. } | T::AgentLimit { .. }) => Status::resource_exhausted(message),
+        Rejection::Task(T::UnknownTask { .. } | T::UnknownAgent { .. }) => Status::not_found(message),
+        Rejection::Task(
+            T::StaleToken { .. }
+            | T::WrongState { .. }
+            | T::AgentState { .. }
+            | T::NotYet { .. }
+            | T::SlotUnavailable { .. },
+        ) => Status::failed_precondition(message),
+        _ => Status::invalid_argument(message),
     }
 }
 
@@ -40,19 +53,67 @@ fn unexpected(response: Applied) -> Status {
 /// The key-value service.
 pub struct KvApi {
     pub core: Arc<NodeCore>,
+    pub credentials: Arc<Credentials>,
+}
+
+/// The key prefix an agent's credential may use: its workflow's shared state.
+pub fn workflow_prefix(table: &maos_raft_store::tasks::TaskTable, task_id: &str) -> String {
+    let mut root = task_id.to_string();
+    // Bounded: a parent chain cannot be longer than the table.
+    for _ in 0..table.tasks.len() {
+        match table.tasks.get(&root).and_then(|t| t.spec.parent.clone()) {
+            Some(parent) => root = parent,
+            None => break,
+        }
+    }
+    format!("workflows/{root}/")
+}
+
+fn ttl(ttl_ms: u64) -> Option<u64> {
+    (ttl_ms > 0).then_some(ttl_ms)
+}
+
+impl KvApi {
+    /// A call carrying an agent credential may only touch its workflow's keys, and only while its
+    /// lease is current. Calls without one are clients' (unrestricted until API principals exist).
+    fn check_scope<T>(&self, request: &Request<T>, key: &str) -> Result<(), Status> {
+        let Some(header) = request.metadata().get("authorization") else { return Ok(()) };
+        let credential = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+            Status::unauthenticated("authorization: expected `Bearer <credential>` from the task envelope")
+        })?;
+        let scope = self.credentials.verify(credential.trim()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let current = table.tasks.get(&scope.task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token);
+        if current != Some(scope.token) {
+            return Err(Status::permission_denied(format!(
+                "the credential's lease on task {} is no longer current; this attempt has ended",
+                scope.task_id
+            )));
+        }
+        let prefix = workflow_prefix(table, &scope.task_id);
+        if !key.starts_with(&prefix) {
+            return Err(Status::permission_denied(format!(
+                "key {key:?} is outside this agent's workflow; use keys under {prefix}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
 impl KvService for KvApi {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let PutRequest { key, value } = request.into_inner();
-        match self.core.write(Command::KvPut { key, value }).await.map_err(status_from)? {
+        self.check_scope(&request, &request.get_ref().key)?;
+        let PutRequest { key, value, ttl_ms } = request.into_inner();
+        match self.core.write(Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) }).await.map_err(status_from)? {
             Applied::KvWritten { revision } => Ok(Response::new(PutResponse { revision })),
             other => Err(unexpected(other)),
         }
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.check_scope(&request, &request.get_ref().key)?;
         let GetRequest { key, stale } = request.into_inner();
         if key.is_empty() {
             return Err(Status::invalid_argument("key: must not be empty"));
@@ -62,7 +123,7 @@ impl KvService for KvApi {
         }
         let state = self.core.state.read();
         let applied_index = state.last_applied.map(|id| id.index).unwrap_or(0);
-        Ok(Response::new(match state.app.kv.get(&key) {
+        Ok(Response::new(match state.app.kv_get(&key, (self.core.clock)()) {
             Some(value) => {
                 GetResponse { found: true, value: value.value.clone(), revision: value.revision, applied_index }
             }
@@ -71,6 +132,7 @@ impl KvService for KvApi {
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        self.check_scope(&request, &request.get_ref().key)?;
         let key = request.into_inner().key;
         match self.core.write(Command::KvDelete { key }).await.map_err(status_from)? {
             Applied::KvDeleted { existed } => Ok(Response::new(DeleteResponse { existed })),
@@ -82,8 +144,14 @@ impl KvService for KvApi {
         &self,
         request: Request<CompareAndSetRequest>,
     ) -> Result<Response<CompareAndSetResponse>, Status> {
-        let CompareAndSetRequest { key, expected, value } = request.into_inner();
-        match self.core.write(Command::KvCompareAndSet { key, expected, value }).await.map_err(status_from)? {
+        self.check_scope(&request, &request.get_ref().key)?;
+        let CompareAndSetRequest { key, expected, value, ttl_ms } = request.into_inner();
+        match self
+            .core
+            .write(Command::KvCompareAndSet { key, expected, value, ttl_ms: ttl(ttl_ms) })
+            .await
+            .map_err(status_from)?
+        {
             Applied::KvWritten { revision } => {
                 Ok(Response::new(CompareAndSetResponse { succeeded: true, revision, current: None }))
             }

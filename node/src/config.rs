@@ -23,7 +23,7 @@ pub struct Config {
     pub network: NetworkSection,
     pub raft: RaftSection,
     pub scheduler: SchedulerSection,
-    pub workers: WorkersSection,
+    pub agents: AgentsSection,
     pub task_planner: TaskPlannerSection,
     pub system: SystemSection,
 }
@@ -35,11 +35,20 @@ pub struct TaskPlannerSection {
     pub max_parallel_branches: usize,
     /// Seconds a task may wait on its dependencies before it fails.
     pub dependency_timeout: u64,
+    /// A plan with fewer subtasks than this is not parallelised: its subtasks run one after another.
+    pub parallelization_threshold: usize,
+    /// The agent type that plans tasks submitted for planning.
+    pub planner_type: String,
 }
 
 impl Default for TaskPlannerSection {
     fn default() -> Self {
-        Self { max_parallel_branches: 10, dependency_timeout: 3_600 }
+        Self {
+            max_parallel_branches: 10,
+            dependency_timeout: 3_600,
+            parallelization_threshold: 2,
+            planner_type: "coordinator".into(),
+        }
     }
 }
 
@@ -62,22 +71,141 @@ impl Default for SchedulerSection {
     }
 }
 
-/// In-process builtin workers: this node's agent slots until the agent runtime replaces them.
+/// This node's agent pool: its agent types, their backends and limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct WorkersSection {
-    /// Slots per agent type on this node.
-    pub slots_per_type: u32,
-    pub agent_types: Vec<String>,
+pub struct AgentsSection {
+    pub defaults: AgentDefaults,
+    /// Agent types this node runs, by name.
+    pub types: BTreeMap<String, AgentTypeConfig>,
+    pub claude: ClaudeSection,
 }
 
-impl Default for WorkersSection {
-    fn default() -> Self {
-        Self {
-            slots_per_type: 2,
-            agent_types: ["researcher", "coder", "analyst", "tester", "coordinator"].map(String::from).to_vec(),
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentDefaults {
+    /// Memory one agent process may use (`512MB`, `4GB`, or bytes).
+    pub max_memory: String,
+    /// Seconds one attempt may run.
+    pub timeout: u64,
+    /// Attempts the runtime starts per wake-up, at most (bounds bursts after a failover).
+    pub batch_size: usize,
+}
+
+/// Which runtime runs an agent type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// In-process: echo, sleep, fail-N-times and the demo planner.
+    Builtin,
+    /// A subprocess per attempt: envelope on stdin, result on stdout.
+    Command,
+    /// The Anthropic Messages API.
+    Claude,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Builtin => "builtin",
+            BackendKind::Command => "command",
+            BackendKind::Claude => "claude",
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentTypeConfig {
+    pub backend: BackendKind,
+    /// Agents of this type on this node (each runs one attempt at a time).
+    pub slots: u32,
+    pub capabilities: Vec<String>,
+    /// Overrides `agents.defaults.max_memory`.
+    pub max_memory: Option<String>,
+    /// Overrides `agents.defaults.timeout` (seconds).
+    pub timeout: Option<u64>,
+    /// Environment of a `command` agent (it inherits only PATH, HOME and LANG besides).
+    pub env: BTreeMap<String, String>,
+    /// `command` backend: the program and its arguments.
+    pub command: Vec<String>,
+    /// `claude` backend: the system prompt.
+    pub system_prompt: Option<String>,
+}
+
+impl Default for AgentTypeConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Builtin,
+            slots: 2,
+            capabilities: Vec::new(),
+            max_memory: None,
+            timeout: None,
+            env: BTreeMap::new(),
+            command: Vec::new(),
+            system_prompt: None,
+        }
+    }
+}
+
+/// The `claude` backend's settings. The key comes from `CLAUDE_API_KEY` (or `ANTHROPIC_API_KEY`),
+/// or from `api_key_file`; it is never logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClaudeSection {
+    pub base_url: String,
+    pub model: String,
+    pub max_tokens: u32,
+    pub api_key_file: Option<PathBuf>,
+    /// Seconds one HTTP request may take.
+    pub request_timeout: u64,
+    /// Retries of one attempt's request after 429, 5xx or a timeout.
+    pub max_retries: u32,
+}
+
+impl Default for ClaudeSection {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.anthropic.com".into(),
+            model: "claude-sonnet-4-5".into(),
+            max_tokens: 4_096,
+            api_key_file: None,
+            request_timeout: 120,
+            max_retries: 4,
+        }
+    }
+}
+
+impl Default for AgentDefaults {
+    fn default() -> Self {
+        Self { max_memory: "4GB".into(), timeout: 7_200, batch_size: 10 }
+    }
+}
+
+impl Default for AgentsSection {
+    fn default() -> Self {
+        let types = ["researcher", "coder", "analyst", "tester", "coordinator"]
+            .into_iter()
+            .map(|name| (name.to_string(), AgentTypeConfig::default()))
+            .collect();
+        Self { defaults: AgentDefaults::default(), types, claude: ClaudeSection::default() }
+    }
+}
+
+/// Parse a size: a number of bytes, or a number with KB, MB, GB (powers of 1024; `KiB` etc. too).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 512MB or 4GB"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => return Err(format!("{text:?} has unit {other:?}; use B, KB, MB or GB")),
+    };
+    number.checked_mul(multiplier).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +275,12 @@ pub struct SystemSection {
     pub log_level: String,
     /// Open (not finished) tasks the cluster holds at most; more submits are refused, retryably.
     pub task_queue_size: usize,
+    /// Agents this node runs at most (configured slots plus spawned ones).
+    pub max_agents: usize,
+    /// Agent processes (and model sessions) started per second, at most.
+    pub agent_spawn_rate: u32,
+    /// Seconds between checkpoints an agent is asked for (passed in its envelope).
+    pub checkpoint_interval: u64,
 }
 
 impl Default for NodeSection {
@@ -188,7 +322,13 @@ impl Default for RaftSection {
 
 impl Default for SystemSection {
     fn default() -> Self {
-        Self { log_level: "INFO".into(), task_queue_size: 100_000 }
+        Self {
+            log_level: "INFO".into(),
+            task_queue_size: 100_000,
+            max_agents: 20,
+            agent_spawn_rate: 10,
+            checkpoint_interval: 300,
+        }
     }
 }
 
@@ -272,10 +412,14 @@ pub fn check_address(addr: &str) -> Result<(), String> {
     }
 }
 
-/// The leaf key paths of the configuration, for environment overrides.
+/// The key paths of the configuration (sections and leaves), for environment overrides.
 fn leaf_paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     match value {
         Value::Mapping(map) => {
+            // A whole section or map can be set too (`MAOS_AGENTS_TYPES='{coder: {slots: 2}}'`).
+            if !prefix.is_empty() {
+                out.push(prefix.clone());
+            }
             for (key, child) in map {
                 if let Some(key) = key.as_str() {
                     prefix.push(key.to_string());
@@ -319,6 +463,7 @@ impl Config {
             queue_size: self.system.task_queue_size,
             dependency_timeout_ms: self.task_planner.dependency_timeout.saturating_mul(1_000),
             max_parallel_branches: self.task_planner.max_parallel_branches,
+            parallelization_threshold: self.task_planner.parallelization_threshold,
             ..Default::default()
         }
     }
@@ -359,6 +504,84 @@ impl Config {
             problem(key, e.to_string())
         })?;
         Ok(Loaded { config, unknown_env })
+    }
+
+    /// Check the agent pool settings.
+    fn validate_agents(&self, bad: &mut impl FnMut(&str, String)) {
+        let system = &self.system;
+        if system.max_agents == 0 || system.max_agents > maos_raft_store::tasks::SLOTS_PER_NODE_MAX {
+            bad("system.max_agents", format!("must be in 1..={}", maos_raft_store::tasks::SLOTS_PER_NODE_MAX));
+        }
+        if system.agent_spawn_rate == 0 || system.agent_spawn_rate > 10_000 {
+            bad("system.agent_spawn_rate", "must be in 1..=10000 (spawns per second)".into());
+        }
+        if system.checkpoint_interval == 0 {
+            bad("system.checkpoint_interval", "must be at least 1 (seconds)".into());
+        }
+        let agents = &self.agents;
+        if let Err(e) = parse_bytes(&agents.defaults.max_memory) {
+            bad("agents.defaults.max_memory", e);
+        }
+        if agents.defaults.timeout == 0 {
+            bad("agents.defaults.timeout", "must be at least 1 (seconds)".into());
+        }
+        if agents.defaults.batch_size == 0 {
+            bad("agents.defaults.batch_size", "must be at least 1".into());
+        }
+        let slots: u64 = agents.types.values().map(|t| u64::from(t.slots)).sum();
+        if slots > system.max_agents as u64 {
+            bad(
+                "agents.types",
+                format!(
+                    "{slots} agent slots in all, over system.max_agents ({}); lower slots or raise the limit",
+                    system.max_agents
+                ),
+            );
+        }
+        for (name, agent) in &agents.types {
+            let key = |field: &str| format!("agents.types.{name}.{field}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bad(&format!("agents.types.{name}"), "a type name is 1..=64 characters of A-Z a-z 0-9 - _".into());
+            }
+            if let Some(Err(e)) = agent.max_memory.as_deref().map(parse_bytes) {
+                bad(&key("max_memory"), e);
+            }
+            if agent.timeout == Some(0) {
+                bad(&key("timeout"), "must be at least 1 (seconds)".into());
+            }
+            match agent.backend {
+                BackendKind::Command if agent.command.is_empty() => {
+                    bad(&key("command"), "a command agent needs its program, e.g. [python3, agent.py]".into())
+                }
+                BackendKind::Builtin | BackendKind::Claude if !agent.command.is_empty() => bad(
+                    &key("command"),
+                    format!("only a command agent runs a program; this one is {}", agent.backend.name()),
+                ),
+                _ => {}
+            }
+        }
+        let claude = &agents.claude;
+        if !(claude.base_url.starts_with("https://") || claude.base_url.starts_with("http://")) {
+            bad(
+                "agents.claude.base_url",
+                format!("{:?} must start with https:// (or http:// for a local server)", claude.base_url),
+            );
+        }
+        if claude.model.is_empty() {
+            bad("agents.claude.model", "must name a model".into());
+        }
+        if claude.max_tokens == 0 {
+            bad("agents.claude.max_tokens", "must be at least 1".into());
+        }
+        if claude.request_timeout == 0 {
+            bad("agents.claude.request_timeout", "must be at least 1 (seconds)".into());
+        }
+        if claude.max_retries > 20 {
+            bad("agents.claude.max_retries", "must be at most 20".into());
+        }
     }
 
     /// The API address others use for this node.
@@ -465,16 +688,12 @@ impl Config {
         if scheduler.assignments_max == 0 || scheduler.assignments_max > 100_000 {
             bad("scheduler.assignments_max", "must be in 1..=100000".into());
         }
-        if self.workers.slots_per_type as usize * self.workers.agent_types.len()
-            > maos_raft_store::tasks::SLOTS_PER_NODE_MAX
-        {
-            bad(
-                "workers.slots_per_type",
-                format!("at most {} slots per node", maos_raft_store::tasks::SLOTS_PER_NODE_MAX),
-            );
+        self.validate_agents(&mut bad);
+        if self.task_planner.planner_type.is_empty() || self.task_planner.planner_type.len() > 64 {
+            bad("task_planner.planner_type", "must be 1..=64 bytes".into());
         }
-        if self.workers.agent_types.iter().any(|t| t.is_empty() || t.len() > 64) {
-            bad("workers.agent_types", "each type must be 1..=64 bytes".into());
+        if self.task_planner.parallelization_threshold == 0 {
+            bad("task_planner.parallelization_threshold", "must be at least 1".into());
         }
         if !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&self.system.log_level.to_uppercase().as_str()) {
             bad(
@@ -557,6 +776,17 @@ mod tests {
             ("bad name", |c| c.cluster.name = "my cluster".into(), "cluster.name"),
             ("timeouts", |c| c.raft.election_timeout_max_ms = 10, "raft.election_timeout_max_ms"),
             ("log level", |c| c.system.log_level = "LOUD".into(), "system.log_level"),
+            ("too many agents", |c| c.system.max_agents = 4, "agents.types"),
+            ("memory size", |c| c.agents.defaults.max_memory = "lots".into(), "agents.defaults.max_memory"),
+            (
+                "command without a program",
+                |c| {
+                    let agent = c.agents.types.get_mut("coder").expect("default type");
+                    agent.backend = BackendKind::Command;
+                },
+                "agents.types.coder.command",
+            ),
+            ("planner type", |c| c.task_planner.planner_type = String::new(), "task_planner.planner_type"),
         ];
         for (name, mutate, key) in cases {
             let mut config = Config::default();
@@ -565,6 +795,27 @@ mod tests {
             assert!(error.0.iter().any(|p| p.key == *key), "{name}: {error}");
         }
         Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_whole_maps_come_from_the_environment() {
+        assert_eq!(parse_bytes("4GB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert!(parse_bytes("4 parsecs").is_err());
+        let loaded = Config::load(
+            None,
+            &env(&[
+                ("MAOS_AGENTS_TYPES", "{coder: {slots: 3}, poet: {backend: command, command: [cat]}}"),
+                ("MAOS_AGENTS_DEFAULTS_TIMEOUT", "60"),
+            ]),
+        )
+        .expect("loads");
+        let types = &loaded.config.agents.types;
+        assert_eq!(types.keys().collect::<Vec<_>>(), ["coder", "poet"]);
+        assert_eq!((types["coder"].slots, types["poet"].backend), (3, BackendKind::Command));
+        assert_eq!(loaded.config.agents.defaults.timeout, 60);
+        loaded.config.validate().expect("valid");
     }
 
     #[test]

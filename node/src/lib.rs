@@ -6,8 +6,11 @@
 //! - [`raft_network`], [`raft_service`]: Raft traffic on port 7000 (client and server sides).
 //! - [`core`]: the shared write path (leader stamps time, followers forward) and ReadIndex reads.
 //! - [`proposer`]: batches concurrent commands into one log entry on the leader.
-//! - [`api`], [`task_api`]: the client API on port 8000 (key-value, cluster and task services).
-//! - [`scheduling`]: the leader's scheduling loop and the builtin workers (lease keeping).
+//! - [`api`], [`task_api`], [`agent_api`]: the client API on port 8000 (key-value, cluster, task,
+//!   agent and worker services).
+//! - [`scheduling`]: the leader's scheduling loop.
+//! - [`agents`]: the agent runtime: this node's pool, the builtin, command and claude backends,
+//!   supervision, checkpoints, scoped credentials.
 //! - [`node`]: starting a node, forming the cluster with no coordinator, housekeeping.
 //! - [`data_dir`]: the data directory's identity and the checks made before touching it.
 //! - [`serve`]: `maos serve` on RocksDB; [`local_cluster`]: real local clusters of processes
@@ -15,6 +18,8 @@
 //!
 //! Depends on `maos-raft-store` for the replicated state and `maos-client` for the API types.
 
+pub mod agent_api;
+pub mod agents;
 pub mod api;
 pub mod config;
 pub mod core;

@@ -26,11 +26,16 @@ use crate::proto::{HelloRequest, HelloResponse};
 use crate::raft_network::{Channels, NetworkFactory};
 use crate::raft_service::RaftServer;
 use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
+use maos_client::proto::v1::agent_service_server::AgentServiceServer;
 use maos_client::proto::v1::cluster_service_server::ClusterServiceServer;
 use maos_client::proto::v1::kv_service_server::KvServiceServer;
 use maos_client::proto::v1::task_service_server::TaskServiceServer;
+use maos_client::proto::v1::worker_service_server::WorkerServiceServer;
 
-use crate::scheduling::{leader_loop, workers};
+use crate::agent_api::{AgentApi, WorkerApi};
+use crate::agents::credential::Credentials;
+use crate::agents::{backends, AgentMetrics, AgentRuntime};
+use crate::scheduling::leader_loop;
 use crate::task_api::TaskApi;
 
 /// How often housekeeping checks the cluster identity and this node's registration.
@@ -47,6 +52,8 @@ pub enum StartError {
     RaftConfig(#[from] openraft::ConfigError),
     #[error("Raft could not start: {0}")]
     Raft(String),
+    #[error("agent pool: {0}")]
+    Agents(#[from] crate::agents::RuntimeError),
     #[error("cannot listen on {addr} ({what}): {source}; is another process using the port?")]
     Listen { addr: String, what: &'static str, source: std::io::Error },
 }
@@ -117,6 +124,7 @@ where
     P: SnapshotPersistence,
 {
     let raft_settings = Arc::new(raft_config(config)?);
+    let agent_backends = backends(config)?;
     let peers = formation_peers(config);
     let channels = Channels::new(transport.clone());
     let state = state_machine.handle();
@@ -168,14 +176,20 @@ where
     });
 
     let mut until_stopped = stopped.clone();
-    let kv = KvServiceServer::new(KvApi { core: core.clone() });
+    let credentials = Arc::new(Credentials::generate());
+    let kv = KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone() });
     let cluster = ClusterServiceServer::new(ClusterApi { core: core.clone() });
-    let tasks_service = TaskServiceServer::new(TaskApi { core: core.clone() });
+    let planner_type = config.task_planner.planner_type.clone();
+    let tasks_service = TaskServiceServer::new(TaskApi { core: core.clone(), planner_type });
+    let agents_service = AgentServiceServer::new(AgentApi { core: core.clone(), config: config.clone() });
+    let workers_service = WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone() });
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(kv)
             .add_service(cluster)
             .add_service(tasks_service)
+            .add_service(agents_service)
+            .add_service(workers_service)
             .serve_with_incoming_shutdown(api_incoming, async move {
                 let _ = until_stopped.wait_for(|stop| *stop).await;
             })
@@ -187,7 +201,14 @@ where
 
     tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
     tasks.spawn(leader_loop(core.clone(), config.clone(), stopped.clone()));
-    tasks.spawn(workers(core.clone(), config.clone(), stopped.clone()));
+    let runtime = AgentRuntime {
+        core: core.clone(),
+        config: config.clone(),
+        backends: agent_backends,
+        credentials,
+        metrics: Arc::new(AgentMetrics::default()),
+    };
+    tasks.spawn(runtime.run(stopped.clone()));
     tasks.spawn(housekeeping(
         core.clone(),
         MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },

@@ -1,4 +1,4 @@
-//! The task service on port 8000: submit, get, cancel.
+//! The task service on port 8000: submit (optionally for planning), get, cancel, complete.
 
 use std::sync::Arc;
 
@@ -7,19 +7,24 @@ use maos_client::proto::v1::{
     CancelTaskRequest, CancelTaskResponse, CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest,
     Priority as WirePriority, SubmitTaskRequest, SubmitTaskResponse, TaskState as WireState, TaskView,
 };
-use maos_raft_store::tasks::{Priority, TaskCommand, TaskRejection, TaskResponse, TaskSpec, TaskState};
-use maos_raft_store::{Command, Rejection, Response as Applied};
+use maos_raft_store::tasks::{Priority, TaskCommand, TaskResponse, TaskSpec, TaskState};
+use maos_raft_store::{Command, Response as Applied};
 use tonic::{Request, Response, Status};
 
 use crate::api::status_from;
-use crate::core::{CoreError, NodeCore};
+use crate::core::NodeCore;
 
 /// Attempt timeout when a submit leaves it unset.
 const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
 
 pub struct TaskApi {
     pub core: Arc<NodeCore>,
+    /// The agent type that plans tasks submitted for planning (`task_planner.planner_type`).
+    pub planner_type: String,
 }
+
+/// The task type that is always planned.
+pub const MIXED_TYPE: &str = "mixed";
 
 fn priority_from(wire: i32) -> Result<Priority, Status> {
     match WirePriority::try_from(wire) {
@@ -59,6 +64,7 @@ fn non_empty(value: String) -> Option<String> {
 impl TaskService for TaskApi {
     async fn submit(&self, request: Request<SubmitTaskRequest>) -> Result<Response<SubmitTaskResponse>, Status> {
         let r = request.into_inner();
+        let planner_type = (r.plan || r.task_type == MIXED_TYPE).then(|| self.planner_type.clone());
         let spec = TaskSpec {
             id: uuid::Uuid::now_v7().to_string(),
             task_type: r.task_type,
@@ -73,6 +79,7 @@ impl TaskService for TaskApi {
             submitter: non_empty(r.submitter).unwrap_or_else(|| "anonymous".into()),
             labels: r.labels.into_iter().collect(),
             capabilities: r.capabilities.into_iter().collect(),
+            planner_type,
         };
         match self.core.write(Command::Task(TaskCommand::Submit { spec })).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Submitted { task_id, duplicate }) => {
@@ -109,22 +116,25 @@ impl TaskService for TaskApi {
             depends_on: task.spec.depends_on.clone(),
             parent: task.spec.parent.clone().unwrap_or_default(),
             submitter: task.spec.submitter.clone(),
+            children: state.app.tasks.children.get(&task_id).map(|c| c.iter().cloned().collect()).unwrap_or_default(),
+            planning: task.spec.planner_type.is_some(),
+            expanded: task.expanded,
+            checkpoint: task.checkpoint.as_ref().map(|c| c.data.clone()).unwrap_or_default(),
+            checkpoint_attempt: task.checkpoint.as_ref().map(|c| c.attempt).unwrap_or(0),
+            progress_percent: task.progress.as_ref().map(|p| u32::from(p.percent)).unwrap_or(0),
+            progress_message: task.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default(),
+            input_tokens: task.usage.input_tokens,
+            output_tokens: task.usage.output_tokens,
+            max_retries: task.spec.max_retries,
         }))
     }
 
     async fn complete(&self, request: Request<CompleteTaskRequest>) -> Result<Response<CompleteTaskResponse>, Status> {
         let CompleteTaskRequest { task_id, fencing_token, result } = request.into_inner();
         let command = Command::Task(TaskCommand::Complete { task_id, token: fencing_token, result });
-        match self.core.write(command).await {
-            Ok(Applied::Task(TaskResponse::Completed)) => Ok(Response::new(CompleteTaskResponse {})),
-            Err(CoreError::Rejected(Rejection::Task(
-                rejection @ (TaskRejection::StaleToken { .. } | TaskRejection::WrongState { .. }),
-            ))) => Err(Status::failed_precondition(rejection.to_string())),
-            Err(CoreError::Rejected(Rejection::Task(rejection @ TaskRejection::UnknownTask { .. }))) => {
-                Err(Status::not_found(rejection.to_string()))
-            }
-            Err(error) => Err(status_from(error)),
-            Ok(other) => Err(Status::internal(format!("unexpected result: {other:?}"))),
+        match self.core.write(command).await.map_err(status_from)? {
+            Applied::Task(TaskResponse::Completed) => Ok(Response::new(CompleteTaskResponse {})),
+            other => Err(Status::internal(format!("unexpected result: {other:?}"))),
         }
     }
 

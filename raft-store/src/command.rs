@@ -69,9 +69,24 @@ pub enum Command {
     /// Register (or re-register with new addresses) a node's advertised addresses.
     RegisterNode { node_id: NodeId, raft_addr: String, api_addr: String },
     /// Write a coordination key.
-    KvPut { key: String, value: String },
+    ///
+    /// With `ttl_ms` the key expires that long after the write (shared state); without, it
+    /// stays until deleted.
+    KvPut {
+        key: String,
+        value: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
     /// Write a coordination key only if its current value is `expected` (`None`: absent).
-    KvCompareAndSet { key: String, expected: Option<String>, value: String },
+    /// An expired key counts as absent.
+    KvCompareAndSet {
+        key: String,
+        expected: Option<String>,
+        value: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
     /// Remove a coordination key; removing an absent key is not an error.
     KvDelete { key: String },
     /// A task, lease or scheduling command.
@@ -84,14 +99,18 @@ impl Command {
         match self {
             Command::InitCluster { cluster_id, cluster_name } => cluster_id.len() + cluster_name.len(),
             Command::RegisterNode { raft_addr, api_addr, .. } => raft_addr.len() + api_addr.len(),
-            Command::KvPut { key, value } => key.len() + value.len(),
-            Command::KvCompareAndSet { key, expected, value } => {
+            Command::KvPut { key, value, .. } => key.len() + value.len(),
+            Command::KvCompareAndSet { key, expected, value, .. } => {
                 key.len() + value.len() + expected.as_ref().map_or(0, String::len)
             }
             Command::KvDelete { key } => key.len(),
             Command::Task(TaskCommand::Submit { spec }) => spec.description.len() + spec.input.len(),
             Command::Task(TaskCommand::Complete { result, .. }) => result.len(),
             Command::Task(TaskCommand::Fail { error, .. }) => error.len(),
+            Command::Task(TaskCommand::SaveCheckpoint { data, .. }) => data.len(),
+            Command::Task(TaskCommand::Expand { subtasks, .. }) => {
+                subtasks.iter().map(|s| s.description.len() + s.input.len() + 64).sum()
+            }
             Command::Task(_) => 64,
         }
     }

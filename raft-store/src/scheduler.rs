@@ -12,7 +12,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::tasks::{slot_fits, Priority, TaskCommand, TaskId, TaskState, TaskTable};
+use crate::tasks::{slot_fits, AgentState, Priority, TaskCommand, TaskId, TaskState, TaskTable};
 
 /// One priority's ready tasks: submitter → (creation time, id).
 type BySubmitter<'a> = BTreeMap<&'a str, Vec<(u64, &'a TaskId)>>;
@@ -23,7 +23,10 @@ pub fn plan_assignments(table: &TaskTable, now_ms: u64, assignments_max: usize, 
     // Free slots of live nodes by agent type, in slot id order.
     let mut free: BTreeMap<&str, Vec<(&String, &crate::tasks::Slot)>> = BTreeMap::new();
     for (id, slot) in &table.slots {
-        if !table.slot_holder.contains_key(id) && table.node_alive(slot.node_id, now_ms, lease_ms) {
+        if slot.state == AgentState::Active
+            && !table.slot_holder.contains_key(id)
+            && table.node_alive(slot.node_id, now_ms, lease_ms)
+        {
             free.entry(slot.agent_type.as_str()).or_default().push((id, slot));
         }
     }
@@ -35,7 +38,7 @@ pub fn plan_assignments(table: &TaskTable, now_ms: u64, assignments_max: usize, 
     for (id, task) in &table.tasks {
         if task.state == TaskState::Queued
             && task.not_before_ms <= now_ms
-            && free.contains_key(task.spec.task_type.as_str())
+            && free.contains_key(task.spec.routing_type())
         {
             ready
                 .entry(Reverse(task.spec.priority))
@@ -69,7 +72,7 @@ pub fn plan_assignments(table: &TaskTable, now_ms: u64, assignments_max: usize, 
                 None => true,
             };
             if parent_allows {
-                let candidates = free.get_mut(task.spec.task_type.as_str());
+                let candidates = free.get_mut(task.spec.routing_type());
                 if let Some(candidates) = candidates {
                     if let Some(position) = candidates.iter().position(|(_, slot)| slot_fits(slot, &task.spec)) {
                         let (slot_id, slot) = candidates.remove(position);

@@ -4,7 +4,7 @@
 //! [`Response`], with no clock, randomness or I/O. Ordered maps only, so iteration (and therefore
 //! serialisation and the state hash) is identical on every replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::{EntryPayload, LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,16 @@ pub struct KvValue {
     pub revision: u64,
     /// Leader-stamped time of that write.
     pub updated_at_ms: u64,
+    /// When the key stops existing (shared state with a TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+impl KvValue {
+    /// Whether the key still exists at `now_ms`.
+    pub fn live_at(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_none_or(|at| at > now_ms)
+    }
 }
 
 /// The application part of the state: what the state hash covers.
@@ -51,6 +61,9 @@ pub struct AppState {
     pub kv: BTreeMap<String, KvValue>,
     /// Cluster-wide key-value write counter: every successful write takes the next value.
     pub kv_revision: u64,
+    /// Keys with a TTL by expiry time; `Tick` removes the expired ones.
+    #[serde(default)]
+    pub kv_expiries: BTreeSet<(u64, String)>,
     /// Tasks, leases and their indexes.
     pub tasks: TaskTable,
     /// Highest leader stamp applied so far. Stamps from a new leader whose clock is behind are
@@ -145,6 +158,12 @@ impl StateMachineData {
                 )));
             }
         }
+        let with_ttl = self.app.kv.iter().filter_map(|(key, value)| value.expires_at_ms.map(|at| (at, key)));
+        if !with_ttl.clone().all(|(at, key)| self.app.kv_expiries.contains(&(at, key.clone())))
+            || with_ttl.count() != self.app.kv_expiries.len()
+        {
+            return Err(InvariantViolation("the expiry index disagrees with the keys' TTLs".into()));
+        }
         if self.app.kv.len() > KEYS_MAX {
             return Err(InvariantViolation(format!("{} keys exceed the bound {KEYS_MAX}", self.app.kv.len())));
         }
@@ -210,9 +229,16 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
             check_non_empty("api_addr", api_addr)?;
             check_len("api_addr", api_addr, ADDRESS_BYTES_MAX)
         }
-        Command::KvPut { key, value } | Command::KvCompareAndSet { key, value, .. } => {
+        Command::KvPut { key, value, ttl_ms } | Command::KvCompareAndSet { key, value, ttl_ms, .. } => {
             check_key(key)?;
-            check_len("value", value, VALUE_BYTES_MAX)
+            check_len("value", value, VALUE_BYTES_MAX)?;
+            if ttl_ms.is_some_and(|ttl| ttl == 0 || ttl > TTL_MS_MAX) {
+                return Err(Rejection::InvalidField {
+                    field: "ttl_ms".into(),
+                    message: format!("must be in 1..={TTL_MS_MAX} (30 days)"),
+                });
+            }
+            Ok(())
         }
         Command::KvDelete { key } => check_key(key),
         Command::Task(TaskCommand::Submit { spec }) => Ok(check_spec(spec)?),
@@ -226,11 +252,57 @@ pub fn fencing_token(index: u64, position: usize) -> u64 {
     index.saturating_mul(2048).saturating_add(position as u64)
 }
 
-fn write_kv(app: &mut AppState, key: &str, value: &str, now_ms: u64) -> u64 {
+/// Upper bound on a key's time to live.
+pub const TTL_MS_MAX: u64 = 30 * 24 * 3_600_000;
+
+fn write_kv(app: &mut AppState, key: &str, value: &str, ttl_ms: Option<u64>, now_ms: u64) -> u64 {
     app.kv_revision += 1;
     let revision = app.kv_revision;
-    app.kv.insert(key.to_string(), KvValue { value: value.to_string(), revision, updated_at_ms: now_ms });
+    let expires_at_ms = ttl_ms.map(|ttl| now_ms.saturating_add(ttl));
+    let replaced = app
+        .kv
+        .insert(key.to_string(), KvValue { value: value.to_string(), revision, updated_at_ms: now_ms, expires_at_ms });
+    if let Some(at) = replaced.and_then(|old| old.expires_at_ms) {
+        app.kv_expiries.remove(&(at, key.to_string()));
+    }
+    if let Some(at) = expires_at_ms {
+        app.kv_expiries.insert((at, key.to_string()));
+    }
     revision
+}
+
+fn remove_kv(app: &mut AppState, key: &str) -> bool {
+    match app.kv.remove(key) {
+        Some(old) => {
+            if let Some(at) = old.expires_at_ms {
+                app.kv_expiries.remove(&(at, key.to_string()));
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+impl AppState {
+    /// Whether a key's TTL has run out at `now_ms`, so a `Tick` would remove it.
+    pub fn kv_expiry_due(&self, now_ms: u64) -> bool {
+        self.kv_expiries.first().is_some_and(|(at, _)| *at <= now_ms)
+    }
+
+    /// A key's value if it exists and has not expired at `now_ms`.
+    pub fn kv_get(&self, key: &str, now_ms: u64) -> Option<&KvValue> {
+        self.kv.get(key).filter(|v| v.live_at(now_ms))
+    }
+
+    fn purge_expired_kv(&mut self, now_ms: u64) {
+        while let Some((at, key)) = self.kv_expiries.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            self.kv_expiries.pop_first();
+            self.kv.remove(&key);
+        }
+    }
 }
 
 fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command) -> Result<Response, Rejection> {
@@ -259,20 +331,29 @@ fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command)
             );
             Ok(Response::Applied)
         }
-        Command::KvPut { key, value } => {
+        Command::KvPut { key, value, ttl_ms } => {
             check_room(app, key)?;
-            Ok(Response::KvWritten { revision: write_kv(app, key, value, now_ms) })
+            Ok(Response::KvWritten { revision: write_kv(app, key, value, *ttl_ms, now_ms) })
         }
-        Command::KvCompareAndSet { key, expected, value } => {
-            let current = app.kv.get(key).map(|v| v.value.clone());
+        Command::KvCompareAndSet { key, expected, value, ttl_ms } => {
+            let current = app.kv_get(key, now_ms).map(|v| v.value.clone());
             if current != *expected {
                 return Ok(Response::KvCompareFailed { current });
             }
             check_room(app, key)?;
-            Ok(Response::KvWritten { revision: write_kv(app, key, value, now_ms) })
+            Ok(Response::KvWritten { revision: write_kv(app, key, value, *ttl_ms, now_ms) })
         }
-        Command::KvDelete { key } => Ok(Response::KvDeleted { existed: app.kv.remove(key).is_some() }),
-        Command::Task(command) => Ok(Response::Task(app.tasks.apply(now_ms, token, command)?)),
+        Command::KvDelete { key } => {
+            let existed = app.kv_get(key, now_ms).is_some();
+            remove_kv(app, key);
+            Ok(Response::KvDeleted { existed })
+        }
+        Command::Task(command) => {
+            if matches!(command, TaskCommand::Tick) {
+                app.purge_expired_kv(now_ms);
+            }
+            Ok(Response::Task(app.tasks.apply(now_ms, token, command)?))
+        }
     }
 }
 
@@ -290,11 +371,16 @@ mod tests {
     }
 
     fn put(key: &str, value: &str) -> Command {
-        Command::KvPut { key: key.into(), value: value.into() }
+        Command::KvPut { key: key.into(), value: value.into(), ttl_ms: None }
     }
 
     fn cas(key: &str, expected: Option<&str>, value: &str) -> Command {
-        Command::KvCompareAndSet { key: key.into(), expected: expected.map(Into::into), value: value.into() }
+        Command::KvCompareAndSet {
+            key: key.into(),
+            expected: expected.map(Into::into),
+            value: value.into(),
+            ttl_ms: None,
+        }
     }
 
     fn too_large(field: &str, actual: usize, limit: usize) -> Response {
@@ -492,5 +578,35 @@ mod tests {
         assert_eq!(first.state_hash(), second.state_hash());
         second.apply(&entry(4, 4, put("c", "3"))).expect("current format");
         assert_ne!(first.state_hash(), second.state_hash());
+    }
+
+    #[test]
+    fn keys_with_a_ttl_expire_for_reads_and_compare_and_set_and_tick_removes_them() {
+        let mut state = StateMachineData::default();
+        let shared = Command::KvPut { key: "workflows/w1/notes".into(), value: "v1".into(), ttl_ms: Some(100) };
+        state.apply(&entry(1, 1_000, shared)).expect("current format");
+        state.validate().expect("valid");
+        assert!(state.app.kv_get("workflows/w1/notes", 1_099).is_some());
+        assert!(state.app.kv_get("workflows/w1/notes", 1_100).is_none(), "expired at its TTL");
+        assert!(!state.app.kv_expiry_due(1_099) && state.app.kv_expiry_due(1_100));
+        // An expired key counts as absent for compare-and-set.
+        let claim = Command::KvCompareAndSet {
+            key: "workflows/w1/notes".into(),
+            expected: None,
+            value: "v2".into(),
+            ttl_ms: None,
+        };
+        let responses = state.apply(&entry(2, 1_200, claim)).expect("current format");
+        assert_eq!(responses, vec![Response::KvWritten { revision: 2 }]);
+        state.validate().expect("the expiry index follows the rewrite");
+        assert!(state.app.kv_expiries.is_empty());
+        let short = Command::KvPut { key: "k".into(), value: "x".into(), ttl_ms: Some(10) };
+        state.apply(&entry(3, 1_300, short)).expect("current format");
+        state.apply(&entry(4, 1_400, Command::Task(TaskCommand::Tick))).expect("current format");
+        state.validate().expect("valid after purge");
+        assert!(!state.app.kv.contains_key("k") && state.app.kv.contains_key("workflows/w1/notes"));
+        let zero = Command::KvPut { key: "k".into(), value: "x".into(), ttl_ms: Some(0) };
+        let refused = state.apply(&entry(5, 1_500, zero)).expect("current format");
+        assert!(matches!(&refused[0], Response::Rejected(Rejection::InvalidField { field, .. }) if field == "ttl_ms"));
     }
 }

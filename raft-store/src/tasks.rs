@@ -24,6 +24,20 @@ pub const DEPENDENCIES_MAX: usize = 256;
 pub const LABELS_MAX: usize = 32;
 /// Upper bound on `max_retries`.
 pub const RETRIES_MAX: u32 = 100;
+/// Upper bound on a saved checkpoint, in bytes.
+pub const CHECKPOINT_BYTES_MAX: usize = 64 * 1024;
+/// Upper bound on a progress message, in bytes.
+pub const PROGRESS_MESSAGE_BYTES_MAX: usize = 256;
+/// Upper bound on the subtasks of one plan.
+pub const PLAN_SUBTASKS_MAX: usize = 64;
+/// Upper bound on a plan key (a subtask's name within its plan), in bytes. A child's id is
+/// `<parent id>.<key>`, which stays within the 64-byte id limit.
+pub const PLAN_KEY_BYTES_MAX: usize = 24;
+/// Upper bound on a parent's aggregated result; above it the aggregate names each child's id
+/// and result size instead of carrying the results.
+pub const AGGREGATE_BYTES_MAX: usize = 64 * 1024;
+/// The label that carries a planned child's key.
+pub const PLAN_KEY_LABEL: &str = "maos.plan_key";
 
 /// Scheduling priority; higher runs first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -72,13 +86,98 @@ pub struct TaskSpec {
     /// Capabilities the agent slot must have, beyond matching `task_type`.
     #[serde(default)]
     pub capabilities: BTreeSet<String>,
+    /// Set for a task submitted for planning: it first runs on an agent of this type, whose
+    /// output is a plan of subtasks ([`TaskCommand::Expand`]).
+    #[serde(default)]
+    pub planner_type: Option<String>,
 }
 
-/// One place an agent can run one attempt at a time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+impl TaskSpec {
+    /// The agent type that runs this task's next attempt: the planner's while it awaits a plan.
+    pub fn routing_type(&self) -> &str {
+        self.planner_type.as_deref().unwrap_or(&self.task_type)
+    }
+}
+
+/// An agent's operator-set state. IDLE and BUSY are derived: an active agent is BUSY while a
+/// lease holds its slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AgentState {
+    /// Takes work.
+    #[default]
+    Active,
+    /// Paused: finishes its current attempt, takes no more.
+    Draining,
+    /// Its backend could not start work; takes none until resumed.
+    Failed,
+    /// Removed by an operator; its attempt (if any) was failed and retried elsewhere.
+    Terminated,
+}
+
+/// One agent: a place where one attempt at a time runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
+    /// The holder whose runtime runs this agent: a node id, or an external worker's id
+    /// (at least [`WORKER_ID_MIN`]).
     pub node_id: u64,
     pub agent_type: String,
+    pub capabilities: BTreeSet<String>,
+    /// `builtin`, `command`, `claude` or `external`: shown to operators.
+    #[serde(default)]
+    pub backend: String,
+    #[serde(default)]
+    pub state: AgentState,
+}
+
+impl Slot {
+    /// Whether two registrations describe the same agent (the operator-set state aside).
+    pub fn same_definition(&self, other: &Slot) -> bool {
+        self.node_id == other.node_id
+            && self.agent_type == other.agent_type
+            && self.capabilities == other.capabilities
+            && self.backend == other.backend
+    }
+}
+
+/// Holder ids from here up belong to external workers; node ids stay below.
+pub const WORKER_ID_MIN: u64 = 1 << 62;
+
+/// Tokens an attempt consumed from a model API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The latest state an agent saved; a retried or reassigned attempt starts from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub data: String,
+    /// The attempt that saved it.
+    pub attempt: u32,
+    pub saved_at_ms: u64,
+}
+
+/// What the running attempt last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub percent: u8,
+    pub message: String,
+}
+
+/// One subtask of a plan, named by a key unique within the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedTask {
+    pub key: String,
+    pub task_type: String,
+    pub description: String,
+    #[serde(default)]
+    pub input: String,
+    /// Keys of subtasks of the same plan that must complete first.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
     pub capabilities: BTreeSet<String>,
 }
 
@@ -112,6 +211,17 @@ pub struct Task {
     pub result: Option<String>,
     /// Why the task (or its last attempt) failed or was cancelled.
     pub cause: Option<String>,
+    #[serde(default)]
+    pub checkpoint: Option<Box<Checkpoint>>,
+    #[serde(default)]
+    pub progress: Option<Box<Progress>>,
+    /// Model tokens used by all attempts so far.
+    #[serde(default)]
+    pub usage: TokenUsage,
+    /// Its plan was expanded into children: it waits (PENDING) for them, completes with their
+    /// aggregated results, and fails when one fails.
+    #[serde(default)]
+    pub expanded: bool,
 }
 
 /// Limits every replica applies identically (set through [`TaskCommand::Configure`]).
@@ -123,8 +233,15 @@ pub struct TaskLimits {
     pub dependency_timeout_ms: u64,
     pub retry_backoff_base_ms: u64,
     pub retry_backoff_max_ms: u64,
-    /// Children of one parent running at once, at most.
+    /// Children of one parent running at once, at most; also the widest level a plan may have.
     pub max_parallel_branches: usize,
+    /// A plan with fewer subtasks than this is not run in parallel: its subtasks are chained.
+    #[serde(default = "default_parallelization_threshold")]
+    pub parallelization_threshold: usize,
+}
+
+fn default_parallelization_threshold() -> usize {
+    2
 }
 
 impl Default for TaskLimits {
@@ -135,6 +252,7 @@ impl Default for TaskLimits {
             retry_backoff_base_ms: 1_000,
             retry_backoff_max_ms: 300_000,
             max_parallel_branches: 10,
+            parallelization_threshold: default_parallelization_threshold(),
         }
     }
 }
@@ -192,6 +310,43 @@ pub enum TaskCommand {
         node_id: u64,
         slots: BTreeMap<String, Slot>,
     },
+    /// Save the running attempt's checkpoint (replacing the previous one).
+    SaveCheckpoint {
+        task_id: TaskId,
+        token: u64,
+        data: String,
+    },
+    ReportProgress {
+        task_id: TaskId,
+        token: u64,
+        percent: u8,
+        message: String,
+    },
+    /// Add model tokens the running attempt used.
+    RecordUsage {
+        task_id: TaskId,
+        token: u64,
+        usage: TokenUsage,
+    },
+    /// A planning attempt's output: validate the plan and add its subtasks as children, all
+    /// or nothing. The parent then waits for them.
+    Expand {
+        task_id: TaskId,
+        token: u64,
+        subtasks: Vec<PlannedTask>,
+    },
+    /// An operator's pause (DRAINING), resume (ACTIVE) or terminate of one agent.
+    SetAgentState {
+        agent_id: String,
+        state: AgentState,
+    },
+    /// Add one agent to `node_id`'s pool, like its existing agents of `agent_type`, while the
+    /// node has fewer than `agents_max` agents that are not terminated.
+    AddAgent {
+        node_id: u64,
+        agent_type: String,
+        agents_max: usize,
+    },
 }
 
 /// Results of task commands.
@@ -208,6 +363,12 @@ pub enum TaskResponse {
     Extended { leases: usize },
     Configured,
     SlotsRegistered { slots: usize },
+    CheckpointSaved,
+    ProgressReported,
+    UsageRecorded,
+    Expanded { children: Vec<TaskId>, chained: bool },
+    AgentStateSet { previous: AgentState },
+    AgentAdded { agent_id: String },
 }
 
 /// Why a task command was refused. Nothing changed.
@@ -233,6 +394,12 @@ pub enum TaskRejection {
     NotYet { task_id: TaskId, not_before_ms: u64 },
     #[error("slot {slot} is unknown, busy, or does not fit task {task_id} (type and capabilities)")]
     SlotUnavailable { task_id: TaskId, slot: String },
+    #[error("agent {agent_id} does not exist")]
+    UnknownAgent { agent_id: String },
+    #[error("agent {agent_id} is {state:?}: {message}")]
+    AgentState { agent_id: String, state: AgentState, message: String },
+    #[error("node {node_id} already runs {limit} agents (system.max_agents); terminate one first or raise the limit")]
+    AgentLimit { node_id: u64, limit: usize },
 }
 
 /// All tasks and their indexes.
@@ -257,6 +424,10 @@ pub struct TaskTable {
     #[serde(default)]
     pub open: usize,
     pub limits: TaskLimits,
+    /// Tasks closed by the command being applied; their parents are settled before the command
+    /// returns. Always empty between commands.
+    #[serde(skip)]
+    closed: Vec<TaskId>,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> TaskRejection {
@@ -312,6 +483,9 @@ pub fn check_spec(spec: &TaskSpec) -> Result<(), TaskRejection> {
             return Err(invalid("idempotency_key", "must be 1..=128 bytes"));
         }
     }
+    if spec.planner_type.as_ref().is_some_and(|t| t.is_empty() || t.len() > 64) {
+        return Err(invalid("planner_type", "must be 1..=64 bytes"));
+    }
     Ok(())
 }
 
@@ -323,6 +497,18 @@ impl TaskTable {
 
     /// Apply one command at `now_ms`; `token` is the fencing token this log position grants.
     pub fn apply(&mut self, now_ms: u64, token: u64, command: &TaskCommand) -> Result<TaskResponse, TaskRejection> {
+        debug_assert!(self.closed.is_empty());
+        let response = self.apply_command(now_ms, token, command);
+        // Settle the parents of every task this command closed (which may close them in turn).
+        while let Some(task_id) = self.closed.pop() {
+            if let Some(parent) = self.tasks.get(&task_id).and_then(|t| t.spec.parent.clone()) {
+                self.settle_parent(now_ms, &parent);
+            }
+        }
+        response
+    }
+
+    fn apply_command(&mut self, now_ms: u64, token: u64, command: &TaskCommand) -> Result<TaskResponse, TaskRejection> {
         match command {
             TaskCommand::Submit { spec } => self.submit(now_ms, spec),
             TaskCommand::Assign { task_id, slot, node_id, lease_ms } => {
@@ -355,6 +541,7 @@ impl TaskTable {
                 let expires_at_ms = now_ms.saturating_add(*lease_ms);
                 task.attempt += 1;
                 task.state = TaskState::Running;
+                task.progress = None;
                 task.updated_at_ms = now_ms;
                 task.lease = Some(Box::new(Lease {
                     slot: slot.clone(),
@@ -387,7 +574,15 @@ impl TaskTable {
                     .ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
                 check_token(task, *presented)?;
                 task.result = Some(result.clone());
-                close(&mut self.open, &mut self.slot_holder, task, TaskState::Completed, None, now_ms);
+                close(
+                    &mut self.open,
+                    &mut self.slot_holder,
+                    &mut self.closed,
+                    task,
+                    TaskState::Completed,
+                    None,
+                    now_ms,
+                );
                 self.promote_dependents(now_ms, task_id);
                 Ok(TaskResponse::Completed)
             }
@@ -417,7 +612,15 @@ impl TaskTable {
                         continue;
                     }
                     let cause = Some(format!("cancelled: {reason}"));
-                    close(&mut self.open, &mut self.slot_holder, task, TaskState::Cancelled, cause, now_ms);
+                    close(
+                        &mut self.open,
+                        &mut self.slot_holder,
+                        &mut self.closed,
+                        task,
+                        TaskState::Cancelled,
+                        cause,
+                        now_ms,
+                    );
                     cancelled.push(next.clone());
                     self.fail_dependents(now_ms, &next, &format!("dependency {next} was cancelled"));
                 }
@@ -447,7 +650,7 @@ impl TaskTable {
                 let waited_too_long: Vec<TaskId> = self
                     .tasks
                     .iter()
-                    .filter(|(_, t)| t.state == TaskState::Pending && t.created_at_ms.saturating_add(timeout) <= now_ms)
+                    .filter(|(_, t)| waits_on_dependencies(t) && t.created_at_ms.saturating_add(timeout) <= now_ms)
                     .map(|(id, _)| id.clone())
                     .collect();
                 for task_id in &waited_too_long {
@@ -488,12 +691,227 @@ impl TaskTable {
                         format!("slot {id:?} needs a 1..=128 byte id, node {node_id} and an agent type"),
                     ));
                 }
+                if let Some((id, _)) = slots
+                    .iter()
+                    .find(|(id, _)| self.slots.get(*id).is_some_and(|existing| existing.node_id != *node_id))
+                {
+                    return Err(invalid("slots", format!("slot {id:?} belongs to another holder")));
+                }
                 self.node_seen_ms.insert(*node_id, now_ms);
+                // An operator's pause or termination outlives the node's re-registration.
+                let previous: BTreeMap<String, AgentState> = self
+                    .slots
+                    .iter()
+                    .filter(|(_, slot)| slot.node_id == *node_id)
+                    .map(|(id, slot)| (id.clone(), slot.state))
+                    .collect();
                 self.slots.retain(|_, slot| slot.node_id != *node_id);
-                self.slots.extend(slots.iter().map(|(id, slot)| (id.clone(), slot.clone())));
+                for (id, slot) in slots {
+                    let mut slot = slot.clone();
+                    slot.state = previous.get(id).copied().unwrap_or(slot.state);
+                    self.slots.insert(id.clone(), slot);
+                }
                 Ok(TaskResponse::SlotsRegistered { slots: slots.len() })
             }
+            TaskCommand::SaveCheckpoint { task_id, token: presented, data } => {
+                check_text("checkpoint", data, CHECKPOINT_BYTES_MAX)?;
+                let task = self.get_mut(task_id)?;
+                check_token(task, *presented)?;
+                task.checkpoint =
+                    Some(Box::new(Checkpoint { data: data.clone(), attempt: task.attempt, saved_at_ms: now_ms }));
+                task.updated_at_ms = now_ms;
+                Ok(TaskResponse::CheckpointSaved)
+            }
+            TaskCommand::ReportProgress { task_id, token: presented, percent, message } => {
+                check_text("message", message, PROGRESS_MESSAGE_BYTES_MAX)?;
+                if *percent > 100 {
+                    return Err(invalid("percent", "must be in 0..=100"));
+                }
+                let task = self.get_mut(task_id)?;
+                check_token(task, *presented)?;
+                task.progress = Some(Box::new(Progress { percent: *percent, message: message.clone() }));
+                Ok(TaskResponse::ProgressReported)
+            }
+            TaskCommand::RecordUsage { task_id, token: presented, usage } => {
+                let task = self.get_mut(task_id)?;
+                check_token(task, *presented)?;
+                task.usage.input_tokens = task.usage.input_tokens.saturating_add(usage.input_tokens);
+                task.usage.output_tokens = task.usage.output_tokens.saturating_add(usage.output_tokens);
+                Ok(TaskResponse::UsageRecorded)
+            }
+            TaskCommand::Expand { task_id, token: presented, subtasks } => {
+                self.expand(now_ms, task_id, *presented, subtasks)
+            }
+            TaskCommand::SetAgentState { agent_id, state } => {
+                let slot = self
+                    .slots
+                    .get_mut(agent_id)
+                    .ok_or_else(|| TaskRejection::UnknownAgent { agent_id: agent_id.clone() })?;
+                let previous = slot.state;
+                if previous == AgentState::Terminated {
+                    return Err(TaskRejection::AgentState {
+                        agent_id: agent_id.clone(),
+                        state: previous,
+                        message: "a terminated agent stays terminated; spawn a new one".into(),
+                    });
+                }
+                slot.state = *state;
+                if *state == AgentState::Terminated {
+                    if let Some(task_id) = self.slot_holder.get(agent_id).cloned() {
+                        self.fail_attempt(now_ms, &task_id, &format!("agent {agent_id} was terminated"), true);
+                    }
+                }
+                Ok(TaskResponse::AgentStateSet { previous })
+            }
+            TaskCommand::AddAgent { node_id, agent_type, agents_max } => {
+                let live = self.slots.values().filter(|s| s.node_id == *node_id && s.state != AgentState::Terminated);
+                if live.count() >= *agents_max {
+                    return Err(TaskRejection::AgentLimit { node_id: *node_id, limit: *agents_max });
+                }
+                let (model_id, model) = self
+                    .slots
+                    .iter()
+                    .find(|(_, s)| s.node_id == *node_id && s.agent_type == *agent_type)
+                    .ok_or_else(|| {
+                        invalid("agent_type", format!("node {node_id} runs no agent of type {agent_type:?}; spawn a type it is configured for"))
+                    })?;
+                let prefix = match model_id.rsplit_once('/') {
+                    Some((prefix, _)) => prefix.to_string(),
+                    None => model_id.clone(),
+                };
+                let agent_id = (0..=self.slots.len())
+                    .map(|i| format!("{prefix}/{i}"))
+                    .find(|id| !self.slots.contains_key(id))
+                    .unwrap_or_else(|| format!("{prefix}/{}", self.slots.len() + 1));
+                let slot = Slot { state: AgentState::Active, ..model.clone() };
+                self.slots.insert(agent_id.clone(), slot);
+                Ok(TaskResponse::AgentAdded { agent_id })
+            }
         }
+    }
+
+    /// Validate a plan and add its subtasks as children of `task_id`, or change nothing.
+    fn expand(
+        &mut self,
+        now_ms: u64,
+        task_id: &TaskId,
+        presented: u64,
+        subtasks: &[PlannedTask],
+    ) -> Result<TaskResponse, TaskRejection> {
+        let parent = self.tasks.get(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
+        check_token(parent, presented)?;
+        if parent.spec.planner_type.is_none() {
+            return Err(invalid("plan", format!("task {task_id} was not submitted for planning")));
+        }
+        let order = check_plan(subtasks, self.limits.max_parallel_branches)?;
+        if self.open + subtasks.len() > self.limits.queue_size {
+            return Err(TaskRejection::QueueFull { limit: self.limits.queue_size });
+        }
+        // Below the threshold the plan is not parallelised: each subtask waits for the previous.
+        let chained = subtasks.len() < self.limits.parallelization_threshold;
+        let child_id = |key: &str| format!("{task_id}.{key}");
+        let mut specs = Vec::with_capacity(subtasks.len());
+        let mut previous: Option<TaskId> = None;
+        for &i in &order {
+            let planned = &subtasks[i];
+            let mut depends_on: Vec<TaskId> = planned.depends_on.iter().map(|k| child_id(k)).collect();
+            if let Some(previous) = previous.as_ref().filter(|p| chained && !depends_on.contains(p)) {
+                depends_on.push(previous.clone());
+            }
+            let spec = TaskSpec {
+                id: child_id(&planned.key),
+                task_type: planned.task_type.clone(),
+                priority: parent.spec.priority,
+                description: planned.description.clone(),
+                input: planned.input.clone(),
+                depends_on,
+                parent: Some(task_id.clone()),
+                max_retries: parent.spec.max_retries,
+                timeout_ms: parent.spec.timeout_ms,
+                idempotency_key: None,
+                submitter: parent.spec.submitter.clone(),
+                labels: BTreeMap::from([(PLAN_KEY_LABEL.to_string(), planned.key.clone())]),
+                capabilities: planned.capabilities.clone(),
+                planner_type: None,
+            };
+            check_spec(&spec).map_err(|rejection| match rejection {
+                TaskRejection::InvalidSpec { field, message } => {
+                    invalid(&format!("plan.subtasks[{}].{field}", planned.key), message)
+                }
+                other => other,
+            })?;
+            if self.tasks.contains_key(&spec.id) {
+                return Err(TaskRejection::DuplicateId { task_id: spec.id });
+            }
+            previous = Some(spec.id.clone());
+            specs.push(spec);
+        }
+        // Everything is checked; from here nothing can be refused.
+        if let Some(parent) = self.tasks.get_mut(task_id) {
+            release(&mut self.slot_holder, parent);
+            parent.state = TaskState::Pending;
+            parent.expanded = true;
+            parent.updated_at_ms = now_ms;
+        }
+        let mut children = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let submitted = self.submit(now_ms, &spec);
+            debug_assert!(submitted.is_ok(), "{submitted:?}");
+            children.push(spec.id);
+        }
+        Ok(TaskResponse::Expanded { children, chained })
+    }
+
+    /// An expanded parent completes when all its children have, with their results aggregated,
+    /// and fails (cancelling the rest) when one fails or is cancelled.
+    fn settle_parent(&mut self, now_ms: u64, parent_id: &TaskId) {
+        let Some(parent) = self.tasks.get(parent_id) else { return };
+        if !parent.expanded || parent.state != TaskState::Pending {
+            return;
+        }
+        let children: Vec<TaskId> =
+            self.children.get(parent_id).map(|c| c.iter().cloned().collect()).unwrap_or_default();
+        let mut all_completed = true;
+        for child_id in &children {
+            let Some(child) = self.tasks.get(child_id) else { continue };
+            match child.state {
+                TaskState::Completed => {}
+                TaskState::Failed | TaskState::Cancelled => {
+                    let cause = format!(
+                        "subtask {} ({child_id}) {}: {}",
+                        plan_key(child),
+                        if child.state == TaskState::Failed { "failed" } else { "was cancelled" },
+                        child.cause.as_deref().unwrap_or("no cause recorded")
+                    );
+                    for sibling in &children {
+                        if let Some(task) = self.tasks.get_mut(sibling).filter(|t| !t.state.is_terminal()) {
+                            let why = Some(format!("cancelled: sibling subtask {child_id} did not complete"));
+                            close(
+                                &mut self.open,
+                                &mut self.slot_holder,
+                                &mut self.closed,
+                                task,
+                                TaskState::Cancelled,
+                                why,
+                                now_ms,
+                            );
+                        }
+                    }
+                    self.finish_failed(now_ms, parent_id, cause);
+                    return;
+                }
+                _ => all_completed = false,
+            }
+        }
+        if !all_completed {
+            return;
+        }
+        let result = aggregate(children.iter().filter_map(|id| self.tasks.get(id)).map(|t| &**t));
+        if let Some(parent) = self.tasks.get_mut(parent_id) {
+            parent.result = Some(result);
+            close(&mut self.open, &mut self.slot_holder, &mut self.closed, parent, TaskState::Completed, None, now_ms);
+        }
+        self.promote_dependents(now_ms, parent_id);
     }
 
     /// Whether a [`TaskCommand::Tick`] at `now_ms` would change anything: a lease or attempt has
@@ -502,7 +920,7 @@ impl TaskTable {
         let timeout = self.limits.dependency_timeout_ms;
         self.tasks.values().any(|t| match &t.lease {
             Some(lease) => lease.expires_at_ms <= now_ms || lease.attempt_deadline_ms <= now_ms,
-            None => t.state == TaskState::Pending && t.created_at_ms.saturating_add(timeout) <= now_ms,
+            None => waits_on_dependencies(t) && t.created_at_ms.saturating_add(timeout) <= now_ms,
         })
     }
 
@@ -576,6 +994,10 @@ impl TaskTable {
                 lease: None,
                 result: None,
                 cause,
+                checkpoint: None,
+                progress: None,
+                usage: TokenUsage::default(),
+                expanded: false,
             }),
         );
         Ok(TaskResponse::Submitted { task_id: spec.id.clone(), duplicate: false })
@@ -605,7 +1027,15 @@ impl TaskTable {
 
     fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
         if let Some(task) = self.tasks.get_mut(task_id).filter(|t| !t.state.is_terminal()) {
-            close(&mut self.open, &mut self.slot_holder, task, TaskState::Failed, Some(cause), now_ms);
+            close(
+                &mut self.open,
+                &mut self.slot_holder,
+                &mut self.closed,
+                task,
+                TaskState::Failed,
+                Some(cause),
+                now_ms,
+            );
         }
         self.fail_dependents(now_ms, task_id, &format!("dependency {task_id} failed"));
     }
@@ -619,7 +1049,15 @@ impl TaskTable {
             if task.state.is_terminal() {
                 continue;
             }
-            close(&mut self.open, &mut self.slot_holder, task, TaskState::Failed, Some(cause.to_string()), now_ms);
+            close(
+                &mut self.open,
+                &mut self.slot_holder,
+                &mut self.closed,
+                task,
+                TaskState::Failed,
+                Some(cause.to_string()),
+                now_ms,
+            );
             if let Some(more) = self.dependents.get(&next) {
                 stack.extend(more.iter().cloned());
             }
@@ -671,6 +1109,12 @@ impl TaskTable {
                     return Err(format!("task {id} is {:?} before its dependency {d} completed", task.state));
                 }
             }
+            if task.expanded && self.children.get(id).is_none_or(BTreeSet::is_empty) {
+                return Err(format!("task {id} is expanded but has no children"));
+            }
+            if task.checkpoint.as_ref().is_some_and(|c| c.data.len() > CHECKPOINT_BYTES_MAX) {
+                return Err(format!("task {id} holds a checkpoint over {CHECKPOINT_BYTES_MAX} bytes"));
+            }
             for dependency in &task.spec.depends_on {
                 if !self.dependents.get(dependency).is_some_and(|d| d.contains(id)) {
                     return Err(format!("dependency index misses {dependency} -> {id}"));
@@ -702,6 +1146,7 @@ impl TaskTable {
 fn close(
     open: &mut usize,
     slot_holder: &mut BTreeMap<String, TaskId>,
+    closed: &mut Vec<TaskId>,
     task: &mut Task,
     state: TaskState,
     cause: Option<String>,
@@ -710,6 +1155,7 @@ fn close(
     debug_assert!(!task.state.is_terminal() && state.is_terminal());
     release(slot_holder, task);
     *open = open.saturating_sub(1);
+    closed.push(task.spec.id.clone());
     task.state = state;
     if cause.is_some() {
         task.cause = cause;
@@ -724,9 +1170,111 @@ fn release(slot_holder: &mut BTreeMap<String, TaskId>, task: &mut Task) {
     }
 }
 
-/// Whether `slot` can run `spec`: same type, and every capability the task needs.
+/// Whether `slot` can run `spec` now: an active agent of the type the task needs next, with
+/// every capability the task needs.
 pub fn slot_fits(slot: &Slot, spec: &TaskSpec) -> bool {
-    slot.agent_type == spec.task_type && spec.capabilities.is_subset(&slot.capabilities)
+    slot.state == AgentState::Active
+        && slot.agent_type == spec.routing_type()
+        && spec.capabilities.is_subset(&slot.capabilities)
+}
+
+/// A PENDING task waiting on its dependencies (not an expanded parent waiting on children).
+fn waits_on_dependencies(task: &Task) -> bool {
+    task.state == TaskState::Pending && !task.expanded
+}
+
+fn plan_key(task: &Task) -> &str {
+    task.spec.labels.get(PLAN_KEY_LABEL).map(String::as_str).unwrap_or(&task.spec.id)
+}
+
+/// The children's results as one JSON object by plan key (a result that is JSON stays JSON).
+/// Past [`AGGREGATE_BYTES_MAX`] each entry names the child and its result size instead.
+fn aggregate<'a>(children: impl Iterator<Item = &'a Task> + Clone) -> String {
+    let value_of = |result: &str| {
+        serde_json::from_str::<serde_json::Value>(result).unwrap_or_else(|_| serde_json::Value::String(result.into()))
+    };
+    let full: serde_json::Map<String, serde_json::Value> = children
+        .clone()
+        .map(|t| (plan_key(t).to_string(), value_of(t.result.as_deref().unwrap_or_default())))
+        .collect();
+    let text = serde_json::Value::Object(full).to_string();
+    if text.len() <= AGGREGATE_BYTES_MAX {
+        return text;
+    }
+    let summary: serde_json::Map<String, serde_json::Value> = children
+        .map(|t| {
+            let bytes = t.result.as_ref().map_or(0, String::len);
+            (plan_key(t).to_string(), serde_json::json!({ "task_id": t.spec.id, "result_bytes": bytes }))
+        })
+        .collect();
+    serde_json::Value::Object(summary).to_string()
+}
+
+/// Check a plan on its own: size, keys, dependencies inside the plan, no cycle, and no level
+/// wider than `branches_max`. Returns the subtasks' indexes in dependency order.
+pub fn check_plan(subtasks: &[PlannedTask], branches_max: usize) -> Result<Vec<usize>, TaskRejection> {
+    if subtasks.is_empty() || subtasks.len() > PLAN_SUBTASKS_MAX {
+        return Err(invalid(
+            "plan.subtasks",
+            format!("{} subtasks; a plan has 1..={PLAN_SUBTASKS_MAX}", subtasks.len()),
+        ));
+    }
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, planned) in subtasks.iter().enumerate() {
+        let key = planned.key.as_str();
+        if key.is_empty()
+            || key.len() > PLAN_KEY_BYTES_MAX
+            || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "plan.subtasks.key",
+                format!("{key:?} must be 1..={PLAN_KEY_BYTES_MAX} characters of A-Z a-z 0-9 - _"),
+            ));
+        }
+        if index.insert(key, i).is_some() {
+            return Err(invalid("plan.subtasks.key", format!("{key:?} is used twice")));
+        }
+    }
+    for planned in subtasks {
+        if let Some(missing) = planned.depends_on.iter().find(|d| !index.contains_key(d.as_str())) {
+            return Err(invalid(
+                &format!("plan.subtasks[{}].depends_on", planned.key),
+                format!("{missing:?} is not a key of this plan"),
+            ));
+        }
+    }
+    // Kahn's algorithm, level by level: a level is what can run at once.
+    let mut remaining: Vec<usize> = subtasks.iter().map(|p| p.depends_on.len()).collect();
+    let mut level: Vec<usize> = (0..subtasks.len()).filter(|&i| remaining[i] == 0).collect();
+    let mut order = Vec::with_capacity(subtasks.len());
+    while !level.is_empty() {
+        if level.len() > branches_max {
+            return Err(invalid(
+                "plan.subtasks",
+                format!(
+                    "{} subtasks could run at once, over task_planner.max_parallel_branches ({branches_max})",
+                    level.len()
+                ),
+            ));
+        }
+        order.extend(&level);
+        let mut next = Vec::new();
+        for (i, planned) in subtasks.iter().enumerate() {
+            if remaining[i] == 0 {
+                continue;
+            }
+            let done = planned.depends_on.iter().filter(|d| level.iter().any(|&l| subtasks[l].key == **d)).count();
+            remaining[i] -= done;
+            if remaining[i] == 0 {
+                next.push(i);
+            }
+        }
+        level = next;
+    }
+    if order.len() != subtasks.len() {
+        return Err(invalid("plan.subtasks.depends_on", "the plan has a dependency cycle"));
+    }
+    Ok(order)
 }
 
 fn expect_state(task: &Task, expected: TaskState) -> Result<(), TaskRejection> {

@@ -16,7 +16,7 @@ fn put(term: u64, index: u64, key: &str, value: &str) -> Entry {
         log_id: log_id(term, index),
         payload: EntryPayload::Normal(Request::new(
             1_000 + index,
-            vec![Command::KvPut { key: key.into(), value: value.into() }],
+            vec![Command::KvPut { key: key.into(), value: value.into(), ttl_ms: None }],
         )),
     }
 }

@@ -8,7 +8,12 @@ use maos_raft_store::scheduler::plan_assignments;
 use maos_raft_store::tasks::{Priority, Slot, TaskCommand, TaskLimits, TaskSpec, TaskTable};
 
 fn slot(node_id: u64, agent_type: &str, capabilities: &[&str]) -> Slot {
-    Slot { node_id, agent_type: agent_type.into(), capabilities: capabilities.iter().map(|c| c.to_string()).collect() }
+    Slot {
+        node_id,
+        agent_type: agent_type.into(),
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        ..Slot::default()
+    }
 }
 
 fn spec(id: &str, submitter: &str, priority: Priority) -> TaskSpec {
@@ -26,6 +31,7 @@ fn spec(id: &str, submitter: &str, priority: Priority) -> TaskSpec {
         submitter: submitter.into(),
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
+        planner_type: None,
     }
 }
 

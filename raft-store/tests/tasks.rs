@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use maos_raft_store::state::fencing_token;
 use maos_raft_store::tasks::{
-    Priority, Slot, TaskCommand, TaskLimits, TaskRejection, TaskResponse, TaskSpec, TaskState,
+    AgentState, PlannedTask, Priority, Slot, TaskCommand, TaskLimits, TaskRejection, TaskResponse, TaskSpec, TaskState,
+    TokenUsage,
 };
 use maos_raft_store::{Command, Entry, Rejection, Request, Response, StateMachineData};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
@@ -28,7 +29,7 @@ impl Replica {
             .map(|n| n.to_string())
             .chain((0..24).map(|i| format!("t{i}")))
             .map(|name| {
-                let slot = Slot { node_id: 1, agent_type: "coder".into(), capabilities: BTreeSet::new() };
+                let slot = Slot { node_id: 1, agent_type: "coder".into(), ..Slot::default() };
                 (format!("n1/coder/{name}"), slot)
             })
             .collect();
@@ -79,6 +80,7 @@ fn spec(id: &str) -> TaskSpec {
         submitter: "alice".into(),
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
+        planner_type: None,
     }
 }
 
@@ -337,9 +339,12 @@ fn random_command_sequences_keep_the_invariants_on_every_replica() {
             now += rng.gen_range(0..400);
             let id = format!("t{}", rng.gen_range(0..24));
             let other = format!("t{}", rng.gen_range(0..24));
-            let command = match rng.gen_range(0..9) {
+            let command = match rng.gen_range(0..12) {
                 0 | 1 => {
                     let mut s = spec(&id);
+                    if rng.gen_bool(0.2) {
+                        s.planner_type = Some("coder".into());
+                    }
                     s.max_retries = rng.gen_range(0..3);
                     s.timeout_ms = rng.gen_range(200..3_000);
                     if rng.gen_bool(0.4) {
@@ -368,6 +373,29 @@ fn random_command_sequences_keep_the_invariants_on_every_replica() {
                 }
                 6 => TaskCommand::Cancel { task_id: id.clone(), reason: "random".into() },
                 7 => TaskCommand::Tick,
+                8 => {
+                    let (task, token) =
+                        tokens.get(rng.gen_range(0..tokens.len().max(1))).cloned().unwrap_or((id.clone(), 0));
+                    let width = rng.gen_range(1..4);
+                    let subtasks = (0..width)
+                        .map(|k| PlannedTask {
+                            depends_on: if k > 0 && rng.gen_bool(0.5) { vec![format!("k{}", k - 1)] } else { vec![] },
+                            ..planned(&format!("k{k}"), &[])
+                        })
+                        .collect();
+                    TaskCommand::Expand { task_id: task, token, subtasks }
+                }
+                9 => {
+                    let (task, token) =
+                        tokens.get(rng.gen_range(0..tokens.len().max(1))).cloned().unwrap_or((id.clone(), 0));
+                    TaskCommand::SaveCheckpoint { task_id: task, token, data: format!("step {step}") }
+                }
+                10 => {
+                    let state = [AgentState::Active, AgentState::Draining, AgentState::Terminated][rng.gen_range(0..3)];
+                    let state =
+                        if state == AgentState::Terminated && rng.gen_bool(0.8) { AgentState::Active } else { state };
+                    TaskCommand::SetAgentState { agent_id: format!("n1/coder/{id}"), state }
+                }
                 _ => TaskCommand::ExtendLeases { by_ms: rng.gen_range(0..1_000) },
             };
             let a = first.apply(now, command.clone());
@@ -417,4 +445,219 @@ fn task_commands_and_results_survive_serialization() {
         let back: Command = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
         assert_eq!(back, command);
     }
+}
+
+fn planned(key: &str, depends_on: &[&str]) -> PlannedTask {
+    PlannedTask {
+        key: key.into(),
+        task_type: "coder".into(),
+        description: format!("subtask {key}"),
+        input: String::new(),
+        depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+        capabilities: BTreeSet::new(),
+    }
+}
+
+/// Submit `id` for planning and lease it; returns the planning attempt's token.
+fn planning_task(r: &mut Replica, id: &str) -> u64 {
+    let mut s = spec(id);
+    s.planner_type = Some("coder".into());
+    s.task_type = "mixed".into();
+    r.apply(0, submit(s)).expect("submit for planning");
+    match r.apply(0, assign(id)) {
+        Ok(TaskResponse::Assigned { token, .. }) => token,
+        other => panic!("a planning task goes to an agent of the planner's type: {other:?}"),
+    }
+}
+
+fn assign_to(r: &mut Replica, id: &str, slot: &str) -> u64 {
+    let command =
+        TaskCommand::Assign { task_id: id.into(), slot: format!("n1/coder/{slot}"), node_id: 1, lease_ms: 10_000 };
+    match r.apply(0, command) {
+        Ok(TaskResponse::Assigned { token, .. }) => token,
+        other => panic!("assign {id}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_plan_expands_into_children_and_the_parent_aggregates_their_results() {
+    let mut r = Replica::new();
+    let token = planning_task(&mut r, "parent");
+    let plan = vec![planned("left", &[]), planned("right", &[]), planned("merge", &["left", "right"])];
+    let expanded = r.apply(10, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: plan });
+    let Ok(TaskResponse::Expanded { children, chained: false }) = expanded else { panic!("{expanded:?}") };
+    assert_eq!(children.len(), 3);
+    let parent = &r.state.app.tasks.tasks["parent"];
+    assert_eq!((parent.state, parent.expanded, parent.lease.is_none()), (TaskState::Pending, true, true));
+    assert_eq!(r.state_of("parent.left"), TaskState::Queued);
+    assert_eq!(r.state_of("parent.merge"), TaskState::Pending);
+    // The parent's old token is spent: a second plan or a completion is refused.
+    assert!(matches!(r.apply(10, complete("parent", token)), Err(TaskRejection::StaleToken { .. })));
+    let left = assign_to(&mut r, "parent.left", "a");
+    let right = assign_to(&mut r, "parent.right", "b");
+    r.apply(20, TaskCommand::Complete { task_id: "parent.left".into(), token: left, result: r#"{"n":1}"#.into() })
+        .expect("left");
+    r.apply(20, TaskCommand::Complete { task_id: "parent.right".into(), token: right, result: "plain".into() })
+        .expect("right");
+    assert_eq!(r.state_of("parent.merge"), TaskState::Queued);
+    assert_eq!(r.state_of("parent"), TaskState::Pending);
+    let merge = assign_to(&mut r, "parent.merge", "c");
+    r.apply(30, complete("parent.merge", merge)).expect("merge");
+    let parent = &r.state.app.tasks.tasks["parent"];
+    assert_eq!(parent.state, TaskState::Completed);
+    let result: serde_json::Value = serde_json::from_str(parent.result.as_deref().unwrap_or_default()).expect("json");
+    assert_eq!(result, serde_json::json!({"left": {"n": 1}, "right": "plain", "merge": "done"}));
+    assert_eq!(r.state.app.tasks.open_tasks(), 0);
+}
+
+#[test]
+fn a_failed_child_fails_the_parent_and_cancels_its_siblings() {
+    let mut r = Replica::new();
+    let token = planning_task(&mut r, "parent");
+    let plan = vec![planned("left", &[]), planned("right", &[])];
+    r.apply(0, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: plan }).expect("expand");
+    let left = assign_to(&mut r, "parent.left", "a");
+    assign_to(&mut r, "parent.right", "b");
+    r.apply(5, fail("parent.left", left, false)).expect("left fails for good");
+    let parent = &r.state.app.tasks.tasks["parent"];
+    assert_eq!(parent.state, TaskState::Failed);
+    assert!(parent.cause.as_deref().unwrap_or_default().contains("subtask left"), "{:?}", parent.cause);
+    assert_eq!(r.state_of("parent.right"), TaskState::Cancelled);
+    assert!(r.state.app.tasks.slot_holder.is_empty(), "the sibling's lease was revoked");
+}
+
+#[test]
+fn bad_plans_are_refused_whole() {
+    let mut r = Replica::new();
+    r.apply(0, TaskCommand::Configure { limits: TaskLimits { max_parallel_branches: 2, ..TaskLimits::default() } })
+        .expect("configure");
+    let token = planning_task(&mut r, "parent");
+    type Case = (&'static str, Vec<PlannedTask>, &'static str);
+    let cases: Vec<Case> = vec![
+        ("empty", vec![], "plan.subtasks"),
+        ("cycle", vec![planned("x", &["y"]), planned("y", &["x"])], "plan.subtasks.depends_on"),
+        ("unknown key", vec![planned("x", &["nope"])], "plan.subtasks[x].depends_on"),
+        ("duplicate key", vec![planned("x", &[]), planned("x", &[])], "plan.subtasks.key"),
+        ("bad key", vec![planned("has space", &[])], "plan.subtasks.key"),
+        ("too wide", vec![planned("x", &[]), planned("y", &[]), planned("z", &[])], "plan.subtasks"),
+        (
+            "empty description",
+            vec![PlannedTask { description: String::new(), ..planned("x", &[]) }],
+            "plan.subtasks[x].description",
+        ),
+    ];
+    for (name, subtasks, field) in cases {
+        let refused = r.apply(0, TaskCommand::Expand { task_id: "parent".into(), token, subtasks });
+        match refused {
+            Err(TaskRejection::InvalidSpec { field: named, .. }) => assert_eq!(named, field, "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // A task that was not submitted for planning cannot be expanded.
+    r.apply(0, submit(spec("a"))).expect("submit");
+    let plain = assign_to(&mut r, "a", "a");
+    let refused =
+        r.apply(0, TaskCommand::Expand { task_id: "a".into(), token: plain, subtasks: vec![planned("x", &[])] });
+    assert!(matches!(refused, Err(TaskRejection::InvalidSpec { field, .. }) if field == "plan"));
+    // Two levels of two fit within two branches.
+    let fits = vec![planned("w", &[]), planned("x", &[]), planned("y", &["w"]), planned("z", &["x"])];
+    r.apply(0, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: fits })
+        .expect("a plan within the limits");
+}
+
+#[test]
+fn a_plan_below_the_parallelization_threshold_runs_as_a_chain() {
+    let mut r = Replica::new();
+    let limits = TaskLimits { parallelization_threshold: 3, ..TaskLimits::default() };
+    r.apply(0, TaskCommand::Configure { limits }).expect("configure");
+    let token = planning_task(&mut r, "parent");
+    let plan = vec![planned("x", &[]), planned("y", &[])];
+    let expanded = r.apply(0, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: plan });
+    assert!(matches!(expanded, Ok(TaskResponse::Expanded { chained: true, .. })), "{expanded:?}");
+    assert_eq!(r.state_of("parent.x"), TaskState::Queued);
+    assert_eq!(r.state_of("parent.y"), TaskState::Pending, "the second waits for the first");
+}
+
+#[test]
+fn checkpoints_progress_and_usage_need_the_current_token_and_survive_a_retry() {
+    let mut r = Replica::new();
+    r.apply(0, submit(spec("a"))).expect("submit");
+    let token = assign_to(&mut r, "a", "a");
+    let save = |token, data: &str| TaskCommand::SaveCheckpoint { task_id: "a".into(), token, data: data.into() };
+    assert_eq!(r.apply(1, save(token, "step 1")), Ok(TaskResponse::CheckpointSaved));
+    assert!(matches!(r.apply(1, save(token + 1, "forged")), Err(TaskRejection::StaleToken { .. })));
+    let too_big = "x".repeat(64 * 1024 + 1);
+    assert!(
+        matches!(r.apply(1, save(token, &too_big)), Err(TaskRejection::InvalidSpec { field, .. }) if field == "checkpoint")
+    );
+    let progress = TaskCommand::ReportProgress { task_id: "a".into(), token, percent: 40, message: "reading".into() };
+    assert_eq!(r.apply(2, progress), Ok(TaskResponse::ProgressReported));
+    let bad = TaskCommand::ReportProgress { task_id: "a".into(), token, percent: 101, message: String::new() };
+    assert!(r.apply(2, bad).is_err());
+    let usage = TokenUsage { input_tokens: 10, output_tokens: 5 };
+    assert_eq!(
+        r.apply(2, TaskCommand::RecordUsage { task_id: "a".into(), token, usage }),
+        Ok(TaskResponse::UsageRecorded)
+    );
+    // The attempt crashes; the retry keeps the checkpoint (and the usage so far).
+    r.apply(3, fail("a", token, true)).expect("fail");
+    let retry = TaskCommand::Assign { task_id: "a".into(), slot: "n1/coder/b".into(), node_id: 1, lease_ms: 10_000 };
+    let Ok(TaskResponse::Assigned { token: second, .. }) = r.apply(5_000, retry) else { panic!("retry") };
+    let task = &r.state.app.tasks.tasks["a"];
+    assert_eq!(task.attempt, 2);
+    assert_eq!(task.checkpoint.as_ref().map(|c| (c.data.as_str(), c.attempt)), Some(("step 1", 1)));
+    assert!(task.progress.is_none(), "progress is per attempt");
+    assert_eq!(task.usage.output_tokens, 5);
+    assert!(matches!(r.apply(5_001, save(token, "stale")), Err(TaskRejection::StaleToken { .. })));
+    r.apply(5_001, save(second, "step 2")).expect("the new attempt saves");
+}
+
+#[test]
+fn paused_agents_take_no_work_terminated_ones_give_theirs_back() {
+    let mut r = Replica::new();
+    let set = |agent: &str, state| TaskCommand::SetAgentState { agent_id: format!("n1/coder/{agent}"), state };
+    r.apply(0, submit(spec("a"))).expect("submit");
+    assert_eq!(
+        r.apply(0, set("a", AgentState::Draining)),
+        Ok(TaskResponse::AgentStateSet { previous: AgentState::Active })
+    );
+    assert!(matches!(r.apply(0, assign("a")), Err(TaskRejection::SlotUnavailable { .. })));
+    let plan = maos_raft_store::scheduler::plan_assignments(&r.state.app.tasks, 0, 10, 10_000);
+    assert!(plan.iter().all(|c| !matches!(c, TaskCommand::Assign { slot, .. } if slot == "n1/coder/a")));
+    r.apply(0, set("a", AgentState::Active)).expect("resume");
+    let token = assign_to(&mut r, "a", "a");
+    // Draining keeps the running attempt.
+    r.apply(1, set("a", AgentState::Draining)).expect("pause");
+    assert_eq!(r.state_of("a"), TaskState::Running);
+    // Terminating gives it back: the attempt fails (retryable) and the slot is freed.
+    r.apply(2, set("a", AgentState::Terminated)).expect("terminate");
+    let task = &r.state.app.tasks.tasks["a"];
+    assert_eq!((task.state, task.cause.as_deref()), (TaskState::Queued, Some("agent n1/coder/a was terminated")));
+    assert!(matches!(r.apply(3, complete("a", token)), Err(TaskRejection::StaleToken { .. })));
+    assert!(matches!(r.apply(3, set("a", AgentState::Active)), Err(TaskRejection::AgentState { .. })));
+    assert!(matches!(r.apply(3, set("nope", AgentState::Active)), Err(TaskRejection::UnknownAgent { .. })));
+    // A node re-registering its pool does not undo an operator's choice.
+    let slots = r
+        .state
+        .app
+        .tasks
+        .slots
+        .iter()
+        .map(|(id, s)| (id.clone(), Slot { state: AgentState::Active, ..s.clone() }))
+        .collect();
+    r.apply(4, TaskCommand::RegisterSlots { node_id: 1, slots }).expect("re-register");
+    assert_eq!(r.state.app.tasks.slots["n1/coder/a"].state, AgentState::Terminated);
+}
+
+#[test]
+fn spawned_agents_copy_their_type_and_respect_the_node_limit() {
+    let mut r = Replica::new();
+    let live = r.state.app.tasks.slots.len();
+    let add = |agents_max| TaskCommand::AddAgent { node_id: 1, agent_type: "coder".into(), agents_max };
+    let Ok(TaskResponse::AgentAdded { agent_id }) = r.apply(0, add(live + 1)) else { panic!("add") };
+    assert!(agent_id.starts_with("n1/coder/"), "{agent_id}");
+    assert_eq!(r.state.app.tasks.slots[&agent_id].agent_type, "coder");
+    assert!(matches!(r.apply(0, add(live + 1)), Err(TaskRejection::AgentLimit { limit, .. }) if limit == live + 1));
+    let unknown = TaskCommand::AddAgent { node_id: 1, agent_type: "poet".into(), agents_max: 1_000 };
+    assert!(matches!(r.apply(0, unknown), Err(TaskRejection::InvalidSpec { field, .. }) if field == "agent_type"));
 }

@@ -16,8 +16,7 @@ pub fn options() -> LocalClusterOptions {
     let env = [
         ("MAOS_SCHEDULER_LEASE_MS", "3000"),
         ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS", "500"),
-        ("MAOS_WORKERS_AGENT_TYPES", "[coder]"),
-        ("MAOS_WORKERS_SLOTS_PER_TYPE", "2"),
+        ("MAOS_AGENTS_TYPES", "{coder: {slots: 2}}"),
     ];
     LocalClusterOptions { env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() }
 }
@@ -73,4 +72,12 @@ pub async fn wait_all(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The `output` of a builtin agent's JSON result.
+pub fn output_of(result: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(result)
+        .ok()
+        .and_then(|v| v["output"].as_str().map(String::from))
+        .unwrap_or_else(|| format!("<not a builtin result: {result}>"))
 }

@@ -1,0 +1,285 @@
+//! External workers: agents that run outside the cluster, under the same leases and fencing.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), maos_client::ClientError> {
+//! use maos_client::{Client, Worker, WorkerAgentType};
+//! let client = Client::new(["127.0.0.1:8000", "127.0.0.1:8001"])?;
+//! let worker = Worker::register(client, "scraper-1", vec![WorkerAgentType::new("scraper", 4)]).await?;
+//! worker
+//!     .run(|assignment| async move { Ok(format!("scraped {}", assignment.input)) })
+//!     .await
+//! # }
+//! ```
+//!
+//! [`Worker::run`] keeps one assignment stream open (reconnecting through any endpoint),
+//! heartbeats every lease it holds once per interval (the heartbeat is also its liveness: a worker
+//! that stops loses its leases, and its tasks are leased again elsewhere), runs each assignment's
+//! handler, and completes or fails it with the lease's token. A lease reported lost stops its
+//! handler.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tonic::Request;
+
+use crate::proto::v1::worker_service_client::WorkerServiceClient;
+use crate::proto::v1::{
+    Assignment, AssignmentsRequest, HeartbeatRequest, LeaseRef, RegisterWorkerRequest, ReportProgressRequest,
+    SaveCheckpointRequest, WorkerCompleteRequest, WorkerFailRequest,
+};
+use crate::{Client, ClientError};
+
+pub use crate::proto::v1::Assignment as WorkerAssignment;
+
+/// Pause before reopening a broken assignment stream.
+const STREAM_RETRY: Duration = Duration::from_millis(200);
+
+/// One agent type a worker serves.
+#[derive(Debug, Clone)]
+pub struct WorkerAgentType {
+    pub agent_type: String,
+    pub capabilities: Vec<String>,
+    /// Attempts of this type run at once.
+    pub slots: u32,
+}
+
+impl WorkerAgentType {
+    pub fn new(agent_type: &str, slots: u32) -> Self {
+        Self { agent_type: agent_type.into(), capabilities: Vec::new(), slots }
+    }
+}
+
+/// A registered external worker.
+pub struct Worker {
+    client: Arc<Client>,
+    worker_id: u64,
+    heartbeat_interval: Duration,
+}
+
+/// Leases the worker holds: task → (token, handler).
+type Held = Arc<Mutex<BTreeMap<String, (u64, JoinHandle<()>)>>>;
+
+impl Worker {
+    /// Register `name` (stable across restarts) serving `agent_types`.
+    pub async fn register(client: Client, name: &str, agent_types: Vec<WorkerAgentType>) -> Result<Self, ClientError> {
+        let request = RegisterWorkerRequest {
+            name: name.to_string(),
+            agent_types: agent_types
+                .into_iter()
+                .map(|t| crate::proto::v1::WorkerAgentType {
+                    agent_type: t.agent_type,
+                    capabilities: t.capabilities,
+                    slots: t.slots,
+                })
+                .collect(),
+        };
+        let response = client
+            .with_failover(|channel, remaining| {
+                let mut request = Request::new(request.clone());
+                request.set_timeout(remaining);
+                async move { Ok(WorkerServiceClient::new(channel).register(request).await?.into_inner()) }
+            })
+            .await?;
+        Ok(Self {
+            client: Arc::new(client),
+            worker_id: response.worker_id,
+            heartbeat_interval: Duration::from_millis(response.heartbeat_interval_ms.max(1)),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.worker_id
+    }
+
+    /// Renew `leases` (task id, token); returns the tasks whose lease is gone.
+    pub async fn heartbeat(&self, leases: &[(String, u64)]) -> Result<Vec<String>, ClientError> {
+        let request = HeartbeatRequest {
+            worker_id: self.worker_id,
+            leases: leases
+                .iter()
+                .map(|(task_id, token)| LeaseRef { task_id: task_id.clone(), fencing_token: *token })
+                .collect(),
+        };
+        heartbeat(&self.client, request).await
+    }
+
+    /// Report progress of an attempt.
+    pub async fn report_progress(
+        &self,
+        task_id: &str,
+        token: u64,
+        percent: u32,
+        message: &str,
+    ) -> Result<(), ClientError> {
+        let request =
+            ReportProgressRequest { task_id: task_id.into(), fencing_token: token, percent, message: message.into() };
+        self.client
+            .with_failover(|channel, remaining| {
+                let mut request = Request::new(request.clone());
+                request.set_timeout(remaining);
+                async move { WorkerServiceClient::new(channel).report_progress(request).await.map(|_| ()) }
+            })
+            .await
+    }
+
+    /// Save an attempt's checkpoint: a retried attempt receives it.
+    pub async fn save_checkpoint(&self, task_id: &str, token: u64, data: &str) -> Result<(), ClientError> {
+        let request = SaveCheckpointRequest { task_id: task_id.into(), fencing_token: token, data: data.into() };
+        self.client
+            .with_failover(|channel, remaining| {
+                let mut request = Request::new(request.clone());
+                request.set_timeout(remaining);
+                async move { WorkerServiceClient::new(channel).save_checkpoint(request).await.map(|_| ()) }
+            })
+            .await
+    }
+
+    /// Run assignments with `handler` until the worker cannot reach the cluster within a call
+    /// deadline. `Ok(result)` completes the task, `Err(error)` fails the attempt (retryably).
+    pub async fn run<F, Fut>(self, handler: F) -> Result<(), ClientError>
+    where
+        F: Fn(Assignment) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let held: Held = Arc::default();
+        let beat =
+            tokio::spawn(heartbeat_loop(self.client.clone(), self.worker_id, self.heartbeat_interval, held.clone()));
+        let outcome = self.receive(handler, held.clone()).await;
+        beat.abort();
+        for (_, (_, work)) in std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner())) {
+            work.abort();
+        }
+        outcome
+    }
+
+    async fn receive<F, Fut>(&self, handler: Arc<F>, held: Held) -> Result<(), ClientError>
+    where
+        F: Fn(Assignment) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        let endpoints = self.client.endpoints().len();
+        let mut failures = 0usize;
+        let mut index = 0usize;
+        loop {
+            let Some(channel) = self.client.channel(index % endpoints) else { return Err(ClientError::NoEndpoints) };
+            let stream =
+                WorkerServiceClient::new(channel).assignments(AssignmentsRequest { worker_id: self.worker_id }).await;
+            let mut stream = match stream {
+                Ok(stream) => stream.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    return Err(ClientError::NotFound(status.message().into()))
+                }
+                Err(status) => {
+                    failures += 1;
+                    if failures > crate::ATTEMPTS_MAX {
+                        return Err(ClientError::Unavailable { deadline_ms: 0, last: status.message().into() });
+                    }
+                    index += 1;
+                    tokio::time::sleep(STREAM_RETRY).await;
+                    continue;
+                }
+            };
+            failures = 0;
+            loop {
+                match stream.message().await {
+                    Ok(Some(assignment)) => self.start(assignment, handler.clone(), held.clone()),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            index += 1;
+            tokio::time::sleep(STREAM_RETRY).await;
+        }
+    }
+
+    fn start<F, Fut>(&self, assignment: Assignment, handler: Arc<F>, held: Held)
+    where
+        F: Fn(Assignment) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        let (task_id, token) = (assignment.task_id.clone(), assignment.fencing_token);
+        let client = self.client.clone();
+        let done = held.clone();
+        let id = task_id.clone();
+        let work = tokio::spawn(async move {
+            let outcome = handler(assignment).await;
+            let reported = client
+                .with_failover(|channel, remaining| {
+                    let outcome = outcome.clone();
+                    let id = id.clone();
+                    async move {
+                        let mut service = WorkerServiceClient::new(channel);
+                        match outcome {
+                            Ok(result) => {
+                                let mut request = Request::new(WorkerCompleteRequest {
+                                    task_id: id,
+                                    fencing_token: token,
+                                    result,
+                                    ..Default::default()
+                                });
+                                request.set_timeout(remaining);
+                                service.complete(request).await.map(|_| ())
+                            }
+                            Err(error) => {
+                                let mut request = Request::new(WorkerFailRequest {
+                                    task_id: id,
+                                    fencing_token: token,
+                                    error,
+                                    retryable: true,
+                                });
+                                request.set_timeout(remaining);
+                                service.fail(request).await.map(|_| ())
+                            }
+                        }
+                    }
+                })
+                .await;
+            if let Err(error) = reported {
+                tracing::warn!(task_id = %id, token, %error, "reporting the outcome failed; the lease will expire and the task retry");
+            }
+            done.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        });
+        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, old)) = held.insert(task_id, (token, work)) {
+            old.abort();
+        }
+    }
+}
+
+async fn heartbeat(client: &Client, request: HeartbeatRequest) -> Result<Vec<String>, ClientError> {
+    client
+        .with_failover(|channel, remaining| {
+            let mut request = Request::new(request.clone());
+            request.set_timeout(remaining);
+            async move { Ok(WorkerServiceClient::new(channel).heartbeat(request).await?.into_inner().lost) }
+        })
+        .await
+}
+
+async fn heartbeat_loop(client: Arc<Client>, worker_id: u64, interval: Duration, held: Held) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let leases: Vec<LeaseRef> = held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(task_id, (token, _))| LeaseRef { task_id: task_id.clone(), fencing_token: *token })
+            .collect();
+        match heartbeat(&client, HeartbeatRequest { worker_id, leases }).await {
+            Ok(lost) => {
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                for task_id in lost {
+                    if let Some((_, work)) = held.remove(&task_id) {
+                        tracing::info!(task_id = %task_id, "lease lost; stopping the handler");
+                        work.abort();
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "heartbeat failed; retrying next interval"),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The agent and worker services on port 8000.
+//!
+//! `AgentService` lists and changes agent pools (spawn, pause, resume, terminate) through Raft.
+//! `WorkerService` serves external workers: a worker's agents are slots registered under its own
+//! holder id (at least `WORKER_ID_MIN`, derived from its name), its heartbeat is the same batched
+//! `Renew` a node sends, and every report carries the lease's fencing token.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use maos_client::proto::v1::agent_service_server::AgentService;
+use maos_client::proto::v1::worker_service_server::WorkerService;
+use maos_client::proto::v1::{
+    AgentRequest, AgentState as WireAgentState, AgentView, Assignment, AssignmentsRequest, HeartbeatRequest,
+    HeartbeatResponse, ListAgentsRequest, ListAgentsResponse, RegisterWorkerRequest, RegisterWorkerResponse,
+    ReportProgressRequest, SaveCheckpointRequest, SpawnAgentRequest, SubmitPlanRequest, SubmitPlanResponse, WorkerAck,
+    WorkerCompleteRequest, WorkerFailRequest,
+};
+use maos_raft_store::tasks::{
+    AgentState, PlannedTask, Slot, TaskCommand, TaskId, TaskResponse, TaskTable, TokenUsage, WORKER_ID_MIN,
+};
+use maos_raft_store::{Command, Response as Applied};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::agents::envelope::ApiAccess;
+use crate::agents::envelope_for;
+use crate::api::status_from;
+use crate::config::Config;
+use crate::core::NodeCore;
+
+/// Agent types one worker registers, at most.
+const WORKER_TYPES_MAX: usize = 16;
+/// Slots of one type one worker registers, at most.
+const WORKER_SLOTS_MAX: u32 = 64;
+/// Assignments queued on one stream before the sender waits for the worker to read.
+const STREAM_QUEUE: usize = 16;
+/// The longest a stream waits before looking at the state again without being woken.
+const STREAM_POLL: Duration = Duration::from_millis(50);
+
+pub struct AgentApi {
+    pub core: Arc<NodeCore>,
+    pub config: Config,
+}
+
+fn wire_state(table: &TaskTable, agent_id: &str, slot: &Slot) -> WireAgentState {
+    match slot.state {
+        AgentState::Active if table.slot_holder.contains_key(agent_id) => WireAgentState::Busy,
+        AgentState::Active => WireAgentState::Idle,
+        AgentState::Draining => WireAgentState::Draining,
+        AgentState::Failed => WireAgentState::Failed,
+        AgentState::Terminated => WireAgentState::Terminated,
+    }
+}
+
+fn view(table: &TaskTable, agent_id: &str, slot: &Slot) -> AgentView {
+    AgentView {
+        agent_id: agent_id.to_string(),
+        node_id: slot.node_id,
+        agent_type: slot.agent_type.clone(),
+        backend: slot.backend.clone(),
+        capabilities: slot.capabilities.iter().cloned().collect(),
+        state: wire_state(table, agent_id, slot) as i32,
+        task_id: table.slot_holder.get(agent_id).cloned().unwrap_or_default(),
+    }
+}
+
+impl AgentApi {
+    async fn agent_view(&self, agent_id: &str) -> Result<Response<AgentView>, Status> {
+        self.core.read_barrier().await.map_err(status_from)?;
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let slot = table
+            .slots
+            .get(agent_id)
+            .ok_or_else(|| Status::not_found(format!("agent_id: {agent_id:?} does not exist")))?;
+        Ok(Response::new(view(table, agent_id, slot)))
+    }
+
+    async fn set_state(&self, agent_id: String, state: AgentState) -> Result<Response<AgentView>, Status> {
+        if agent_id.is_empty() {
+            return Err(Status::invalid_argument("agent_id: must name an agent (see `maos agent list`)"));
+        }
+        let command = TaskCommand::SetAgentState { agent_id: agent_id.clone(), state };
+        self.core.write(Command::Task(command)).await.map_err(status_from)?;
+        self.agent_view(&agent_id).await
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn list(&self, request: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
+        let node_id = request.into_inner().node_id;
+        self.core.read_barrier().await.map_err(status_from)?;
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let agents: Vec<AgentView> = table
+            .slots
+            .iter()
+            .filter(|(_, slot)| node_id == 0 || slot.node_id == node_id)
+            .map(|(id, slot)| view(table, id, slot))
+            .collect();
+        let active = agents.iter().filter(|a| a.state == WireAgentState::Busy as i32).count() as u64;
+        let total = agents.iter().filter(|a| a.state != WireAgentState::Terminated as i32).count() as u64;
+        Ok(Response::new(ListAgentsResponse { agents, active, total }))
+    }
+
+    async fn spawn(&self, request: Request<SpawnAgentRequest>) -> Result<Response<AgentView>, Status> {
+        let SpawnAgentRequest { node_id, agent_type } = request.into_inner();
+        let node_id = if node_id == 0 { self.core.id } else { node_id };
+        if node_id >= WORKER_ID_MIN {
+            return Err(Status::invalid_argument(
+                "node_id: an external worker registers its own agents; spawn on a node",
+            ));
+        }
+        if agent_type.is_empty() {
+            return Err(Status::invalid_argument("agent_type: must name a type the node runs"));
+        }
+        let command = TaskCommand::AddAgent { node_id, agent_type, agents_max: self.config.system.max_agents };
+        match self.core.write(Command::Task(command)).await.map_err(status_from)? {
+            Applied::Task(TaskResponse::AgentAdded { agent_id }) => self.agent_view(&agent_id).await,
+            other => Err(Status::internal(format!("unexpected result: {other:?}"))),
+        }
+    }
+
+    async fn pause(&self, request: Request<AgentRequest>) -> Result<Response<AgentView>, Status> {
+        self.set_state(request.into_inner().agent_id, AgentState::Draining).await
+    }
+
+    async fn resume(&self, request: Request<AgentRequest>) -> Result<Response<AgentView>, Status> {
+        self.set_state(request.into_inner().agent_id, AgentState::Active).await
+    }
+
+    async fn terminate(&self, request: Request<AgentRequest>) -> Result<Response<AgentView>, Status> {
+        self.set_state(request.into_inner().agent_id, AgentState::Terminated).await
+    }
+}
+
+pub struct WorkerApi {
+    pub core: Arc<NodeCore>,
+    pub config: Config,
+}
+
+/// A worker's holder id: stable for its name, and never a node id.
+pub fn worker_id(name: &str) -> u64 {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    WORKER_ID_MIN | (u64::from_be_bytes(bytes) & (WORKER_ID_MIN - 1))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn check_worker(table: &TaskTable, worker_id: u64) -> Result<(), Status> {
+    if worker_id < WORKER_ID_MIN || !table.slots.values().any(|s| s.node_id == worker_id) {
+        return Err(Status::not_found(format!(
+            "worker_id: {worker_id} is not a registered worker; call Register first"
+        )));
+    }
+    Ok(())
+}
+
+impl WorkerApi {
+    async fn apply(&self, command: TaskCommand) -> Result<Applied, Status> {
+        self.core.write(Command::Task(command)).await.map_err(status_from)
+    }
+}
+
+type AssignmentStream = Pin<Box<dyn Stream<Item = Result<Assignment, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let RegisterWorkerRequest { name, agent_types } = request.into_inner();
+        if !valid_name(&name) {
+            return Err(Status::invalid_argument("name: 1..=64 characters of A-Z a-z 0-9 - _ ."));
+        }
+        if agent_types.is_empty() || agent_types.len() > WORKER_TYPES_MAX {
+            return Err(Status::invalid_argument(format!("agent_types: a worker serves 1..={WORKER_TYPES_MAX} types")));
+        }
+        let worker_id = worker_id(&name);
+        let mut slots = BTreeMap::new();
+        for (i, agent) in agent_types.iter().enumerate() {
+            if !valid_name(&agent.agent_type) {
+                return Err(Status::invalid_argument(format!(
+                    "agent_types[{i}].agent_type: 1..=64 characters of A-Z a-z 0-9 - _ ."
+                )));
+            }
+            if agent.slots == 0 || agent.slots > WORKER_SLOTS_MAX {
+                return Err(Status::invalid_argument(format!(
+                    "agent_types[{i}].slots: must be in 1..={WORKER_SLOTS_MAX}"
+                )));
+            }
+            for n in 0..agent.slots {
+                let slot = Slot {
+                    node_id: worker_id,
+                    agent_type: agent.agent_type.clone(),
+                    capabilities: agent.capabilities.iter().cloned().collect(),
+                    backend: "external".into(),
+                    state: AgentState::Active,
+                };
+                slots.insert(format!("w:{name}/{}/{n}", agent.agent_type), slot);
+            }
+        }
+        self.apply(TaskCommand::RegisterSlots { node_id: worker_id, slots }).await?;
+        tracing::info!(worker = %name, worker_id, "external worker registered");
+        Ok(Response::new(RegisterWorkerResponse {
+            worker_id,
+            lease_ms: self.config.scheduler.lease_ms,
+            heartbeat_interval_ms: self.config.scheduler.lease_renew_interval_ms,
+        }))
+    }
+
+    type AssignmentsStream = AssignmentStream;
+
+    async fn assignments(&self, request: Request<AssignmentsRequest>) -> Result<Response<AssignmentStream>, Status> {
+        let worker_id = request.into_inner().worker_id;
+        self.core.read_barrier().await.map_err(status_from)?;
+        check_worker(&self.core.state.read().app.tasks, worker_id)?;
+        let (sender, receiver) = mpsc::channel(STREAM_QUEUE);
+        let core = self.core.clone();
+        let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
+        tokio::spawn(async move {
+            let mut sent: BTreeMap<TaskId, u64> = BTreeMap::new();
+            let mut changes = core.raft.metrics();
+            let no_api = |_: &str, _: u64| ApiAccess { endpoint: String::new(), credential: String::new() };
+            loop {
+                let now_ms = (core.clock)();
+                let fresh: Vec<Assignment> = {
+                    let state = core.state.read();
+                    let table = &state.app.tasks;
+                    let mut held = BTreeMap::new();
+                    let mut fresh = Vec::new();
+                    for (slot_id, _) in table.slots.iter().filter(|(_, s)| s.node_id == worker_id) {
+                        let Some(task_id) = table.slot_holder.get(slot_id) else { continue };
+                        let Some(envelope) =
+                            envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &no_api)
+                        else {
+                            continue;
+                        };
+                        held.insert(task_id.clone(), envelope.fencing_token);
+                        if sent.get(task_id) != Some(&envelope.fencing_token) {
+                            fresh.push(Assignment {
+                                task_id: envelope.task_id,
+                                fencing_token: envelope.fencing_token,
+                                attempt: envelope.attempt,
+                                agent_id: envelope.agent_id,
+                                task_type: envelope.task_type,
+                                description: envelope.description,
+                                input: envelope.input,
+                                planning: envelope.planning,
+                                dependency_results: envelope.dependency_results.into_iter().collect(),
+                                checkpoint: envelope.checkpoint.map(|c| c.data).unwrap_or_default(),
+                                timeout_ms: envelope.timeout_ms,
+                            });
+                        }
+                    }
+                    sent.retain(|task_id, _| held.contains_key(task_id));
+                    fresh
+                };
+                for assignment in fresh {
+                    let (task_id, token) = (assignment.task_id.clone(), assignment.fencing_token);
+                    if sender.send(Ok(assignment)).await.is_err() {
+                        return;
+                    }
+                    sent.insert(task_id, token);
+                }
+                tokio::select! {
+                    _ = tokio::time::timeout(STREAM_POLL, changes.changed()) => {}
+                    _ = sender.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let HeartbeatRequest { worker_id, leases } = request.into_inner();
+        check_worker(&self.core.state.read().app.tasks, worker_id)?;
+        let leases = leases.into_iter().map(|l| (l.task_id, l.fencing_token)).collect();
+        let renew = TaskCommand::Renew { node_id: worker_id, leases, lease_ms: self.config.scheduler.lease_ms };
+        match self.apply(renew).await? {
+            Applied::Task(TaskResponse::Renewed { lost, .. }) => Ok(Response::new(HeartbeatResponse { lost })),
+            other => Err(Status::internal(format!("unexpected result: {other:?}"))),
+        }
+    }
+
+    async fn report_progress(&self, request: Request<ReportProgressRequest>) -> Result<Response<WorkerAck>, Status> {
+        let ReportProgressRequest { task_id, fencing_token, percent, message } = request.into_inner();
+        let percent = u8::try_from(percent)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| Status::invalid_argument("percent: must be in 0..=100"))?;
+        self.apply(TaskCommand::ReportProgress { task_id, token: fencing_token, percent, message }).await?;
+        Ok(Response::new(WorkerAck {}))
+    }
+
+    async fn save_checkpoint(&self, request: Request<SaveCheckpointRequest>) -> Result<Response<WorkerAck>, Status> {
+        let SaveCheckpointRequest { task_id, fencing_token, data } = request.into_inner();
+        self.apply(TaskCommand::SaveCheckpoint { task_id, token: fencing_token, data }).await?;
+        Ok(Response::new(WorkerAck {}))
+    }
+
+    async fn complete(&self, request: Request<WorkerCompleteRequest>) -> Result<Response<WorkerAck>, Status> {
+        let WorkerCompleteRequest { task_id, fencing_token, result, input_tokens, output_tokens } =
+            request.into_inner();
+        if input_tokens > 0 || output_tokens > 0 {
+            let usage = TokenUsage { input_tokens, output_tokens };
+            self.apply(TaskCommand::RecordUsage { task_id: task_id.clone(), token: fencing_token, usage }).await?;
+        }
+        self.apply(TaskCommand::Complete { task_id, token: fencing_token, result }).await?;
+        Ok(Response::new(WorkerAck {}))
+    }
+
+    async fn fail(&self, request: Request<WorkerFailRequest>) -> Result<Response<WorkerAck>, Status> {
+        let WorkerFailRequest { task_id, fencing_token, error, retryable } = request.into_inner();
+        self.apply(TaskCommand::Fail { task_id, token: fencing_token, error, retryable }).await?;
+        Ok(Response::new(WorkerAck {}))
+    }
+
+    async fn submit_plan(&self, request: Request<SubmitPlanRequest>) -> Result<Response<SubmitPlanResponse>, Status> {
+        let SubmitPlanRequest { task_id, fencing_token, subtasks } = request.into_inner();
+        let subtasks = subtasks
+            .into_iter()
+            .map(|s| PlannedTask {
+                key: s.key,
+                task_type: s.task_type,
+                description: s.description,
+                input: s.input,
+                depends_on: s.depends_on,
+                capabilities: s.capabilities.into_iter().collect(),
+            })
+            .collect();
+        match self.apply(TaskCommand::Expand { task_id, token: fencing_token, subtasks }).await? {
+            Applied::Task(TaskResponse::Expanded { children, chained }) => {
+                Ok(Response::new(SubmitPlanResponse { children, chained }))
+            }
+            other => Err(Status::internal(format!("unexpected result: {other:?}"))),
+        }
+    }
+}
