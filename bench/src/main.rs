@@ -3,6 +3,9 @@
 //! `maos-bench scheduling` measures assignments per second from a deep queue and the memory a
 //! queued task costs (see `scheduling.rs`).
 //!
+//! `maos-bench agents` measures command-agent spawn latency and submit-to-agent-start dispatch
+//! with builtin agents (see `agents.rs`).
+//!
 //! `maos-bench raft-writes` starts a local cluster of real `maos serve` processes (RocksDB, fsync
 //! on), then for each client count drives key-value writes for a fixed time and reports committed
 //! writes per second and latency percentiles. With `--peer etcd` it also starts a 3-member etcd
@@ -10,6 +13,7 @@
 //! load generator, in the same run, for a side-by-side comparison. Every load loop is bounded in
 //! count and time.
 
+mod agents;
 mod etcd;
 mod scheduling;
 
@@ -53,6 +57,21 @@ enum Bench {
         tasks: usize,
         #[arg(long, default_value_t = 1_000)]
         slots: usize,
+    },
+    /// Command-agent spawn latency and end-to-end dispatch to builtin agents.
+    Agents {
+        /// The `maos` binary to run (default: next to this one).
+        #[arg(long)]
+        maos: Option<PathBuf>,
+        /// Command agents started per program.
+        #[arg(long, default_value_t = 500)]
+        spawns: usize,
+        /// Tasks submitted for the dispatch measurement.
+        #[arg(long, default_value_t = 2_000)]
+        tasks: usize,
+        /// Submits per second for the dispatch measurement.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
     },
     /// Committed key-value writes per second on a local 3-node cluster.
     RaftWrites {
@@ -239,6 +258,14 @@ async fn main() -> anyhow::Result<()> {
             };
             anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
             scheduling::run(&maos, tasks, slots).await
+        }
+        Bench::Agents { maos, spawns, tasks, rate } => {
+            let maos = match maos {
+                Some(path) => path,
+                None => default_maos()?,
+            };
+            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            agents::run(&maos, spawns, tasks, rate).await
         }
         Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd } => {
             let maos = match maos {

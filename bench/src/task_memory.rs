@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .map(|n| {
                 Command::Task(TaskCommand::Submit {
-                    spec: TaskSpec {
+                    spec: Box::new(TaskSpec {
                         // A UUIDv7 is 36 characters.
                         id: format!("01936d2e-7c4a-7000-8000-{n:012}"),
                         task_type: "coder".into(),
@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
                         labels: BTreeMap::new(),
                         capabilities: BTreeSet::new(),
                         planner_type: None,
-                    },
+                    }),
                 })
             })
             .collect();

@@ -184,11 +184,8 @@ impl Worker {
                 }
             };
             failures = 0;
-            loop {
-                match stream.message().await {
-                    Ok(Some(assignment)) => self.start(assignment, handler.clone(), held.clone()),
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(assignment)) = stream.message().await {
+                self.start(assignment, handler.clone(), held.clone());
             }
             index += 1;
             tokio::time::sleep(STREAM_RETRY).await;

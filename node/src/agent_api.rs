@@ -38,8 +38,6 @@ use crate::core::NodeCore;
 const WORKER_TYPES_MAX: usize = 16;
 /// Slots of one type one worker registers, at most.
 const WORKER_SLOTS_MAX: u32 = 64;
-/// Assignments queued on one stream before the sender waits for the worker to read.
-const STREAM_QUEUE: usize = 16;
 /// The longest a stream waits before looking at the state again without being woken.
 const STREAM_POLL: Duration = Duration::from_millis(50);
 
@@ -227,7 +225,8 @@ impl WorkerService for WorkerApi {
         let worker_id = request.into_inner().worker_id;
         self.core.read_barrier().await.map_err(status_from)?;
         check_worker(&self.core.state.read().app.tasks, worker_id)?;
-        let (sender, receiver) = mpsc::channel(STREAM_QUEUE);
+        // `agents.defaults.batch_size`: assignments delivered ahead of the worker's reading.
+        let (sender, receiver) = mpsc::channel(self.config.agents.defaults.batch_size.max(1));
         let core = self.core.clone();
         let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
         tokio::spawn(async move {

@@ -88,7 +88,7 @@ pub struct AgentDefaults {
     pub max_memory: String,
     /// Seconds one attempt may run.
     pub timeout: u64,
-    /// Attempts the runtime starts per wake-up, at most (bounds bursts after a failover).
+    /// Assignments an external worker's stream delivers ahead of the worker reading them.
     pub batch_size: usize,
 }
 

@@ -4,6 +4,8 @@
 //! (so a failover never mass-expires leases) and applies its configured task limits
 //! (`system.task_queue_size`, `task_planner.*`; the leader's configuration wins), then each round proposes a `Tick` when one is due
 //! and the assignments `scheduler::plan_assignments` returns, all through the batching write path.
+//! A round runs when an applied change wakes it (at most one per `ROUND_GAP_MIN`) or after
+//! `scheduler.interval_ms` without one.
 //!
 //! What runs the leased work is each node's agent runtime (`agents`).
 
@@ -19,6 +21,10 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::core::NodeCore;
 
+/// The least time between two scheduling rounds: bounds the planning work a stream of applied
+/// changes can cause (each round reads the task table).
+const ROUND_GAP_MIN: Duration = Duration::from_millis(2);
+
 /// Run the leader loop until `stopped`.
 pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch::Receiver<bool>) {
     let settings = config.scheduler.clone();
@@ -27,12 +33,26 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
     let mut extended_in_term: Option<u64> = None;
     // After a round that assigned work, the next one starts at once: more may be ready.
     let mut busy = false;
+    // Applied changes (a submit, a completion, a registration) wake the loop, so new work is
+    // assigned within a round trip rather than an interval; rounds stay ROUND_GAP_MIN apart.
+    let mut changes = core.raft.metrics();
+    let mut last_round = tokio::time::Instant::now();
+    let interval = Duration::from_millis(settings.interval_ms);
+    let mut last_expiry_check = last_round;
     loop {
-        let pause = if busy { Duration::ZERO } else { Duration::from_millis(settings.interval_ms) };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
+        let pause = if busy { Duration::ZERO } else { interval };
+        let woken = tokio::select! {
+            _ = tokio::time::sleep(pause) => None,
+            changed = changes.changed(), if !busy => Some(changed.is_ok()),
             _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        match woken {
+            Some(true) => tokio::time::sleep_until(last_round + ROUND_GAP_MIN).await,
+            // Raft no longer reports changes: rounds follow the interval.
+            Some(false) => tokio::time::sleep(pause).await,
+            None => {}
         }
+        last_round = tokio::time::Instant::now();
         busy = false;
         let (state, term) = {
             let metrics = core.raft.metrics();
@@ -60,11 +80,17 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
             }
         }
         let now_ms = (core.clock)();
+        // Expiry is about time, not about what was applied: it is checked once per interval
+        // (the check reads every task), not on every wake.
+        let check_expiry = last_expiry_check.elapsed() >= interval;
+        if check_expiry {
+            last_expiry_check = tokio::time::Instant::now();
+        }
         let (tick_due, plan) = {
             let state = core.state.read();
             let table = &state.app.tasks;
             (
-                table.tick_due(now_ms) || state.app.kv_expiry_due(now_ms),
+                check_expiry && (table.tick_due(now_ms) || state.app.kv_expiry_due(now_ms)),
                 plan_assignments(table, now_ms, settings.assignments_max, settings.lease_ms),
             )
         };

@@ -81,7 +81,7 @@ impl TaskService for TaskApi {
             capabilities: r.capabilities.into_iter().collect(),
             planner_type,
         };
-        match self.core.write(Command::Task(TaskCommand::Submit { spec })).await.map_err(status_from)? {
+        match self.core.write(Command::Task(TaskCommand::Submit { spec: Box::new(spec) })).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Submitted { task_id, duplicate }) => {
                 Ok(Response::new(SubmitTaskResponse { task_id, duplicate }))
             }

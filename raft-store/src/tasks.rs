@@ -265,7 +265,8 @@ pub const SLOTS_PER_NODE_MAX: usize = 4_096;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum TaskCommand {
     Submit {
-        spec: TaskSpec,
+        /// Boxed: a spec is far larger than every other command.
+        spec: Box<TaskSpec>,
     },
     Assign {
         task_id: TaskId,

@@ -45,7 +45,7 @@ fn table_with(slots: Vec<(&str, Slot)>, specs: Vec<TaskSpec>) -> TaskTable {
     }
     for (i, spec) in specs.into_iter().enumerate() {
         // Creation time follows submission order.
-        table.apply(i as u64, 2 + i as u64, &TaskCommand::Submit { spec }).expect("submit");
+        table.apply(i as u64, 2 + i as u64, &TaskCommand::Submit { spec: Box::new(spec) }).expect("submit");
     }
     table
 }
@@ -113,7 +113,7 @@ fn a_parent_runs_at_most_max_parallel_branches_children() {
     for i in 0..4 {
         let mut child = spec(&format!("child{i}"), "alice", Priority::High);
         child.parent = Some("parent".into());
-        table.apply(1, 10 + i, &TaskCommand::Submit { spec: child }).expect("child");
+        table.apply(1, 10 + i, &TaskCommand::Submit { spec: Box::new(child) }).expect("child");
     }
     let plan = plan_assignments(&table, 100, 100, 5_000);
     let order: Vec<String> = planned(&plan).into_iter().map(|(t, _)| t).collect();
@@ -138,7 +138,7 @@ fn retried_tasks_wait_for_their_backoff_and_busy_slots_are_skipped() {
     let token = table.tasks["a"].lease.as_ref().expect("lease").token;
     let mut retrying = spec("x", "alice", Priority::Normal);
     retrying.max_retries = 1;
-    table.apply(0, 200, &TaskCommand::Submit { spec: retrying }).expect("x");
+    table.apply(0, 200, &TaskCommand::Submit { spec: Box::new(retrying) }).expect("x");
     table
         .apply(10, 201, &TaskCommand::Fail { task_id: "a".into(), token, error: "boom".into(), retryable: false })
         .expect("fail a");
@@ -166,7 +166,7 @@ fn plans_are_bounded_and_every_assignment_is_accepted() {
         table.apply(0, 1, &TaskCommand::RegisterSlots { node_id, slots: mine }).expect("register");
     }
     for (i, spec) in specs.into_iter().enumerate() {
-        table.apply(i as u64, 10 + i as u64, &TaskCommand::Submit { spec }).expect("submit");
+        table.apply(i as u64, 10 + i as u64, &TaskCommand::Submit { spec: Box::new(spec) }).expect("submit");
     }
     assert_eq!(plan_assignments(&table, 1_000, 20, 5_000).len(), 20, "bounded by assignments_max");
     let plan = plan_assignments(&table, 1_000, 1_000, 5_000);

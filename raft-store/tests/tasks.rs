@@ -85,7 +85,7 @@ fn spec(id: &str) -> TaskSpec {
 }
 
 fn submit(spec: TaskSpec) -> TaskCommand {
-    TaskCommand::Submit { spec }
+    TaskCommand::Submit { spec: Box::new(spec) }
 }
 
 fn assign(id: &str) -> TaskCommand {

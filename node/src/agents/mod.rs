@@ -3,8 +3,8 @@
 //! The pool comes from `agents.types` (plus agents spawned at run time, which live in the
 //! replicated state): one agent per slot, registered through Raft so the scheduler sees it. The
 //! runtime watches the applied state; for each lease granted to one of its agents it builds the
-//! [`Envelope`], starts the agent's backend (within `system.agent_spawn_rate` and
-//! `agents.defaults.batch_size` per wake-up), forwards progress and checkpoints with the lease's
+//! [`Envelope`], starts the agent's backend (process and model agents within
+//! `system.agent_spawn_rate`), forwards progress and checkpoints with the lease's
 //! fencing token, and reports the outcome: `Complete`, `Fail`, or for a planning attempt
 //! `Expand`. It renews all its leases in one command per interval, which is also the node's
 //! liveness signal. When a lease is lost (expired, cancelled, re-leased, agent terminated) the
@@ -414,37 +414,38 @@ impl AgentRuntime {
             }
             // What the replicated state says: the pool, and the leases on it.
             let now_ms = (self.core.clock)();
-            let (pool, registered, new_leases, held) = {
+            let (spawned, registered, new_leases, held) = {
                 let state = self.core.state.read();
                 let table = &state.app.tasks;
-                let mut pool = configured.clone();
-                for (id, slot) in table.slots.iter().filter(|(_, s)| s.node_id == self.core.id) {
-                    // Spawned at run time: keep it, with its definition as replicated.
-                    pool.entry(id.clone()).or_insert_with(|| slot.clone());
-                }
-                let registered = table.slots.iter().filter(|(_, s)| s.node_id == self.core.id).count() == pool.len()
-                    && pool.iter().all(|(id, slot)| table.slots.get(id).is_some_and(|s| s.same_definition(slot)));
+                // Agents spawned at run time live in the replicated state only.
+                let spawned: BTreeMap<String, Slot> = table
+                    .slots
+                    .iter()
+                    .filter(|(id, s)| s.node_id == self.core.id && !configured.contains_key(*id))
+                    .map(|(id, s)| (id.clone(), s.clone()))
+                    .collect();
+                let registered =
+                    configured.iter().all(|(id, slot)| table.slots.get(id).is_some_and(|s| s.same_definition(slot)));
                 let mut held: BTreeMap<TaskId, u64> = BTreeMap::new();
                 let mut new_leases = Vec::new();
-                for slot_id in pool.keys() {
+                for (slot_id, slot) in configured.iter().chain(spawned.iter()) {
                     let Some(task_id) = table.slot_holder.get(slot_id) else { continue };
                     let Some(token) = table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token) else {
                         continue;
                     };
                     held.insert(task_id.clone(), token);
-                    if running.get(task_id).is_none_or(|a| a.token != token)
-                        && new_leases.len() < self.config.agents.defaults.batch_size
-                    {
+                    if running.get(task_id).is_none_or(|a| a.token != token) {
                         if let Some(envelope) =
                             envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &api)
                         {
-                            new_leases.push((slot_id.clone(), envelope));
+                            new_leases.push((slot_id.clone(), slot.agent_type.clone(), envelope));
                         }
                     }
                 }
-                (pool, registered, new_leases, held)
+                (spawned, registered, new_leases, held)
             };
             if !registered && self.core.leader().is_some() {
+                let pool = configured.iter().map(|(id, s)| (id.clone(), s.clone())).chain(spawned).collect();
                 let command = Command::Task(TaskCommand::RegisterSlots { node_id: self.core.id, slots: pool });
                 if let Err(error) = self.core.write(command).await {
                     tracing::debug!(%error, "registering the agent pool failed; retrying");
@@ -461,9 +462,8 @@ impl AgentRuntime {
                 kept
             });
             // New leases: start their agents.
-            for (slot_id, envelope) in new_leases {
-                let agent_type = self.core.state.read().app.tasks.slots.get(&slot_id).map(|s| s.agent_type.clone());
-                let backend = agent_type.as_ref().and_then(|t| self.backends.get(t)).cloned();
+            for (slot_id, agent_type, envelope) in new_leases {
+                let backend = self.backends.get(&agent_type).cloned();
                 let Some(backend) = backend else {
                     // A spawned agent of a type this node's configuration no longer has.
                     let error = format!("node {} has no backend for agent type {agent_type:?}", self.core.id);
@@ -504,6 +504,39 @@ impl AgentRuntime {
                     Err(error) => tracing::debug!(%error, "lease renewal failed; retrying next interval"),
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_metrics_count_this_nodes_agents_by_type_and_use() {
+        let mut table = TaskTable::default();
+        let slot = |node_id, agent_type: &str, state| Slot {
+            node_id,
+            agent_type: agent_type.into(),
+            state,
+            ..Slot::default()
+        };
+        table.slots.insert("n1/coder/0".into(), slot(1, "coder", AgentState::Active));
+        table.slots.insert("n1/coder/1".into(), slot(1, "coder", AgentState::Active));
+        table.slots.insert("n1/coder/2".into(), slot(1, "coder", AgentState::Terminated));
+        table.slots.insert("n2/coder/0".into(), slot(2, "coder", AgentState::Active));
+        table.slot_holder.insert("n1/coder/0".into(), "task".into());
+        let metrics = AgentMetrics::default();
+        metrics.spawn_failures_total.fetch_add(2, Ordering::Relaxed);
+        let text = metrics.render(&table, 1);
+        for line in [
+            "maos_agents_active 1\n",
+            "maos_agents_total 2\n",
+            "maos_agent_spawn_failures_total 2\n",
+            "maos_agent_slots{type=\"coder\",state=\"busy\"} 1\n",
+            "maos_agent_slots{type=\"coder\",state=\"idle\"} 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
     }
 }
