@@ -5,6 +5,7 @@ need=()
 command -v clang >/dev/null 2>&1 || need+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for RocksDB's C API
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)  # tonic-prost-build
+[ -x /usr/bin/python3 ] || need+=(python3)                       # the test suite's command agents
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   sudo=""

@@ -819,6 +819,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_configuration_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/maos.yml");
+        let loaded = Config::load(Some(&path), &BTreeMap::new()).expect("deploy/config/maos.yml loads");
+        loaded.config.validate().expect("deploy/config/maos.yml is valid");
+        assert_eq!(loaded.config.task_planner.max_parallel_branches, 8);
+    }
+
+    #[test]
     fn peer_lists_parse_and_malformed_ones_say_how_to_fix_them() {
         let peers = parse_peer_list("1=a:7000/a:8000, 2=b:7000/b:8000").expect("parses");
         assert_eq!(peers[1], PeerConfig { id: 2, raft_addr: "b:7000".into(), api_addr: "b:8000".into() });
