@@ -46,6 +46,23 @@ pub fn status_of_rejection(rejection: Rejection) -> Status {
     }
 }
 
+/// Tasks by state, and the queue bound.
+pub fn task_counts(table: &maos_raft_store::tasks::TaskTable) -> TaskCounts {
+    let mut counts = TaskCounts { queue_limit: table.limits.queue_size as u64, ..Default::default() };
+    for task in table.tasks.values() {
+        use maos_raft_store::tasks::TaskState::*;
+        match task.state {
+            Pending => counts.pending += 1,
+            Queued => counts.queued += 1,
+            Running => counts.running += 1,
+            Completed => counts.completed += 1,
+            Failed => counts.failed += 1,
+            Cancelled => counts.cancelled += 1,
+        }
+    }
+    counts
+}
+
 fn unexpected(response: Applied) -> Status {
     Status::internal(format!("unexpected result from the state machine: {response:?}"))
 }
@@ -238,18 +255,7 @@ impl ClusterService for ClusterApi {
         let leader_api_addr = self.core.leader().map(|(_, node)| node.api_addr).unwrap_or_default();
         let (state_hash, cluster_id, last_applied_index, tasks) = {
             let state = self.core.state.read();
-            let mut counts = TaskCounts { queue_limit: state.app.tasks.limits.queue_size as u64, ..Default::default() };
-            for task in state.app.tasks.tasks.values() {
-                use maos_raft_store::tasks::TaskState::*;
-                match task.state {
-                    Pending => counts.pending += 1,
-                    Queued => counts.queued += 1,
-                    Running => counts.running += 1,
-                    Completed => counts.completed += 1,
-                    Failed => counts.failed += 1,
-                    Cancelled => counts.cancelled += 1,
-                }
-            }
+            let counts = task_counts(&state.app.tasks);
             (
                 if with_state_hash { state.state_hash() } else { String::new() },
                 state.app.cluster.as_ref().map(|c| c.cluster_id.clone()).unwrap_or_default(),

@@ -8,6 +8,7 @@
 //! - [`proposer`]: batches concurrent commands into one log entry on the leader.
 //! - [`api`], [`task_api`], [`agent_api`]: the client API on port 8000 (key-value, cluster, task,
 //!   agent and worker services).
+//! - [`http`]: `/health`, `/ready` and `/metrics` on the API port, beside gRPC.
 //! - [`scheduling`]: the leader's scheduling loop.
 //! - [`agents`]: the agent runtime: this node's pool, the builtin, command and claude backends,
 //!   supervision, checkpoints, scoped credentials.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod core;
 pub mod data_dir;
 pub mod demo;
+pub mod http;
 pub mod local_cluster;
 pub mod node;
 pub mod proposer;

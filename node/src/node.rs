@@ -177,19 +177,24 @@ where
 
     let mut until_stopped = stopped.clone();
     let credentials = Arc::new(Credentials::generate());
+    let agent_metrics = Arc::new(AgentMetrics::default());
     let kv = KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone() });
     let cluster = ClusterServiceServer::new(ClusterApi { core: core.clone() });
     let planner_type = config.task_planner.planner_type.clone();
     let tasks_service = TaskServiceServer::new(TaskApi { core: core.clone(), planner_type });
     let agents_service = AgentServiceServer::new(AgentApi { core: core.clone(), config: config.clone() });
     let workers_service = WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone() });
+    // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
+    let routes = tonic::service::Routes::from(crate::http::router(core.clone(), agent_metrics.clone()))
+        .add_service(kv)
+        .add_service(cluster)
+        .add_service(tasks_service)
+        .add_service(agents_service)
+        .add_service(workers_service);
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
-            .add_service(kv)
-            .add_service(cluster)
-            .add_service(tasks_service)
-            .add_service(agents_service)
-            .add_service(workers_service)
+            .accept_http1(true)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(api_incoming, async move {
                 let _ = until_stopped.wait_for(|stop| *stop).await;
             })
@@ -206,7 +211,7 @@ where
         config: config.clone(),
         backends: agent_backends,
         credentials,
-        metrics: Arc::new(AgentMetrics::default()),
+        metrics: agent_metrics,
     };
     tasks.spawn(runtime.run(stopped.clone()));
     tasks.spawn(housekeeping(
