@@ -333,13 +333,12 @@ struct SpawnRate {
 }
 
 impl SpawnRate {
-    fn new(rate: u32) -> Self {
+    fn new(rate: u32, now: tokio::time::Instant) -> Self {
         let rate = f64::from(rate.max(1));
-        Self { rate, tokens: rate, refilled: tokio::time::Instant::now() }
+        Self { rate, tokens: rate, refilled: now }
     }
 
-    fn try_take(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
+    fn try_take(&mut self, now: tokio::time::Instant) -> bool {
         self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate).min(self.rate);
         self.refilled = now;
         if self.tokens >= 1.0 {
@@ -378,7 +377,7 @@ impl AgentRuntime {
             endpoint: endpoint.clone(),
             credential: credentials.issue(task_id, token),
         };
-        let mut rate = SpawnRate::new(self.config.system.agent_spawn_rate);
+        let mut rate = SpawnRate::new(self.config.system.agent_spawn_rate, tokio::time::Instant::now());
         let mut running: BTreeMap<TaskId, Attempt> = BTreeMap::new();
         let mut start_failures: BTreeMap<String, u32> = BTreeMap::new();
         let mut last_renewal = tokio::time::Instant::now();
@@ -476,7 +475,7 @@ impl AgentRuntime {
                     let _ = self.core.write(Command::Task(fail)).await;
                     continue;
                 };
-                if !backend.is_builtin() && !rate.try_take() {
+                if !backend.is_builtin() && !rate.try_take(tokio::time::Instant::now()) {
                     // Over system.agent_spawn_rate: started on a later wake-up (the lease is renewed meanwhile).
                     continue;
                 }
@@ -511,6 +510,16 @@ impl AgentRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn starts_are_limited_to_the_spawn_rate() {
+        let start = tokio::time::Instant::now();
+        let mut rate = SpawnRate::new(10, start);
+        let burst = (0..20).filter(|_| rate.try_take(start)).count();
+        assert_eq!(burst, 10, "a full bucket allows one second's worth at once");
+        let later = start + Duration::from_millis(300);
+        assert_eq!((0..20).filter(|_| rate.try_take(later)).count(), 3, "then 10 per second");
+    }
 
     #[test]
     fn agent_metrics_count_this_nodes_agents_by_type_and_use() {
