@@ -35,6 +35,8 @@ pub async fn run(maos: &Path, tasks: usize, slots: usize) -> anyhow::Result<()> 
         vec![
             ("MAOS_AGENTS_TYPES".to_string(), format!("{{bench: {{slots: {slots_per_node}}}}}")),
             ("MAOS_SYSTEM_MAX_AGENTS".to_string(), slots_per_node.max(1).to_string()),
+            // The queue fills before any agent serves the type.
+            ("MAOS_SCHEDULER_ACCEPT_UNSERVED_TYPES".to_string(), "true".to_string()),
             ("MAOS_SYSTEM_TASK_QUEUE_SIZE".to_string(), (tasks + 1_000).to_string()),
         ]
     };

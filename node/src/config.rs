@@ -63,11 +63,20 @@ pub struct SchedulerSection {
     pub interval_ms: u64,
     /// Assignments proposed per round, at most.
     pub assignments_max: usize,
+    /// Accept tasks of a type no agent serves yet (workers that connect later); by default such
+    /// a submit is refused, naming the types that are served.
+    pub accept_unserved_types: bool,
 }
 
 impl Default for SchedulerSection {
     fn default() -> Self {
-        Self { lease_ms: 10_000, lease_renew_interval_ms: 2_000, interval_ms: 100, assignments_max: 1_000 }
+        Self {
+            lease_ms: 10_000,
+            lease_renew_interval_ms: 2_000,
+            interval_ms: 100,
+            assignments_max: 1_000,
+            accept_unserved_types: false,
+        }
     }
 }
 

@@ -181,7 +181,11 @@ where
     let kv = KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone() });
     let cluster = ClusterServiceServer::new(ClusterApi { core: core.clone() });
     let planner_type = config.task_planner.planner_type.clone();
-    let tasks_service = TaskServiceServer::new(TaskApi { core: core.clone(), planner_type });
+    let tasks_service = TaskServiceServer::new(TaskApi {
+        core: core.clone(),
+        planner_type,
+        accept_unserved_types: config.scheduler.accept_unserved_types,
+    });
     let agents_service = AgentServiceServer::new(AgentApi { core: core.clone(), config: config.clone() });
     let workers_service = WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone() });
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).

@@ -1,26 +1,54 @@
-//! The task service on port 8000: submit (optionally for planning), get, cancel, complete.
+//! The task service on port 8000: submit (one or a batch, optionally for planning), get, list,
+//! results, watch, cancel, retry, complete.
+//!
+//! Input is checked here before it costs a log entry, and refusals name the field: an unknown
+//! task type (no agent of any node or worker serves it), a bad priority, an oversized or empty
+//! field, unknown or duplicate dependencies. The state machine checks again on apply.
 
+use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::Stream;
 use maos_client::proto::v1::task_service_server::TaskService;
 use maos_client::proto::v1::{
-    CancelTaskRequest, CancelTaskResponse, CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest,
-    Priority as WirePriority, SubmitTaskRequest, SubmitTaskResponse, TaskState as WireState, TaskView,
+    BatchSubmitItem, BatchSubmitRequest, BatchSubmitResponse, CancelTaskRequest, CancelTaskResponse, ChildResult,
+    CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest, ListTasksRequest, ListTasksResponse,
+    Priority as WirePriority, RetryTaskRequest, SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults,
+    TaskState as WireState, TaskView, WatchTaskRequest,
 };
-use maos_raft_store::tasks::{Priority, TaskCommand, TaskResponse, TaskSpec, TaskState};
+use maos_raft_store::tasks::{
+    check_spec, Priority, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, TaskTable, PLAN_KEY_LABEL,
+};
 use maos_raft_store::{Command, Response as Applied};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::status_from;
+use crate::api::{status_from, status_of_rejection};
 use crate::core::NodeCore;
 
 /// Attempt timeout when a submit leaves it unset.
 const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
+/// Tasks in one batch submit, at most.
+pub const BATCH_SUBMIT_MAX: usize = 1_000;
+/// Tasks in one list page: the default and the most.
+const PAGE_SIZE_DEFAULT: usize = 100;
+const PAGE_SIZE_MAX: usize = 1_000;
+/// Events queued on one watch before the server waits for the client to read.
+const WATCH_QUEUE: usize = 64;
+/// The longest a watch waits before looking again without being woken.
+const WATCH_POLL: Duration = Duration::from_millis(100);
+/// Children one watch follows, at most.
+const WATCH_CHILDREN_MAX: usize = 256;
 
 pub struct TaskApi {
     pub core: Arc<NodeCore>,
     /// The agent type that plans tasks submitted for planning (`task_planner.planner_type`).
     pub planner_type: String,
+    /// `scheduler.accept_unserved_types`.
+    pub accept_unserved_types: bool,
 }
 
 /// The task type that is always planned.
@@ -45,7 +73,7 @@ fn priority_to(priority: Priority) -> WirePriority {
     }
 }
 
-fn state_to(state: TaskState) -> WireState {
+pub fn state_to(state: TaskState) -> WireState {
     match state {
         TaskState::Pending => WireState::Pending,
         TaskState::Queued => WireState::Queued,
@@ -56,14 +84,85 @@ fn state_to(state: TaskState) -> WireState {
     }
 }
 
+fn state_from(wire: i32) -> Result<TaskState, Status> {
+    match WireState::try_from(wire) {
+        Ok(WireState::Pending) => Ok(TaskState::Pending),
+        Ok(WireState::Queued) => Ok(TaskState::Queued),
+        Ok(WireState::Running) => Ok(TaskState::Running),
+        Ok(WireState::Completed) => Ok(TaskState::Completed),
+        Ok(WireState::Failed) => Ok(TaskState::Failed),
+        Ok(WireState::Cancelled) => Ok(TaskState::Cancelled),
+        _ => Err(Status::invalid_argument(format!(
+            "states: {wire} is not one of PENDING, QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED"
+        ))),
+    }
+}
+
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
-#[tonic::async_trait]
-impl TaskService for TaskApi {
-    async fn submit(&self, request: Request<SubmitTaskRequest>) -> Result<Response<SubmitTaskResponse>, Status> {
-        let r = request.into_inner();
+/// The view of one task.
+pub fn view(table: &TaskTable, task: &Task) -> TaskView {
+    let lease = task.lease.as_ref();
+    TaskView {
+        task_id: task.spec.id.clone(),
+        task_type: task.spec.task_type.clone(),
+        priority: priority_to(task.spec.priority) as i32,
+        state: state_to(task.state) as i32,
+        attempt: task.attempt,
+        result: task.result.clone().unwrap_or_default(),
+        cause: task.cause.clone().unwrap_or_default(),
+        slot: lease.map(|l| l.slot.clone()).unwrap_or_default(),
+        node_id: lease.map(|l| l.node_id).unwrap_or(0),
+        fencing_token: lease.map(|l| l.token).unwrap_or(0),
+        depends_on: task.spec.depends_on.clone(),
+        parent: task.spec.parent.clone().unwrap_or_default(),
+        submitter: task.spec.submitter.clone(),
+        children: table.children.get(&task.spec.id).map(|c| c.iter().cloned().collect()).unwrap_or_default(),
+        planning: task.spec.planner_type.is_some(),
+        expanded: task.expanded,
+        checkpoint: task.checkpoint.as_ref().map(|c| c.data.clone()).unwrap_or_default(),
+        checkpoint_attempt: task.checkpoint.as_ref().map(|c| c.attempt).unwrap_or(0),
+        progress_percent: task.progress.as_ref().map(|p| u32::from(p.percent)).unwrap_or(0),
+        progress_message: task.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default(),
+        input_tokens: task.usage.input_tokens,
+        output_tokens: task.usage.output_tokens,
+        max_retries: task.spec.max_retries,
+    }
+}
+
+fn event(task: &Task, applied_index: u64, finished: bool) -> TaskEvent {
+    TaskEvent {
+        task_id: task.spec.id.clone(),
+        state: state_to(task.state) as i32,
+        attempt: task.attempt,
+        node_id: task.lease.as_ref().map(|l| l.node_id).unwrap_or(0),
+        progress_percent: task.progress.as_ref().map(|p| u32::from(p.percent)).unwrap_or(0),
+        progress_message: task.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default(),
+        cause: task.cause.clone().unwrap_or_default(),
+        result: task.result.clone().unwrap_or_default(),
+        applied_index,
+        finished,
+    }
+}
+
+/// What a watch reports of a task: an event is sent when this changes.
+type Fingerprint = (TaskState, u32, u64, Option<(u8, String)>, Option<String>);
+
+fn fingerprint(task: &Task) -> Fingerprint {
+    (
+        task.state,
+        task.attempt,
+        task.lease.as_ref().map(|l| l.token).unwrap_or(0),
+        task.progress.as_ref().map(|p| (p.percent, p.message.clone())),
+        task.cause.clone(),
+    )
+}
+
+impl TaskApi {
+    /// A submit request as a spec, checked without the state.
+    fn spec_from(&self, r: SubmitTaskRequest) -> Result<TaskSpec, Status> {
         let planner_type = (r.plan || r.task_type == MIXED_TYPE).then(|| self.planner_type.clone());
         let spec = TaskSpec {
             id: uuid::Uuid::now_v7().to_string(),
@@ -81,12 +180,89 @@ impl TaskService for TaskApi {
             capabilities: r.capabilities.into_iter().collect(),
             planner_type,
         };
+        check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
+        if spec.submitter.len() > 128 {
+            return Err(Status::invalid_argument("submitter: must be at most 128 bytes"));
+        }
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let routing = spec.routing_type();
+        if !self.accept_unserved_types && !table.slots.values().any(|slot| slot.agent_type == routing) {
+            let mut known: Vec<&str> = table.slots.values().map(|s| s.agent_type.as_str()).collect();
+            known.dedup();
+            known.sort_unstable();
+            known.dedup();
+            let field = if spec.planner_type.is_some() {
+                "task_type (planner: task_planner.planner_type)"
+            } else {
+                "task_type"
+            };
+            return Err(Status::invalid_argument(format!(
+                "{field}: no agent serves type {routing:?} (served: {}); configure agents.types on a node or register a worker for it",
+                known.join(", ")
+            )));
+        }
+        if let Some(missing) = spec.depends_on.iter().find(|d| !table.tasks.contains_key(*d)) {
+            return Err(Status::invalid_argument(format!(
+                "depends_on: task {missing:?} does not exist; submit it first"
+            )));
+        }
+        Ok(spec)
+    }
+
+    async fn submit_one(&self, request: SubmitTaskRequest) -> Result<SubmitTaskResponse, Status> {
+        let spec = self.spec_from(request)?;
         match self.core.write(Command::Task(TaskCommand::Submit { spec: Box::new(spec) })).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Submitted { task_id, duplicate }) => {
-                Ok(Response::new(SubmitTaskResponse { task_id, duplicate }))
+                Ok(SubmitTaskResponse { task_id, duplicate })
             }
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),
         }
+    }
+
+    fn not_found(task_id: &str) -> Status {
+        Status::not_found(format!("task_id: task {task_id:?} does not exist"))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TaskService for TaskApi {
+    async fn submit(&self, request: Request<SubmitTaskRequest>) -> Result<Response<SubmitTaskResponse>, Status> {
+        Ok(Response::new(self.submit_one(request.into_inner()).await?))
+    }
+
+    async fn batch_submit(
+        &self,
+        request: Request<BatchSubmitRequest>,
+    ) -> Result<Response<BatchSubmitResponse>, Status> {
+        let tasks = request.into_inner().tasks;
+        if tasks.is_empty() {
+            return Err(Status::invalid_argument("tasks: a batch holds 1..=1000 tasks"));
+        }
+        if tasks.len() > BATCH_SUBMIT_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "tasks: {} in one batch, over the limit of {BATCH_SUBMIT_MAX}; split it",
+                tasks.len()
+            )));
+        }
+        // Concurrent writes: the proposer batches them into few log entries.
+        let answers = futures::future::join_all(tasks.into_iter().map(|task| self.submit_one(task))).await;
+        let results = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(SubmitTaskResponse { task_id, duplicate }) => {
+                    BatchSubmitItem { task_id, duplicate, ..Default::default() }
+                }
+                Err(status) => BatchSubmitItem {
+                    error: status.message().to_string(),
+                    code: status.code() as i32,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(BatchSubmitResponse { results }))
     }
 
     async fn get(&self, request: Request<GetTaskRequest>) -> Result<Response<TaskView>, Status> {
@@ -95,38 +271,147 @@ impl TaskService for TaskApi {
             self.core.read_barrier().await.map_err(status_from)?;
         }
         let state = self.core.state.read();
-        let task = state
-            .app
-            .tasks
-            .tasks
+        let table = &state.app.tasks;
+        let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
+        Ok(Response::new(view(table, task)))
+    }
+
+    async fn list(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
+        let r = request.into_inner();
+        let states: Vec<TaskState> = r.states.iter().map(|s| state_from(*s)).collect::<Result<_, _>>()?;
+        let page_size = match r.page_size as usize {
+            0 => PAGE_SIZE_DEFAULT,
+            n if n > PAGE_SIZE_MAX => {
+                return Err(Status::invalid_argument(format!("page_size: at most {PAGE_SIZE_MAX}")));
+            }
+            n => n,
+        };
+        if !r.stale {
+            self.core.read_barrier().await.map_err(status_from)?;
+        }
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let start = match r.page_token.as_str() {
+            "" => std::ops::Bound::Unbounded,
+            token => std::ops::Bound::Excluded(token.to_string()),
+        };
+        let mut tasks = Vec::new();
+        let mut next_page_token = String::new();
+        for (id, task) in table.tasks.range((start, std::ops::Bound::Unbounded)) {
+            let wanted = (states.is_empty() || states.contains(&task.state))
+                && (r.task_type.is_empty() || task.spec.task_type == r.task_type)
+                && (r.parent.is_empty() || task.spec.parent.as_deref() == Some(r.parent.as_str()))
+                && (r.submitter.is_empty() || task.spec.submitter == r.submitter);
+            if !wanted {
+                continue;
+            }
+            if tasks.len() == page_size {
+                next_page_token = tasks.last().map(|t: &TaskView| t.task_id.clone()).unwrap_or_default();
+                break;
+            }
+            tasks.push(view(table, task));
+            let _ = id;
+        }
+        Ok(Response::new(ListTasksResponse { tasks, next_page_token }))
+    }
+
+    async fn results(&self, request: Request<GetTaskRequest>) -> Result<Response<TaskResults>, Status> {
+        let GetTaskRequest { task_id, stale } = request.into_inner();
+        if !stale {
+            self.core.read_barrier().await.map_err(status_from)?;
+        }
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
+        let children = table
+            .children
             .get(&task_id)
-            .ok_or_else(|| Status::not_found(format!("task_id: task {task_id:?} does not exist")))?;
-        let lease = task.lease.as_ref();
-        Ok(Response::new(TaskView {
-            task_id: task.spec.id.clone(),
-            task_type: task.spec.task_type.clone(),
-            priority: priority_to(task.spec.priority) as i32,
+            .into_iter()
+            .flatten()
+            .filter_map(|id| table.tasks.get(id))
+            .map(|child| ChildResult {
+                task_id: child.spec.id.clone(),
+                plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
+                state: state_to(child.state) as i32,
+                result: child.result.clone().unwrap_or_default(),
+                cause: child.cause.clone().unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(TaskResults {
+            task_id: task_id.clone(),
             state: state_to(task.state) as i32,
-            attempt: task.attempt,
             result: task.result.clone().unwrap_or_default(),
             cause: task.cause.clone().unwrap_or_default(),
-            slot: lease.map(|l| l.slot.clone()).unwrap_or_default(),
-            node_id: lease.map(|l| l.node_id).unwrap_or(0),
-            fencing_token: lease.map(|l| l.token).unwrap_or(0),
-            depends_on: task.spec.depends_on.clone(),
-            parent: task.spec.parent.clone().unwrap_or_default(),
-            submitter: task.spec.submitter.clone(),
-            children: state.app.tasks.children.get(&task_id).map(|c| c.iter().cloned().collect()).unwrap_or_default(),
-            planning: task.spec.planner_type.is_some(),
-            expanded: task.expanded,
-            checkpoint: task.checkpoint.as_ref().map(|c| c.data.clone()).unwrap_or_default(),
-            checkpoint_attempt: task.checkpoint.as_ref().map(|c| c.attempt).unwrap_or(0),
-            progress_percent: task.progress.as_ref().map(|p| u32::from(p.percent)).unwrap_or(0),
-            progress_message: task.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default(),
-            input_tokens: task.usage.input_tokens,
-            output_tokens: task.usage.output_tokens,
-            max_retries: task.spec.max_retries,
+            children,
         }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, request: Request<WatchTaskRequest>) -> Result<Response<EventStream>, Status> {
+        let WatchTaskRequest { task_id, include_children } = request.into_inner();
+        self.core.read_barrier().await.map_err(status_from)?;
+        if !self.core.state.read().app.tasks.tasks.contains_key(&task_id) {
+            return Err(Self::not_found(&task_id));
+        }
+        let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let mut seen: BTreeMap<String, Fingerprint> = BTreeMap::new();
+            let mut changes = core.raft.metrics();
+            loop {
+                let (events, finished) = {
+                    let state = core.state.read();
+                    let table = &state.app.tasks;
+                    let applied = state.last_applied.map(|id| id.index).unwrap_or(0);
+                    let Some(root) = table.tasks.get(&task_id) else { return };
+                    let finished = root.state.is_terminal();
+                    let mut watched: Vec<&Task> = Vec::new();
+                    if include_children {
+                        let children = table.children.get(&task_id).into_iter().flatten().take(WATCH_CHILDREN_MAX);
+                        watched.extend(children.filter_map(|id| table.tasks.get(id).map(|t| &**t)));
+                    }
+                    // The watched task last, so its final event ends the stream.
+                    watched.push(root);
+                    let mut events = Vec::new();
+                    for task in watched {
+                        let print = fingerprint(task);
+                        if seen.get(&task.spec.id) != Some(&print) {
+                            let last = finished && task.spec.id == task_id;
+                            events.push(event(task, applied, last));
+                            seen.insert(task.spec.id.clone(), print);
+                        }
+                    }
+                    (events, finished)
+                };
+                for event in events {
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if finished {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::timeout(WATCH_POLL, changes.changed()) => {}
+                    _ = sender.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn retry(&self, request: Request<RetryTaskRequest>) -> Result<Response<TaskView>, Status> {
+        let task_id = request.into_inner().task_id;
+        if task_id.is_empty() {
+            return Err(Status::invalid_argument("task_id: must name a task"));
+        }
+        self.core.write(Command::Task(TaskCommand::Retry { task_id: task_id.clone() })).await.map_err(status_from)?;
+        self.core.read_barrier().await.map_err(status_from)?;
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
+        Ok(Response::new(view(table, task)))
     }
 
     async fn complete(&self, request: Request<CompleteTaskRequest>) -> Result<Response<CompleteTaskResponse>, Status> {

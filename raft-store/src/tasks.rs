@@ -296,6 +296,11 @@ pub enum TaskCommand {
         task_id: TaskId,
         reason: String,
     },
+    /// Run a FAILED or CANCELLED task again from its first attempt (its checkpoint kept).
+    /// Tasks that failed because of it stay failed; retry them too.
+    Retry {
+        task_id: TaskId,
+    },
     /// Expire leases and attempts past their time, and tasks past their dependency timeout.
     Tick,
     /// A new leader extends every live lease so that an election never expires them.
@@ -363,6 +368,7 @@ pub enum TaskResponse {
     Ticked { failed_attempts: Vec<TaskId>, failed_tasks: Vec<TaskId> },
     Extended { leases: usize },
     Configured,
+    Retried { state: TaskState },
     SlotsRegistered { slots: usize },
     CheckpointSaved,
     ProgressReported,
@@ -627,6 +633,7 @@ impl TaskTable {
                 }
                 Ok(TaskResponse::Cancelled { tasks: cancelled })
             }
+            TaskCommand::Retry { task_id } => self.retry(now_ms, task_id),
             TaskCommand::Tick => {
                 let mut failed_attempts = Vec::new();
                 let expired: Vec<(TaskId, String)> = self
@@ -789,6 +796,52 @@ impl TaskTable {
                 Ok(TaskResponse::AgentAdded { agent_id })
             }
         }
+    }
+
+    fn retry(&mut self, now_ms: u64, task_id: &TaskId) -> Result<TaskResponse, TaskRejection> {
+        let task = self.tasks.get(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
+        if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
+            return Err(TaskRejection::WrongState {
+                task_id: task_id.clone(),
+                state: task.state,
+                expected: TaskState::Failed,
+            });
+        }
+        if task.expanded {
+            return Err(invalid(
+                "task_id",
+                format!("task {task_id} was planned into subtasks; retry the subtasks that failed"),
+            ));
+        }
+        if let Some(parent) =
+            task.spec.parent.as_ref().filter(|p| self.tasks.get(*p).is_some_and(|p| p.state.is_terminal()))
+        {
+            return Err(invalid("task_id", format!("its parent {parent} has finished; retry the parent instead")));
+        }
+        if let Some(dependency) = task
+            .spec
+            .depends_on
+            .iter()
+            .find(|d| matches!(self.tasks[*d].state, TaskState::Failed | TaskState::Cancelled))
+        {
+            return Err(invalid("depends_on", format!("dependency {dependency} did not complete; retry it first")));
+        }
+        if self.open >= self.limits.queue_size {
+            return Err(TaskRejection::QueueFull { limit: self.limits.queue_size });
+        }
+        let ready = task.spec.depends_on.iter().all(|d| self.tasks[d].state == TaskState::Completed);
+        let task = self.get_mut(task_id)?;
+        task.state = if ready { TaskState::Queued } else { TaskState::Pending };
+        task.attempt = 0;
+        task.not_before_ms = 0;
+        task.cause = None;
+        task.result = None;
+        task.progress = None;
+        task.created_at_ms = now_ms;
+        task.updated_at_ms = now_ms;
+        let state = task.state;
+        self.open += 1;
+        Ok(TaskResponse::Retried { state })
     }
 
     /// Validate a plan and add its subtasks as children of `task_id`, or change nothing.

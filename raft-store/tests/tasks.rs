@@ -339,7 +339,7 @@ fn random_command_sequences_keep_the_invariants_on_every_replica() {
             now += rng.gen_range(0..400);
             let id = format!("t{}", rng.gen_range(0..24));
             let other = format!("t{}", rng.gen_range(0..24));
-            let command = match rng.gen_range(0..12) {
+            let command = match rng.gen_range(0..13) {
                 0 | 1 => {
                     let mut s = spec(&id);
                     if rng.gen_bool(0.2) {
@@ -390,6 +390,7 @@ fn random_command_sequences_keep_the_invariants_on_every_replica() {
                         tokens.get(rng.gen_range(0..tokens.len().max(1))).cloned().unwrap_or((id.clone(), 0));
                     TaskCommand::SaveCheckpoint { task_id: task, token, data: format!("step {step}") }
                 }
+                11 => TaskCommand::Retry { task_id: id.clone() },
                 10 => {
                     let state = [AgentState::Active, AgentState::Draining, AgentState::Terminated][rng.gen_range(0..3)];
                     let state =
@@ -660,4 +661,42 @@ fn spawned_agents_copy_their_type_and_respect_the_node_limit() {
     assert!(matches!(r.apply(0, add(live + 1)), Err(TaskRejection::AgentLimit { limit, .. }) if limit == live + 1));
     let unknown = TaskCommand::AddAgent { node_id: 1, agent_type: "poet".into(), agents_max: 1_000 };
     assert!(matches!(r.apply(0, unknown), Err(TaskRejection::InvalidSpec { field, .. }) if field == "agent_type"));
+}
+
+#[test]
+fn a_failed_or_cancelled_task_can_be_retried_from_its_first_attempt() {
+    let mut r = Replica::new();
+    r.apply(0, submit(spec("a"))).expect("submit");
+    let token = assign_to(&mut r, "a", "a");
+    r.apply(1, TaskCommand::SaveCheckpoint { task_id: "a".into(), token, data: "half".into() }).expect("checkpoint");
+    r.apply(2, fail("a", token, false)).expect("fails for good");
+    assert_eq!(r.state_of("a"), TaskState::Failed);
+    let open = r.state.app.tasks.open_tasks();
+    assert_eq!(
+        r.apply(3, TaskCommand::Retry { task_id: "a".into() }),
+        Ok(TaskResponse::Retried { state: TaskState::Queued })
+    );
+    let task = &r.state.app.tasks.tasks["a"];
+    assert_eq!((task.attempt, task.cause.as_deref(), task.checkpoint.is_some()), (0, None, true));
+    assert_eq!(r.state.app.tasks.open_tasks(), open + 1);
+    assert!(matches!(r.apply(3, TaskCommand::Retry { task_id: "a".into() }), Err(TaskRejection::WrongState { .. })));
+    assert!(matches!(
+        r.apply(3, TaskCommand::Retry { task_id: "nope".into() }),
+        Err(TaskRejection::UnknownTask { .. })
+    ));
+    // A dependent of a failed task waits for its dependency's retry.
+    r.apply(3, submit(spec("b"))).expect("submit b");
+    let b = assign_to(&mut r, "b", "b");
+    r.apply(4, fail("b", b, false)).expect("b fails");
+    let mut c = spec("c");
+    c.depends_on = vec!["b".into()];
+    r.apply(5, submit(c)).expect("c is failed at once");
+    assert_eq!(r.state_of("c"), TaskState::Failed);
+    let refused = r.apply(6, TaskCommand::Retry { task_id: "c".into() });
+    assert!(matches!(&refused, Err(TaskRejection::InvalidSpec { field, .. }) if field == "depends_on"), "{refused:?}");
+    r.apply(6, TaskCommand::Retry { task_id: "b".into() }).expect("retry b");
+    assert_eq!(
+        r.apply(6, TaskCommand::Retry { task_id: "c".into() }),
+        Ok(TaskResponse::Retried { state: TaskState::Pending })
+    );
 }
