@@ -27,8 +27,8 @@ use tonic::Request;
 
 use crate::proto::v1::worker_service_client::WorkerServiceClient;
 use crate::proto::v1::{
-    Assignment, AssignmentsRequest, HeartbeatRequest, LeaseRef, RegisterWorkerRequest, ReportProgressRequest,
-    SaveCheckpointRequest, WorkerCompleteRequest, WorkerFailRequest,
+    Assignment, AssignmentsRequest, HeartbeatRequest, LeaseRef, PlannedSubtask, RegisterWorkerRequest,
+    ReportProgressRequest, SaveCheckpointRequest, SubmitPlanRequest, WorkerCompleteRequest, WorkerFailRequest,
 };
 use crate::{Client, ClientError};
 
@@ -139,6 +139,8 @@ impl Worker {
 
     /// Run assignments with `handler` until the worker cannot reach the cluster within a call
     /// deadline. `Ok(result)` completes the task, `Err(error)` fails the attempt (retryably).
+    /// For a planning assignment (`assignment.planning`), `Ok` carries the plan as JSON
+    /// (see [`parse_plan`]) and is submitted with `SubmitPlan`.
     pub async fn run<F, Fut>(self, handler: F) -> Result<(), ClientError>
     where
         F: Fn(Assignment) -> Fut + Send + Sync + 'static,
@@ -197,36 +199,52 @@ impl Worker {
         F: Fn(Assignment) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<String, String>> + Send + 'static,
     {
-        let (task_id, token) = (assignment.task_id.clone(), assignment.fencing_token);
+        let (task_id, token, planning) = (assignment.task_id.clone(), assignment.fencing_token, assignment.planning);
+        let mut leases = held.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.get(&task_id).is_some_and(|(held_token, _)| *held_token == token) {
+            // Sent again after a reconnect: it is already running.
+            return;
+        }
         let client = self.client.clone();
         let done = held.clone();
         let id = task_id.clone();
         let work = tokio::spawn(async move {
-            let outcome = handler(assignment).await;
+            let report = match handler(assignment).await {
+                Ok(output) if planning => match parse_plan(&output) {
+                    Ok(subtasks) => Report::Plan(subtasks),
+                    Err(error) => Report::Fail(error),
+                },
+                Ok(result) => Report::Complete(result),
+                Err(error) => Report::Fail(error),
+            };
             let reported = client
                 .with_failover(|channel, remaining| {
-                    let outcome = outcome.clone();
+                    let report = report.clone();
                     let id = id.clone();
                     async move {
                         let mut service = WorkerServiceClient::new(channel);
-                        match outcome {
-                            Ok(result) => {
-                                let mut request = Request::new(WorkerCompleteRequest {
+                        match report {
+                            Report::Complete(result) => {
+                                let complete = WorkerCompleteRequest {
                                     task_id: id,
                                     fencing_token: token,
                                     result,
                                     ..Default::default()
-                                });
+                                };
+                                let mut request = Request::new(complete);
                                 request.set_timeout(remaining);
                                 service.complete(request).await.map(|_| ())
                             }
-                            Err(error) => {
-                                let mut request = Request::new(WorkerFailRequest {
-                                    task_id: id,
-                                    fencing_token: token,
-                                    error,
-                                    retryable: true,
-                                });
+                            Report::Plan(subtasks) => {
+                                let mut request =
+                                    Request::new(SubmitPlanRequest { task_id: id, fencing_token: token, subtasks });
+                                request.set_timeout(remaining);
+                                service.submit_plan(request).await.map(|_| ())
+                            }
+                            Report::Fail(error) => {
+                                let fail =
+                                    WorkerFailRequest { task_id: id, fencing_token: token, error, retryable: true };
+                                let mut request = Request::new(fail);
                                 request.set_timeout(remaining);
                                 service.fail(request).await.map(|_| ())
                             }
@@ -237,13 +255,54 @@ impl Worker {
             if let Err(error) = reported {
                 tracing::warn!(task_id = %id, token, %error, "reporting the outcome failed; the lease will expire and the task retry");
             }
-            done.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            let mut leases = done.lock().unwrap_or_else(|p| p.into_inner());
+            // Only this lease's entry: a newer lease on the same task is someone else's business.
+            if leases.get(&id).is_some_and(|(held_token, _)| *held_token == token) {
+                leases.remove(&id);
+            }
         });
-        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, old)) = held.insert(task_id, (token, work)) {
+        if let Some((_, old)) = leases.insert(task_id, (token, work)) {
             old.abort();
         }
     }
+}
+
+/// What a handler's answer becomes.
+#[derive(Clone)]
+enum Report {
+    Complete(String),
+    Plan(Vec<PlannedSubtask>),
+    Fail(String),
+}
+
+/// Read a planning handler's answer: `{"subtasks": [{"key", "task_type", "description",
+/// "input", "depends_on", "capabilities"}]}` (prose or a code fence around it is ignored).
+pub fn parse_plan(output: &str) -> Result<Vec<PlannedSubtask>, String> {
+    let shape = "a plan is {\"subtasks\": [{\"key\", \"task_type\", \"description\", \"input\", \"depends_on\"}]}";
+    let (Some(start), Some(end)) = (output.find('{'), output.rfind('}')) else {
+        return Err(format!("the planner's answer holds no JSON object; {shape}"));
+    };
+    let value: serde_json::Value = output
+        .get(start..=end)
+        .and_then(|text| serde_json::from_str(text).ok())
+        .ok_or_else(|| format!("the planner's answer is not valid JSON; {shape}"))?;
+    let subtasks =
+        value["subtasks"].as_array().ok_or_else(|| format!("the planner's answer has no subtasks list; {shape}"))?;
+    let text = |v: &serde_json::Value, field: &str| v[field].as_str().unwrap_or_default().to_string();
+    let list = |v: &serde_json::Value, field: &str| -> Vec<String> {
+        v[field].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default()
+    };
+    Ok(subtasks
+        .iter()
+        .map(|s| PlannedSubtask {
+            key: text(s, "key"),
+            task_type: text(s, "task_type"),
+            description: text(s, "description"),
+            input: text(s, "input"),
+            depends_on: list(s, "depends_on"),
+            capabilities: list(s, "capabilities"),
+        })
+        .collect())
 }
 
 async fn heartbeat(client: &Client, request: HeartbeatRequest) -> Result<Vec<String>, ClientError> {
@@ -278,5 +337,19 @@ async fn heartbeat_loop(client: Arc<Client>, worker_id: u64, interval: Duration,
             }
             Err(error) => tracing::warn!(%error, "heartbeat failed; retrying next interval"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_plan;
+
+    #[test]
+    fn plans_parse_from_a_handler_answer() {
+        let plan = parse_plan("```json\n{\"subtasks\": [{\"key\": \"a\", \"task_type\": \"coder\", \"description\": \"d\", \"depends_on\": [\"b\"]}]}\n```")
+            .expect("plan");
+        assert_eq!((plan[0].key.as_str(), plan[0].depends_on.clone()), ("a", vec!["b".to_string()]));
+        assert!(parse_plan("nothing").is_err());
+        assert!(parse_plan("{\"steps\": 1}").expect_err("shape").contains("subtasks"));
     }
 }

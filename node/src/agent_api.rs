@@ -142,6 +142,8 @@ impl AgentService for AgentApi {
 pub struct WorkerApi {
     pub core: Arc<NodeCore>,
     pub config: Config,
+    /// Ends open assignment streams when the node stops.
+    pub stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A worker's holder id: stable for its name, and never a node id.
@@ -229,6 +231,7 @@ impl WorkerService for WorkerApi {
         let (sender, receiver) = mpsc::channel(self.config.agents.defaults.batch_size.max(1));
         let core = self.core.clone();
         let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
+        let mut stopped = self.stopped.clone();
         tokio::spawn(async move {
             let mut sent: BTreeMap<TaskId, u64> = BTreeMap::new();
             let mut changes = core.raft.metrics();
@@ -242,27 +245,32 @@ impl WorkerService for WorkerApi {
                     let mut fresh = Vec::new();
                     for (slot_id, _) in table.slots.iter().filter(|(_, s)| s.node_id == worker_id) {
                         let Some(task_id) = table.slot_holder.get(slot_id) else { continue };
+                        let Some(token) = table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token)
+                        else {
+                            continue;
+                        };
+                        held.insert(task_id.clone(), token);
+                        if sent.get(task_id) == Some(&token) {
+                            continue;
+                        }
                         let Some(envelope) =
                             envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &no_api)
                         else {
                             continue;
                         };
-                        held.insert(task_id.clone(), envelope.fencing_token);
-                        if sent.get(task_id) != Some(&envelope.fencing_token) {
-                            fresh.push(Assignment {
-                                task_id: envelope.task_id,
-                                fencing_token: envelope.fencing_token,
-                                attempt: envelope.attempt,
-                                agent_id: envelope.agent_id,
-                                task_type: envelope.task_type,
-                                description: envelope.description,
-                                input: envelope.input,
-                                planning: envelope.planning,
-                                dependency_results: envelope.dependency_results.into_iter().collect(),
-                                checkpoint: envelope.checkpoint.map(|c| c.data).unwrap_or_default(),
-                                timeout_ms: envelope.timeout_ms,
-                            });
-                        }
+                        fresh.push(Assignment {
+                            task_id: envelope.task_id,
+                            fencing_token: envelope.fencing_token,
+                            attempt: envelope.attempt,
+                            agent_id: envelope.agent_id,
+                            task_type: envelope.task_type,
+                            description: envelope.description,
+                            input: envelope.input,
+                            planning: envelope.planning,
+                            dependency_results: envelope.dependency_results.into_iter().collect(),
+                            checkpoint: envelope.checkpoint.map(|c| c.data).unwrap_or_default(),
+                            timeout_ms: envelope.timeout_ms,
+                        });
                     }
                     sent.retain(|task_id, _| held.contains_key(task_id));
                     fresh
@@ -277,6 +285,7 @@ impl WorkerService for WorkerApi {
                 tokio::select! {
                     _ = tokio::time::timeout(STREAM_POLL, changes.changed()) => {}
                     _ = sender.closed() => return,
+                    _ = stopped.wait_for(|stop| *stop) => return,
                 }
             }
         });

@@ -12,7 +12,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
-use crate::agents::credential::Credentials;
+use crate::agents::credential::{AgentScope, Credentials};
 use crate::config::check_address;
 use crate::core::{CoreError, NodeCore};
 
@@ -93,8 +93,8 @@ fn ttl(ttl_ms: u64) -> Option<u64> {
 impl KvApi {
     /// A call carrying an agent credential may only touch its workflow's keys, and only while its
     /// lease is current. Calls without one are clients' (unrestricted until API principals exist).
-    fn check_scope<T>(&self, request: &Request<T>, key: &str) -> Result<(), Status> {
-        let Some(header) = request.metadata().get("authorization") else { return Ok(()) };
+    fn check_scope<T>(&self, request: &Request<T>, key: &str) -> Result<Option<AgentScope>, Status> {
+        let Some(header) = request.metadata().get("authorization") else { return Ok(None) };
         let credential = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
             Status::unauthenticated("authorization: expected `Bearer <credential>` from the task envelope")
         })?;
@@ -114,16 +114,33 @@ impl KvApi {
                 "key {key:?} is outside this agent's workflow; use keys under {prefix}"
             )));
         }
-        Ok(())
+        Ok(Some(scope))
+    }
+
+    /// Write `command`; on behalf of an agent it is fenced by the agent's lease, checked again
+    /// when it applies.
+    async fn write(&self, scope: Option<AgentScope>, command: Command) -> Result<Applied, Status> {
+        let command = match scope {
+            Some(AgentScope { task_id, token }) => Command::Fenced { task_id, token, command: Box::new(command) },
+            None => command,
+        };
+        self.core.write(command).await.map_err(|error| match error {
+            CoreError::Rejected(Rejection::Task(maos_raft_store::tasks::TaskRejection::StaleToken {
+                task_id, ..
+            })) => Status::permission_denied(format!(
+                "the credential's lease on task {task_id} is no longer current; this attempt has ended"
+            )),
+            other => status_from(other),
+        })
     }
 }
 
 #[tonic::async_trait]
 impl KvService for KvApi {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.check_scope(&request, &request.get_ref().key)?;
+        let scope = self.check_scope(&request, &request.get_ref().key)?;
         let PutRequest { key, value, ttl_ms } = request.into_inner();
-        match self.core.write(Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) }).await.map_err(status_from)? {
+        match self.write(scope, Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) }).await? {
             Applied::KvWritten { revision } => Ok(Response::new(PutResponse { revision })),
             other => Err(unexpected(other)),
         }
@@ -149,9 +166,9 @@ impl KvService for KvApi {
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
-        self.check_scope(&request, &request.get_ref().key)?;
+        let scope = self.check_scope(&request, &request.get_ref().key)?;
         let key = request.into_inner().key;
-        match self.core.write(Command::KvDelete { key }).await.map_err(status_from)? {
+        match self.write(scope, Command::KvDelete { key }).await? {
             Applied::KvDeleted { existed } => Ok(Response::new(DeleteResponse { existed })),
             other => Err(unexpected(other)),
         }
@@ -161,14 +178,9 @@ impl KvService for KvApi {
         &self,
         request: Request<CompareAndSetRequest>,
     ) -> Result<Response<CompareAndSetResponse>, Status> {
-        self.check_scope(&request, &request.get_ref().key)?;
+        let scope = self.check_scope(&request, &request.get_ref().key)?;
         let CompareAndSetRequest { key, expected, value, ttl_ms } = request.into_inner();
-        match self
-            .core
-            .write(Command::KvCompareAndSet { key, expected, value, ttl_ms: ttl(ttl_ms) })
-            .await
-            .map_err(status_from)?
-        {
+        match self.write(scope, Command::KvCompareAndSet { key, expected, value, ttl_ms: ttl(ttl_ms) }).await? {
             Applied::KvWritten { revision } => {
                 Ok(Response::new(CompareAndSetResponse { succeeded: true, revision, current: None }))
             }

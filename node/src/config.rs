@@ -534,8 +534,8 @@ impl Config {
         if agents.defaults.timeout == 0 {
             bad("agents.defaults.timeout", "must be at least 1 (seconds)".into());
         }
-        if agents.defaults.batch_size == 0 {
-            bad("agents.defaults.batch_size", "must be at least 1".into());
+        if agents.defaults.batch_size == 0 || agents.defaults.batch_size > 10_000 {
+            bad("agents.defaults.batch_size", "must be in 1..=10000".into());
         }
         let slots: u64 = agents.types.values().map(|t| u64::from(t.slots)).sum();
         if slots > system.max_agents as u64 {

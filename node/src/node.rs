@@ -187,7 +187,8 @@ where
         accept_unserved_types: config.scheduler.accept_unserved_types,
     });
     let agents_service = AgentServiceServer::new(AgentApi { core: core.clone(), config: config.clone() });
-    let workers_service = WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone() });
+    let workers_service =
+        WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone(), stopped: stopped.clone() });
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
     let routes = tonic::service::Routes::from(crate::http::router(core.clone(), agent_metrics.clone()))
         .add_service(kv)

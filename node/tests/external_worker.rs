@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{get, tasks_client, wait_all, STEP};
-use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
+use maos_client::proto::v1::agent_service_client::AgentServiceClient;
+use maos_client::proto::v1::{ListAgentsRequest, SubmitTaskRequest, TaskState};
 use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// The example worker, built next to this test by `cargo build --workspace --all-targets`.
@@ -71,6 +72,21 @@ async fn an_sdk_worker_runs_tasks_and_its_death_leads_to_re_lease() -> anyhow::R
     let mut client = tasks_client(&cluster, leader)?;
 
     let first = start_worker(&endpoints, "worker-a", u64::MAX, root.path())?;
+    // Submits of a type nobody serves are refused: wait for the worker's registration.
+    let channel = cluster.client_of(leader)?.channel(0).ok_or_else(|| anyhow::anyhow!("channel"))?;
+    let mut agents = AgentServiceClient::new(channel);
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !agents
+        .list(ListAgentsRequest::default())
+        .await?
+        .into_inner()
+        .agents
+        .iter()
+        .any(|a| a.agent_type == "scraper")
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut quick = Vec::new();
     for i in 0..2 {
         quick.push(client.submit(submit(&format!("hello-{i}"), i)).await?.into_inner().task_id);

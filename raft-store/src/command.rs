@@ -91,6 +91,9 @@ pub enum Command {
     KvDelete { key: String },
     /// A task, lease or scheduling command.
     Task(TaskCommand),
+    /// A key-value write made on behalf of a lease (an agent's shared state): it applies only
+    /// while `token` is `task_id`'s current lease, so a stale agent's write changes nothing.
+    Fenced { task_id: String, token: u64, command: Box<Command> },
 }
 
 impl Command {
@@ -104,12 +107,19 @@ impl Command {
                 key.len() + value.len() + expected.as_ref().map_or(0, String::len)
             }
             Command::KvDelete { key } => key.len(),
+            Command::Fenced { task_id, command, .. } => task_id.len() + command.payload_bytes(),
             Command::Task(TaskCommand::Submit { spec }) => spec.description.len() + spec.input.len(),
             Command::Task(TaskCommand::Complete { result, .. }) => result.len(),
             Command::Task(TaskCommand::Fail { error, .. }) => error.len(),
             Command::Task(TaskCommand::SaveCheckpoint { data, .. }) => data.len(),
-            Command::Task(TaskCommand::Expand { subtasks, .. }) => {
-                subtasks.iter().map(|s| s.description.len() + s.input.len() + 64).sum()
+            Command::Task(TaskCommand::Expand { subtasks, .. }) => subtasks
+                .iter()
+                .map(|s| {
+                    s.description.len() + s.input.len() + s.depends_on.iter().map(|d| d.len() + 8).sum::<usize>() + 64
+                })
+                .sum(),
+            Command::Task(TaskCommand::Renew { leases, .. }) => {
+                64 + leases.iter().map(|(id, _)| id.len() + 16).sum::<usize>()
             }
             Command::Task(_) => 64,
         }

@@ -14,7 +14,7 @@ use crate::command::{
     Command, Rejection, Request, Response, Responses, ADDRESS_BYTES_MAX, BATCH_COMMANDS_MAX, CLUSTER_NAME_BYTES_MAX,
     KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
 };
-use crate::tasks::{check_spec, TaskCommand, TaskTable};
+use crate::tasks::{check_plan, check_spec, TaskCommand, TaskRejection, TaskTable, SLOTS_PER_NODE_MAX};
 use crate::{Entry, MaosNode, NodeId};
 
 /// The identity recorded by the node that initialised the group.
@@ -242,7 +242,30 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
         }
         Command::KvDelete { key } => check_key(key),
         Command::Task(TaskCommand::Submit { spec }) => Ok(check_spec(spec)?),
+        Command::Task(TaskCommand::Expand { subtasks, .. }) => {
+            // The state-free rules (the width limit is checked at apply, against the limits).
+            check_plan(subtasks, usize::MAX)?;
+            Ok(())
+        }
+        Command::Task(TaskCommand::Renew { leases, .. }) if leases.len() > SLOTS_PER_NODE_MAX => {
+            Err(Rejection::InvalidField {
+                field: "leases".into(),
+                message: format!("{} leases in one renewal, over the limit of {SLOTS_PER_NODE_MAX}", leases.len()),
+            })
+        }
         Command::Task(_) => Ok(()),
+        Command::Fenced { task_id, command, .. } => {
+            check_non_empty("task_id", task_id)?;
+            match command.as_ref() {
+                Command::KvPut { .. } | Command::KvCompareAndSet { .. } | Command::KvDelete { .. } => {
+                    check_command(command)
+                }
+                _ => Err(Rejection::InvalidField {
+                    field: "command".into(),
+                    message: "only key-value writes are made on behalf of a lease".into(),
+                }),
+            }
+        }
     }
 }
 
@@ -347,6 +370,17 @@ fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command)
             let existed = app.kv_get(key, now_ms).is_some();
             remove_kv(app, key);
             Ok(Response::KvDeleted { existed })
+        }
+        Command::Fenced { task_id, token: presented, command } => {
+            let current = app.tasks.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token);
+            if current != Some(*presented) {
+                return Err(Rejection::Task(TaskRejection::StaleToken {
+                    task_id: task_id.clone(),
+                    presented: *presented,
+                    current,
+                }));
+            }
+            apply_command(app, now_ms, token, command)
         }
         Command::Task(command) => {
             if matches!(command, TaskCommand::Tick) {
@@ -608,5 +642,54 @@ mod tests {
         let zero = Command::KvPut { key: "k".into(), value: "x".into(), ttl_ms: Some(0) };
         let refused = state.apply(&entry(5, 1_500, zero)).expect("current format");
         assert!(matches!(&refused[0], Response::Rejected(Rejection::InvalidField { field, .. }) if field == "ttl_ms"));
+    }
+
+    #[test]
+    fn a_fenced_write_applies_only_while_its_lease_is_current() {
+        use crate::tasks::{Priority, Slot, TaskSpec};
+        let mut state = StateMachineData::default();
+        let slot = Slot { node_id: 1, agent_type: "coder".into(), ..Slot::default() };
+        let register = TaskCommand::RegisterSlots { node_id: 1, slots: [("n1/coder/0".to_string(), slot)].into() };
+        state.apply(&entry(1, 1, Command::Task(register))).expect("current format");
+        let spec = TaskSpec {
+            id: "t".into(),
+            task_type: "coder".into(),
+            priority: Priority::Normal,
+            description: "d".into(),
+            input: String::new(),
+            depends_on: vec![],
+            parent: None,
+            max_retries: 0,
+            timeout_ms: 60_000,
+            idempotency_key: None,
+            submitter: "s".into(),
+            labels: Default::default(),
+            capabilities: Default::default(),
+            planner_type: None,
+        };
+        state.apply(&entry(2, 2, Command::Task(TaskCommand::Submit { spec: Box::new(spec) }))).expect("format");
+        let assign =
+            TaskCommand::Assign { task_id: "t".into(), slot: "n1/coder/0".into(), node_id: 1, lease_ms: 10_000 };
+        state.apply(&entry(3, 3, Command::Task(assign))).expect("format");
+        let token = fencing_token(3, 0);
+        let fenced = |token| Command::Fenced {
+            task_id: "t".into(),
+            token,
+            command: Box::new(Command::KvPut { key: "workflows/t/k".into(), value: "v".into(), ttl_ms: None }),
+        };
+        assert_eq!(
+            state.apply(&entry(4, 4, fenced(token))).expect("format"),
+            vec![Response::KvWritten { revision: 1 }]
+        );
+        let stale = state.apply(&entry(5, 5, fenced(token + 1))).expect("format");
+        assert!(
+            matches!(&stale[0], Response::Rejected(Rejection::Task(TaskRejection::StaleToken { .. }))),
+            "{stale:?}"
+        );
+        let nested =
+            Command::Fenced { task_id: "t".into(), token, command: Box::new(Command::Task(TaskCommand::Tick)) };
+        let refused = state.apply(&entry(6, 6, nested)).expect("format");
+        assert!(matches!(&refused[0], Response::Rejected(Rejection::InvalidField { field, .. }) if field == "command"));
+        state.validate().expect("valid");
     }
 }

@@ -142,6 +142,8 @@ impl Slot {
 
 /// Holder ids from here up belong to external workers; node ids stay below.
 pub const WORKER_ID_MIN: u64 = 1 << 62;
+/// An external worker silent this long, holding no lease, is forgotten with its agents.
+pub const WORKER_FORGET_MS: u64 = 3_600_000;
 
 /// Tokens an attempt consumed from a model API.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -580,6 +582,14 @@ impl TaskTable {
                     .get_mut(task_id)
                     .ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
                 check_token(task, *presented)?;
+                if task.spec.planner_type.is_some() && !task.expanded {
+                    return Err(invalid(
+                        "result",
+                        format!(
+                            "task {task_id} is being planned: answer with a plan (Expand / SubmitPlan), not a result"
+                        ),
+                    ));
+                }
                 task.result = Some(result.clone());
                 close(
                     &mut self.open,
@@ -658,12 +668,15 @@ impl TaskTable {
                 let waited_too_long: Vec<TaskId> = self
                     .tasks
                     .iter()
-                    .filter(|(_, t)| waits_on_dependencies(t) && t.created_at_ms.saturating_add(timeout) <= now_ms)
+                    .filter(|(_, t)| {
+                        waits_on_dependencies(&self.tasks, t) && t.created_at_ms.saturating_add(timeout) <= now_ms
+                    })
                     .map(|(id, _)| id.clone())
                     .collect();
                 for task_id in &waited_too_long {
                     self.finish_failed(now_ms, task_id, format!("dependencies not complete within {timeout} ms"));
                 }
+                self.forget_gone_workers(now_ms);
                 Ok(TaskResponse::Ticked { failed_attempts, failed_tasks: waited_too_long })
             }
             TaskCommand::ExtendLeases { by_ms } => {
@@ -897,6 +910,12 @@ impl TaskTable {
             if self.tasks.contains_key(&spec.id) {
                 return Err(TaskRejection::DuplicateId { task_id: spec.id });
             }
+            if !self.slots.values().any(|slot| slot.agent_type == spec.task_type) {
+                return Err(invalid(
+                    &format!("plan.subtasks[{}].task_type", planned.key),
+                    format!("no agent serves type {:?}; use a type of the cluster's agents", spec.task_type),
+                ));
+            }
             previous = Some(spec.id.clone());
             specs.push(spec);
         }
@@ -974,8 +993,30 @@ impl TaskTable {
         let timeout = self.limits.dependency_timeout_ms;
         self.tasks.values().any(|t| match &t.lease {
             Some(lease) => lease.expires_at_ms <= now_ms || lease.attempt_deadline_ms <= now_ms,
-            None => waits_on_dependencies(t) && t.created_at_ms.saturating_add(timeout) <= now_ms,
-        })
+            None => waits_on_dependencies(&self.tasks, t) && t.created_at_ms.saturating_add(timeout) <= now_ms,
+        }) || self
+            .node_seen_ms
+            .iter()
+            .any(|(holder, seen)| *holder >= WORKER_ID_MIN && seen.saturating_add(WORKER_FORGET_MS) <= now_ms)
+    }
+
+    /// Drop the agents of external workers silent for [`WORKER_FORGET_MS`] that hold no lease,
+    /// so workers that come and go under new names do not fill the table.
+    fn forget_gone_workers(&mut self, now_ms: u64) {
+        let gone: BTreeSet<u64> = self
+            .node_seen_ms
+            .iter()
+            .filter(|(holder, seen)| **holder >= WORKER_ID_MIN && seen.saturating_add(WORKER_FORGET_MS) <= now_ms)
+            .map(|(holder, _)| *holder)
+            .filter(|holder| {
+                !self.slots.iter().any(|(id, slot)| slot.node_id == *holder && self.slot_holder.contains_key(id))
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.slots.retain(|_, slot| !gone.contains(&slot.node_id));
+        self.node_seen_ms.retain(|holder, _| !gone.contains(holder));
     }
 
     /// Whether node `node_id` renewed or registered within `window_ms` of `now_ms`.
@@ -1233,8 +1274,13 @@ pub fn slot_fits(slot: &Slot, spec: &TaskSpec) -> bool {
 }
 
 /// A PENDING task waiting on its dependencies (not an expanded parent waiting on children).
-fn waits_on_dependencies(task: &Task) -> bool {
-    task.state == TaskState::Pending && !task.expanded
+/// A PENDING task waiting on dependencies it was submitted with: not an expanded parent (it
+/// waits on children) and not a planned subtask (it waits on its siblings, each bounded by its
+/// own retries and timeout; a plan's later steps may start long after the plan was made).
+fn waits_on_dependencies(tasks: &BTreeMap<TaskId, Box<Task>>, task: &Task) -> bool {
+    task.state == TaskState::Pending
+        && !task.expanded
+        && !task.spec.parent.as_ref().and_then(|p| tasks.get(p)).is_some_and(|parent| parent.expanded)
 }
 
 fn plan_key(task: &Task) -> &str {
@@ -1271,6 +1317,12 @@ pub fn check_plan(subtasks: &[PlannedTask], branches_max: usize) -> Result<Vec<u
         return Err(invalid(
             "plan.subtasks",
             format!("{} subtasks; a plan has 1..={PLAN_SUBTASKS_MAX}", subtasks.len()),
+        ));
+    }
+    if let Some(planned) = subtasks.iter().find(|p| p.depends_on.len() > PLAN_SUBTASKS_MAX) {
+        return Err(invalid(
+            &format!("plan.subtasks[{}].depends_on", planned.key),
+            format!("{} dependencies; a plan has at most {PLAN_SUBTASKS_MAX} subtasks", planned.depends_on.len()),
         ));
     }
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();

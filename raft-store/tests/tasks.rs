@@ -700,3 +700,50 @@ fn a_failed_or_cancelled_task_can_be_retried_from_its_first_attempt() {
         Ok(TaskResponse::Retried { state: TaskState::Pending })
     );
 }
+
+#[test]
+fn plans_name_served_types_and_a_planning_attempt_cannot_complete_with_a_result() {
+    let mut r = Replica::new();
+    let token = planning_task(&mut r, "parent");
+    let unserved = vec![PlannedTask { task_type: "poet".into(), ..planned("verse", &[]) }];
+    let refused = r.apply(0, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: unserved });
+    assert!(
+        matches!(&refused, Err(TaskRejection::InvalidSpec { field, .. }) if field == "plan.subtasks[verse].task_type"),
+        "{refused:?}"
+    );
+    let completed = r.apply(0, complete("parent", token));
+    assert!(matches!(&completed, Err(TaskRejection::InvalidSpec { field, .. }) if field == "result"), "{completed:?}");
+    assert_eq!(r.state_of("parent"), TaskState::Running);
+}
+
+#[test]
+fn planned_steps_wait_on_their_siblings_beyond_the_dependency_timeout() {
+    let mut r = Replica::new();
+    let limits = TaskLimits { dependency_timeout_ms: 1_000, ..TaskLimits::default() };
+    r.apply(0, TaskCommand::Configure { limits }).expect("configure");
+    let token = planning_task(&mut r, "parent");
+    let plan = vec![planned("slow", &[]), planned("after", &["slow"])];
+    r.apply(0, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: plan }).expect("expand");
+    let slow = assign_to(&mut r, "parent.slow", "a");
+    r.apply(60_000, TaskCommand::Renew { node_id: 1, leases: vec![("parent.slow".into(), slow)], lease_ms: 120_000 })
+        .expect("renew");
+    r.apply(60_000, TaskCommand::Tick).expect("tick");
+    assert_eq!(r.state_of("parent.after"), TaskState::Pending, "a planned step is not timed out by its plan's age");
+}
+
+#[test]
+fn external_workers_silent_for_an_hour_are_forgotten_with_their_agents() {
+    use maos_raft_store::tasks::{WORKER_FORGET_MS, WORKER_ID_MIN};
+    let mut r = Replica::new();
+    let worker = WORKER_ID_MIN + 7;
+    let slot = Slot { node_id: worker, agent_type: "scraper".into(), backend: "external".into(), ..Slot::default() };
+    r.apply(0, TaskCommand::RegisterSlots { node_id: worker, slots: [("w:gone/scraper/0".to_string(), slot)].into() })
+        .expect("register");
+    r.apply(WORKER_FORGET_MS - 1, TaskCommand::Tick).expect("tick");
+    assert!(r.state.app.tasks.slots.contains_key("w:gone/scraper/0"));
+    assert!(r.state.app.tasks.tick_due(WORKER_FORGET_MS));
+    r.apply(WORKER_FORGET_MS, TaskCommand::Tick).expect("tick");
+    assert!(!r.state.app.tasks.slots.contains_key("w:gone/scraper/0"));
+    assert!(!r.state.app.tasks.node_seen_ms.contains_key(&worker));
+    assert!(r.state.app.tasks.slots.contains_key("n1/coder/a"), "nodes' agents stay");
+}

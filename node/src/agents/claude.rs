@@ -36,9 +36,15 @@ impl ApiKey {
 
     /// From `CLAUDE_API_KEY`, else `ANTHROPIC_API_KEY`, else the first line of `file`.
     pub fn from_environment(file: Option<&std::path::Path>) -> Result<Self, String> {
+        let usable = |key: Self, source: &str| match reqwest::header::HeaderValue::from_str(&key.0) {
+            Ok(_) => Ok(key),
+            Err(_) => Err(format!(
+                "{source}: the key holds characters an HTTP header cannot carry; check for stray quotes or spaces"
+            )),
+        };
         for name in ["CLAUDE_API_KEY", "ANTHROPIC_API_KEY"] {
             if let Some(key) = std::env::var(name).ok().filter(|k| !k.trim().is_empty()) {
-                return Ok(Self::new(key));
+                return usable(Self::new(key), name);
             }
         }
         if let Some(path) = file {
@@ -46,12 +52,20 @@ impl ApiKey {
                 .map_err(|e| format!("agents.claude.api_key_file: cannot read {}: {e}", path.display()))?;
             let key = text.lines().next().unwrap_or_default().trim().to_string();
             if !key.is_empty() {
-                return Ok(Self(key));
+                return usable(Self(key), "agents.claude.api_key_file");
             }
             return Err(format!("agents.claude.api_key_file: {} is empty", path.display()));
         }
         Err("a claude agent needs an API key: set CLAUDE_API_KEY (or ANTHROPIC_API_KEY) or agents.claude.api_key_file"
             .into())
+    }
+
+    /// The key as a header value, marked sensitive (kept out of HTTP-level debug output).
+    fn header(&self) -> reqwest::header::HeaderValue {
+        let mut value = reqwest::header::HeaderValue::from_str(&self.0)
+            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        value
     }
 
     /// `text` with every occurrence of the key replaced.
@@ -181,7 +195,14 @@ impl ClaudeBackend {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(envelope.timeout_ms);
         let mut last = String::new();
         for retry in 0..=self.max_retries {
-            match self.request(&url, &body).await {
+            let answer = match tokio::time::timeout_at(deadline, self.request(&url, &body)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    let last = if last.is_empty() { "the request timed out".to_string() } else { last };
+                    return Outcome::failed(format!("Messages API: the attempt's deadline passed ({last})"), true);
+                }
+            };
+            match answer {
                 Ok(outcome) => return outcome,
                 Err(Attempt::Fatal(error)) => return Outcome::failed(self.key.scrub(&error), false),
                 Err(Attempt::Retry { why, after }) => {
@@ -209,7 +230,7 @@ impl ClaudeBackend {
         let response = self
             .http
             .post(url)
-            .header("x-api-key", &self.key.0)
+            .header("x-api-key", self.key.header())
             .header("anthropic-version", ANTHROPIC_VERSION)
             .header("content-type", "application/json")
             .json(body)

@@ -48,12 +48,16 @@ pub struct CommandBackend {
     pub timeout: Duration,
 }
 
-/// Kills the agent's process group when dropped: on cancel, lease loss, timeout, and after exit.
-struct GroupKill(i32);
+/// Kills the agent's process group when dropped before the attempt ended normally: on cancel,
+/// lease loss or shutdown. Disarmed once the group was killed and the agent reaped, so a later
+/// group that reuses the id is never signalled.
+struct GroupKill(Option<i32>);
 
 impl Drop for GroupKill {
     fn drop(&mut self) {
-        kill_group(self.0);
+        if let Some(pgid) = self.0 {
+            kill_group(pgid);
+        }
     }
 }
 
@@ -259,7 +263,7 @@ impl CommandBackend {
                 ..Outcome::failed("the agent exited before it could be supervised", true)
             };
         };
-        let _group = GroupKill(pgid);
+        let mut group = GroupKill(Some(pgid));
         let task_id = envelope.task_id.clone();
         tracing::debug!(task_id = %task_id, attempt = envelope.attempt, pid = pgid, "agent process started");
 
@@ -286,7 +290,8 @@ impl CommandBackend {
             let mut ticker = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
             loop {
                 ticker.tick().await;
-                let resident = group_rss_bytes(pgid);
+                // Reading /proc blocks; keep it off the async workers.
+                let resident = tokio::task::spawn_blocking(move || group_rss_bytes(pgid)).await.unwrap_or(0);
                 if resident > memory_limit {
                     return resident;
                 }
@@ -305,11 +310,25 @@ impl CommandBackend {
         // Whatever happened, nothing of the agent's group outlives the attempt.
         kill_group(pgid);
         let _ = child.wait().await;
+        group.0 = None;
         writer.abort();
-        let (stdout, stdout_overflowed) =
-            tokio::time::timeout(DRAIN_TIMEOUT, stdout_reader).await.ok().and_then(Result::ok).unwrap_or_default();
-        let stderr_tail =
-            tokio::time::timeout(DRAIN_TIMEOUT, stderr_reader).await.ok().and_then(Result::ok).unwrap_or_default();
+        // A process that left the group (setsid) may still hold the pipes: stop waiting for it,
+        // and drop the readers (and with them the event sender) so the outcome is not held up.
+        let (mut stdout_reader, mut stderr_reader) = (stdout_reader, stderr_reader);
+        let (stdout, stdout_overflowed) = match tokio::time::timeout(DRAIN_TIMEOUT, &mut stdout_reader).await {
+            Ok(Ok(read)) => read,
+            _ => {
+                stdout_reader.abort();
+                Default::default()
+            }
+        };
+        let stderr_tail = match tokio::time::timeout(DRAIN_TIMEOUT, &mut stderr_reader).await {
+            Ok(Ok(tail)) => tail,
+            _ => {
+                stderr_reader.abort();
+                String::new()
+            }
+        };
         let tail = stderr_tail.trim();
         let with_tail = |message: String| if tail.is_empty() { message } else { format!("{message}; stderr: {tail}") };
         let kind = match end {

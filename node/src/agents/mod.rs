@@ -379,6 +379,9 @@ impl AgentRuntime {
         };
         let mut rate = SpawnRate::new(self.config.system.agent_spawn_rate, tokio::time::Instant::now());
         let mut running: BTreeMap<TaskId, Attempt> = BTreeMap::new();
+        // Attempts that ended here, until this node's state no longer shows their lease: their
+        // outcome may not have applied here yet (or at all), and they must not run again.
+        let mut ended: BTreeMap<TaskId, u64> = BTreeMap::new();
         let mut start_failures: BTreeMap<String, u32> = BTreeMap::new();
         let mut last_renewal = tokio::time::Instant::now();
         let mut changes = self.core.raft.metrics();
@@ -398,6 +401,7 @@ impl AgentRuntime {
                 running.iter().filter(|(_, a)| a.work.is_finished()).map(|(id, _)| id.clone()).collect();
             for task_id in finished {
                 let Some(attempt) = running.remove(&task_id) else { continue };
+                ended.insert(task_id.clone(), attempt.token);
                 let spawn_failed = attempt.work.await.unwrap_or(false);
                 let failures = start_failures.entry(attempt.slot.clone()).or_default();
                 *failures = if spawn_failed { *failures + 1 } else { 0 };
@@ -416,15 +420,19 @@ impl AgentRuntime {
             let (spawned, registered, new_leases, held) = {
                 let state = self.core.state.read();
                 let table = &state.app.tasks;
-                // Agents spawned at run time live in the replicated state only.
+                // Agents spawned at run time live in the replicated state only; terminated ones
+                // are dropped at the next registration (configured ones stay, terminated).
                 let spawned: BTreeMap<String, Slot> = table
                     .slots
                     .iter()
-                    .filter(|(id, s)| s.node_id == self.core.id && !configured.contains_key(*id))
+                    .filter(|(id, s)| {
+                        s.node_id == self.core.id && !configured.contains_key(*id) && s.state != AgentState::Terminated
+                    })
                     .map(|(id, s)| (id.clone(), s.clone()))
                     .collect();
-                let registered =
-                    configured.iter().all(|(id, slot)| table.slots.get(id).is_some_and(|s| s.same_definition(slot)));
+                let own = table.slots.values().filter(|s| s.node_id == self.core.id).count();
+                let registered = own == configured.len() + spawned.len()
+                    && configured.iter().all(|(id, slot)| table.slots.get(id).is_some_and(|s| s.same_definition(slot)));
                 let mut held: BTreeMap<TaskId, u64> = BTreeMap::new();
                 let mut new_leases = Vec::new();
                 for (slot_id, slot) in configured.iter().chain(spawned.iter()) {
@@ -432,6 +440,10 @@ impl AgentRuntime {
                     let Some(token) = table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token) else {
                         continue;
                     };
+                    if ended.get(task_id) == Some(&token) {
+                        // Its outcome is on its way; no renewal, no second run.
+                        continue;
+                    }
                     held.insert(task_id.clone(), token);
                     if running.get(task_id).is_none_or(|a| a.token != token) {
                         if let Some(envelope) =
@@ -446,10 +458,20 @@ impl AgentRuntime {
             if !registered && self.core.leader().is_some() {
                 let pool = configured.iter().map(|(id, s)| (id.clone(), s.clone())).chain(spawned).collect();
                 let command = Command::Task(TaskCommand::RegisterSlots { node_id: self.core.id, slots: pool });
-                if let Err(error) = self.core.write(command).await {
-                    tracing::debug!(%error, "registering the agent pool failed; retrying");
+                match self.core.write(command).await {
+                    Ok(_) => continue,
+                    // Still renew below: a refused registration must not make the node look dead.
+                    Err(error) => {
+                        tracing::warn!(node_id = self.core.id, %error, "registering the agent pool failed; retrying")
+                    }
                 }
-                continue;
+            }
+            {
+                let state = self.core.state.read();
+                let table = &state.app.tasks;
+                ended.retain(|task_id, token| {
+                    table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).is_some_and(|l| l.token == *token)
+                });
             }
             // Lease lost: stop the attempt (dropping it kills a command agent's process group).
             running.retain(|task_id, attempt| {
@@ -472,7 +494,9 @@ impl AgentRuntime {
                         error,
                         retryable: true,
                     };
-                    let _ = self.core.write(Command::Task(fail)).await;
+                    if let Err(error) = self.core.write(Command::Task(fail)).await {
+                        tracing::warn!(task_id = %envelope.task_id, %error, "failing an attempt with no backend did not apply");
+                    }
                     continue;
                 };
                 if !backend.is_builtin() && !rate.try_take(tokio::time::Instant::now()) {
