@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                         labels: BTreeMap::new(),
                         capabilities: BTreeSet::new(),
                         planner_type: None,
+                        max_agents: None,
                     }),
                 })
             })

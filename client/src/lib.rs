@@ -25,9 +25,15 @@ pub mod proto {
     }
 }
 
+use proto::v1::agent_service_client::AgentServiceClient;
 use proto::v1::cluster_service_client::ClusterServiceClient;
 use proto::v1::kv_service_client::KvServiceClient;
-use proto::v1::{GetRequest, PutRequest, StatusRequest, StatusResponse};
+use proto::v1::task_service_client::TaskServiceClient;
+use proto::v1::{
+    AgentRequest, AgentView, CancelTaskRequest, GetRequest, GetTaskRequest, ListAgentsRequest, ListAgentsResponse,
+    ListTasksRequest, ListTasksResponse, PutRequest, RetryTaskRequest, SpawnAgentRequest, StatusRequest,
+    StatusResponse, SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults, TaskView, WatchTaskRequest,
+};
 
 /// How long one call may take, retries included, unless the caller sets another.
 pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
@@ -68,6 +74,22 @@ impl ClientError {
             _ => ClientError::Server(status),
         }
     }
+}
+
+/// A change of an agent's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentChange {
+    Pause,
+    Resume,
+    Terminate,
+}
+
+/// A key unique to this process and call: time, process id and a counter.
+fn idempotency_key() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("sdk-{nanos:x}-{:x}-{count:x}", std::process::id())
 }
 
 /// Whether a failed attempt may be retried on another node.
@@ -229,6 +251,108 @@ impl Client {
             }),
             Err(status) => Err(ClientError::from_status(status)),
         }
+    }
+
+    /// Submit a task. Without an idempotency key the SDK sets one, so a retry on another node
+    /// after a timeout or a failover never creates a second task.
+    pub async fn submit(&self, mut request: SubmitTaskRequest) -> Result<SubmitTaskResponse, ClientError> {
+        if request.idempotency_key.is_empty() {
+            request.idempotency_key = idempotency_key();
+        }
+        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.submit(r).await }).await
+    }
+
+    /// A task (linearizable read).
+    pub async fn task(&self, task_id: &str) -> Result<TaskView, ClientError> {
+        let request = GetTaskRequest { task_id: task_id.into(), stale: false };
+        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.get(r).await }).await
+    }
+
+    /// One page of tasks.
+    pub async fn list_tasks(&self, request: ListTasksRequest) -> Result<ListTasksResponse, ClientError> {
+        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.list(r).await }).await
+    }
+
+    /// A task's result and its children's.
+    pub async fn results(&self, task_id: &str) -> Result<TaskResults, ClientError> {
+        let request = GetTaskRequest { task_id: task_id.into(), stale: false };
+        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.results(r).await }).await
+    }
+
+    /// Cancel a task and its descendants; returns the tasks cancelled.
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<Vec<String>, ClientError> {
+        let request = CancelTaskRequest { task_id: task_id.into(), reason: reason.into() };
+        let answer = self
+            .unary(request, TaskServiceClient::new, |mut service, r| async move { service.cancel(r).await })
+            .await?;
+        Ok(answer.cancelled)
+    }
+
+    /// Run a failed or cancelled task again.
+    pub async fn retry(&self, task_id: &str) -> Result<TaskView, ClientError> {
+        let request = RetryTaskRequest { task_id: task_id.into() };
+        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.retry(r).await }).await
+    }
+
+    /// A task's events until it finishes (from the first endpoint that accepts the watch; the
+    /// stream itself has no deadline).
+    pub async fn watch(
+        &self,
+        task_id: &str,
+        include_children: bool,
+    ) -> Result<tonic::Streaming<TaskEvent>, ClientError> {
+        let request = WatchTaskRequest { task_id: task_id.into(), include_children };
+        self.with_failover(|channel, _| {
+            let request = request.clone();
+            async move { Ok(TaskServiceClient::new(channel).watch(request).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Agents of one node or worker (`node_id`), or of all (0).
+    pub async fn agents(&self, node_id: u64) -> Result<ListAgentsResponse, ClientError> {
+        let request = ListAgentsRequest { node_id };
+        self.unary(request, AgentServiceClient::new, |mut service, r| async move { service.list(r).await }).await
+    }
+
+    /// Add an agent of `agent_type` to node `node_id` (0: the node that takes the call).
+    pub async fn spawn_agent(&self, node_id: u64, agent_type: &str) -> Result<AgentView, ClientError> {
+        let request = SpawnAgentRequest { node_id, agent_type: agent_type.into() };
+        self.unary(request, AgentServiceClient::new, |mut service, r| async move { service.spawn(r).await }).await
+    }
+
+    /// Pause (drain), resume or terminate an agent.
+    pub async fn set_agent(&self, agent_id: &str, change: AgentChange) -> Result<AgentView, ClientError> {
+        let request = AgentRequest { agent_id: agent_id.into() };
+        self.unary(request, AgentServiceClient::new, move |mut service, r| async move {
+            match change {
+                AgentChange::Pause => service.pause(r).await,
+                AgentChange::Resume => service.resume(r).await,
+                AgentChange::Terminate => service.terminate(r).await,
+            }
+        })
+        .await
+    }
+
+    /// One unary call with failover and a deadline; `call` gets a service client and the request.
+    async fn unary<S, Req, Resp, F, Fut>(
+        &self,
+        request: Req,
+        make: fn(Channel) -> S,
+        call: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(S, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.with_failover(|channel, remaining| {
+            let mut wrapped = Request::new(request.clone());
+            wrapped.set_timeout(remaining);
+            let answer = call(make(channel), wrapped);
+            async move { Ok(answer.await?.into_inner()) }
+        })
+        .await
     }
 
     /// A raw channel to `endpoints()[index]`, for calls the SDK does not wrap yet.

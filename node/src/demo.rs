@@ -1,19 +1,53 @@
-//! `maos demo`: a local 3-node cluster on the embedded default, a failover, and proof that every
-//! acknowledged write survived it.
+//! `maos demo`: the main job. A local 3-node cluster on the embedded default runs a multi-agent
+//! workflow (a planner fans out to parallel builtin agents, then an aggregating step), the
+//! leader is killed mid-way, and the workflow still completes: every step once, nothing lost.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
 
 use crate::local_cluster::{LocalCluster, LocalClusterOptions};
 
-/// Writes made before and after the failover.
-const WRITES_PER_PHASE: usize = 50;
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Parallel branches in the demo workflow, and how long each works.
+const BRANCHES: u64 = 6;
+const BRANCH_WORK_MS: u64 = 3_000;
+/// The submit's idempotency key: resubmitting it must return the same workflow.
+const WORKFLOW_KEY: &str = "demo-workflow";
+
+fn state_name(state: i32) -> &'static str {
+    match TaskState::try_from(state) {
+        Ok(TaskState::Pending) => "PENDING",
+        Ok(TaskState::Queued) => "QUEUED",
+        Ok(TaskState::Running) => "RUNNING",
+        Ok(TaskState::Completed) => "COMPLETED",
+        Ok(TaskState::Failed) => "FAILED",
+        Ok(TaskState::Cancelled) => "CANCELLED",
+        _ => "?",
+    }
+}
+
+/// Short leases so a dead node's work moves within seconds.
+fn options() -> LocalClusterOptions {
+    let env = [
+        ("MAOS_SCHEDULER_LEASE_MS", "3000"),
+        ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS", "500"),
+        ("MAOS_SYSTEM_LOG_LEVEL", "WARN"),
+    ];
+    LocalClusterOptions {
+        log_level: "WARN".into(),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    }
+}
 
 /// Run the demo with the `maos` binary at `binary`; data lives under `root` while it runs.
 pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Result<()> {
-    let mut cluster = LocalCluster::new(binary, root, LocalClusterOptions::default())?;
+    let started = Instant::now();
+    let elapsed = move || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
+    let mut cluster = LocalCluster::new(binary, root, options())?;
     let all: Vec<u64> = cluster.nodes.keys().copied().collect();
     println!("== Starting a local {}-node MAOS cluster (embedded storage, data in {})", all.len(), root.display());
     for node in cluster.nodes.values() {
@@ -21,61 +55,119 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Re
     }
     cluster.start_all()?;
     let (leader, term) = cluster.wait_for_leader(&all, STEP_TIMEOUT).await?;
-    println!("== Leader elected: node {leader} (term {term})");
-
-    let follower = *all.iter().find(|id| **id != leader).context("a follower")?;
-    let third = *all.iter().find(|id| **id != leader && **id != follower).context("a third node")?;
-    let through_follower = cluster.client_of(follower)?;
-    let started = Instant::now();
-    for i in 0..WRITES_PER_PHASE {
-        through_follower.put(&format!("demo/before/{i:03}"), &format!("value {i}")).await?;
-    }
-    println!(
-        "== Wrote {WRITES_PER_PHASE} keys through follower node {follower} (forwarded to the leader) in {} ms",
-        started.elapsed().as_millis()
-    );
-    let from_third = cluster.client_of(third)?;
-    match from_third.get("demo/before/049", false).await? {
-        Some((value, revision)) => println!("== Node {third} reads demo/before/049 = {value:?} (revision {revision})"),
-        None => bail!("node {third} does not see demo/before/049"),
-    }
-
-    println!("== kill -9 the leader, node {leader}");
-    let killed_at = Instant::now();
-    cluster.kill(leader)?;
-    let survivors: Vec<u64> = all.iter().copied().filter(|id| *id != leader).collect();
-    let (new_leader, new_term) = cluster.wait_for_leader(&survivors, STEP_TIMEOUT).await?;
-    let failover = killed_at.elapsed();
-    println!("== New leader: node {new_leader} (term {new_term}), {} ms after the kill", failover.as_millis());
-
+    println!("{} leader elected: node {leader} (term {term})", elapsed());
     let client = cluster.client()?;
-    for i in 0..WRITES_PER_PHASE {
-        client.put(&format!("demo/after/{i:03}"), &format!("value {i}")).await?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while client.agents(0).await?.total < 30 {
+        anyhow::ensure!(Instant::now() < deadline, "the agent pools did not register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("== Wrote {WRITES_PER_PHASE} more keys with node {leader} down");
+    println!("{} 30 builtin agents registered (5 types x 2 per node)", elapsed());
 
-    println!("== Restarting node {leader} from its RocksDB data");
-    cluster.start_node(leader)?;
-    let hash = cluster.wait_for_same_state(&all, STEP_TIMEOUT).await?;
-    println!("== All {} nodes applied the same state (hash {})", all.len(), &hash[..16]);
+    let input = serde_json::json!({
+        "branches": BRANCHES, "branch_type": "researcher",
+        "branch_input": format!("sleep:{BRANCH_WORK_MS}"), "aggregate_type": "analyst",
+    });
+    let request = SubmitTaskRequest {
+        task_type: "mixed".into(),
+        description: "research six topics in parallel, then combine the findings".into(),
+        input: input.to_string(),
+        max_retries: 3,
+        idempotency_key: WORKFLOW_KEY.into(),
+        ..Default::default()
+    };
+    let workflow = client.submit(request.clone()).await?.task_id;
+    println!("{} submitted workflow {workflow} (type mixed: a coordinator plans it)", elapsed());
 
-    let mut missing = 0;
-    for phase in ["before", "after"] {
-        for i in 0..WRITES_PER_PHASE {
-            if cluster.client_of(leader)?.get(&format!("demo/{phase}/{i:03}"), true).await?.is_none() {
-                missing += 1;
-            }
+    // Watch from a node that survives the failover.
+    let watcher_node = *all.iter().find(|id| **id != leader).context("a follower")?;
+    let mut events = cluster.client_of(watcher_node)?.watch(&workflow, true).await?;
+    let mut killed: Option<(u64, Instant)> = None;
+    let mut failover_ms = None;
+    let mut last_state: BTreeMap<String, i32> = BTreeMap::new();
+    let finished = loop {
+        let event = match tokio::time::timeout(STEP_TIMEOUT, events.message()).await {
+            Ok(Ok(Some(event))) => event,
+            Ok(Ok(None)) => bail!("the watch ended before the workflow finished"),
+            Ok(Err(status)) => bail!("the watch failed: {}", status.message()),
+            Err(_) => bail!("no progress for {} s", STEP_TIMEOUT.as_secs()),
+        };
+        let name = if event.task_id == workflow {
+            "workflow".to_string()
+        } else {
+            event.task_id.rsplit('.').next().unwrap_or("?").to_string()
+        };
+        if last_state.get(&event.task_id) != Some(&event.state) || event.state == TaskState::Running as i32 {
+            let place = if event.node_id > 0 { format!(" on node {}", event.node_id) } else { String::new() };
+            let attempt = if event.attempt > 1 { format!(" (attempt {})", event.attempt) } else { String::new() };
+            let waiting_or_failed = [TaskState::Queued as i32, TaskState::Failed as i32, TaskState::Cancelled as i32];
+            let cause = if waiting_or_failed.contains(&event.state) && !event.cause.is_empty() {
+                format!(": {}", event.cause)
+            } else {
+                String::new()
+            };
+            println!("{} {name:<10} {}{place}{attempt}{cause}", elapsed(), state_name(event.state));
+            last_state.insert(event.task_id.clone(), event.state);
+        }
+        let running = last_state.iter().filter(|(id, s)| **s == TaskState::Running as i32 && **id != workflow).count();
+        if killed.is_none() && running as u64 >= BRANCHES / 2 {
+            let leader = cluster.wait_for_leader(&all, STEP_TIMEOUT).await?.0;
+            println!("{} == kill -9 the leader, node {leader}, while {running} branches run", elapsed());
+            cluster.kill(leader)?;
+            killed = Some((leader, Instant::now()));
+            let survivors: Vec<u64> = all.iter().copied().filter(|id| *id != leader).collect();
+            let (new_leader, new_term) = cluster.wait_for_leader(&survivors, STEP_TIMEOUT).await?;
+            let took = killed.map(|(_, at)| at.elapsed().as_millis()).unwrap_or(0);
+            failover_ms = Some(took);
+            println!("{} == new leader: node {new_leader} (term {new_term}), {took} ms after the kill", elapsed());
+        }
+        if event.finished {
+            break event;
+        }
+    };
+    let (victim, _) = killed.context("the workflow finished before the failover; nothing was shown")?;
+    if finished.state != TaskState::Completed as i32 {
+        bail!("the workflow ended {}: {}", state_name(finished.state), finished.cause);
+    }
+
+    // The same submit again (a client retrying after the failover) must find the same workflow.
+    let again = client.submit(request).await?;
+    let results = client.results(&workflow).await?;
+    let mut attempts = 0u32;
+    let mut retried = 0;
+    for child in &results.children {
+        let view = client.task(&child.task_id).await?;
+        attempts += view.attempt;
+        retried += usize::from(view.attempt > 1);
+        if child.state != TaskState::Completed as i32 {
+            bail!("subtask {} ended {}", child.plan_key, state_name(child.state));
         }
     }
+    let workflows_for_key = usize::from(again.task_id == workflow && again.duplicate);
+    let duplicates = (1 - workflows_for_key) + results.children.len().saturating_sub(BRANCHES as usize + 1);
+    let aggregate: serde_json::Value =
+        serde_json::from_str(&results.result).context("the workflow's result is JSON")?;
+    let combined = aggregate["aggregate"]["combined"].as_object().map_or(0, |c| c.len());
+    println!("{} == restarting node {victim} from its RocksDB data", elapsed());
+    cluster.start_node(victim)?;
+    let hash = cluster.wait_for_same_state(&all, STEP_TIMEOUT).await?;
+
+    println!();
+    println!("== Summary");
+    println!("   workflow:        COMPLETED in {:.1} s ({workflow})", started.elapsed().as_secs_f64());
+    println!("   failover:        {} ms from kill -9 of node {victim} to a new leader", failover_ms.unwrap_or(0));
     println!(
-        "== Summary: {} writes acknowledged, {missing} missing on the restarted node; failover took {} ms",
-        2 * WRITES_PER_PHASE,
-        failover.as_millis()
+        "   tasks run:       {} ({} parallel branches and 1 aggregate step, planned by 1 coordinator), {attempts} attempts, {retried} moved off the killed node",
+        results.children.len() + 1,
+        BRANCHES
     );
+    println!("   aggregate:       combined the results of {combined} branches");
+    println!("   duplicates:      {duplicates} (the resubmitted workflow returned the original; one task per step)");
+    println!("   replicas:        all {} nodes applied the same state (hash {})", all.len(), &hash[..16]);
     cluster.stop();
-    if missing > 0 {
-        bail!("{missing} acknowledged writes are missing");
+    if duplicates > 0 || combined != BRANCHES as usize {
+        bail!("the workflow ran with {duplicates} duplicates and combined {combined} of {BRANCHES} branches");
     }
-    println!("== Demo finished; cluster stopped.");
+    println!("== Demo finished; cluster stopped and its data removed.");
     Ok(())
 }

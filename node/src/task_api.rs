@@ -179,6 +179,7 @@ impl TaskApi {
             labels: r.labels.into_iter().collect(),
             capabilities: r.capabilities.into_iter().collect(),
             planner_type,
+            max_agents: (r.max_agents > 0).then_some(r.max_agents),
         };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
         if spec.submitter.len() > 128 {

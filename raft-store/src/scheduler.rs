@@ -67,7 +67,7 @@ pub fn plan_assignments(table: &TaskTable, now_ms: u64, assignments_max: usize, 
             let parent_allows = match &task.spec.parent {
                 Some(parent) => {
                     let running = running_children.entry(parent).or_insert_with(|| table.running_children(parent));
-                    *running < table.limits.max_parallel_branches
+                    *running < table.branches_max(parent)
                 }
                 None => true,
             };

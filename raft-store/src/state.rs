@@ -666,6 +666,7 @@ mod tests {
             labels: Default::default(),
             capabilities: Default::default(),
             planner_type: None,
+            max_agents: None,
         };
         state.apply(&entry(2, 2, Command::Task(TaskCommand::Submit { spec: Box::new(spec) }))).expect("format");
         let assign =

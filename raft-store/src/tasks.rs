@@ -90,6 +90,10 @@ pub struct TaskSpec {
     /// output is a plan of subtasks ([`TaskCommand::Expand`]).
     #[serde(default)]
     pub planner_type: Option<String>,
+    /// Children of this task running at once, at most, below the cluster's
+    /// `max_parallel_branches` (`None`: the cluster's limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_agents: Option<u32>,
 }
 
 impl TaskSpec {
@@ -492,6 +496,9 @@ pub fn check_spec(spec: &TaskSpec) -> Result<(), TaskRejection> {
             return Err(invalid("idempotency_key", "must be 1..=128 bytes"));
         }
     }
+    if spec.max_agents == Some(0) {
+        return Err(invalid("max_agents", "must be at least 1 (or unset for the cluster's limit)"));
+    }
     if spec.planner_type.as_ref().is_some_and(|t| t.is_empty() || t.len() > 64) {
         return Err(invalid("planner_type", "must be 1..=64 bytes"));
     }
@@ -533,7 +540,7 @@ impl TaskTable {
                     .tasks
                     .get(task_id)
                     .and_then(|t| t.spec.parent.as_ref())
-                    .is_some_and(|parent| self.running_children(parent) >= self.limits.max_parallel_branches);
+                    .is_some_and(|parent| self.running_children(parent) >= self.branches_max(parent));
                 if parent_full {
                     return Err(TaskRejection::SlotUnavailable { task_id: task_id.clone(), slot: slot.clone() });
                 }
@@ -871,6 +878,7 @@ impl TaskTable {
             return Err(invalid("plan", format!("task {task_id} was not submitted for planning")));
         }
         let order = check_plan(subtasks, self.limits.max_parallel_branches)?;
+        // A plan wider than the task's own max_agents still runs; its branches take turns.
         if self.open + subtasks.len() > self.limits.queue_size {
             return Err(TaskRejection::QueueFull { limit: self.limits.queue_size });
         }
@@ -900,6 +908,7 @@ impl TaskTable {
                 labels: BTreeMap::from([(PLAN_KEY_LABEL.to_string(), planned.key.clone())]),
                 capabilities: planned.capabilities.clone(),
                 planner_type: None,
+                max_agents: None,
             };
             check_spec(&spec).map_err(|rejection| match rejection {
                 TaskRejection::InvalidSpec { field, message } => {
@@ -1022,6 +1031,12 @@ impl TaskTable {
     /// Whether node `node_id` renewed or registered within `window_ms` of `now_ms`.
     pub fn node_alive(&self, node_id: u64, now_ms: u64, window_ms: u64) -> bool {
         self.node_seen_ms.get(&node_id).is_some_and(|seen| seen.saturating_add(window_ms) >= now_ms)
+    }
+
+    /// Children of `parent` that may run at once: its own `max_agents` within the cluster's limit.
+    pub fn branches_max(&self, parent: &TaskId) -> usize {
+        let own = self.tasks.get(parent).and_then(|p| p.spec.max_agents).map_or(usize::MAX, |n| n as usize);
+        own.min(self.limits.max_parallel_branches)
     }
 
     /// Children of `parent` running now.

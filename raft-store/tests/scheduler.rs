@@ -32,6 +32,7 @@ fn spec(id: &str, submitter: &str, priority: Priority) -> TaskSpec {
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
         planner_type: None,
+        max_agents: None,
     }
 }
 
@@ -187,4 +188,22 @@ fn slots_of_a_node_not_seen_within_a_lease_get_no_work() {
     table.apply(9_000, 50, &TaskCommand::Renew { node_id: 2, leases: vec![], lease_ms: 5_000 }).expect("renew");
     let plan = planned(&plan_assignments(&table, 9_000, 100, 5_000));
     assert_eq!(plan, [("a".to_string(), "chatty".to_string())], "node 1 is presumed dead");
+}
+
+#[test]
+fn a_parent_s_own_max_agents_narrows_the_cluster_limit() {
+    let mut table = TaskTable::default();
+    let slots = (0..6).map(|i| (format!("n1/coder/{i}"), slot(1, "coder", &[]))).collect();
+    table.apply(0, 1, &TaskCommand::RegisterSlots { node_id: 1, slots }).expect("slots");
+    let mut parent = spec("parent", "alice", Priority::Normal);
+    parent.max_agents = Some(2);
+    parent.task_type = "poet".into();
+    table.apply(0, 2, &TaskCommand::Submit { spec: Box::new(parent) }).expect("parent");
+    for i in 0..5u64 {
+        let mut child = spec(&format!("c{i}"), "alice", Priority::Normal);
+        child.parent = Some("parent".into());
+        table.apply(1, 10 + i, &TaskCommand::Submit { spec: Box::new(child) }).expect("child");
+    }
+    let plan = plan_assignments(&table, 10, 100, 10_000);
+    assert_eq!(plan.len(), 2, "two of five children at once: {plan:?}");
 }

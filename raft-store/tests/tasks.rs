@@ -81,6 +81,7 @@ fn spec(id: &str) -> TaskSpec {
         labels: BTreeMap::new(),
         capabilities: BTreeSet::new(),
         planner_type: None,
+        max_agents: None,
     }
 }
 
