@@ -291,6 +291,66 @@ impl ClusterService for ClusterApi {
         }))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let forwarded = forwarded(&request);
+        let target = request.into_inner().node_id;
+        let members = self.core.members();
+        match members.get(&target) {
+            None => return Err(Status::not_found(format!("node_id: {target} is not a member"))),
+            Some((_, false)) => {
+                return Err(Status::invalid_argument(format!("node_id: {target} is a learner; only a voter can lead")))
+            }
+            Some(_) => {}
+        }
+        if target != self.core.id {
+            if forwarded {
+                return Err(Status::unavailable("the transfer was forwarded to the wrong node; retry"));
+            }
+            let (node, _) = &members[&target];
+            let channel = self
+                .core
+                .channels
+                .get(&node.api_addr)
+                .map_err(|e| Status::unavailable(format!("node {target} at {}: {e}", node.api_addr)))?;
+            let answer = ClusterServiceClient::new(channel)
+                .transfer_leader(mark_forwarded(TransferLeaderRequest { node_id: target }))
+                .await?;
+            return Ok(answer);
+        }
+        if !self.core.is_leader() {
+            self.core
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| Status::unavailable(format!("the election could not start: {e}")))?;
+        }
+        let deadline = tokio::time::Instant::now() + self.core.request_timeout;
+        let mut metrics = self.core.raft.metrics();
+        loop {
+            let (leader, term) = {
+                let m = metrics.borrow();
+                (m.current_leader, m.current_term)
+            };
+            match leader {
+                Some(leader) if leader == self.core.id => {
+                    return Ok(Response::new(TransferLeaderResponse { leader_id: leader, term }))
+                }
+                Some(other) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::failed_precondition(format!("node {other} leads term {term}; try again")))
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::deadline_exceeded("no leader emerged in time; try again"))
+                }
+                _ => {}
+            }
+            let _ = tokio::time::timeout_at(deadline, metrics.changed()).await;
+        }
+    }
+
     async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<AddNodeResponse>, Status> {
         let forwarded = forwarded(&request);
         let add = request.into_inner();

@@ -12,6 +12,7 @@
 //! - [`scheduling`]: the leader's scheduling loop.
 //! - [`agents`]: the agent runtime: this node's pool, the builtin, command and claude backends,
 //!   supervision, checkpoints, scoped credentials.
+//! - [`cli`]: the command line's client commands (tasks, agents, health), their output and exit codes.
 //! - [`node`]: starting a node, forming the cluster with no coordinator, housekeeping.
 //! - [`data_dir`]: the data directory's identity and the checks made before touching it.
 //! - [`serve`]: `maos serve` on RocksDB; [`local_cluster`]: real local clusters of processes
@@ -22,6 +23,7 @@
 pub mod agent_api;
 pub mod agents;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod data_dir;

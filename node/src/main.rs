@@ -1,4 +1,5 @@
-//! The `maos` command line: `serve`, `demo`, `status`, `cluster`, `kv`, `config`.
+//! The `maos` command line: `serve`, `demo`, `health`, `status`, `task`, `agent`, `cluster`,
+//! `kv`, `config`, `completions`. Exit codes: see `maos_node::cli`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,8 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
-use maos_client::proto::v1::{AddNodeRequest, Member, RemoveNodeRequest};
-use maos_client::Client;
+use maos_client::proto::v1::{AddNodeRequest, ListTasksRequest, Member, RemoveNodeRequest, TransferLeaderRequest};
+use maos_client::{AgentChange, Client};
+use maos_node::cli;
 use maos_node::config::{parse_peer_list, Config};
 
 #[derive(Parser)]
@@ -22,17 +24,34 @@ struct Cli {
 enum Commands {
     /// Run a node.
     Serve(ServeArgs),
-    /// Start a local 3-node cluster, fail the leader over, show that every write survived, stop.
+    /// Start a local 3-node cluster, run a planned multi-agent workflow, kill the leader mid-way,
+    /// show that the workflow completes with nothing lost or duplicated, stop.
     Demo {
         /// Keep the cluster's data directory instead of deleting it.
         #[arg(long)]
         keep_data: bool,
+    },
+    /// Check each node's /health and /ready (exit code 5 when one is not).
+    Health {
+        /// Also show Raft, storage, task and agent status.
+        #[arg(long)]
+        all_components: bool,
+        #[command(flatten)]
+        target: Target,
     },
     /// Show each node's view of the cluster.
     Status {
         #[command(flatten)]
         target: Target,
     },
+    /// Submit, inspect and control tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// List and control agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Cluster membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -78,6 +97,143 @@ enum ClusterCommand {
     /// Remove a node.
     RemoveNode {
         id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Move leadership to a voter.
+    TransferLeader {
+        /// The node to lead.
+        #[arg(long)]
+        to: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Submit a task; with --wait, follow it to its end.
+    Submit {
+        /// The agent type to run it (`mixed`: plan it first).
+        #[arg(long = "type")]
+        task_type: String,
+        #[arg(long, short)]
+        description: String,
+        /// Input text, or @FILE to read it from a file.
+        #[arg(long)]
+        input: Option<String>,
+        /// low, normal, high or critical.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// Task ids that must complete first (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        depends_on: Vec<String>,
+        /// Seconds one attempt may run.
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[arg(long, default_value_t = 3)]
+        max_retries: u32,
+        /// Subtasks of this task running at once, at most.
+        #[arg(long)]
+        max_agents: Option<u32>,
+        /// Plan it into subtasks first.
+        #[arg(long)]
+        plan: bool,
+        /// Makes a retried submit return the first task instead of a second one.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Follow the task until it ends (exit code 7 if it fails).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List tasks (newest last).
+    List {
+        /// Only these states (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = maos_node::cli::parse_state)]
+        state: Vec<i32>,
+        #[arg(long = "type")]
+        task_type: Option<String>,
+        /// Only the subtasks of this task.
+        #[arg(long)]
+        parent: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show one task.
+    Show {
+        task_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cancel a task and its subtasks.
+    Cancel {
+        task_id: String,
+        #[arg(long, default_value = "cancelled from the command line")]
+        reason: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Run a failed or cancelled task again.
+    Retry {
+        task_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A task's result and its subtasks'.
+    Results {
+        task_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Follow a task (and its subtasks) until it ends (exit code 7 if it fails).
+    Watch {
+        task_id: String,
+        /// Also show its subtasks' events.
+        #[arg(long)]
+        children: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// List agents.
+    List {
+        /// Only this node's (or worker's) agents.
+        #[arg(long)]
+        node: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Add an agent of a type the node runs.
+    Spawn {
+        agent_type: String,
+        /// The node (default: the one that takes the call).
+        #[arg(long)]
+        node: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Drain an agent: it finishes its attempt and takes no more.
+    Pause {
+        agent_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Let a paused or failed agent take work again.
+    Resume {
+        agent_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop an agent for good; its attempt runs elsewhere.
+    Terminate {
+        agent_id: String,
         #[command(flatten)]
         target: Target,
     },
@@ -248,6 +404,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             result
         }
+        Commands::Health { all_components, target } => {
+            maos_node::cli::health(&target.endpoints, all_components, target.json).await
+        }
+        Commands::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "maos", &mut std::io::stdout());
+            Ok(())
+        }
+        Commands::Task(command) => task_command(command).await,
+        Commands::Agent(command) => agent_command(command).await,
+        Commands::Cluster(ClusterCommand::TransferLeader { to, target }) => {
+            let (_, mut cluster) = cluster_client(&target).await?;
+            let answer = admin_call(cluster.transfer_leader(TransferLeaderRequest { node_id: to })).await?;
+            if target.json {
+                println!("{}", serde_json::json!({"leader_id": answer.leader_id, "term": answer.term}));
+            } else {
+                println!("node {} leads (term {})", answer.leader_id, answer.term);
+            }
+            Ok(())
+        }
         Commands::Status { target } => {
             let client = Client::new(target.endpoints.clone())?;
             let mut rows = Vec::new();
@@ -343,6 +519,141 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn client(target: &Target) -> anyhow::Result<Client> {
+    Ok(Client::new(target.endpoints.clone())?)
+}
+
+async fn task_command(command: TaskCommand) -> anyhow::Result<()> {
+    match command {
+        TaskCommand::Submit {
+            task_type,
+            description,
+            input,
+            priority,
+            depends_on,
+            timeout,
+            max_retries,
+            max_agents,
+            plan,
+            idempotency_key,
+            wait,
+            target,
+        } => {
+            let request = cli::submit_request(
+                task_type,
+                description,
+                input,
+                &priority,
+                depends_on,
+                timeout,
+                max_retries,
+                max_agents,
+                plan,
+                idempotency_key,
+            )?;
+            let client = client(&target)?;
+            let answer = client.submit(request).await?;
+            if target.json {
+                println!("{}", serde_json::json!({"task_id": answer.task_id, "duplicate": answer.duplicate}));
+            } else if answer.duplicate {
+                println!("{} (already submitted with this idempotency key)", answer.task_id);
+            } else {
+                println!("{}", answer.task_id);
+            }
+            if wait {
+                let last = cli::watch(&client, &answer.task_id, true, target.json).await?;
+                if !target.json {
+                    println!("{}", last.result);
+                }
+            }
+            Ok(())
+        }
+        TaskCommand::List { state, task_type, parent, limit, target } => {
+            let request = ListTasksRequest {
+                states: state,
+                task_type: task_type.unwrap_or_default(),
+                parent: parent.unwrap_or_default(),
+                ..Default::default()
+            };
+            let tasks = cli::list_all(&client(&target)?, request, limit.max(1)).await?;
+            cli::print_tasks(&tasks, target.json);
+            Ok(())
+        }
+        TaskCommand::Show { task_id, target } => {
+            cli::print_task(&client(&target)?.task(&task_id).await?, target.json);
+            Ok(())
+        }
+        TaskCommand::Cancel { task_id, reason, target } => {
+            let cancelled = client(&target)?.cancel(&task_id, &reason).await?;
+            if target.json {
+                println!("{}", serde_json::json!({"cancelled": cancelled}));
+            } else {
+                println!("cancelled {} task(s): {}", cancelled.len(), cancelled.join(", "));
+            }
+            Ok(())
+        }
+        TaskCommand::Retry { task_id, target } => {
+            cli::print_task(&client(&target)?.retry(&task_id).await?, target.json);
+            Ok(())
+        }
+        TaskCommand::Results { task_id, target } => {
+            let results = client(&target)?.results(&task_id).await?;
+            if target.json {
+                let children: Vec<_> = results
+                    .children
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({"task_id": c.task_id, "plan_key": c.plan_key,
+                        "state": cli::state_name(c.state), "result": c.result, "cause": c.cause})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"task_id": results.task_id, "state": cli::state_name(results.state),
+                        "result": results.result, "cause": results.cause, "children": children})
+                );
+            } else {
+                println!("{} {}", results.task_id, cli::state_name(results.state));
+                for child in &results.children {
+                    println!("  {:<16} {:<10} {}", child.plan_key, cli::state_name(child.state), child.result);
+                }
+                println!("{}", if results.result.is_empty() { &results.cause } else { &results.result });
+            }
+            Ok(())
+        }
+        TaskCommand::Watch { task_id, children, target } => {
+            cli::watch(&client(&target)?, &task_id, children, target.json).await.map(|_| ())
+        }
+    }
+}
+
+async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::List { node, target } => {
+            let list = client(&target)?.agents(node.unwrap_or(0)).await?;
+            cli::print_agents(&list.agents, target.json);
+            if !target.json {
+                println!("{} agents, {} busy", list.total, list.active);
+            }
+            Ok(())
+        }
+        AgentCommand::Spawn { agent_type, node, target } => {
+            let view = client(&target)?.spawn_agent(node.unwrap_or(0), &agent_type).await?;
+            cli::print_agents(&[view], target.json);
+            Ok(())
+        }
+        AgentCommand::Pause { agent_id, target } => {
+            cli::change_agent(&client(&target)?, &agent_id, AgentChange::Pause, target.json).await
+        }
+        AgentCommand::Resume { agent_id, target } => {
+            cli::change_agent(&client(&target)?, &agent_id, AgentChange::Resume, target.json).await
+        }
+        AgentCommand::Terminate { agent_id, target } => {
+            cli::change_agent(&client(&target)?, &agent_id, AgentChange::Terminate, target.json).await
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -356,7 +667,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(cli::exit_code(&error))
         }
     }
 }

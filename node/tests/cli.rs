@@ -1,0 +1,94 @@
+//! The `maos` command line against a real cluster: task and agent commands, tables and JSON,
+//! leadership transfer, health, completions, and the exit codes scripts rely on.
+
+#[path = "support/tasks.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{options, STEP};
+use maos_node::local_cluster::LocalCluster;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn maos(endpoints: &str, args: &[&str]) -> anyhow::Result<Run> {
+    let output = Command::new(env!("CARGO_BIN_EXE_maos")).args(args).env("MAOS_ENDPOINTS", endpoints).output()?;
+    Ok(Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into(),
+        stderr: String::from_utf8_lossy(&output.stderr).into(),
+    })
+}
+
+fn ok(run: Run) -> anyhow::Result<String> {
+    anyhow::ensure!(run.code == 0, "exit {}: {}{}", run.code, run.stdout, run.stderr);
+    Ok(run.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_drives_tasks_and_agents_with_reliable_exit_codes() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let endpoints = cluster.client()?.endpoints().join(",");
+    let e = endpoints.as_str();
+    // Agents register shortly after the leader is known.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while cluster.client()?.agents(0).await?.total < 6 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "agents never registered");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let out = ok(maos(e, &["task", "submit", "--type", "coder", "-d", "say hello", "--input", "hello", "--wait"])?)?;
+    let task_id = out.lines().next().unwrap_or_default().to_string();
+    assert!(out.contains("echo: hello"), "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&ok(maos(e, &["task", "show", &task_id, "--json"])?)?)?;
+    assert_eq!((shown["state"].as_str(), shown["attempt"].as_u64()), (Some("COMPLETED"), Some(1)));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(maos(e, &["task", "list", "--state", "completed", "--json"])?)?)?;
+    assert!(listed.as_array().is_some_and(|l| l.iter().any(|t| t["task_id"] == task_id.as_str())), "{listed}");
+    let table = ok(maos(e, &["task", "list"])?)?;
+    assert!(table.starts_with("TASK") && table.contains(&task_id), "{table}");
+
+    // Exit codes: refused input 3, unknown id 4, a failed task 7, an unreachable cluster 5.
+    let refused = maos(e, &["task", "submit", "--type", "poet", "-d", "x"])?;
+    assert_eq!(refused.code, 3, "{}", refused.stderr);
+    assert!(refused.stderr.contains("task_type"), "{}", refused.stderr);
+    let bad_priority = maos(e, &["task", "submit", "--type", "coder", "-d", "x", "--priority", "urgent"])?;
+    assert!(bad_priority.code != 0 && bad_priority.stderr.contains("--priority"), "{}", bad_priority.stderr);
+    assert_eq!(maos(e, &["task", "show", "no-such-task"])?.code, 4);
+    let failed = maos(
+        e,
+        &["task", "submit", "--type", "coder", "-d", "doomed", "--input", "fail", "--max-retries", "0", "--wait"],
+    )?;
+    assert_eq!(failed.code, 7, "{}{}", failed.stdout, failed.stderr);
+    let doomed = failed.stdout.lines().next().unwrap_or_default().to_string();
+    assert_eq!(maos(e, &["task", "retry", &doomed])?.code, 0);
+    let nowhere = maos("127.0.0.1:1", &["task", "list"])?;
+    assert_eq!(nowhere.code, 5, "{}", nowhere.stderr);
+    assert_eq!(maos("127.0.0.1:1", &["health"])?.code, 5);
+
+    // Agents.
+    let agents: serde_json::Value = serde_json::from_str(&ok(maos(e, &["agent", "list", "--json"])?)?)?;
+    assert_eq!(agents.as_array().map(Vec::len), Some(6), "{agents}");
+    let paused = ok(maos(e, &["agent", "pause", "n1/coder/0"])?)?;
+    assert!(paused.contains("DRAINING"), "{paused}");
+    ok(maos(e, &["agent", "resume", "n1/coder/0"])?)?;
+
+    // Health, leadership, completions.
+    let health = ok(maos(e, &["health", "--all-components"])?)?;
+    assert!(health.contains("ready ok") && health.contains("agents:"), "{health}");
+    let to = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
+    let moved = ok(maos(e, &["cluster", "transfer-leader", "--to", &to.to_string()])?)?;
+    assert!(moved.contains(&format!("node {to} leads")), "{moved}");
+    assert_eq!(cluster.wait_for_leader(&[1, 2, 3], STEP).await?.0, to);
+    let completions = ok(maos(e, &["completions", "bash"])?)?;
+    assert!(completions.contains("maos") && completions.contains("transfer-leader"), "completions");
+    Ok(())
+}
