@@ -116,7 +116,7 @@ pub fn print_tasks(views: &[TaskView], json: bool) {
         println!("{}", serde_json::Value::Array(views.iter().map(task_json).collect()));
         return;
     }
-    println!("{:<38} {:<12} {:<10} {:>7} {:>5}  {}", "TASK", "TYPE", "STATE", "ATTEMPT", "NODE", "RESULT / CAUSE");
+    println!("{:<38} {:<12} {:<10} {:>7} {:>5}  RESULT / CAUSE", "TASK", "TYPE", "STATE", "ATTEMPT", "NODE");
     for v in views {
         let note = if v.cause.is_empty() || v.state == TaskState::Completed as i32 { &v.result } else { &v.cause };
         let node = if v.node_id > 0 { v.node_id.to_string() } else { "-".into() };
@@ -177,7 +177,7 @@ pub fn print_agents(agents: &[AgentView], json: bool) {
         println!("{}", serde_json::Value::Array(rows));
         return;
     }
-    println!("{:<28} {:<12} {:<9} {:<11} {}", "AGENT", "TYPE", "BACKEND", "STATE", "TASK");
+    println!("{:<28} {:<12} {:<9} {:<11} TASK", "AGENT", "TYPE", "BACKEND", "STATE");
     for a in agents {
         println!(
             "{:<28} {:<12} {:<9} {:<11} {}",
