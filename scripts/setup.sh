@@ -6,6 +6,7 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for RocksDB's C API
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)  # tonic-prost-build
 [ -x /usr/bin/python3 ] || need+=(python3)                       # the test suite's command agents
+dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)      # the Python client test's grpcio
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   sudo=""
@@ -27,3 +28,13 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
   fi
 fi
 export CARGO_TARGET_DIR
+
+# For the tests only: the Python client test (node/tests/python_client.rs) generates stubs from
+# client/proto with grpcio-tools, in its own venv next to the build.
+setup_python_grpc() {
+  if [ ! -x "$CARGO_TARGET_DIR/python-grpc/bin/python" ] || ! "$CARGO_TARGET_DIR/python-grpc/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
+    echo "setup: making a Python venv with grpcio in $CARGO_TARGET_DIR/python-grpc"
+    /usr/bin/python3 -m venv "$CARGO_TARGET_DIR/python-grpc"
+    "$CARGO_TARGET_DIR/python-grpc/bin/pip" install -q "grpcio==1.68.1" "grpcio-tools==1.68.1"
+  fi
+}
