@@ -129,6 +129,9 @@ pub fn view(table: &TaskTable, task: &Task) -> TaskView {
         input_tokens: task.usage.input_tokens,
         output_tokens: task.usage.output_tokens,
         max_retries: task.spec.max_retries,
+        description: task.spec.description.clone(),
+        idempotency_key: task.spec.idempotency_key.clone().unwrap_or_default(),
+        input: task.spec.input.clone(),
     }
 }
 
