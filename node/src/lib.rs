@@ -8,7 +8,8 @@
 //! - [`proposer`]: batches concurrent commands into one log entry on the leader.
 //! - [`api`], [`task_api`], [`agent_api`]: the client API on port 8000 (key-value, cluster, task,
 //!   agent and worker services).
-//! - [`http`]: `/health`, `/ready` and `/metrics` on the API port, beside gRPC.
+//! - [`http`]: `/health`, `/ready` and `/metrics` on the API port, beside gRPC; [`rest`]: the
+//!   REST mirror under `/api/v1` with its OpenAPI document.
 //! - [`scheduling`]: the leader's scheduling loop.
 //! - [`agents`]: the agent runtime: this node's pool, the builtin, command and claude backends,
 //!   supervision, checkpoints, scoped credentials.
@@ -34,6 +35,7 @@ pub mod node;
 pub mod proposer;
 pub mod raft_network;
 pub mod raft_service;
+pub mod rest;
 pub mod scheduling;
 pub mod serve;
 pub mod task_api;

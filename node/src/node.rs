@@ -179,18 +179,22 @@ where
     let credentials = Arc::new(Credentials::generate());
     let agent_metrics = Arc::new(AgentMetrics::default());
     let kv = KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone() });
-    let cluster = ClusterServiceServer::new(ClusterApi { core: core.clone() });
+    let cluster_api = Arc::new(ClusterApi { core: core.clone() });
+    let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
-    let tasks_service = TaskServiceServer::new(TaskApi {
+    let task_api = Arc::new(TaskApi {
         core: core.clone(),
         planner_type,
         accept_unserved_types: config.scheduler.accept_unserved_types,
     });
-    let agents_service = AgentServiceServer::new(AgentApi { core: core.clone(), config: config.clone() });
+    let tasks_service = TaskServiceServer::from_arc(task_api.clone());
+    let agent_api = Arc::new(AgentApi { core: core.clone(), config: config.clone() });
+    let agents_service = AgentServiceServer::from_arc(agent_api.clone());
+    let rest = crate::rest::router(crate::rest::Services { tasks: task_api, agents: agent_api, cluster: cluster_api });
     let workers_service =
         WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone(), stopped: stopped.clone() });
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
-    let routes = tonic::service::Routes::from(crate::http::router(core.clone(), agent_metrics.clone()))
+    let routes = tonic::service::Routes::from(crate::http::router(core.clone(), agent_metrics.clone()).merge(rest))
         .add_service(kv)
         .add_service(cluster)
         .add_service(tasks_service)

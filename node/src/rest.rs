@@ -1,0 +1,449 @@
+//! REST on port 8000 under `/api/v1`, mirroring the task, agent and cluster calls of the gRPC
+//! API (the same service code answers both), with an OpenAPI document at `/api/v1/openapi.json`.
+//!
+//! Errors are JSON: `{"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}`
+//! with HTTP 400 (bad input, malformed JSON), 404 (unknown id), 409 (wrong state, stale token),
+//! 413 (body over [`BODY_BYTES_MAX`]), 429 (queue full: retry later), 503 (no leader reachable).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use maos_client::proto::v1::agent_service_server::AgentService;
+use maos_client::proto::v1::cluster_service_server::ClusterService;
+use maos_client::proto::v1::task_service_server::TaskService;
+use maos_client::proto::v1::{
+    AgentRequest, AgentView, CancelTaskRequest, GetTaskRequest, ListAgentsRequest, ListTasksRequest, RetryTaskRequest,
+    SpawnAgentRequest, StatusRequest, SubmitTaskRequest, TransferLeaderRequest,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tonic::{Code, Request};
+
+use crate::agent_api::AgentApi;
+use crate::api::ClusterApi;
+use crate::cli::{parse_state, state_name, task_json};
+use crate::task_api::TaskApi;
+
+/// Upper bound on a request body.
+pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct Services {
+    pub tasks: Arc<TaskApi>,
+    pub agents: Arc<AgentApi>,
+    pub cluster: Arc<ClusterApi>,
+}
+
+/// A JSON error answer.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: String) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, code: "INVALID_ARGUMENT", message }
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(status: tonic::Status) -> Self {
+        let (http, code) = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+            Code::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            Code::AlreadyExists => (StatusCode::CONFLICT, "ALREADY_EXISTS"),
+            Code::FailedPrecondition => (StatusCode::CONFLICT, "FAILED_PRECONDITION"),
+            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
+            Code::PermissionDenied => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "DEADLINE_EXCEEDED"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        };
+        Self { status: http, code, message: status.message().to_string() }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "RESOURCE_EXHAUSTED" } else { "INVALID_ARGUMENT" };
+        let status = if status == StatusCode::PAYLOAD_TOO_LARGE { status } else { StatusCode::BAD_REQUEST };
+        Self { status, code, message: format!("body: {}", rejection.body_text()) }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(format!("query: {}", rejection.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Messages name the field first: "description: must not be empty".
+        let field = self
+            .message
+            .split_once(':')
+            .map(|(head, _)| head.trim())
+            .filter(|head| !head.is_empty() && !head.contains(' '))
+            .map(String::from);
+        let body = json!({"error": {"code": self.code, "message": self.message, "field": field}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn ok(value: Value) -> Answer {
+    Ok(Json(value).into_response())
+}
+
+fn agent_json(view: &AgentView) -> Value {
+    let state = match maos_client::proto::v1::AgentState::try_from(view.state) {
+        Ok(state) => state.as_str_name().trim_start_matches("AGENT_STATE_").to_string(),
+        Err(_) => "UNKNOWN".into(),
+    };
+    json!({"agent_id": view.agent_id, "node_id": view.node_id, "agent_type": view.agent_type,
+        "backend": view.backend, "capabilities": view.capabilities, "state": state, "task_id": view.task_id})
+}
+
+/// A submit in JSON: the gRPC message's fields, with `priority` as a word.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    task_type: String,
+    description: String,
+    #[serde(default)]
+    input: String,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    #[serde(default)]
+    parent: String,
+    #[serde(default)]
+    max_retries: u32,
+    #[serde(default)]
+    timeout_ms: u64,
+    #[serde(default)]
+    idempotency_key: String,
+    #[serde(default)]
+    submitter: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    plan: bool,
+    #[serde(default)]
+    max_agents: u32,
+}
+
+impl SubmitBody {
+    fn into_request(self) -> Result<SubmitTaskRequest, ApiError> {
+        let priority = match self.priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("normal") => 2,
+            Some("low") => 1,
+            Some("high") => 3,
+            Some("critical") => 4,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "priority: {other:?} is not one of low, normal, high, critical"
+                )))
+            }
+        };
+        Ok(SubmitTaskRequest {
+            task_type: self.task_type,
+            priority,
+            description: self.description,
+            input: self.input,
+            depends_on: self.depends_on,
+            parent: self.parent,
+            max_retries: self.max_retries,
+            timeout_ms: self.timeout_ms,
+            idempotency_key: self.idempotency_key,
+            submitter: self.submitter,
+            labels: self.labels.into_iter().collect(),
+            capabilities: self.capabilities,
+            plan: self.plan,
+            max_agents: self.max_agents,
+        })
+    }
+}
+
+async fn submit(State(s): State<Services>, body: Result<Json<SubmitBody>, JsonRejection>) -> Answer {
+    let Json(body) = body?;
+    let answer = s.tasks.submit(Request::new(body.into_request()?)).await?.into_inner();
+    let status = if answer.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(json!({"task_id": answer.task_id, "duplicate": answer.duplicate}))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Comma-separated states.
+    state: Option<String>,
+    #[serde(rename = "type")]
+    task_type: Option<String>,
+    parent: Option<String>,
+    submitter: Option<String>,
+    page_size: Option<u32>,
+    page_token: Option<String>,
+}
+
+async fn list(State(s): State<Services>, query: Result<Query<ListQuery>, QueryRejection>) -> Answer {
+    let Query(q) = query?;
+    let states = match q.state.as_deref() {
+        Some(text) => text
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(parse_state)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::bad_request(format!("state: {e}")))?,
+        None => Vec::new(),
+    };
+    let request = ListTasksRequest {
+        states,
+        task_type: q.task_type.unwrap_or_default(),
+        parent: q.parent.unwrap_or_default(),
+        submitter: q.submitter.unwrap_or_default(),
+        page_size: q.page_size.unwrap_or(0),
+        page_token: q.page_token.unwrap_or_default(),
+        stale: false,
+    };
+    let page = s.tasks.list(Request::new(request)).await?.into_inner();
+    ok(json!({"tasks": page.tasks.iter().map(task_json).collect::<Vec<_>>(), "next_page_token": page.next_page_token}))
+}
+
+async fn get_task(State(s): State<Services>, Path(task_id): Path<String>) -> Answer {
+    let view = s.tasks.get(Request::new(GetTaskRequest { task_id, stale: false })).await?.into_inner();
+    ok(task_json(&view))
+}
+
+async fn results(State(s): State<Services>, Path(task_id): Path<String>) -> Answer {
+    let r = s.tasks.results(Request::new(GetTaskRequest { task_id, stale: false })).await?.into_inner();
+    let children: Vec<Value> = r
+        .children
+        .iter()
+        .map(|c| json!({"task_id": c.task_id, "plan_key": c.plan_key, "state": state_name(c.state), "result": c.result, "cause": c.cause}))
+        .collect();
+    ok(
+        json!({"task_id": r.task_id, "state": state_name(r.state), "result": r.result, "cause": r.cause, "children": children}),
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn cancel(State(s): State<Services>, Path(task_id): Path<String>, body: Option<Json<CancelBody>>) -> Answer {
+    let reason = body.map(|Json(b)| b.reason).unwrap_or_default();
+    let answer = s.tasks.cancel(Request::new(CancelTaskRequest { task_id, reason })).await?.into_inner();
+    ok(json!({"cancelled": answer.cancelled}))
+}
+
+async fn retry(State(s): State<Services>, Path(task_id): Path<String>) -> Answer {
+    let view = s.tasks.retry(Request::new(RetryTaskRequest { task_id })).await?.into_inner();
+    ok(task_json(&view))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentsQuery {
+    node_id: Option<u64>,
+}
+
+async fn list_agents(State(s): State<Services>, query: Result<Query<AgentsQuery>, QueryRejection>) -> Answer {
+    let Query(q) = query?;
+    let list = s.agents.list(Request::new(ListAgentsRequest { node_id: q.node_id.unwrap_or(0) })).await?.into_inner();
+    ok(
+        json!({"agents": list.agents.iter().map(agent_json).collect::<Vec<_>>(), "active": list.active, "total": list.total}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpawnBody {
+    agent_type: String,
+    #[serde(default)]
+    node_id: u64,
+}
+
+async fn spawn_agent(State(s): State<Services>, body: Result<Json<SpawnBody>, JsonRejection>) -> Answer {
+    let Json(body) = body?;
+    let request = SpawnAgentRequest { node_id: body.node_id, agent_type: body.agent_type };
+    let view = s.agents.spawn(Request::new(request)).await?.into_inner();
+    Ok((StatusCode::CREATED, Json(agent_json(&view))).into_response())
+}
+
+/// `POST /api/v1/agents/{agent id}/{pause|resume|terminate}`: agent ids hold slashes.
+async fn change_agent(State(s): State<Services>, Path(rest): Path<String>) -> Answer {
+    let Some((agent_id, action)) = rest.rsplit_once('/') else {
+        return Err(ApiError::bad_request("path: expected /api/v1/agents/<agent id>/pause|resume|terminate".into()));
+    };
+    let request = Request::new(AgentRequest { agent_id: agent_id.to_string() });
+    let view = match action {
+        "pause" => s.agents.pause(request).await?,
+        "resume" => s.agents.resume(request).await?,
+        "terminate" => s.agents.terminate(request).await?,
+        other => return Err(ApiError::bad_request(format!("action: {other:?} is not pause, resume or terminate"))),
+    };
+    ok(agent_json(&view.into_inner()))
+}
+
+async fn cluster_status(State(s): State<Services>) -> Answer {
+    let status = s.cluster.status(Request::new(StatusRequest { with_state_hash: false })).await?.into_inner();
+    let members: Vec<Value> = status
+        .members
+        .iter()
+        .map(|m| json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr, "voter": m.voter}))
+        .collect();
+    let tasks = status.tasks.unwrap_or_default();
+    ok(json!({"node_id": status.node_id, "role": status.role, "term": status.current_term,
+        "leader_id": status.leader_id, "leader_api_addr": status.leader_api_addr,
+        "last_log_index": status.last_log_index, "last_applied_index": status.last_applied_index,
+        "cluster_id": status.cluster_id, "cluster_name": status.cluster_name, "members": members,
+        "tasks": {"pending": tasks.pending, "queued": tasks.queued, "running": tasks.running,
+            "completed": tasks.completed, "failed": tasks.failed, "cancelled": tasks.cancelled,
+            "queue_limit": tasks.queue_limit}}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaderBody {
+    node_id: u64,
+}
+
+async fn transfer_leader(State(s): State<Services>, body: Result<Json<LeaderBody>, JsonRejection>) -> Answer {
+    let Json(body) = body?;
+    let answer =
+        s.cluster.transfer_leader(Request::new(TransferLeaderRequest { node_id: body.node_id })).await?.into_inner();
+    ok(json!({"leader_id": answer.leader_id, "term": answer.term}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "NOT_FOUND",
+        message: "path: no such endpoint; see /api/v1/openapi.json".into(),
+    }
+}
+
+async fn openapi() -> Json<Value> {
+    Json(openapi_document())
+}
+
+/// The REST routes.
+pub fn router(services: Services) -> Router {
+    Router::new()
+        .route("/api/v1/tasks", post(submit).get(list))
+        .route("/api/v1/tasks/{task_id}", get(get_task))
+        .route("/api/v1/tasks/{task_id}/results", get(results))
+        .route("/api/v1/tasks/{task_id}/cancel", post(cancel))
+        .route("/api/v1/tasks/{task_id}/retry", post(retry))
+        .route("/api/v1/agents", get(list_agents).post(spawn_agent))
+        .route("/api/v1/agents/{*rest}", post(change_agent))
+        .route("/api/v1/cluster", get(cluster_status))
+        .route("/api/v1/cluster/leader", post(transfer_leader))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/{*rest}", get(not_found).post(not_found))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(services)
+}
+
+/// The OpenAPI 3.1 description of the REST API.
+pub fn openapi_document() -> Value {
+    let error = json!({"$ref": "#/components/schemas/Error"});
+    let errors = |codes: &[(&str, &str)]| -> Value {
+        let mut map = serde_json::Map::new();
+        for (code, why) in codes {
+            map.insert(
+                code.to_string(),
+                json!({"description": why, "content": {"application/json": {"schema": error}}}),
+            );
+        }
+        Value::Object(map)
+    };
+    let with = |mut ok: Value, codes: &[(&str, &str)]| -> Value {
+        if let (Some(ok), Value::Object(errors)) = (ok.as_object_mut(), errors(codes)) {
+            ok.extend(errors);
+        }
+        ok
+    };
+    let task = json!({"description": "the task", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Task"}}}});
+    let task_id = json!({"name": "task_id", "in": "path", "required": true, "schema": {"type": "string"}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "MAOS API", "version": "v1",
+            "description": "Tasks, agents and the cluster. Any node answers any call; writes go to the leader. The gRPC API (client/proto/maos/v1) has the same calls and more (watch streams, workers, key-value)."},
+        "paths": {
+            "/api/v1/tasks": {
+                "post": {"summary": "Submit a task", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submit"}}}},
+                    "responses": with(json!({"201": {"description": "submitted", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submitted"}}}},
+                        "200": {"description": "already submitted with this idempotency key: the original task"}}),
+                        &[("400", "invalid input; `field` names it"), ("413", "body over 1 MiB"), ("429", "the task queue is full; retry later"), ("503", "no leader reachable; retry")])},
+                "get": {"summary": "List tasks in submission order, a page at a time",
+                    "parameters": [
+                        {"name": "state", "in": "query", "schema": {"type": "string"}, "description": "comma-separated: pending,queued,running,completed,failed,cancelled"},
+                        {"name": "type", "in": "query", "schema": {"type": "string"}},
+                        {"name": "parent", "in": "query", "schema": {"type": "string"}},
+                        {"name": "submitter", "in": "query", "schema": {"type": "string"}},
+                        {"name": "page_size", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "page_token", "in": "query", "schema": {"type": "string"}}],
+                    "responses": with(json!({"200": {"description": "a page", "content": {"application/json": {"schema": {"type": "object", "properties": {
+                        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}, "next_page_token": {"type": "string"}}}}}}}), &[("400", "bad filter")])}
+            },
+            "/api/v1/tasks/{task_id}": {"get": {"summary": "A task", "parameters": [task_id], "responses": with(json!({"200": task}), &[("404", "unknown task")])}},
+            "/api/v1/tasks/{task_id}/results": {"get": {"summary": "A task's result and its subtasks'", "parameters": [task_id], "responses": with(json!({"200": {"description": "results"}}), &[("404", "unknown task")])}},
+            "/api/v1/tasks/{task_id}/cancel": {"post": {"summary": "Cancel a task and its subtasks", "parameters": [task_id],
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"reason": {"type": "string"}}}}}},
+                "responses": with(json!({"200": {"description": "the tasks cancelled"}}), &[("404", "unknown task"), ("400", "already finished")])}},
+            "/api/v1/tasks/{task_id}/retry": {"post": {"summary": "Run a failed or cancelled task again", "parameters": [task_id], "responses": with(json!({"200": task}), &[("404", "unknown task"), ("409", "not failed or cancelled")])}},
+            "/api/v1/agents": {
+                "get": {"summary": "Agents", "parameters": [{"name": "node_id", "in": "query", "schema": {"type": "integer"}}], "responses": {"200": {"description": "agents"}}},
+                "post": {"summary": "Spawn an agent", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["agent_type"], "properties": {"agent_type": {"type": "string"}, "node_id": {"type": "integer"}}}}}},
+                    "responses": with(json!({"201": {"description": "the agent", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Agent"}}}}}), &[("400", "a type the node does not run"), ("429", "system.max_agents reached")])}
+            },
+            "/api/v1/agents/{agent_id}/{action}": {"post": {"summary": "Pause (drain), resume or terminate an agent; agent ids contain slashes",
+                "parameters": [{"name": "agent_id", "in": "path", "required": true, "schema": {"type": "string"}}, {"name": "action", "in": "path", "required": true, "schema": {"enum": ["pause", "resume", "terminate"]}}],
+                "responses": with(json!({"200": {"description": "the agent"}}), &[("404", "unknown agent"), ("409", "terminated")])}},
+            "/api/v1/cluster": {"get": {"summary": "This node's view: role, term, leader, members, task counts", "responses": {"200": {"description": "status"}}}},
+            "/api/v1/cluster/leader": {"post": {"summary": "Transfer leadership to a voter", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["node_id"], "properties": {"node_id": {"type": "integer"}}}}}},
+                "responses": with(json!({"200": {"description": "the new leader and term"}}), &[("404", "not a member"), ("400", "a learner")])}},
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+            "/ready": {"get": {"summary": "Readiness: a member with a known leader", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready, with the reason"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format 0.0.4"}}}}
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": ["string", "null"]}}}}},
+            "Submit": {"type": "object", "required": ["task_type", "description"], "additionalProperties": false, "properties": {
+                "task_type": {"type": "string", "description": "an agent type a node or worker serves; `mixed` is planned first"},
+                "description": {"type": "string", "maxLength": 16384}, "input": {"type": "string", "maxLength": 16384},
+                "priority": {"enum": ["low", "normal", "high", "critical"]}, "depends_on": {"type": "array", "items": {"type": "string"}, "maxItems": 256},
+                "parent": {"type": "string"}, "max_retries": {"type": "integer", "maximum": 100}, "timeout_ms": {"type": "integer"},
+                "idempotency_key": {"type": "string", "maxLength": 128}, "submitter": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}}, "capabilities": {"type": "array", "items": {"type": "string"}},
+                "plan": {"type": "boolean"}, "max_agents": {"type": "integer"}}},
+            "Submitted": {"type": "object", "properties": {"task_id": {"type": "string"}, "duplicate": {"type": "boolean"}}},
+            "Task": {"type": "object", "properties": {"task_id": {"type": "string"}, "task_type": {"type": "string"},
+                "state": {"enum": ["PENDING", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]}, "attempt": {"type": "integer"},
+                "node_id": {"type": "integer"}, "parent": {"type": "string"}, "children": {"type": "array", "items": {"type": "string"}},
+                "result": {"type": "string"}, "cause": {"type": "string"}, "progress_percent": {"type": "integer"},
+                "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"}}},
+            "Agent": {"type": "object", "properties": {"agent_id": {"type": "string"}, "node_id": {"type": "integer"}, "agent_type": {"type": "string"},
+                "backend": {"type": "string"}, "state": {"enum": ["IDLE", "BUSY", "DRAINING", "FAILED", "TERMINATED"]}, "task_id": {"type": "string"}}}
+        }}
+    })
+}

@@ -1,0 +1,173 @@
+//! REST under /api/v1 on the gRPC port: the task, agent and cluster calls, JSON errors with the
+//! field named and the right HTTP status for every kind of bad input, and the OpenAPI document.
+
+#[path = "support/tasks.rs"]
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{options, STEP};
+use maos_node::local_cluster::LocalCluster;
+use serde_json::{json, Value};
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body.to_string());
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        self.call(reqwest::Method::POST, path, Some(&body.to_string())).await
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+}
+
+fn assert_error(answer: &(u16, Value), status: u16, field: &str) {
+    assert_eq!(answer.0, status, "{answer:?}");
+    let message = answer.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(field), "the error names {field}: {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut options = options();
+    options.env.push(("MAOS_SYSTEM_TASK_QUEUE_SIZE".into(), "30".into()));
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
+    let api = Api {
+        http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?,
+        base: format!("http://{}", cluster.nodes[&follower].api_addr),
+    };
+    let deadline = tokio::time::Instant::now() + STEP;
+    while api.get("/api/v1/agents").await?.1["total"].as_u64() != Some(6) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "agents never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Submit, read, list, results.
+    let (status, submitted) = api.post("/api/v1/tasks", &json!({"task_type": "coder", "description": "rest", "input": "hi", "priority": "high", "idempotency_key": "rest-1"})).await?;
+    assert_eq!(status, 201, "{submitted}");
+    let task_id = submitted["task_id"].as_str().unwrap_or_default().to_string();
+    let (again, duplicate) = api
+        .post("/api/v1/tasks", &json!({"task_type": "coder", "description": "rest", "idempotency_key": "rest-1"}))
+        .await?;
+    assert_eq!(
+        (again, duplicate["task_id"].as_str(), duplicate["duplicate"].as_bool()),
+        (200, Some(task_id.as_str()), Some(true))
+    );
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (status, task) = api.get(&format!("/api/v1/tasks/{task_id}")).await?;
+        assert_eq!(status, 200);
+        if task["state"] == "COMPLETED" {
+            assert!(task["result"].as_str().unwrap_or_default().contains("echo: hi"), "{task}");
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never completed: {task}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, page) = api.get("/api/v1/tasks?state=completed&page_size=10").await?;
+    assert_eq!(status, 200);
+    assert!(page["tasks"].as_array().is_some_and(|t| t.iter().any(|t| t["task_id"] == task_id.as_str())), "{page}");
+    let (status, results) = api.get(&format!("/api/v1/tasks/{task_id}/results")).await?;
+    assert_eq!((status, results["state"].as_str()), (200, Some("COMPLETED")));
+
+    // Every kind of bad input.
+    let api = &api;
+    let submit = |body: Value| async move { api.post("/api/v1/tasks", &body).await };
+    assert_error(&submit(json!({"task_type": "coder", "description": ""})).await?, 400, "description");
+    assert_error(
+        &submit(json!({"task_type": "coder", "description": "x".repeat(16 * 1024 + 1)})).await?,
+        400,
+        "description",
+    );
+    assert_error(&submit(json!({"task_type": "poet", "description": "x"})).await?, 400, "task_type");
+    assert_error(
+        &submit(json!({"task_type": "coder", "description": "x", "priority": "urgent"})).await?,
+        400,
+        "priority",
+    );
+    assert_error(
+        &submit(json!({"task_type": "coder", "description": "x", "depends_on": ["nope"]})).await?,
+        400,
+        "depends_on",
+    );
+    assert_error(
+        &submit(json!({"task_type": "coder", "description": "x", "depends_on": [task_id, task_id]})).await?,
+        400,
+        "depends_on",
+    );
+    assert_error(&submit(json!({"task_type": "coder", "description": "x", "colour": "red"})).await?, 400, "colour");
+    assert_error(&submit(json!({"description": "x"})).await?, 400, "task_type");
+    assert_error(&api.call(reqwest::Method::POST, "/api/v1/tasks", Some("{not json")).await?, 400, "body");
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            Some(&format!("{{\"task_type\": \"coder\", \"description\": \"{}\"}}", "x".repeat(2 << 20))),
+        )
+        .await?;
+    assert_eq!(status, 413);
+    assert_error(&api.get("/api/v1/tasks/no-such-task").await?, 404, "no-such-task");
+    assert_error(&api.post("/api/v1/tasks/no-such-task/cancel", &json!({})).await?, 404, "no-such-task");
+    assert_error(&api.post("/api/v1/tasks/no-such-task/retry", &json!({})).await?, 404, "no-such-task");
+    assert_error(&api.post(&format!("/api/v1/tasks/{task_id}/retry"), &json!({})).await?, 409, task_id.as_str());
+    assert_error(&api.get("/api/v1/tasks?state=sleeping").await?, 400, "state");
+    assert_error(&api.get("/api/v1/tasks?page_size=5000").await?, 400, "page_size");
+    assert_eq!(api.get("/api/v1/nothing-here").await?.0, 404);
+
+    // The queue bound answers 429.
+    let mut last = (0, Value::Null);
+    for i in 0..40 {
+        last =
+            submit(json!({"task_type": "coder", "description": format!("fill {i}"), "input": "sleep:20000"})).await?;
+        if last.0 != 201 {
+            break;
+        }
+    }
+    assert_error(&last, 429, "queue is full");
+
+    // Agents and the cluster.
+    let (status, agent) = api.post("/api/v1/agents/n1/coder/0/pause", &json!({})).await?;
+    assert_eq!((status, agent["state"].as_str()), (200, Some("DRAINING")), "{agent}");
+    assert_error(&api.post("/api/v1/agents/n1/coder/0/dance", &json!({})).await?, 400, "dance");
+    assert_error(&api.post("/api/v1/agents/n9/coder/0/pause", &json!({})).await?, 404, "n9/coder/0");
+    assert_error(&api.post("/api/v1/agents", &json!({"agent_type": "poet"})).await?, 400, "agent_type");
+    let (status, cluster_view) = api.get("/api/v1/cluster").await?;
+    assert_eq!((status, cluster_view["members"].as_array().map(Vec::len)), (200, Some(3)));
+    assert_error(&api.post("/api/v1/cluster/leader", &json!({"node_id": 9})).await?, 404, "node_id");
+
+    // The OpenAPI document describes what is served.
+    let (status, document) = api.get("/api/v1/openapi.json").await?;
+    assert_eq!((status, document["openapi"].as_str()), (200, Some("3.1.0")));
+    for path in [
+        "/api/v1/tasks",
+        "/api/v1/tasks/{task_id}",
+        "/api/v1/agents",
+        "/api/v1/cluster",
+        "/health",
+        "/ready",
+        "/metrics",
+    ] {
+        assert!(document["paths"].get(path).is_some(), "{path} is documented");
+    }
+    Ok(())
+}
