@@ -1,5 +1,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::configure().compile_protos(
+    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("maos_v1_descriptor.bin");
+    tonic_prost_build::configure().file_descriptor_set_path(&descriptors).compile_protos(
         &[
             "proto/maos/v1/kv.proto",
             "proto/maos/v1/cluster.proto",

@@ -22,6 +22,9 @@ pub use worker::{Worker, WorkerAgentType, WorkerAssignment};
 pub mod proto {
     pub mod v1 {
         tonic::include_proto!("maos.v1");
+
+        /// The encoded descriptors of every `maos.v1` message and service (for server reflection).
+        pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("maos_v1_descriptor");
     }
 }
 

@@ -193,13 +193,23 @@ where
     let rest = crate::rest::router(crate::rest::Services { tasks: task_api, agents: agent_api, cluster: cluster_api });
     let workers_service =
         WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone(), stopped: stopped.clone() });
+    // The standard gRPC health service (SERVING while ready, as `/ready`) and server reflection.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tasks.spawn(report_health(core.clone(), health, stopped.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(maos_client::proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Raft(format!("the reflection service could not be built: {e}")))?;
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
     let routes = tonic::service::Routes::from(crate::http::router(core.clone(), agent_metrics.clone()).merge(rest))
         .add_service(kv)
         .add_service(cluster)
         .add_service(tasks_service)
         .add_service(agents_service)
-        .add_service(workers_service);
+        .add_service(workers_service)
+        .add_service(health_service)
+        .add_service(reflection);
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -229,6 +239,42 @@ where
         stopped,
     ));
     Ok(RunningNode { core, stop, tasks })
+}
+
+/// The gRPC services whose health is reported (with "" for the server as a whole).
+const HEALTH_SERVICES: [&str; 6] = [
+    "",
+    "maos.v1.TaskService",
+    "maos.v1.AgentService",
+    "maos.v1.WorkerService",
+    "maos.v1.ClusterService",
+    "maos.v1.KvService",
+];
+
+/// Keep the gRPC health service in step with readiness: SERVING while this node is a member
+/// with a known leader, NOT_SERVING otherwise.
+async fn report_health(
+    core: Arc<NodeCore>,
+    reporter: tonic_health::server::HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut changes = core.raft.metrics();
+    let mut reported = None;
+    loop {
+        let ready = core.members().contains_key(&core.id) && core.leader().is_some();
+        if reported != Some(ready) {
+            let status =
+                if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            for service in HEALTH_SERVICES {
+                reporter.set_service_status(service, status).await;
+            }
+            reported = Some(ready);
+        }
+        tokio::select! {
+            _ = tokio::time::timeout(HOUSEKEEPING_INTERVAL, changes.changed()) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 /// The members the cluster forms with: the static peers, or this node alone when none are listed.

@@ -10,6 +10,19 @@ use std::time::Duration;
 use common::{tasks_client, wait_all, STEP};
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
 use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+async fn grpc_health(addr: &str) -> anyhow::Result<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let answer = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
+    Ok(answer.into_inner().status)
+}
 
 async fn fetch(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let response =
@@ -45,6 +58,7 @@ async fn health_ready_and_metrics_are_served_beside_grpc() -> anyhow::Result<()>
     let (status, body) = fetch(&first, "/ready").await?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not a member"), "{body}");
+    assert_eq!(grpc_health(&first).await?, ServingStatus::NotServing as i32);
 
     cluster.start_node(2)?;
     cluster.start_node(3)?;
@@ -52,6 +66,27 @@ async fn health_ready_and_metrics_are_served_beside_grpc() -> anyhow::Result<()>
     for node in cluster.nodes.values() {
         let (status, body) = fetch(&node.api_addr, "/ready").await?;
         assert_eq!(status, 200, "{body}");
+        let deadline = tokio::time::Instant::now() + STEP;
+        while grpc_health(&node.api_addr).await? != ServingStatus::Serving as i32 {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "gRPC health never SERVING on node {}", node.id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Server reflection lists the API, so grpcurl and friends need no proto files.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{first}"))?.connect().await?;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection.server_reflection_info(futures::stream::iter([request])).await?.into_inner();
+    let answer = answers.message().await?.ok_or_else(|| anyhow::anyhow!("no reflection answer"))?;
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        anyhow::bail!("unexpected reflection answer: {answer:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["maos.v1.TaskService", "maos.v1.AgentService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
     }
     let mut client = tasks_client(&cluster, leader)?;
     let mut ids = Vec::new();
