@@ -123,6 +123,8 @@ pub struct Client {
     /// Upper bound on one attempt, so an endpoint that hangs (partitioned, frozen) costs part of
     /// the deadline, not all of it.
     attempt_timeout: Duration,
+    /// Sent as `authorization` with every call (an agent's credential, or a token).
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 impl Client {
@@ -151,6 +153,7 @@ impl Client {
             preferred: AtomicUsize::new(0),
             deadline: CALL_DEADLINE_DEFAULT,
             attempt_timeout: CALL_DEADLINE_DEFAULT / 3,
+            authorization: None,
         })
     }
 
@@ -159,6 +162,24 @@ impl Client {
         self.deadline = deadline;
         self.attempt_timeout = deadline / 3;
         self
+    }
+
+    /// Send `authorization: Bearer <token>` with every call (for an agent: the credential from
+    /// its task envelope).
+    pub fn with_credentials(mut self, token: &str) -> Result<Self, ClientError> {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::InvalidArgument("token: must be printable ASCII".into()))?;
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
+    /// Set the deadline and credentials on a request.
+    fn prepare<T>(&self, request: &mut Request<T>, remaining: Duration) {
+        request.set_timeout(remaining);
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
     }
 
     /// Bound one attempt on one endpoint to `timeout` (at most the call deadline).
@@ -214,7 +235,7 @@ impl Client {
     pub async fn put(&self, key: &str, value: &str) -> Result<u64, ClientError> {
         self.with_failover(|channel, remaining| async move {
             let mut request = Request::new(PutRequest { key: key.to_string(), value: value.to_string(), ttl_ms: 0 });
-            request.set_timeout(remaining);
+            self.prepare(&mut request, remaining);
             Ok(KvServiceClient::new(channel).put(request).await?.into_inner().revision)
         })
         .await
@@ -224,7 +245,7 @@ impl Client {
     pub async fn get(&self, key: &str, stale: bool) -> Result<Option<(String, u64)>, ClientError> {
         self.with_failover(|channel, remaining| async move {
             let mut request = Request::new(GetRequest { key: key.to_string(), stale });
-            request.set_timeout(remaining);
+            self.prepare(&mut request, remaining);
             let response = KvServiceClient::new(channel).get(request).await?.into_inner();
             Ok(response.found.then_some((response.value, response.revision)))
         })
@@ -306,7 +327,10 @@ impl Client {
     ) -> Result<tonic::Streaming<TaskEvent>, ClientError> {
         let request = WatchTaskRequest { task_id: task_id.into(), include_children };
         self.with_failover(|channel, _| {
-            let request = request.clone();
+            let mut request = Request::new(request.clone());
+            if let Some(value) = &self.authorization {
+                request.metadata_mut().insert("authorization", value.clone());
+            }
             async move { Ok(TaskServiceClient::new(channel).watch(request).await?.into_inner()) }
         })
         .await
@@ -351,7 +375,7 @@ impl Client {
     {
         self.with_failover(|channel, remaining| {
             let mut wrapped = Request::new(request.clone());
-            wrapped.set_timeout(remaining);
+            self.prepare(&mut wrapped, remaining);
             let answer = call(make(channel), wrapped);
             async move { Ok(answer.await?.into_inner()) }
         })

@@ -162,6 +162,15 @@ async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -
     };
     let own = format!("workflows/{task_id}/notes");
     kv.put(put(&own, &credential, 0)).await?;
+    // The SDK's credentials hook does the same.
+    let sdk = maos_client::Client::new([envelope["api"]["endpoint"].as_str().unwrap_or_default()])?
+        .with_credentials(&credential)?;
+    sdk.put(&own, "from the sdk").await?;
+    let refused = sdk.put("elsewhere", "x").await.expect_err("outside the workflow");
+    assert!(
+        matches!(&refused, maos_client::ClientError::Server(s) if s.code() == Code::PermissionDenied),
+        "{refused:?}"
+    );
     let outside = kv.put(put("workflows/someone-else/notes", &credential, 0)).await.expect_err("outside");
     assert_eq!(outside.code(), Code::PermissionDenied, "{outside:?}");
     let forged = credential.replacen(':', ":1", 2);
