@@ -1,6 +1,6 @@
 //! The client API on port 8000: key-value and cluster services, and the mapping of refusals to gRPC codes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
@@ -15,6 +15,11 @@ use tonic::{Request, Response, Status};
 use crate::agents::credential::{AgentScope, Credentials};
 use crate::config::check_address;
 use crate::core::{CoreError, NodeCore};
+
+/// Keys one watch follows, at most; events queued on it; the longest it waits unwoken.
+const WATCH_KEYS_MAX: usize = 10_000;
+const WATCH_QUEUE: usize = 256;
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Header marking a request already forwarded once, so forwarding never loops.
 const FORWARDED_HEADER: &str = "x-maos-forwarded";
@@ -172,6 +177,91 @@ impl KvService for KvApi {
             Applied::KvDeleted { existed } => Ok(Response::new(DeleteResponse { existed })),
             other => Err(unexpected(other)),
         }
+    }
+
+    type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<KeyEvent, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<WatchKeysRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.check_scope(&request, &request.get_ref().prefix)?;
+        let prefix = request.into_inner().prefix;
+        self.core.read_barrier().await.map_err(status_from)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_QUEUE);
+        let core = self.core.clone();
+        let keys_under = move |core: &NodeCore| -> Result<(u64, BTreeMap<String, (String, u64)>), Status> {
+            let state = core.state.read();
+            let now_ms = (core.clock)();
+            let mut keys = BTreeMap::new();
+            for (key, value) in state.app.kv.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)) {
+                if !value.live_at(now_ms) {
+                    continue;
+                }
+                if keys.len() == WATCH_KEYS_MAX {
+                    return Err(Status::resource_exhausted(format!(
+                        "prefix: more than {WATCH_KEYS_MAX} keys under {prefix:?}; watch a narrower prefix"
+                    )));
+                }
+                keys.insert(key.clone(), (value.value.clone(), value.revision));
+            }
+            Ok((state.last_applied.map(|id| id.index).unwrap_or(0), keys))
+        };
+        let (applied, mut seen) = keys_under(&core)?;
+        tokio::spawn(async move {
+            for (key, (value, revision)) in &seen {
+                let event = KeyEvent {
+                    key: key.clone(),
+                    value: value.clone(),
+                    revision: *revision,
+                    deleted: false,
+                    applied_index: applied,
+                    initial: true,
+                };
+                if sender.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            let mut changes = core.raft.metrics();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::timeout(WATCH_POLL, changes.changed()) => {}
+                    _ = sender.closed() => return,
+                }
+                let (applied, now) = match keys_under(&core) {
+                    Ok(found) => found,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let mut events = Vec::new();
+                for (key, (value, revision)) in &now {
+                    if seen.get(key).map(|(_, r)| r) != Some(revision) {
+                        events.push(KeyEvent {
+                            key: key.clone(),
+                            value: value.clone(),
+                            revision: *revision,
+                            deleted: false,
+                            applied_index: applied,
+                            initial: false,
+                        });
+                    }
+                }
+                for key in seen.keys().filter(|k| !now.contains_key(*k)) {
+                    events.push(KeyEvent {
+                        key: key.clone(),
+                        deleted: true,
+                        applied_index: applied,
+                        ..Default::default()
+                    });
+                }
+                seen = now;
+                for event in events {
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 
     async fn compare_and_set(
