@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agents::envelope::ApiAccess;
 use crate::agents::envelope_for;
-use crate::api::status_from;
+use crate::api::{invalid, status_from};
 use crate::config::Config;
 use crate::core::NodeCore;
 
@@ -82,7 +82,7 @@ impl AgentApi {
 
     async fn set_state(&self, agent_id: String, state: AgentState) -> Result<Response<AgentView>, Status> {
         if agent_id.is_empty() {
-            return Err(Status::invalid_argument("agent_id: must name an agent (see `maos agent list`)"));
+            return Err(invalid("agent_id: must name an agent (see `maos agent list`)"));
         }
         let command = TaskCommand::SetAgentState { agent_id: agent_id.clone(), state };
         self.core.write(Command::Task(command)).await.map_err(status_from)?;
@@ -112,12 +112,10 @@ impl AgentService for AgentApi {
         let SpawnAgentRequest { node_id, agent_type } = request.into_inner();
         let node_id = if node_id == 0 { self.core.id } else { node_id };
         if node_id >= WORKER_ID_MIN {
-            return Err(Status::invalid_argument(
-                "node_id: an external worker registers its own agents; spawn on a node",
-            ));
+            return Err(invalid("node_id: an external worker registers its own agents; spawn on a node"));
         }
         if agent_type.is_empty() {
-            return Err(Status::invalid_argument("agent_type: must name a type the node runs"));
+            return Err(invalid("agent_type: must name a type the node runs"));
         }
         let command = TaskCommand::AddAgent { node_id, agent_type, agents_max: self.config.system.max_agents };
         match self.core.write(Command::Task(command)).await.map_err(status_from)? {
@@ -183,23 +181,19 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let RegisterWorkerRequest { name, agent_types } = request.into_inner();
         if !valid_name(&name) {
-            return Err(Status::invalid_argument("name: 1..=64 characters of A-Z a-z 0-9 - _ ."));
+            return Err(invalid("name: 1..=64 characters of A-Z a-z 0-9 - _ ."));
         }
         if agent_types.is_empty() || agent_types.len() > WORKER_TYPES_MAX {
-            return Err(Status::invalid_argument(format!("agent_types: a worker serves 1..={WORKER_TYPES_MAX} types")));
+            return Err(invalid(format!("agent_types: a worker serves 1..={WORKER_TYPES_MAX} types")));
         }
         let worker_id = worker_id(&name);
         let mut slots = BTreeMap::new();
         for (i, agent) in agent_types.iter().enumerate() {
             if !valid_name(&agent.agent_type) {
-                return Err(Status::invalid_argument(format!(
-                    "agent_types[{i}].agent_type: 1..=64 characters of A-Z a-z 0-9 - _ ."
-                )));
+                return Err(invalid(format!("agent_types[{i}].agent_type: 1..=64 characters of A-Z a-z 0-9 - _ .")));
             }
             if agent.slots == 0 || agent.slots > WORKER_SLOTS_MAX {
-                return Err(Status::invalid_argument(format!(
-                    "agent_types[{i}].slots: must be in 1..={WORKER_SLOTS_MAX}"
-                )));
+                return Err(invalid(format!("agent_types[{i}].slots: must be in 1..={WORKER_SLOTS_MAX}")));
             }
             for n in 0..agent.slots {
                 let slot = Slot {
@@ -305,10 +299,8 @@ impl WorkerService for WorkerApi {
 
     async fn report_progress(&self, request: Request<ReportProgressRequest>) -> Result<Response<WorkerAck>, Status> {
         let ReportProgressRequest { task_id, fencing_token, percent, message } = request.into_inner();
-        let percent = u8::try_from(percent)
-            .ok()
-            .filter(|p| *p <= 100)
-            .ok_or_else(|| Status::invalid_argument("percent: must be in 0..=100"))?;
+        let percent =
+            u8::try_from(percent).ok().filter(|p| *p <= 100).ok_or_else(|| invalid("percent: must be in 0..=100"))?;
         self.apply(TaskCommand::ReportProgress { task_id, token: fencing_token, percent, message }).await?;
         Ok(Response::new(WorkerAck {}))
     }

@@ -11,6 +11,7 @@ use maos_raft_store::{Command, MaosNode, Rejection, Response as Applied};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::agents::credential::{AgentScope, Credentials};
 use crate::config::check_address;
@@ -31,11 +32,30 @@ pub fn status_from(error: CoreError) -> Status {
     }
 }
 
+/// INVALID_ARGUMENT naming `field`, with a `google.rpc.BadRequest` detail a program can read.
+pub fn invalid_field(field: &str, message: &str) -> Status {
+    let details = ErrorDetails::with_bad_request_violation(field, message);
+    Status::with_error_details(tonic::Code::InvalidArgument, format!("{field}: {message}"), details)
+}
+
+/// INVALID_ARGUMENT from a message that starts with the field (`"description: must not be
+/// empty"`); the field also goes into a `google.rpc.BadRequest` detail.
+pub fn invalid(message: impl Into<String>) -> Status {
+    let message = message.into();
+    match message.split_once(": ") {
+        Some((field, rest)) if !field.is_empty() && !field.contains(' ') => invalid_field(field, rest),
+        _ => Status::invalid_argument(message),
+    }
+}
+
 /// The gRPC code of a refusal: the caller's fix differs by case.
 pub fn status_of_rejection(rejection: Rejection) -> Status {
     use maos_raft_store::tasks::TaskRejection as T;
     let message = rejection.to_string();
     match rejection {
+        Rejection::InvalidField { field, message } | Rejection::Task(T::InvalidSpec { field, message }) => {
+            invalid_field(&field, &message)
+        }
         Rejection::TooLarge { .. }
         | Rejection::KeySpaceFull { .. }
         | Rejection::Task(T::QueueFull { .. } | T::AgentLimit { .. }) => Status::resource_exhausted(message),
@@ -47,7 +67,7 @@ pub fn status_of_rejection(rejection: Rejection) -> Status {
             | T::NotYet { .. }
             | T::SlotUnavailable { .. },
         ) => Status::failed_precondition(message),
-        _ => Status::invalid_argument(message),
+        _ => invalid(message),
     }
 }
 
@@ -155,7 +175,7 @@ impl KvService for KvApi {
         self.check_scope(&request, &request.get_ref().key)?;
         let GetRequest { key, stale } = request.into_inner();
         if key.is_empty() {
-            return Err(Status::invalid_argument("key: must not be empty"));
+            return Err(invalid("key: must not be empty"));
         }
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
@@ -390,9 +410,7 @@ impl ClusterService for ClusterApi {
         let members = self.core.members();
         match members.get(&target) {
             None => return Err(Status::not_found(format!("node_id: {target} is not a member"))),
-            Some((_, false)) => {
-                return Err(Status::invalid_argument(format!("node_id: {target} is a learner; only a voter can lead")))
-            }
+            Some((_, false)) => return Err(invalid(format!("node_id: {target} is a learner; only a voter can lead"))),
             Some(_) => {}
         }
         if target != self.core.id {
@@ -445,10 +463,10 @@ impl ClusterService for ClusterApi {
         let forwarded = forwarded(&request);
         let add = request.into_inner();
         if add.id == 0 {
-            return Err(Status::invalid_argument("id: must be at least 1"));
+            return Err(invalid("id: must be at least 1"));
         }
-        check_address(&add.raft_addr).map_err(|e| Status::invalid_argument(format!("raft_addr: {e}")))?;
-        check_address(&add.api_addr).map_err(|e| Status::invalid_argument(format!("api_addr: {e}")))?;
+        check_address(&add.raft_addr).map_err(|e| invalid(format!("raft_addr: {e}")))?;
+        check_address(&add.api_addr).map_err(|e| invalid(format!("api_addr: {e}")))?;
         if let Some((existing, _)) = self.core.members().get(&add.id) {
             if existing.raft_addr != add.raft_addr {
                 return Err(Status::already_exists(format!(

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::{status_from, status_of_rejection};
+use crate::api::{invalid, status_from, status_of_rejection};
 use crate::core::NodeCore;
 
 /// Attempt timeout when a submit leaves it unset.
@@ -60,7 +60,7 @@ fn priority_from(wire: i32) -> Result<Priority, Status> {
         Ok(WirePriority::Low) => Ok(Priority::Low),
         Ok(WirePriority::High) => Ok(Priority::High),
         Ok(WirePriority::Critical) => Ok(Priority::Critical),
-        Err(_) => Err(Status::invalid_argument(format!("priority: {wire} is not one of LOW, NORMAL, HIGH, CRITICAL"))),
+        Err(_) => Err(invalid(format!("priority: {wire} is not one of LOW, NORMAL, HIGH, CRITICAL"))),
     }
 }
 
@@ -92,9 +92,9 @@ fn state_from(wire: i32) -> Result<TaskState, Status> {
         Ok(WireState::Completed) => Ok(TaskState::Completed),
         Ok(WireState::Failed) => Ok(TaskState::Failed),
         Ok(WireState::Cancelled) => Ok(TaskState::Cancelled),
-        _ => Err(Status::invalid_argument(format!(
-            "states: {wire} is not one of PENDING, QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED"
-        ))),
+        _ => {
+            Err(invalid(format!("states: {wire} is not one of PENDING, QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED")))
+        }
     }
 }
 
@@ -186,7 +186,7 @@ impl TaskApi {
         };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
         if spec.submitter.len() > 128 {
-            return Err(Status::invalid_argument("submitter: must be at most 128 bytes"));
+            return Err(invalid("submitter: must be at most 128 bytes"));
         }
         let state = self.core.state.read();
         let table = &state.app.tasks;
@@ -201,15 +201,13 @@ impl TaskApi {
             } else {
                 "task_type"
             };
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "{field}: no agent serves type {routing:?} (served: {}); configure agents.types on a node or register a worker for it",
                 known.join(", ")
             )));
         }
         if let Some(missing) = spec.depends_on.iter().find(|d| !table.tasks.contains_key(*d)) {
-            return Err(Status::invalid_argument(format!(
-                "depends_on: task {missing:?} does not exist; submit it first"
-            )));
+            return Err(invalid(format!("depends_on: task {missing:?} does not exist; submit it first")));
         }
         Ok(spec)
     }
@@ -243,7 +241,7 @@ impl TaskService for TaskApi {
     ) -> Result<Response<BatchSubmitResponse>, Status> {
         let tasks = request.into_inner().tasks;
         if tasks.is_empty() {
-            return Err(Status::invalid_argument("tasks: a batch holds 1..=1000 tasks"));
+            return Err(invalid("tasks: a batch holds 1..=1000 tasks"));
         }
         if tasks.len() > BATCH_SUBMIT_MAX {
             return Err(Status::resource_exhausted(format!(
@@ -286,7 +284,7 @@ impl TaskService for TaskApi {
         let page_size = match r.page_size as usize {
             0 => PAGE_SIZE_DEFAULT,
             n if n > PAGE_SIZE_MAX => {
-                return Err(Status::invalid_argument(format!("page_size: at most {PAGE_SIZE_MAX}")));
+                return Err(invalid(format!("page_size: at most {PAGE_SIZE_MAX}")));
             }
             n => n,
         };
@@ -408,7 +406,7 @@ impl TaskService for TaskApi {
     async fn retry(&self, request: Request<RetryTaskRequest>) -> Result<Response<TaskView>, Status> {
         let task_id = request.into_inner().task_id;
         if task_id.is_empty() {
-            return Err(Status::invalid_argument("task_id: must name a task"));
+            return Err(invalid("task_id: must name a task"));
         }
         self.core.write(Command::Task(TaskCommand::Retry { task_id: task_id.clone() })).await.map_err(status_from)?;
         self.core.read_barrier().await.map_err(status_from)?;

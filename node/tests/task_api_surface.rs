@@ -16,6 +16,7 @@ use maos_client::proto::v1::{
 use maos_node::local_cluster::LocalCluster;
 use tonic::transport::Channel;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 fn task(description: &str) -> SubmitTaskRequest {
     SubmitTaskRequest { task_type: "coder".into(), description: description.into(), ..Default::default() }
@@ -94,6 +95,12 @@ async fn every_bad_input_is_refused_by_name_and_the_surface_works() -> anyhow::R
         let status = refused(&mut client, request).await;
         assert_eq!(status.code(), code, "{name}: {status:?}");
         assert!(status.message().contains(field), "{name}: the message names {field}: {}", status.message());
+        // Programs read the field from a google.rpc.BadRequest detail.
+        let violations = status.get_details_bad_request().map(|b| b.field_violations).unwrap_or_default();
+        assert!(
+            violations.iter().any(|v| field.starts_with(&v.field) || v.field.starts_with(field)),
+            "{name}: details {violations:?}"
+        );
     }
     // A payload over the transport's limit.
     let huge = SubmitTaskRequest { input: "h".repeat(80 << 20), ..task("x") };
