@@ -11,15 +11,18 @@ use std::sync::Arc;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use maos_client::proto::v1::agent_service_server::AgentService;
 use maos_client::proto::v1::cluster_service_server::ClusterService;
 use maos_client::proto::v1::task_service_server::TaskService;
 use maos_client::proto::v1::{
-    AgentRequest, AgentView, CancelTaskRequest, GetTaskRequest, ListAgentsRequest, ListTasksRequest, RetryTaskRequest,
-    SpawnAgentRequest, StatusRequest, SubmitTaskRequest, TransferLeaderRequest,
+    AddNodeRequest, AgentRequest, AgentView, CancelTaskRequest, GetTaskRequest, ListAgentsRequest, ListTasksRequest,
+    RemoveNodeRequest, RetryTaskRequest, SpawnAgentRequest, StatusRequest, SubmitTaskRequest, TransferLeaderRequest,
+    WatchTaskRequest,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -332,6 +335,71 @@ async fn transfer_leader(State(s): State<Services>, body: Result<Json<LeaderBody
     ok(json!({"leader_id": answer.leader_id, "term": answer.term}))
 }
 
+/// `GET /api/v1/tasks/{id}/events`: the task's events as server-sent events (`event: task`,
+/// `data:` the event as JSON) until it finishes.
+async fn events(
+    State(s): State<Services>,
+    Path(task_id): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Answer {
+    let Query(q) = query?;
+    let request = WatchTaskRequest { task_id, include_children: q.children.unwrap_or(false) };
+    let stream = s.tasks.watch(Request::new(request)).await?.into_inner();
+    let events = stream.map(|item| {
+        let event = match item {
+            Ok(e) => Event::default().event("task").data(
+                json!({"task_id": e.task_id, "state": state_name(e.state), "attempt": e.attempt, "node_id": e.node_id,
+                    "progress_percent": e.progress_percent, "progress_message": e.progress_message, "cause": e.cause,
+                    "result": e.result, "finished": e.finished})
+                .to_string(),
+            ),
+            Err(status) => Event::default()
+                .event("error")
+                .data(json!({"code": status.code() as i32, "message": status.message()}).to_string()),
+        };
+        Ok::<_, std::convert::Infallible>(event)
+    });
+    Ok(Sse::new(events).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    children: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNodeBody {
+    id: u64,
+    raft_addr: String,
+    api_addr: String,
+    #[serde(default)]
+    learner_only: bool,
+}
+
+fn members_json(members: &[maos_client::proto::v1::Member]) -> Value {
+    Value::Array(
+        members
+            .iter()
+            .map(|m| json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr, "voter": m.voter}))
+            .collect(),
+    )
+}
+
+async fn add_node(State(s): State<Services>, body: Result<Json<AddNodeBody>, JsonRejection>) -> Answer {
+    let Json(b) = body?;
+    let request =
+        AddNodeRequest { id: b.id, raft_addr: b.raft_addr, api_addr: b.api_addr, learner_only: b.learner_only };
+    let answer = s.cluster.add_node(Request::new(request)).await?.into_inner();
+    ok(json!({"members": members_json(&answer.members)}))
+}
+
+async fn remove_node(State(s): State<Services>, Path(id): Path<u64>) -> Answer {
+    let answer = s.cluster.remove_node(Request::new(RemoveNodeRequest { id })).await?.into_inner();
+    ok(json!({"members": members_json(&answer.members)}))
+}
+
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
@@ -352,10 +420,13 @@ pub fn router(services: Services) -> Router {
         .route("/api/v1/tasks/{task_id}/results", get(results))
         .route("/api/v1/tasks/{task_id}/cancel", post(cancel))
         .route("/api/v1/tasks/{task_id}/retry", post(retry))
+        .route("/api/v1/tasks/{task_id}/events", get(events))
         .route("/api/v1/agents", get(list_agents).post(spawn_agent))
         .route("/api/v1/agents/{*rest}", post(change_agent))
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/leader", post(transfer_leader))
+        .route("/api/v1/cluster/nodes", post(add_node))
+        .route("/api/v1/cluster/nodes/{id}", axum::routing::delete(remove_node))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -409,6 +480,15 @@ pub fn openapi_document() -> Value {
             "/api/v1/tasks/{task_id}/cancel": {"post": {"summary": "Cancel a task and its subtasks", "parameters": [task_id],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"reason": {"type": "string"}}}}}},
                 "responses": with(json!({"200": {"description": "the tasks cancelled"}}), &[("404", "unknown task"), ("400", "already finished")])}},
+            "/api/v1/tasks/{task_id}/events": {"get": {"summary": "The task's events as server-sent events (event `task`, JSON data) until it finishes",
+                "parameters": [task_id, {"name": "children", "in": "query", "schema": {"type": "boolean"}}],
+                "responses": with(json!({"200": {"description": "text/event-stream"}}), &[("404", "unknown task")])}},
+            "/api/v1/cluster/nodes": {"post": {"summary": "Add a node (learner, then voter unless learner_only)",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["id", "raft_addr", "api_addr"],
+                    "properties": {"id": {"type": "integer"}, "raft_addr": {"type": "string"}, "api_addr": {"type": "string"}, "learner_only": {"type": "boolean"}}}}}},
+                "responses": with(json!({"200": {"description": "the members"}}), &[("400", "bad id or address"), ("409", "the id is taken")])}},
+            "/api/v1/cluster/nodes/{id}": {"delete": {"summary": "Remove a node", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                "responses": with(json!({"200": {"description": "the members"}}), &[("409", "the change is not allowed now")])}},
             "/api/v1/tasks/{task_id}/retry": {"post": {"summary": "Run a failed or cancelled task again", "parameters": [task_id], "responses": with(json!({"200": task}), &[("404", "unknown task"), ("409", "not failed or cancelled")])}},
             "/api/v1/agents": {
                 "get": {"summary": "Agents", "parameters": [{"name": "node_id", "in": "query", "schema": {"type": "integer"}}], "responses": {"200": {"description": "agents"}}},

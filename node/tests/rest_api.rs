@@ -155,12 +155,34 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     assert_eq!((status, cluster_view["members"].as_array().map(Vec::len)), (200, Some(3)));
     assert_error(&api.post("/api/v1/cluster/leader", &json!({"node_id": 9})).await?, 404, "node_id");
 
+    // Server-sent events of a task, to its end.
+    let (_, sse_task) = api.post("/api/v1/agents/n1/coder/0/resume", &json!({})).await?;
+    assert_eq!(sse_task["state"].as_str().map(|s| s != "TERMINATED"), Some(true));
+    let cancel_all = api.get("/api/v1/tasks?state=queued,running&page_size=100").await?.1;
+    for task in cancel_all["tasks"].as_array().cloned().unwrap_or_default() {
+        let id = task["task_id"].as_str().unwrap_or_default();
+        api.post(&format!("/api/v1/tasks/{id}/cancel"), &json!({"reason": "make room"})).await?;
+    }
+    let (status, quick) = submit(json!({"task_type": "coder", "description": "sse", "input": "sleep:300"})).await?;
+    assert_eq!(status, 201, "{quick}");
+    let quick_id = quick["task_id"].as_str().unwrap_or_default().to_string();
+    let body = api.http.get(format!("{}/api/v1/tasks/{quick_id}/events", api.base)).send().await?.text().await?;
+    assert!(body.contains("event: task") && body.contains("\"finished\":true") && body.contains("COMPLETED"), "{body}");
+    // Membership through REST: a bad address is refused by field.
+    assert_error(
+        &api.post("/api/v1/cluster/nodes", &json!({"id": 9, "raft_addr": "nowhere", "api_addr": "x:1"})).await?,
+        400,
+        "raft_addr",
+    );
+
     // The OpenAPI document describes what is served.
     let (status, document) = api.get("/api/v1/openapi.json").await?;
     assert_eq!((status, document["openapi"].as_str()), (200, Some("3.1.0")));
     for path in [
         "/api/v1/tasks",
         "/api/v1/tasks/{task_id}",
+        "/api/v1/tasks/{task_id}/events",
+        "/api/v1/cluster/nodes",
         "/api/v1/agents",
         "/api/v1/cluster",
         "/health",
