@@ -258,7 +258,7 @@ async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut changes = core.raft.metrics();
+    // Checked every housekeeping interval, not on every applied entry (a membership read per write).
     let mut reported = None;
     loop {
         let ready = core.members().contains_key(&core.id) && core.leader().is_some();
@@ -271,7 +271,7 @@ async fn report_health(
             reported = Some(ready);
         }
         tokio::select! {
-            _ = tokio::time::timeout(HOUSEKEEPING_INTERVAL, changes.changed()) => {}
+            _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
     }

@@ -25,6 +25,15 @@ use crate::core::NodeCore;
 /// changes can cause (each round reads the task table).
 const ROUND_GAP_MIN: Duration = Duration::from_millis(2);
 
+/// What a scheduling round depends on, cheaply: task count, open tasks, held and registered
+/// slots. A wake-up that leaves it unchanged plans nothing new (time-driven work waits for the
+/// interval round).
+fn fingerprint(core: &NodeCore) -> (usize, usize, usize, usize) {
+    let state = core.state.read();
+    let table = &state.app.tasks;
+    (table.tasks.len(), table.open_tasks(), table.slot_holder.len(), table.slots.len())
+}
+
 /// Run the leader loop until `stopped`.
 pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch::Receiver<bool>) {
     let settings = config.scheduler.clone();
@@ -39,6 +48,7 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
     let mut last_round = tokio::time::Instant::now();
     let interval = Duration::from_millis(settings.interval_ms);
     let mut last_expiry_check = last_round;
+    let mut last_fingerprint = fingerprint(&core);
     loop {
         let pause = if busy { Duration::ZERO } else { interval };
         let woken = tokio::select! {
@@ -47,12 +57,20 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
             _ = stopped.wait_for(|stop| *stop) => return,
         };
         match woken {
-            Some(true) => tokio::time::sleep_until(last_round + ROUND_GAP_MIN).await,
+            Some(true) => {
+                // Most applied entries (key-value writes, renewals) change nothing the planner
+                // reads: skip the round unless tasks or agents moved.
+                if fingerprint(&core) == last_fingerprint {
+                    continue;
+                }
+                tokio::time::sleep_until(last_round + ROUND_GAP_MIN).await;
+            }
             // Raft no longer reports changes: rounds follow the interval.
             Some(false) => tokio::time::sleep(pause).await,
             None => {}
         }
         last_round = tokio::time::Instant::now();
+        last_fingerprint = fingerprint(&core);
         busy = false;
         let (state, term) = {
             let metrics = core.raft.metrics();
