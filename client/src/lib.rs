@@ -68,7 +68,8 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    fn from_status(status: Status) -> Self {
+    /// The typed error for a gRPC status.
+    pub fn from_status(status: Status) -> Self {
         match status.code() {
             Code::InvalidArgument | Code::OutOfRange => ClientError::InvalidArgument(status.message().to_string()),
             Code::FailedPrecondition => ClientError::FailedPrecondition(status.message().to_string()),
@@ -343,9 +344,21 @@ impl Client {
     }
 
     /// Add an agent of `agent_type` to node `node_id` (0: the node that takes the call).
+    /// Not retried after an answer that may hide a success (a spawn carries no idempotency key):
+    /// only on the endpoint that answered last.
     pub async fn spawn_agent(&self, node_id: u64, agent_type: &str) -> Result<AgentView, ClientError> {
-        let request = SpawnAgentRequest { node_id, agent_type: agent_type.into() };
-        self.unary(request, AgentServiceClient::new, |mut service, r| async move { service.spawn(r).await }).await
+        let index = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+        let mut request = Request::new(SpawnAgentRequest { node_id, agent_type: agent_type.into() });
+        self.prepare(&mut request, self.deadline);
+        let mut service = AgentServiceClient::new(self.channels[index].clone());
+        match tokio::time::timeout(self.deadline, service.spawn(request)).await {
+            Ok(Ok(answer)) => Ok(answer.into_inner()),
+            Ok(Err(status)) => Err(ClientError::from_status(status)),
+            Err(_) => Err(ClientError::Unavailable {
+                deadline_ms: self.deadline.as_millis() as u64,
+                last: format!("{}: no answer; check `agent list` before spawning again", self.endpoints[index]),
+            }),
+        }
     }
 
     /// Pause (drain), resume or terminate an agent.

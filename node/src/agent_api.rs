@@ -276,10 +276,16 @@ impl WorkerService for WorkerApi {
                     }
                     sent.insert(task_id, token);
                 }
-                tokio::select! {
-                    _ = tokio::time::timeout(STREAM_POLL, changes.changed()) => {}
+                let raft_stopped = tokio::select! {
+                    woken = tokio::time::timeout(STREAM_POLL, changes.changed()) => matches!(woken, Ok(Err(_))),
                     _ = sender.closed() => return,
                     _ = stopped.wait_for(|stop| *stop) => return,
+                };
+                if raft_stopped {
+                    let _ = sender
+                        .send(Err(Status::unavailable("the node is stopping; reconnect through another node")))
+                        .await;
+                    return;
                 }
             }
         });

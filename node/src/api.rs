@@ -21,6 +21,7 @@ use crate::core::{CoreError, NodeCore};
 const WATCH_KEYS_MAX: usize = 10_000;
 const WATCH_QUEUE: usize = 256;
 const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+const WATCH_GAP_MIN: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Header marking a request already forwarded once, so forwarding never loops.
 const FORWARDED_HEADER: &str = "x-maos-forwarded";
@@ -202,83 +203,82 @@ impl KvService for KvApi {
     type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<KeyEvent, Status>> + Send>>;
 
     async fn watch(&self, request: Request<WatchKeysRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        self.check_scope(&request, &request.get_ref().prefix)?;
+        let scope = self.check_scope(&request, &request.get_ref().prefix)?;
         let prefix = request.into_inner().prefix;
         self.core.read_barrier().await.map_err(status_from)?;
         let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_QUEUE);
         let core = self.core.clone();
-        let keys_under = move |core: &NodeCore| -> Result<(u64, BTreeMap<String, (String, u64)>), Status> {
+        // One poll: the events since `seen` (key -> revision), cloning only changed values.
+        let poll = move |core: &NodeCore,
+                         seen: &mut BTreeMap<String, u64>,
+                         initial: bool|
+              -> Result<Vec<KeyEvent>, Status> {
             let state = core.state.read();
+            if let Some(scope) = &scope {
+                let current = state.app.tasks.tasks.get(&scope.task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token);
+                if current != Some(scope.token) {
+                    return Err(Status::permission_denied(format!(
+                        "the credential's lease on task {} is no longer current; this attempt has ended",
+                        scope.task_id
+                    )));
+                }
+            }
             let now_ms = (core.clock)();
-            let mut keys = BTreeMap::new();
+            let applied_index = state.last_applied.map(|id| id.index).unwrap_or(0);
+            let mut events = Vec::new();
+            let mut present = BTreeSet::new();
             for (key, value) in state.app.kv.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)) {
                 if !value.live_at(now_ms) {
                     continue;
                 }
-                if keys.len() == WATCH_KEYS_MAX {
+                if present.len() == WATCH_KEYS_MAX {
                     return Err(Status::resource_exhausted(format!(
                         "prefix: more than {WATCH_KEYS_MAX} keys under {prefix:?}; watch a narrower prefix"
                     )));
                 }
-                keys.insert(key.clone(), (value.value.clone(), value.revision));
+                present.insert(key.as_str());
+                if seen.get(key) != Some(&value.revision) {
+                    seen.insert(key.clone(), value.revision);
+                    let (value, revision) = (value.value.clone(), value.revision);
+                    events.push(KeyEvent { key: key.clone(), value, revision, deleted: false, applied_index, initial });
+                }
             }
-            Ok((state.last_applied.map(|id| id.index).unwrap_or(0), keys))
+            let gone: Vec<String> = seen.keys().filter(|k| !present.contains(k.as_str())).cloned().collect();
+            for key in gone {
+                seen.remove(&key);
+                events.push(KeyEvent { key, deleted: true, applied_index, ..Default::default() });
+            }
+            Ok(events)
         };
-        let (applied, mut seen) = keys_under(&core)?;
+        let mut seen = BTreeMap::new();
+        let first = poll(&core, &mut seen, true)?;
         tokio::spawn(async move {
-            for (key, (value, revision)) in &seen {
-                let event = KeyEvent {
-                    key: key.clone(),
-                    value: value.clone(),
-                    revision: *revision,
-                    deleted: false,
-                    applied_index: applied,
-                    initial: true,
-                };
-                if sender.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
             let mut changes = core.raft.metrics();
+            let mut events = first;
             loop {
-                tokio::select! {
-                    _ = tokio::time::timeout(WATCH_POLL, changes.changed()) => {}
-                    _ = sender.closed() => return,
-                }
-                let (applied, now) = match keys_under(&core) {
-                    Ok(found) => found,
-                    Err(status) => {
-                        let _ = sender.send(Err(status)).await;
-                        return;
-                    }
-                };
-                let mut events = Vec::new();
-                for (key, (value, revision)) in &now {
-                    if seen.get(key).map(|(_, r)| r) != Some(revision) {
-                        events.push(KeyEvent {
-                            key: key.clone(),
-                            value: value.clone(),
-                            revision: *revision,
-                            deleted: false,
-                            applied_index: applied,
-                            initial: false,
-                        });
-                    }
-                }
-                for key in seen.keys().filter(|k| !now.contains_key(*k)) {
-                    events.push(KeyEvent {
-                        key: key.clone(),
-                        deleted: true,
-                        applied_index: applied,
-                        ..Default::default()
-                    });
-                }
-                seen = now;
                 for event in events {
                     if sender.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
+                tokio::select! {
+                    woken = tokio::time::timeout(WATCH_POLL, changes.changed()) => {
+                        if matches!(woken, Ok(Err(_))) {
+                            let _ = sender.send(Err(Status::unavailable("the node is stopping; watch again through another node"))).await;
+                            return;
+                        }
+                    }
+                    _ = sender.closed() => return,
+                }
+                // Polls stay WATCH_GAP_MIN apart: a write storm costs a watcher a bounded rescan rate.
+                tokio::time::sleep(WATCH_GAP_MIN).await;
+                events = match poll(&core, &mut seen, false) {
+                    Ok(events) => events,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
@@ -428,6 +428,7 @@ impl ClusterService for ClusterApi {
                 .await?;
             return Ok(answer);
         }
+        let start_term = self.core.raft.metrics().borrow().current_term;
         if !self.core.is_leader() {
             self.core
                 .raft
@@ -447,15 +448,19 @@ impl ClusterService for ClusterApi {
                 Some(leader) if leader == self.core.id => {
                     return Ok(Response::new(TransferLeaderResponse { leader_id: leader, term }))
                 }
-                Some(other) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::failed_precondition(format!("node {other} leads term {term}; try again")))
+                Some(other) if term > start_term || tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {other} won the election for term {term}; try again"
+                    )))
                 }
                 _ if tokio::time::Instant::now() >= deadline => {
                     return Err(Status::deadline_exceeded("no leader emerged in time; try again"))
                 }
                 _ => {}
             }
-            let _ = tokio::time::timeout_at(deadline, metrics.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+                return Err(Status::unavailable("the node is stopping"));
+            }
         }
     }
 

@@ -112,6 +112,11 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Re
         let running = last_state.iter().filter(|(id, s)| **s == TaskState::Running as i32 && **id != workflow).count();
         if killed.is_none() && running as u64 >= BRANCHES / 2 {
             let leader = cluster.wait_for_leader(&all, STEP_TIMEOUT).await?.0;
+            if leader == watcher_node {
+                // Leadership moved to the node serving the watch: follow from another one.
+                let other = *all.iter().find(|id| **id != leader).context("another node")?;
+                events = cluster.client_of(other)?.watch(&workflow, true).await?;
+            }
             println!("{} == kill -9 the leader, node {leader}, while {running} branches run", elapsed());
             cluster.kill(leader)?;
             killed = Some((leader, Instant::now()));

@@ -311,8 +311,13 @@ async fn admin_call<T>(
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => anyhow::bail!("{}", status.message()),
-        Err(_) => anyhow::bail!("no answer within {} s", ADMIN_CALL_TIMEOUT.as_secs()),
+        // Typed, so the exit code says what went wrong (3 refused, 4 not found, 5 unavailable).
+        Ok(Err(status)) => Err(maos_client::ClientError::from_status(status).into()),
+        Err(_) => Err(maos_client::ClientError::Unavailable {
+            deadline_ms: ADMIN_CALL_TIMEOUT.as_millis() as u64,
+            last: "no answer from the first endpoint".into(),
+        }
+        .into()),
     }
 }
 

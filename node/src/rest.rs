@@ -479,7 +479,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/tasks/{task_id}/results": {"get": {"summary": "A task's result and its subtasks'", "parameters": [task_id], "responses": with(json!({"200": {"description": "results"}}), &[("404", "unknown task")])}},
             "/api/v1/tasks/{task_id}/cancel": {"post": {"summary": "Cancel a task and its subtasks", "parameters": [task_id],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"reason": {"type": "string"}}}}}},
-                "responses": with(json!({"200": {"description": "the tasks cancelled"}}), &[("404", "unknown task"), ("400", "already finished")])}},
+                "responses": with(json!({"200": {"description": "the tasks cancelled"}}), &[("404", "unknown task"), ("409", "already finished")])}},
             "/api/v1/tasks/{task_id}/events": {"get": {"summary": "The task's events as server-sent events (event `task`, JSON data) until it finishes",
                 "parameters": [task_id, {"name": "children", "in": "query", "schema": {"type": "boolean"}}],
                 "responses": with(json!({"200": {"description": "text/event-stream"}}), &[("404", "unknown task")])}},

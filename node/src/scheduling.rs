@@ -25,13 +25,19 @@ use crate::core::NodeCore;
 /// changes can cause (each round reads the task table).
 const ROUND_GAP_MIN: Duration = Duration::from_millis(2);
 
-/// What a scheduling round depends on, cheaply: task count, open tasks, held and registered
-/// slots. A wake-up that leaves it unchanged plans nothing new (time-driven work waits for the
-/// interval round).
-fn fingerprint(core: &NodeCore) -> (usize, usize, usize, usize) {
+/// What a scheduling round depends on, cheaply: this node's role and term, and the task count,
+/// open tasks, held and registered slots. A wake-up that leaves it unchanged plans nothing new;
+/// time-driven work (backoff, expiry, TTLs, paused agents resumed) waits for the interval round,
+/// which wake-ups never postpone.
+fn fingerprint(core: &NodeCore) -> (bool, u64, usize, usize, usize, usize) {
+    let (leader, term) = {
+        let metrics = core.raft.metrics();
+        let m = metrics.borrow();
+        (m.state == ServerState::Leader, m.current_term)
+    };
     let state = core.state.read();
     let table = &state.app.tasks;
-    (table.tasks.len(), table.open_tasks(), table.slot_holder.len(), table.slots.len())
+    (leader, term, table.tasks.len(), table.open_tasks(), table.slot_holder.len(), table.slots.len())
 }
 
 /// Run the leader loop until `stopped`.
@@ -50,9 +56,11 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
     let mut last_expiry_check = last_round;
     let mut last_fingerprint = fingerprint(&core);
     loop {
-        let pause = if busy { Duration::ZERO } else { interval };
+        // The interval round is due at a fixed time after the last round, however many
+        // wake-ups are skipped meanwhile.
+        let due = if busy { tokio::time::Instant::now() } else { last_round + interval };
         let woken = tokio::select! {
-            _ = tokio::time::sleep(pause) => None,
+            _ = tokio::time::sleep_until(due) => None,
             changed = changes.changed(), if !busy => Some(changed.is_ok()),
             _ = stopped.wait_for(|stop| *stop) => return,
         };
@@ -66,7 +74,7 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
                 tokio::time::sleep_until(last_round + ROUND_GAP_MIN).await;
             }
             // Raft no longer reports changes: rounds follow the interval.
-            Some(false) => tokio::time::sleep(pause).await,
+            Some(false) => tokio::time::sleep_until(due).await,
             None => {}
         }
         last_round = tokio::time::Instant::now();

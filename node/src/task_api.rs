@@ -40,6 +40,8 @@ const PAGE_SIZE_MAX: usize = 1_000;
 const WATCH_QUEUE: usize = 64;
 /// The longest a watch waits before looking again without being woken.
 const WATCH_POLL: Duration = Duration::from_millis(100);
+/// Polls of one watch stay this far apart, however fast entries apply.
+const WATCH_GAP_MIN: Duration = Duration::from_millis(10);
 /// Children one watch follows, at most.
 const WATCH_CHILDREN_MAX: usize = 256;
 
@@ -395,9 +397,15 @@ impl TaskService for TaskApi {
                     return;
                 }
                 tokio::select! {
-                    _ = tokio::time::timeout(WATCH_POLL, changes.changed()) => {}
+                    woken = tokio::time::timeout(WATCH_POLL, changes.changed()) => {
+                        if matches!(woken, Ok(Err(_))) {
+                            let _ = sender.send(Err(Status::unavailable("the node is stopping; watch again through another node"))).await;
+                            return;
+                        }
+                    }
                     _ = sender.closed() => return,
                 }
+                tokio::time::sleep(WATCH_GAP_MIN).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))

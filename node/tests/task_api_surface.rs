@@ -178,8 +178,8 @@ async fn every_bad_input_is_refused_by_name_and_the_surface_works() -> anyhow::R
     let failing = failing.into_inner().task_id;
     wait_all(&mut client, std::slice::from_ref(&failing), TaskState::Failed).await?;
     let again = client.retry(RetryTaskRequest { task_id: failing.clone() }).await?.into_inner();
-    assert_eq!((again.attempt, again.cause.as_str()), (0, ""));
-    assert_ne!(again.state, TaskState::Failed as i32);
+    // The retry may already be running (or done) when the answer is read.
+    assert!(again.attempt <= 1, "{again:?}");
     let done = wait_all(&mut client, std::slice::from_ref(&failing), TaskState::Failed).await?;
     assert_eq!(done[0].attempt, 1, "the retry ran its own first attempt: {:?}", done[0]);
     let running = client.retry(RetryTaskRequest { task_id: first.clone() }).await.expect_err("completed");
