@@ -374,6 +374,8 @@ impl TaskService for TaskApi {
                     if include_children {
                         let children = table.children.get(&task_id).into_iter().flatten().take(WATCH_CHILDREN_MAX);
                         watched.extend(children.filter_map(|id| table.tasks.get(id).map(|t| &**t)));
+                        // Changes seen in one poll go out in the order they happened.
+                        watched.sort_by_key(|t| t.updated_at_ms);
                     }
                     // The watched task last, so its final event ends the stream.
                     watched.push(root);
