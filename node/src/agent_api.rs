@@ -142,6 +142,8 @@ pub struct WorkerApi {
     pub config: Config,
     /// Ends open assignment streams when the node stops.
     pub stopped: tokio::sync::watch::Receiver<bool>,
+    /// Shared with the task and key watches: open streams on this node.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// A worker's holder id: stable for its name, and never a node id.
@@ -226,7 +228,9 @@ impl WorkerService for WorkerApi {
         let core = self.core.clone();
         let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
         let mut stopped = self.stopped.clone();
+        let permit = crate::task_api::stream_permit(&self.streams)?;
         tokio::spawn(async move {
+            let _permit = permit;
             let mut sent: BTreeMap<TaskId, u64> = BTreeMap::new();
             let mut changes = core.raft.metrics();
             let no_api = |_: &str, _: u64| ApiAccess { endpoint: String::new(), credential: String::new() };

@@ -97,6 +97,8 @@ fn unexpected(response: Applied) -> Status {
 pub struct KvApi {
     pub core: Arc<NodeCore>,
     pub credentials: Arc<Credentials>,
+    /// Shared with the task and worker services: open streams on this node.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The key prefix an agent's credential may use: its workflow's shared state.
@@ -252,7 +254,9 @@ impl KvService for KvApi {
         };
         let mut seen = BTreeMap::new();
         let first = poll(&core, &mut seen, true)?;
+        let permit = crate::task_api::stream_permit(&self.streams)?;
         tokio::spawn(async move {
+            let _permit = permit;
             let mut changes = core.raft.metrics();
             let mut events = first;
             loop {

@@ -217,6 +217,9 @@ pub fn print_event(event: &TaskEvent, root: &str, json: bool) {
 
 /// Watch `task_id` until it finishes; a FAILED or CANCELLED end is an error (exit code 7).
 pub async fn watch(client: &Client, task_id: &str, children: bool, json: bool) -> anyhow::Result<TaskEvent> {
+    /// Reconnects after the serving node went away, at most.
+    const RECONNECTS_MAX: usize = 30;
+    let mut reconnects = 0;
     let mut stream = client.watch(task_id, children).await?;
     loop {
         match stream.message().await {
@@ -242,6 +245,10 @@ pub async fn watch(client: &Client, task_id: &str, children: bool, json: bool) -
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 ) =>
             {
+                reconnects += 1;
+                if reconnects > RECONNECTS_MAX {
+                    return Err(ClientError::Server(status).into());
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 stream = client.watch(task_id, children).await?;
             }

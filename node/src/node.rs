@@ -178,7 +178,9 @@ where
     let mut until_stopped = stopped.clone();
     let credentials = Arc::new(Credentials::generate());
     let agent_metrics = Arc::new(AgentMetrics::default());
-    let kv = KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone() });
+    let streams = Arc::new(tokio::sync::Semaphore::new(crate::task_api::STREAMS_MAX));
+    let kv =
+        KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone(), streams: streams.clone() });
     let cluster_api = Arc::new(ClusterApi { core: core.clone() });
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
@@ -186,13 +188,18 @@ where
         core: core.clone(),
         planner_type,
         accept_unserved_types: config.scheduler.accept_unserved_types,
+        streams: streams.clone(),
     });
     let tasks_service = TaskServiceServer::from_arc(task_api.clone());
     let agent_api = Arc::new(AgentApi { core: core.clone(), config: config.clone() });
     let agents_service = AgentServiceServer::from_arc(agent_api.clone());
     let rest = crate::rest::router(crate::rest::Services { tasks: task_api, agents: agent_api, cluster: cluster_api });
-    let workers_service =
-        WorkerServiceServer::new(WorkerApi { core: core.clone(), config: config.clone(), stopped: stopped.clone() });
+    let workers_service = WorkerServiceServer::new(WorkerApi {
+        core: core.clone(),
+        config: config.clone(),
+        stopped: stopped.clone(),
+        streams,
+    });
     // The standard gRPC health service (SERVING while ready, as `/ready`) and server reflection.
     let (health, health_service) = tonic_health::server::health_reporter();
     tasks.spawn(report_health(core.clone(), health, stopped.clone()));

@@ -250,8 +250,13 @@ struct CancelBody {
     reason: String,
 }
 
-async fn cancel(State(s): State<Services>, Path(task_id): Path<String>, body: Option<Json<CancelBody>>) -> Answer {
-    let reason = body.map(|Json(b)| b.reason).unwrap_or_default();
+async fn cancel(State(s): State<Services>, Path(task_id): Path<String>, body: axum::body::Bytes) -> Answer {
+    // The body is optional; when present it must be the JSON object documented.
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        String::new()
+    } else {
+        serde_json::from_slice::<CancelBody>(&body).map_err(|e| ApiError::bad_request(format!("body: {e}")))?.reason
+    };
     let answer = s.tasks.cancel(Request::new(CancelTaskRequest { task_id, reason })).await?.into_inner();
     ok(json!({"cancelled": answer.cancelled}))
 }

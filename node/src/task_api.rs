@@ -51,6 +51,20 @@ pub struct TaskApi {
     pub planner_type: String,
     /// `scheduler.accept_unserved_types`.
     pub accept_unserved_types: bool,
+    /// Open streams (task and key watches, worker assignments) on this node, bounded.
+    pub streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// Open streams one node serves at most; beyond, a watch is refused with RESOURCE_EXHAUSTED.
+pub const STREAMS_MAX: usize = 4_096;
+
+/// A permit for one more stream, or RESOURCE_EXHAUSTED.
+pub fn stream_permit(streams: &Arc<tokio::sync::Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    streams.clone().try_acquire_owned().map_err(|_| {
+        Status::resource_exhausted(format!(
+            "streams: {STREAMS_MAX} watches and worker streams are open on this node; close some or use another node"
+        ))
+    })
 }
 
 /// The task type that is always planned.
@@ -358,9 +372,11 @@ impl TaskService for TaskApi {
         if !self.core.state.read().app.tasks.tasks.contains_key(&task_id) {
             return Err(Self::not_found(&task_id));
         }
+        let permit = stream_permit(&self.streams)?;
         let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
         let core = self.core.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut seen: BTreeMap<String, Fingerprint> = BTreeMap::new();
             let mut changes = core.raft.metrics();
             loop {

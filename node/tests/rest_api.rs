@@ -128,6 +128,8 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     assert_eq!(status, 413);
     assert_error(&api.get("/api/v1/tasks/no-such-task").await?, 404, "no-such-task");
     assert_error(&api.post("/api/v1/tasks/no-such-task/cancel", &json!({})).await?, 404, "no-such-task");
+    let path = format!("/api/v1/tasks/{task_id}/cancel");
+    assert_error(&api.call(reqwest::Method::POST, &path, Some("{not json")).await?, 400, "body");
     assert_error(&api.post("/api/v1/tasks/no-such-task/retry", &json!({})).await?, 404, "no-such-task");
     assert_error(&api.post(&format!("/api/v1/tasks/{task_id}/retry"), &json!({})).await?, 409, task_id.as_str());
     assert_error(&api.get("/api/v1/tasks?state=sleeping").await?, 400, "state");
