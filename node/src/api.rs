@@ -17,11 +17,9 @@ use crate::agents::credential::{AgentScope, Credentials};
 use crate::config::check_address;
 use crate::core::{CoreError, NodeCore};
 
-/// Keys one watch follows, at most; events queued on it; the longest it waits unwoken.
+/// Keys one watch follows, at most; events queued on it.
 const WATCH_KEYS_MAX: usize = 10_000;
 const WATCH_QUEUE: usize = 256;
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
-const WATCH_GAP_MIN: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Header marking a request already forwarded once, so forwarding never loops.
 const FORWARDED_HEADER: &str = "x-maos-forwarded";
@@ -265,17 +263,9 @@ impl KvService for KvApi {
                         return;
                     }
                 }
-                tokio::select! {
-                    woken = tokio::time::timeout(WATCH_POLL, changes.changed()) => {
-                        if matches!(woken, Ok(Err(_))) {
-                            let _ = sender.send(Err(Status::unavailable("the node is stopping; watch again through another node"))).await;
-                            return;
-                        }
-                    }
-                    _ = sender.closed() => return,
+                if !crate::task_api::next_poll(&mut changes, &sender).await {
+                    return;
                 }
-                // Polls stay WATCH_GAP_MIN apart: a write storm costs a watcher a bounded rescan rate.
-                tokio::time::sleep(WATCH_GAP_MIN).await;
                 events = match poll(&core, &mut seen, false) {
                     Ok(events) => events,
                     Err(status) => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
 
+use crate::cli::state_name;
 use crate::local_cluster::{LocalCluster, LocalClusterOptions};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -16,18 +17,6 @@ const BRANCHES: u64 = 6;
 const BRANCH_WORK_MS: u64 = 3_000;
 /// The submit's idempotency key: resubmitting it must return the same workflow.
 const WORKFLOW_KEY: &str = "demo-workflow";
-
-fn state_name(state: i32) -> &'static str {
-    match TaskState::try_from(state) {
-        Ok(TaskState::Pending) => "PENDING",
-        Ok(TaskState::Queued) => "QUEUED",
-        Ok(TaskState::Running) => "RUNNING",
-        Ok(TaskState::Completed) => "COMPLETED",
-        Ok(TaskState::Failed) => "FAILED",
-        Ok(TaskState::Cancelled) => "CANCELLED",
-        _ => "?",
-    }
-}
 
 /// Short leases so a dead node's work moves within seconds.
 fn options() -> LocalClusterOptions {

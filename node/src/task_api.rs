@@ -58,6 +58,25 @@ pub struct TaskApi {
 /// Open streams one node serves at most; beyond, a watch is refused with RESOURCE_EXHAUSTED.
 pub const STREAMS_MAX: usize = 4_096;
 
+/// Wait until a watch should look again: an applied change (or WATCH_POLL without one), then
+/// WATCH_GAP_MIN, so a write storm costs a watcher a bounded rescan rate. False when the
+/// watcher left or Raft stopped (then the stream ends with UNAVAILABLE).
+pub async fn next_poll<T>(
+    changes: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, maos_raft_store::MaosNode>>,
+    sender: &mpsc::Sender<Result<T, Status>>,
+) -> bool {
+    let raft_stopped = tokio::select! {
+        woken = tokio::time::timeout(WATCH_POLL, changes.changed()) => matches!(woken, Ok(Err(_))),
+        _ = sender.closed() => return false,
+    };
+    if raft_stopped {
+        let _ = sender.send(Err(Status::unavailable("the node is stopping; watch again through another node"))).await;
+        return false;
+    }
+    tokio::time::sleep(WATCH_GAP_MIN).await;
+    true
+}
+
 /// A permit for one more stream, or RESOURCE_EXHAUSTED.
 pub fn stream_permit(streams: &Arc<tokio::sync::Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
     streams.clone().try_acquire_owned().map_err(|_| {
@@ -414,16 +433,9 @@ impl TaskService for TaskApi {
                 if finished {
                     return;
                 }
-                tokio::select! {
-                    woken = tokio::time::timeout(WATCH_POLL, changes.changed()) => {
-                        if matches!(woken, Ok(Err(_))) {
-                            let _ = sender.send(Err(Status::unavailable("the node is stopping; watch again through another node"))).await;
-                            return;
-                        }
-                    }
-                    _ = sender.closed() => return,
+                if !next_poll(&mut changes, &sender).await {
+                    return;
                 }
-                tokio::time::sleep(WATCH_GAP_MIN).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
