@@ -4,8 +4,8 @@
 //! (so a failover never mass-expires leases) and applies its configured task limits
 //! (`system.task_queue_size`, `task_planner.*`; the leader's configuration wins), then each round proposes a `Tick` when one is due
 //! and the assignments `scheduler::plan_assignments` returns, all through the batching write path.
-//! A round runs when an applied change wakes it (at most one per `ROUND_GAP_MIN`) or after
-//! `scheduler.interval_ms` without one.
+//! A round runs when an applied change that moves tasks or agents wakes it (at most one per
+//! `ROUND_GAP_MIN`), and in any case `scheduler.interval_ms` after the previous round.
 //!
 //! What runs the leased work is each node's agent runtime (`agents`).
 

@@ -260,6 +260,14 @@ impl TaskApi {
     fn not_found(task_id: &str) -> Status {
         Status::not_found(format!("task_id: task {task_id:?} does not exist"))
     }
+
+    /// The view of `task_id` as this node has applied it.
+    fn view_of(&self, task_id: &str) -> Result<TaskView, Status> {
+        let state = self.core.state.read();
+        let table = &state.app.tasks;
+        let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
+        Ok(view(table, task))
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send>>;
@@ -307,10 +315,7 @@ impl TaskService for TaskApi {
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
-        Ok(Response::new(view(table, task)))
+        Ok(Response::new(self.view_of(&task_id)?))
     }
 
     async fn list(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
@@ -448,10 +453,7 @@ impl TaskService for TaskApi {
         }
         self.core.write(Command::Task(TaskCommand::Retry { task_id: task_id.clone() })).await.map_err(status_from)?;
         self.core.read_barrier().await.map_err(status_from)?;
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
-        Ok(Response::new(view(table, task)))
+        Ok(Response::new(self.view_of(&task_id)?))
     }
 
     async fn complete(&self, request: Request<CompleteTaskRequest>) -> Result<Response<CompleteTaskResponse>, Status> {

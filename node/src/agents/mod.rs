@@ -114,8 +114,17 @@ pub enum RuntimeError {
 pub fn backends(config: &Config) -> Result<BTreeMap<String, Arc<Backend>>, RuntimeError> {
     let defaults = &config.agents.defaults;
     let claude = &config.agents.claude;
-    let mut http = None;
-    let mut key = None;
+    // The key and HTTP client are shared by every claude type; made once, only if one exists.
+    let claude_shared = match config.agents.types.iter().find(|(_, t)| t.backend == BackendKind::Claude) {
+        Some((name, _)) => {
+            let key = ApiKey::from_environment(claude.api_key_file.as_deref())
+                .map_err(|message| RuntimeError::Config { key: format!("agents.types.{name}.backend"), message })?;
+            let http = ClaudeBackend::http_client(Duration::from_secs(claude.request_timeout))
+                .map_err(|message| RuntimeError::Config { key: "agents.claude".into(), message })?;
+            Some((key, http))
+        }
+        None => None,
+    };
     let known_types: Vec<String> = config.agents.types.keys().cloned().collect();
     let mut built = BTreeMap::new();
     for (name, agent) in &config.agents.types {
@@ -132,21 +141,11 @@ pub fn backends(config: &Config) -> Result<BTreeMap<String, Arc<Backend>>, Runti
                 timeout,
             }),
             BackendKind::Claude => {
-                if key.is_none() {
-                    key = Some(ApiKey::from_environment(claude.api_key_file.as_deref()).map_err(|message| {
-                        RuntimeError::Config { key: format!("agents.types.{name}.backend"), message }
-                    })?);
-                }
-                if http.is_none() {
-                    http = Some(
-                        ClaudeBackend::http_client(Duration::from_secs(claude.request_timeout))
-                            .map_err(|message| RuntimeError::Config { key: "agents.claude".into(), message })?,
-                    );
-                }
+                let Some((key, http)) = &claude_shared else { unreachable!("made above when a claude type exists") };
                 Backend::Claude(ClaudeBackend {
-                    http: http.clone().unwrap_or_default(),
+                    http: http.clone(),
                     base_url: claude.base_url.clone(),
-                    key: key.clone().expect("set above"),
+                    key: key.clone(),
                     model: claude.model.clone(),
                     max_tokens: claude.max_tokens,
                     system_prompt: agent.system_prompt.clone(),
