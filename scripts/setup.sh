@@ -7,12 +7,25 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for Roc
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)  # tonic-prost-build
 [ -x /usr/bin/python3 ] || need+=(python3)                       # the test suite's command agents
 dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)      # the Python client test's grpcio
+if [ "${MAOS_SETUP_SERVICES:-0}" = 1 ]; then
+  # The task-data tests start their own PostgreSQL and Redis servers on loopback.
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  # Packages must not start their services: the tests start and stop their own.
+  no_start=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    no_start=1
+  fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  if [ -n "$no_start" ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<()> {
                         capabilities: BTreeSet::new(),
                         planner_type: None,
                         max_agents: None,
+                        input_stored: false,
                     }),
                 })
             })

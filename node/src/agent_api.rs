@@ -28,11 +28,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::agents::envelope::ApiAccess;
-use crate::agents::envelope_for;
+use crate::agents::envelope::{ApiAccess, Envelope};
+use crate::agents::{envelope_for, load_envelope};
 use crate::api::{invalid, status_from};
 use crate::config::Config;
 use crate::core::NodeCore;
+use crate::storage::{EnvelopeNeeds, Storage};
 
 /// Agent types one worker registers, at most.
 const WORKER_TYPES_MAX: usize = 16;
@@ -139,6 +140,8 @@ impl AgentService for AgentApi {
 
 pub struct WorkerApi {
     pub core: Arc<NodeCore>,
+    /// Where results and checkpoints go, and assignments' stored data comes from.
+    pub storage: Arc<Storage>,
     pub config: Config,
     /// Ends open assignment streams when the node stops.
     pub stopped: tokio::sync::watch::Receiver<bool>,
@@ -226,6 +229,7 @@ impl WorkerService for WorkerApi {
         // `agents.defaults.batch_size`: assignments delivered ahead of the worker's reading.
         let (sender, receiver) = mpsc::channel(self.config.agents.defaults.batch_size.max(1));
         let core = self.core.clone();
+        let storage = self.storage.clone();
         let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
         let mut stopped = self.stopped.clone();
         let permit = crate::task_api::stream_permit(&self.streams)?;
@@ -236,7 +240,7 @@ impl WorkerService for WorkerApi {
             let no_api = |_: &str, _: u64| ApiAccess { endpoint: String::new(), credential: String::new() };
             loop {
                 let now_ms = (core.clock)();
-                let fresh: Vec<Assignment> = {
+                let fresh: Vec<(Envelope, EnvelopeNeeds)> = {
                     let state = core.state.read();
                     let table = &state.app.tasks;
                     let mut held = BTreeMap::new();
@@ -251,29 +255,35 @@ impl WorkerService for WorkerApi {
                         if sent.get(task_id) == Some(&token) {
                             continue;
                         }
-                        let Some(envelope) =
+                        if let Some(assignment) =
                             envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &no_api)
-                        else {
-                            continue;
-                        };
-                        fresh.push(Assignment {
-                            task_id: envelope.task_id,
-                            fencing_token: envelope.fencing_token,
-                            attempt: envelope.attempt,
-                            agent_id: envelope.agent_id,
-                            task_type: envelope.task_type,
-                            description: envelope.description,
-                            input: envelope.input,
-                            planning: envelope.planning,
-                            dependency_results: envelope.dependency_results.into_iter().collect(),
-                            checkpoint: envelope.checkpoint.map(|c| c.data).unwrap_or_default(),
-                            timeout_ms: envelope.timeout_ms,
-                        });
+                        {
+                            fresh.push(assignment);
+                        }
                     }
                     sent.retain(|task_id, _| held.contains_key(task_id));
                     fresh
                 };
-                for assignment in fresh {
+                for (mut envelope, needs) in fresh {
+                    let deadline = tokio::time::Instant::now() + STREAM_POLL;
+                    if let Err(error) = load_envelope(&storage, &mut envelope, &needs, deadline).await {
+                        // Not marked sent: the next look tries again.
+                        tracing::debug!(task_id = %envelope.task_id, %error, "an assignment waits for the task-data store");
+                        continue;
+                    }
+                    let assignment = Assignment {
+                        task_id: envelope.task_id,
+                        fencing_token: envelope.fencing_token,
+                        attempt: envelope.attempt,
+                        agent_id: envelope.agent_id,
+                        task_type: envelope.task_type,
+                        description: envelope.description,
+                        input: envelope.input,
+                        planning: envelope.planning,
+                        dependency_results: envelope.dependency_results.into_iter().collect(),
+                        checkpoint: envelope.checkpoint.map(|c| c.data).unwrap_or_default(),
+                        timeout_ms: envelope.timeout_ms,
+                    };
                     let (task_id, token) = (assignment.task_id.clone(), assignment.fencing_token);
                     if sender.send(Ok(assignment)).await.is_err() {
                         return;
@@ -317,7 +327,9 @@ impl WorkerService for WorkerApi {
 
     async fn save_checkpoint(&self, request: Request<SaveCheckpointRequest>) -> Result<Response<WorkerAck>, Status> {
         let SaveCheckpointRequest { task_id, fencing_token, data } = request.into_inner();
-        self.apply(TaskCommand::SaveCheckpoint { task_id, token: fencing_token, data }).await?;
+        let command =
+            self.storage.checkpoint_command(&self.core, &task_id, fencing_token, data).await.map_err(|e| e.status())?;
+        self.apply(command).await?;
         Ok(Response::new(WorkerAck {}))
     }
 
@@ -328,7 +340,9 @@ impl WorkerService for WorkerApi {
             let usage = TokenUsage { input_tokens, output_tokens };
             self.apply(TaskCommand::RecordUsage { task_id: task_id.clone(), token: fencing_token, usage }).await?;
         }
-        self.apply(TaskCommand::Complete { task_id, token: fencing_token, result }).await?;
+        let command =
+            self.storage.complete_command(&self.core, &task_id, fencing_token, result).await.map_err(|e| e.status())?;
+        self.apply(command).await?;
         Ok(Response::new(WorkerAck {}))
     }
 

@@ -34,8 +34,19 @@ pub struct TaskEnded {
 #[error("{0}")]
 pub struct Unhealthy(pub String);
 
+/// A check that found something to do (exit code 3), such as pending migrations.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// The exit code for an error.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<Refused>().is_some() {
+        return EXIT_REFUSED;
+    }
+    if let Some(storage) = error.downcast_ref::<crate::storage::StorageError>() {
+        return if storage.is_unavailable() { EXIT_UNAVAILABLE } else { 1 };
+    }
     if error.downcast_ref::<TaskEnded>().is_some() {
         return EXIT_TASK_FAILED;
     }

@@ -26,6 +26,64 @@ pub struct Config {
     pub agents: AgentsSection,
     pub task_planner: TaskPlannerSection,
     pub system: SystemSection,
+    pub database: DatabaseSection,
+    pub redis: RedisSection,
+}
+
+/// Where task data (inputs, results, checkpoints, the event history, the audit log) lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// `postgresql://user:password@host:5432/maos`. Unset: the embedded default (task data in the
+    /// replicated state, size-limited; no outside service).
+    pub primary_url: Option<String>,
+    /// Connections this node keeps open at most.
+    pub pool_size: u32,
+    /// Seconds a request waits for a connection before it fails with UNAVAILABLE. Short, so
+    /// submits fail fast while the database is down.
+    pub pool_timeout: u64,
+    /// Seconds a connection lives before it is replaced.
+    pub pool_recycle: u64,
+    /// Apply pending migrations when the node starts (else run `maos db migrate`).
+    pub auto_migrate: bool,
+    /// The largest input, result or checkpoint stored, in bytes.
+    pub payload_bytes_max: usize,
+    /// Seconds after which a staged input no committed task refers to is removed.
+    pub orphan_after: u64,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            primary_url: None,
+            pool_size: 10,
+            pool_timeout: 2,
+            pool_recycle: 3_600,
+            auto_migrate: true,
+            payload_bytes_max: 1024 * 1024,
+            orphan_after: 600,
+        }
+    }
+}
+
+/// The optional Redis cache in front of the task-data store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://[:password@]host:6379/0`. Unset: no cache; reads go to the store.
+    pub url: Option<String>,
+    /// Multiplexed connections this node keeps, used in turn.
+    pub pool_size: usize,
+    /// Seconds a cached payload lives.
+    pub cache_ttl: u64,
+    /// Milliseconds a Redis command (or connect) may take before the read goes to the store.
+    pub response_timeout_ms: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self { url: None, pool_size: 4, cache_ttl: 300, response_timeout_ms: 250 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -515,6 +573,57 @@ impl Config {
         Ok(Loaded { config, unknown_env })
     }
 
+    /// Check the database and Redis settings.
+    fn validate_storage(&self, bad: &mut impl FnMut(&str, String)) {
+        let database = &self.database;
+        if let Some(url) = &database.primary_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                bad("database.primary_url", "must be a PostgreSQL URL (postgresql://user:password@host:5432/maos); leave it unset for the embedded default".into());
+            }
+        }
+        if database.pool_size == 0 || database.pool_size > 1_000 {
+            bad("database.pool_size", format!("{} must be in 1..=1000", database.pool_size));
+        }
+        if database.pool_timeout == 0 || database.pool_timeout > 300 {
+            bad("database.pool_timeout", format!("{} must be in 1..=300 (seconds)", database.pool_timeout));
+        }
+        if database.pool_recycle < 10 {
+            bad("database.pool_recycle", format!("{} must be at least 10 (seconds)", database.pool_recycle));
+        }
+        if database.payload_bytes_max < maos_raft_store::tasks::TASK_TEXT_BYTES_MAX
+            || database.payload_bytes_max > 64 << 20
+        {
+            bad(
+                "database.payload_bytes_max",
+                format!("{} must be in 16384..=67108864 (bytes)", database.payload_bytes_max),
+            );
+        }
+        if database.orphan_after < 60 {
+            bad(
+                "database.orphan_after",
+                format!("{} must be at least 60 (seconds): longer than any submit takes", database.orphan_after),
+            );
+        }
+        let redis = &self.redis;
+        if let Some(url) = &redis.url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                bad(
+                    "redis.url",
+                    "must be a Redis URL (redis://[:password@]host:6379/0); leave it unset for no cache".into(),
+                );
+            }
+        }
+        if redis.pool_size == 0 || redis.pool_size > 64 {
+            bad("redis.pool_size", format!("{} must be in 1..=64", redis.pool_size));
+        }
+        if redis.cache_ttl == 0 {
+            bad("redis.cache_ttl", "must be at least 1 (seconds)".into());
+        }
+        if redis.response_timeout_ms == 0 || redis.response_timeout_ms > 10_000 {
+            bad("redis.response_timeout_ms", format!("{} must be in 1..=10000", redis.response_timeout_ms));
+        }
+    }
+
     /// Check the agent pool settings.
     fn validate_agents(&self, bad: &mut impl FnMut(&str, String)) {
         let system = &self.system;
@@ -698,6 +807,7 @@ impl Config {
             bad("scheduler.assignments_max", "must be in 1..=100000".into());
         }
         self.validate_agents(&mut bad);
+        self.validate_storage(&mut bad);
         if self.task_planner.planner_type.is_empty() || self.task_planner.planner_type.len() > 64 {
             bad("task_planner.planner_type", "must be 1..=64 bytes".into());
         }

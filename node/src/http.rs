@@ -1,8 +1,9 @@
 //! Plain HTTP on the API port (8000), beside gRPC: `/health`, `/ready` and `/metrics`.
 //!
 //! - `/health`: 200 while the process serves requests (liveness).
-//! - `/ready`: 200 when this node is a member of a cluster that has a leader it knows; 503 with
-//!   the reason otherwise (readiness: a load balancer sends it no traffic until then).
+//! - `/ready`: 200 when this node is a member of a cluster that has a leader it knows and its
+//!   task-data store answers; 503 with the reason otherwise (readiness: a load balancer sends it
+//!   no traffic until then). Redis is not part of readiness: the node works without it.
 //! - `/metrics`: Prometheus text format: Raft state, tasks by state, this node's agents.
 
 use std::sync::Arc;
@@ -16,29 +17,34 @@ use axum::Router;
 use crate::agents::AgentMetrics;
 use crate::api::task_counts;
 use crate::core::NodeCore;
+use crate::storage::Storage;
 
 #[derive(Clone)]
 struct Shared {
     core: Arc<NodeCore>,
     agents: Arc<AgentMetrics>,
+    storage: Arc<Storage>,
 }
 
 /// The HTTP routes, to be served with the gRPC services.
-pub fn router(core: Arc<NodeCore>, agents: Arc<AgentMetrics>) -> Router {
+pub fn router(core: Arc<NodeCore>, agents: Arc<AgentMetrics>, storage: Arc<Storage>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(Shared { core, agents })
+        .with_state(Shared { core, agents, storage })
 }
 
 async fn ready(State(shared): State<Shared>) -> (StatusCode, String) {
     let core = &shared.core;
     let member = core.members().contains_key(&core.id);
     match (member, core.leader()) {
-        (true, Some((leader, _))) => {
-            (StatusCode::OK, format!("ready: node {} in a cluster led by node {leader}\n", core.id))
-        }
+        (true, Some((leader, _))) => match shared.storage.check().await {
+            Ok(store) => {
+                (StatusCode::OK, format!("ready: node {} in a cluster led by node {leader}; {store}\n", core.id))
+            }
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: node {}: {why}\n", core.id)),
+        },
         (false, _) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: node {} is not a member of a cluster yet (forming, or waiting to be added)\n", core.id),
@@ -96,5 +102,6 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
         counts.completed, counts.failed
     ));
     text.push_str(&agents);
+    text.push_str(&shared.storage.metrics.render(shared.storage.backend_name()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -38,6 +38,7 @@ pub mod raft_service;
 pub mod rest;
 pub mod scheduling;
 pub mod serve;
+pub mod storage;
 pub mod task_api;
 pub mod transport;
 

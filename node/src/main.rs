@@ -61,6 +61,29 @@ enum Commands {
     /// Show or check the effective configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The PostgreSQL task-data schema (`database.primary_url`).
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Apply the migrations this build carries that the database does not have yet.
+    Migrate(DbArgs),
+    /// Show each migration and whether the database has it (exit code 3 when some are pending).
+    Status(DbArgs),
+}
+
+#[derive(Args)]
+struct DbArgs {
+    #[arg(long, short, env = "MAOS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides database.primary_url.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -512,6 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", serde_yaml::to_string(&config)?);
             Ok(())
         }
+        Commands::Db(command) => db_command(command).await,
         Commands::Config(ConfigCommand::Validate(args)) => {
             let (config, unknown_env) = load_config(args.config.as_ref())?;
             config.validate()?;
@@ -522,6 +546,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn db_command(command: DbCommand) -> anyhow::Result<()> {
+    let (DbCommand::Migrate(args) | DbCommand::Status(args)) = &command;
+    let (mut config, _) = load_config(args.config.as_ref())?;
+    if let Some(url) = &args.database_url {
+        config.database.primary_url = Some(url.clone());
+    }
+    config.validate()?;
+    if config.database.primary_url.is_none() {
+        anyhow::bail!(
+            "database.primary_url is not set: task data is embedded in the replicated state and has no schema; set MAOS_DATABASE_PRIMARY_URL or --database-url"
+        );
+    }
+    let metrics = Default::default();
+    let store = maos_node::storage::postgres::PgStore::connect_lazy(
+        config.database.primary_url.as_deref().unwrap_or_default(),
+        &config.database,
+        metrics,
+    )?;
+    if let DbCommand::Migrate(_) = command {
+        store.migrate().await?;
+    }
+    let status = store.migration_status().await?;
+    let pending = status.iter().filter(|m| m.installed_on.is_none()).count();
+    if args.json {
+        println!("{}", serde_json::json!({ "database": store.name, "migrations": status, "pending": pending }));
+    } else {
+        println!("database {}", store.name);
+        println!("{:<10} {:<28} APPLIED", "VERSION", "DESCRIPTION");
+        for m in &status {
+            println!("{:<10} {:<28} {}", m.version, m.description, m.installed_on.as_deref().unwrap_or("pending"));
+        }
+        if pending == 0 {
+            println!("the schema is current");
+        } else {
+            println!("{pending} pending: run `maos db migrate`");
+        }
+    }
+    if pending > 0 {
+        return Err(cli::Refused(format!("{pending} migration(s) pending")).into());
+    }
+    Ok(())
 }
 
 fn client(target: &Target) -> anyhow::Result<Client> {

@@ -36,6 +36,7 @@ use crate::agent_api::{AgentApi, WorkerApi};
 use crate::agents::credential::Credentials;
 use crate::agents::{backends, AgentMetrics, AgentRuntime};
 use crate::scheduling::leader_loop;
+use crate::storage::Storage;
 use crate::task_api::TaskApi;
 
 /// How often housekeeping checks the cluster identity and this node's registration.
@@ -54,6 +55,8 @@ pub enum StartError {
     Raft(String),
     #[error("agent pool: {0}")]
     Agents(#[from] crate::agents::RuntimeError),
+    #[error("task-data store: {0}")]
+    Storage(#[from] crate::storage::StorageError),
     #[error("cannot listen on {addr} ({what}): {source}; is another process using the port?")]
     Listen { addr: String, what: &'static str, source: std::io::Error },
 }
@@ -125,6 +128,7 @@ where
 {
     let raft_settings = Arc::new(raft_config(config)?);
     let agent_backends = backends(config)?;
+    let storage = Arc::new(Storage::from_config(config)?);
     let peers = formation_peers(config);
     let channels = Channels::new(transport.clone());
     let state = state_machine.handle();
@@ -186,6 +190,7 @@ where
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
         core: core.clone(),
+        storage: storage.clone(),
         planner_type,
         accept_unserved_types: config.scheduler.accept_unserved_types,
         streams: streams.clone(),
@@ -196,6 +201,7 @@ where
     let rest = crate::rest::router(crate::rest::Services { tasks: task_api, agents: agent_api, cluster: cluster_api });
     let workers_service = WorkerServiceServer::new(WorkerApi {
         core: core.clone(),
+        storage: storage.clone(),
         config: config.clone(),
         stopped: stopped.clone(),
         streams,
@@ -209,14 +215,16 @@ where
         .build_v1()
         .map_err(|e| StartError::Raft(format!("the reflection service could not be built: {e}")))?;
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
-    let routes = tonic::service::Routes::from(crate::http::router(core.clone(), agent_metrics.clone()).merge(rest))
-        .add_service(kv)
-        .add_service(cluster)
-        .add_service(tasks_service)
-        .add_service(agents_service)
-        .add_service(workers_service)
-        .add_service(health_service)
-        .add_service(reflection);
+    let routes = tonic::service::Routes::from(
+        crate::http::router(core.clone(), agent_metrics.clone(), storage.clone()).merge(rest),
+    )
+    .add_service(kv)
+    .add_service(cluster)
+    .add_service(tasks_service)
+    .add_service(agents_service)
+    .add_service(workers_service)
+    .add_service(health_service)
+    .add_service(reflection);
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -232,8 +240,18 @@ where
 
     tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
     tasks.spawn(leader_loop(core.clone(), config.clone(), stopped.clone()));
+    if let (Some(store), true) = (storage.postgres(), config.database.auto_migrate) {
+        tasks.spawn(migrate_until_done(store.name.clone(), storage.clone(), stopped.clone()));
+    }
+    tasks.spawn(crate::storage::projector::run(
+        core.clone(),
+        storage.clone(),
+        Duration::from_secs(config.database.orphan_after),
+        stopped.clone(),
+    ));
     let runtime = AgentRuntime {
         core: core.clone(),
+        storage,
         config: config.clone(),
         backends: agent_backends,
         credentials,
@@ -246,6 +264,27 @@ where
         stopped,
     ));
     Ok(RunningNode { core, stop, tasks })
+}
+
+/// Apply pending migrations, retrying while PostgreSQL is down (submits fail with UNAVAILABLE,
+/// naming the missing schema, until this is done).
+async fn migrate_until_done(database: String, storage: Arc<Storage>, mut stopped: watch::Receiver<bool>) {
+    let Some(store) = storage.postgres() else { return };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match store.migrate().await {
+            Ok(()) => {
+                tracing::info!(%database, "the task-data schema is current");
+                return;
+            }
+            Err(error) => tracing::warn!(%database, %error, "migrating the task-data schema failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// The gRPC services whose health is reported (with "" for the server as a whole).

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{invalid, status_from, status_of_rejection};
 use crate::core::NodeCore;
+use crate::storage::{Payload, ResultRef, Storage, TaskPayloads};
 
 /// Attempt timeout when a submit leaves it unset.
 const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
@@ -42,11 +43,15 @@ const WATCH_QUEUE: usize = 64;
 const WATCH_POLL: Duration = Duration::from_millis(100);
 /// Polls of one watch stay this far apart, however fast entries apply.
 const WATCH_GAP_MIN: Duration = Duration::from_millis(10);
+/// How long a watch waits for the task-data store to return before it ends with UNAVAILABLE.
+const WATCH_STORE_WAIT: Duration = Duration::from_secs(30);
 /// Children one watch follows, at most.
 const WATCH_CHILDREN_MAX: usize = 256;
 
 pub struct TaskApi {
     pub core: Arc<NodeCore>,
+    /// Where inputs and results live (the replicated state, or PostgreSQL).
+    pub storage: Arc<Storage>,
     /// The agent type that plans tasks submitted for planning (`task_planner.planner_type`).
     pub planner_type: String,
     /// `scheduler.accept_unserved_types`.
@@ -133,8 +138,26 @@ fn state_from(wire: i32) -> Result<TaskState, Status> {
     }
 }
 
+/// Who made a request, for the audit log: its peer address (API principals are not in place yet).
+pub fn principal_of<T>(request: &Request<T>) -> String {
+    request.remote_addr().map(|a| format!("peer {a}")).unwrap_or_else(|| "peer unknown".into())
+}
+
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
+}
+
+/// Put the stored payloads `fetched` into `view`.
+pub fn fill_view(view: &mut TaskView, payloads: &TaskPayloads, fetched: &std::collections::BTreeMap<Payload, String>) {
+    if let Some(input) = payloads.input.as_ref().and_then(|p| fetched.get(p)) {
+        view.input = input.clone();
+    }
+    if let Some(result) = &payloads.result {
+        view.result = result.resolve(fetched).unwrap_or_default();
+    }
+    if let Some(checkpoint) = payloads.checkpoint.as_ref().and_then(|p| fetched.get(p)) {
+        view.checkpoint = checkpoint.clone();
+    }
 }
 
 /// The view of one task.
@@ -199,8 +222,9 @@ fn fingerprint(task: &Task) -> Fingerprint {
 }
 
 impl TaskApi {
-    /// A submit request as a spec, checked without the state.
-    fn spec_from(&self, r: SubmitTaskRequest) -> Result<TaskSpec, Status> {
+    /// A submit request as a spec, checked without the state, and the input to stage in the
+    /// task-data store (empty when the spec carries it).
+    fn spec_from(&self, r: SubmitTaskRequest) -> Result<(TaskSpec, String), Status> {
         let planner_type = (r.plan || r.task_type == MIXED_TYPE).then(|| self.planner_type.clone());
         let spec = TaskSpec {
             id: uuid::Uuid::now_v7().to_string(),
@@ -218,8 +242,18 @@ impl TaskApi {
             capabilities: r.capabilities.into_iter().collect(),
             planner_type,
             max_agents: (r.max_agents > 0).then_some(r.max_agents),
+            input_stored: false,
         };
+        let mut spec = spec;
+        let staged = if self.storage.is_embedded() { String::new() } else { std::mem::take(&mut spec.input) };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
+        let limit = self.storage.input_bytes_max();
+        if staged.len() > limit {
+            return Err(invalid(format!(
+                "input: {} bytes, over the limit of {limit} (database.payload_bytes_max); send large data by reference",
+                staged.len()
+            )));
+        }
         if spec.submitter.len() > 128 {
             return Err(invalid("submitter: must be at most 128 bytes"));
         }
@@ -244,29 +278,64 @@ impl TaskApi {
         if let Some(missing) = spec.depends_on.iter().find(|d| !table.tasks.contains_key(*d)) {
             return Err(invalid(format!("depends_on: task {missing:?} does not exist; submit it first")));
         }
-        Ok(spec)
+        Ok((spec, staged))
     }
 
+    /// Submit one task: its input to the task-data store first, then its Raft entry, so an
+    /// acknowledged task's data is durable. An input whose entry never commits is unreachable
+    /// and swept (`storage::projector`); it is not deleted here, because a failed write may
+    /// still commit.
     async fn submit_one(&self, request: SubmitTaskRequest) -> Result<SubmitTaskResponse, Status> {
-        let spec = self.spec_from(request)?;
+        let (mut spec, staged) = self.spec_from(request)?;
+        let our_id = spec.id.clone();
+        if !staged.is_empty() {
+            spec.input_stored = self.storage.stage_input(&spec.id, &staged).await.map_err(|e| e.status())?;
+            if !spec.input_stored {
+                spec.input = staged;
+            }
+        }
+        let stored = spec.input_stored;
         match self.core.write(Command::Task(TaskCommand::Submit { spec: Box::new(spec) })).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Submitted { task_id, duplicate }) => {
+                if duplicate && stored && task_id != our_id {
+                    // The first submit's task stands, with its own input.
+                    self.storage.discard_input(&our_id).await;
+                }
                 Ok(SubmitTaskResponse { task_id, duplicate })
             }
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),
         }
     }
 
+    /// Fill the payloads the store holds into `views` (inputs, results, checkpoints).
+    async fn fill_views(&self, views: &mut [(TaskView, TaskPayloads)]) -> Result<(), Status> {
+        let mut wanted = Vec::new();
+        views.iter().for_each(|(_, payloads)| payloads.wanted(&mut wanted));
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let fetched = self.storage.fetch(wanted).await.map_err(|e| e.status())?;
+        for (view, payloads) in views.iter_mut() {
+            fill_view(view, payloads, &fetched);
+        }
+        Ok(())
+    }
+
     fn not_found(task_id: &str) -> Status {
         Status::not_found(format!("task_id: task {task_id:?} does not exist"))
     }
 
-    /// The view of `task_id` as this node has applied it.
-    fn view_of(&self, task_id: &str) -> Result<TaskView, Status> {
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
-        Ok(view(table, task))
+    /// The view of `task_id` as this node has applied it, with its stored payloads.
+    async fn view_of(&self, task_id: &str) -> Result<TaskView, Status> {
+        let mut one = {
+            let state = self.core.state.read();
+            let table = &state.app.tasks;
+            let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
+            [(view(table, task), TaskPayloads::of(table, task))]
+        };
+        self.fill_views(&mut one).await?;
+        let [(view, _)] = one;
+        Ok(view)
     }
 }
 
@@ -315,7 +384,7 @@ impl TaskService for TaskApi {
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
-        Ok(Response::new(self.view_of(&task_id)?))
+        Ok(Response::new(self.view_of(&task_id).await?))
     }
 
     async fn list(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
@@ -331,29 +400,34 @@ impl TaskService for TaskApi {
         if !r.stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let start = match r.page_token.as_str() {
-            "" => std::ops::Bound::Unbounded,
-            token => std::ops::Bound::Excluded(token.to_string()),
-        };
-        let mut tasks = Vec::new();
+        let mut page = Vec::new();
         let mut next_page_token = String::new();
-        for (id, task) in table.tasks.range((start, std::ops::Bound::Unbounded)) {
-            let wanted = (states.is_empty() || states.contains(&task.state))
-                && (r.task_type.is_empty() || task.spec.task_type == r.task_type)
-                && (r.parent.is_empty() || task.spec.parent.as_deref() == Some(r.parent.as_str()))
-                && (r.submitter.is_empty() || task.spec.submitter == r.submitter);
-            if !wanted {
-                continue;
+        {
+            let state = self.core.state.read();
+            let table = &state.app.tasks;
+            let start = match r.page_token.as_str() {
+                "" => std::ops::Bound::Unbounded,
+                token => std::ops::Bound::Excluded(token.to_string()),
+            };
+            for (id, task) in table.tasks.range((start, std::ops::Bound::Unbounded)) {
+                let wanted = (states.is_empty() || states.contains(&task.state))
+                    && (r.task_type.is_empty() || task.spec.task_type == r.task_type)
+                    && (r.parent.is_empty() || task.spec.parent.as_deref() == Some(r.parent.as_str()))
+                    && (r.submitter.is_empty() || task.spec.submitter == r.submitter);
+                if !wanted {
+                    continue;
+                }
+                if page.len() == page_size {
+                    next_page_token =
+                        page.last().map(|(t, _): &(TaskView, TaskPayloads)| t.task_id.clone()).unwrap_or_default();
+                    break;
+                }
+                page.push((view(table, task), TaskPayloads::of(table, task)));
+                let _ = id;
             }
-            if tasks.len() == page_size {
-                next_page_token = tasks.last().map(|t: &TaskView| t.task_id.clone()).unwrap_or_default();
-                break;
-            }
-            tasks.push(view(table, task));
-            let _ = id;
         }
+        self.fill_views(&mut page).await?;
+        let tasks = page.into_iter().map(|(view, _)| view).collect();
         Ok(Response::new(ListTasksResponse { tasks, next_page_token }))
     }
 
@@ -362,30 +436,47 @@ impl TaskService for TaskApi {
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
-        let children = table
-            .children
-            .get(&task_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| table.tasks.get(id))
-            .map(|child| ChildResult {
-                task_id: child.spec.id.clone(),
-                plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
-                state: state_to(child.state) as i32,
-                result: child.result.clone().unwrap_or_default(),
-                cause: child.cause.clone().unwrap_or_default(),
-            })
-            .collect();
-        Ok(Response::new(TaskResults {
-            task_id: task_id.clone(),
-            state: state_to(task.state) as i32,
-            result: task.result.clone().unwrap_or_default(),
-            cause: task.cause.clone().unwrap_or_default(),
-            children,
-        }))
+        let (mut results, mut children, refs) = {
+            let state = self.core.state.read();
+            let table = &state.app.tasks;
+            let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
+            let mut refs = vec![ResultRef::of(table, task)];
+            let children: Vec<ChildResult> = table
+                .children
+                .get(&task_id)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| table.tasks.get(id))
+                .map(|child| {
+                    refs.push(ResultRef::of(table, child));
+                    ChildResult {
+                        task_id: child.spec.id.clone(),
+                        plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
+                        state: state_to(child.state) as i32,
+                        result: String::new(),
+                        cause: child.cause.clone().unwrap_or_default(),
+                    }
+                })
+                .collect();
+            let results = TaskResults {
+                task_id: task_id.clone(),
+                state: state_to(task.state) as i32,
+                result: String::new(),
+                cause: task.cause.clone().unwrap_or_default(),
+                children: Vec::new(),
+            };
+            (results, children, refs)
+        };
+        let mut wanted = Vec::new();
+        refs.iter().for_each(|r| r.wanted(&mut wanted));
+        let fetched = self.storage.fetch(wanted).await.map_err(|e| e.status())?;
+        let mut resolved = refs.iter().map(|r| r.resolve(&fetched).unwrap_or_default());
+        results.result = resolved.next().unwrap_or_default();
+        for (child, result) in children.iter_mut().zip(resolved) {
+            child.result = result;
+        }
+        results.children = children;
+        Ok(Response::new(results))
     }
 
     type WatchStream = EventStream;
@@ -399,6 +490,7 @@ impl TaskService for TaskApi {
         let permit = stream_permit(&self.streams)?;
         let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
         let core = self.core.clone();
+        let storage = self.storage.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut seen: BTreeMap<String, Fingerprint> = BTreeMap::new();
@@ -424,13 +516,27 @@ impl TaskService for TaskApi {
                         let print = fingerprint(task);
                         if seen.get(&task.spec.id) != Some(&print) {
                             let last = finished && task.spec.id == task_id;
-                            events.push(event(task, applied, last));
+                            events.push((event(task, applied, last), ResultRef::of(table, task)));
                             seen.insert(task.spec.id.clone(), print);
                         }
                     }
                     (events, finished)
                 };
-                for event in events {
+                let mut wanted = Vec::new();
+                events.iter().for_each(|(_, result)| result.wanted(&mut wanted));
+                let deadline = tokio::time::Instant::now() + WATCH_STORE_WAIT;
+                let fetched = match storage.fetch_retrying(wanted, deadline).await {
+                    Ok(fetched) => fetched,
+                    Err(error) => {
+                        let _ = sender.send(Err(error.status())).await;
+                        return;
+                    }
+                };
+                for (mut event, result) in events {
+                    if let ResultRef::Inline(_) = result {
+                    } else {
+                        event.result = result.resolve(&fetched).unwrap_or_default();
+                    }
                     if sender.send(Ok(event)).await.is_err() {
                         return;
                     }
@@ -447,29 +553,36 @@ impl TaskService for TaskApi {
     }
 
     async fn retry(&self, request: Request<RetryTaskRequest>) -> Result<Response<TaskView>, Status> {
+        let principal = principal_of(&request);
         let task_id = request.into_inner().task_id;
         if task_id.is_empty() {
             return Err(invalid("task_id: must name a task"));
         }
         self.core.write(Command::Task(TaskCommand::Retry { task_id: task_id.clone() })).await.map_err(status_from)?;
+        self.storage.audit(self.core.id, &principal, "task.retry", &task_id, serde_json::json!({}));
         self.core.read_barrier().await.map_err(status_from)?;
-        Ok(Response::new(self.view_of(&task_id)?))
+        Ok(Response::new(self.view_of(&task_id).await?))
     }
 
     async fn complete(&self, request: Request<CompleteTaskRequest>) -> Result<Response<CompleteTaskResponse>, Status> {
         let CompleteTaskRequest { task_id, fencing_token, result } = request.into_inner();
-        let command = Command::Task(TaskCommand::Complete { task_id, token: fencing_token, result });
-        match self.core.write(command).await.map_err(status_from)? {
+        let command =
+            self.storage.complete_command(&self.core, &task_id, fencing_token, result).await.map_err(|e| e.status())?;
+        match self.core.write(Command::Task(command)).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Completed) => Ok(Response::new(CompleteTaskResponse {})),
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),
         }
     }
 
     async fn cancel(&self, request: Request<CancelTaskRequest>) -> Result<Response<CancelTaskResponse>, Status> {
+        let principal = principal_of(&request);
         let CancelTaskRequest { task_id, reason } = request.into_inner();
         let reason = non_empty(reason).unwrap_or_else(|| "cancelled by a client".into());
-        match self.core.write(Command::Task(TaskCommand::Cancel { task_id, reason })).await.map_err(status_from)? {
+        let command = TaskCommand::Cancel { task_id: task_id.clone(), reason: reason.clone() };
+        match self.core.write(Command::Task(command)).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Cancelled { tasks }) => {
+                let detail = serde_json::json!({ "reason": reason, "cancelled": tasks });
+                self.storage.audit(self.core.id, &principal, "task.cancel", &task_id, detail);
                 Ok(Response::new(CancelTaskResponse { cancelled: tasks }))
             }
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),

@@ -667,6 +667,7 @@ mod tests {
             capabilities: Default::default(),
             planner_type: None,
             max_agents: None,
+            input_stored: false,
         };
         state.apply(&entry(2, 2, Command::Task(TaskCommand::Submit { spec: Box::new(spec) }))).expect("format");
         let assign =

@@ -94,6 +94,14 @@ pub struct TaskSpec {
     /// `max_parallel_branches` (`None`: the cluster's limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_agents: Option<u32>,
+    /// The input lives in the node's task-data store (PostgreSQL) under the task id, not in
+    /// `input`: the replicated state holds only this reference.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub input_stored: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl TaskSpec {
@@ -160,6 +168,10 @@ pub struct TokenUsage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub data: String,
+    /// The data lives in the task-data store (written under the saving lease's token); `data`
+    /// is then empty.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stored: bool,
     /// The attempt that saved it.
     pub attempt: u32,
     pub saved_at_ms: u64,
@@ -215,6 +227,10 @@ pub struct Task {
     /// Boxed: most tasks are not running, and the box keeps every task record smaller.
     pub lease: Option<Box<Lease>>,
     pub result: Option<String>,
+    /// The result lives in the task-data store, written under this fencing token (the lease
+    /// that completed the task); `result` is then `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_token: Option<u64>,
     /// Why the task (or its last attempt) failed or was cancelled.
     pub cause: Option<String>,
     #[serde(default)]
@@ -291,6 +307,9 @@ pub enum TaskCommand {
         task_id: TaskId,
         token: u64,
         result: String,
+        /// The result was written to the task-data store under `token`; `result` is empty.
+        #[serde(default, skip_serializing_if = "is_false")]
+        stored: bool,
     },
     Fail {
         task_id: TaskId,
@@ -327,6 +346,9 @@ pub enum TaskCommand {
         task_id: TaskId,
         token: u64,
         data: String,
+        /// The data was written to the task-data store under `token`; `data` is empty.
+        #[serde(default, skip_serializing_if = "is_false")]
+        stored: bool,
     },
     ReportProgress {
         task_id: TaskId,
@@ -582,7 +604,7 @@ impl TaskTable {
                 }
                 Ok(TaskResponse::Renewed { renewed, lost })
             }
-            TaskCommand::Complete { task_id, token: presented, result } => {
+            TaskCommand::Complete { task_id, token: presented, result, stored } => {
                 check_text("result", result, TASK_TEXT_BYTES_MAX)?;
                 let task = self
                     .tasks
@@ -597,7 +619,13 @@ impl TaskTable {
                         ),
                     ));
                 }
-                task.result = Some(result.clone());
+                if *stored {
+                    task.result = None;
+                    task.result_token = Some(*presented);
+                } else {
+                    task.result = Some(result.clone());
+                    task.result_token = None;
+                }
                 close(
                     &mut self.open,
                     &mut self.slot_holder,
@@ -741,12 +769,16 @@ impl TaskTable {
                 }
                 Ok(TaskResponse::SlotsRegistered { slots: slots.len() })
             }
-            TaskCommand::SaveCheckpoint { task_id, token: presented, data } => {
+            TaskCommand::SaveCheckpoint { task_id, token: presented, data, stored } => {
                 check_text("checkpoint", data, CHECKPOINT_BYTES_MAX)?;
                 let task = self.get_mut(task_id)?;
                 check_token(task, *presented)?;
-                task.checkpoint =
-                    Some(Box::new(Checkpoint { data: data.clone(), attempt: task.attempt, saved_at_ms: now_ms }));
+                task.checkpoint = Some(Box::new(Checkpoint {
+                    data: data.clone(),
+                    stored: *stored,
+                    attempt: task.attempt,
+                    saved_at_ms: now_ms,
+                }));
                 task.updated_at_ms = now_ms;
                 Ok(TaskResponse::CheckpointSaved)
             }
@@ -909,6 +941,7 @@ impl TaskTable {
                 capabilities: planned.capabilities.clone(),
                 planner_type: None,
                 max_agents: None,
+                input_stored: false,
             };
             check_spec(&spec).map_err(|rejection| match rejection {
                 TaskRejection::InvalidSpec { field, message } => {
@@ -988,9 +1021,15 @@ impl TaskTable {
         if !all_completed {
             return;
         }
-        let result = aggregate(children.iter().filter_map(|id| self.tasks.get(id)).map(|t| &**t));
+        let finished: Vec<&Task> = children.iter().filter_map(|id| self.tasks.get(id)).map(|t| &**t).collect();
+        // Results kept in the task-data store are aggregated by the reader (see `Task::result_token`).
+        let result = finished.iter().all(|t| t.result.is_some()).then(|| {
+            aggregate_results(
+                finished.iter().map(|t| (plan_key(t), t.spec.id.as_str(), t.result.as_deref().unwrap_or_default())),
+            )
+        });
         if let Some(parent) = self.tasks.get_mut(parent_id) {
-            parent.result = Some(result);
+            parent.result = result;
             close(&mut self.open, &mut self.slot_holder, &mut self.closed, parent, TaskState::Completed, None, now_ms);
         }
         self.promote_dependents(now_ms, parent_id);
@@ -1103,6 +1142,7 @@ impl TaskTable {
                 updated_at_ms: now_ms,
                 lease: None,
                 result: None,
+                result_token: None,
                 cause,
                 checkpoint: None,
                 progress: None,
@@ -1298,28 +1338,27 @@ fn waits_on_dependencies(tasks: &BTreeMap<TaskId, Box<Task>>, task: &Task) -> bo
         && !task.spec.parent.as_ref().and_then(|p| tasks.get(p)).is_some_and(|parent| parent.expanded)
 }
 
-fn plan_key(task: &Task) -> &str {
+/// A task's key within its parent's plan (its id when it has none).
+pub fn plan_key(task: &Task) -> &str {
     task.spec.labels.get(PLAN_KEY_LABEL).map(String::as_str).unwrap_or(&task.spec.id)
 }
 
-/// The children's results as one JSON object by plan key (a result that is JSON stays JSON).
-/// Past [`AGGREGATE_BYTES_MAX`] each entry names the child and its result size instead.
-fn aggregate<'a>(children: impl Iterator<Item = &'a Task> + Clone) -> String {
+/// Children's results, given as (plan key, task id, result), as one JSON object by plan key (a
+/// result that is JSON stays JSON). Past [`AGGREGATE_BYTES_MAX`] each entry names the child and
+/// its result size instead.
+pub fn aggregate_results<'a>(children: impl Iterator<Item = (&'a str, &'a str, &'a str)> + Clone) -> String {
     let value_of = |result: &str| {
         serde_json::from_str::<serde_json::Value>(result).unwrap_or_else(|_| serde_json::Value::String(result.into()))
     };
-    let full: serde_json::Map<String, serde_json::Value> = children
-        .clone()
-        .map(|t| (plan_key(t).to_string(), value_of(t.result.as_deref().unwrap_or_default())))
-        .collect();
+    let full: serde_json::Map<String, serde_json::Value> =
+        children.clone().map(|(key, _, result)| (key.to_string(), value_of(result))).collect();
     let text = serde_json::Value::Object(full).to_string();
     if text.len() <= AGGREGATE_BYTES_MAX {
         return text;
     }
     let summary: serde_json::Map<String, serde_json::Value> = children
-        .map(|t| {
-            let bytes = t.result.as_ref().map_or(0, String::len);
-            (plan_key(t).to_string(), serde_json::json!({ "task_id": t.spec.id, "result_bytes": bytes }))
+        .map(|(key, task_id, result)| {
+            (key.to_string(), serde_json::json!({ "task_id": task_id, "result_bytes": result.len() }))
         })
         .collect();
     serde_json::Value::Object(summary).to_string()

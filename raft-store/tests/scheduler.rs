@@ -33,6 +33,7 @@ fn spec(id: &str, submitter: &str, priority: Priority) -> TaskSpec {
         capabilities: BTreeSet::new(),
         planner_type: None,
         max_agents: None,
+        input_stored: false,
     }
 }
 

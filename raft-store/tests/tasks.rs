@@ -82,6 +82,7 @@ fn spec(id: &str) -> TaskSpec {
         capabilities: BTreeSet::new(),
         planner_type: None,
         max_agents: None,
+        input_stored: false,
     }
 }
 
@@ -94,7 +95,7 @@ fn assign(id: &str) -> TaskCommand {
 }
 
 fn complete(id: &str, token: u64) -> TaskCommand {
-    TaskCommand::Complete { task_id: id.into(), token, result: "done".into() }
+    TaskCommand::Complete { task_id: id.into(), token, result: "done".into(), stored: false }
 }
 
 fn fail(id: &str, token: u64, retryable: bool) -> TaskCommand {
@@ -497,10 +498,21 @@ fn a_plan_expands_into_children_and_the_parent_aggregates_their_results() {
     assert!(matches!(r.apply(10, complete("parent", token)), Err(TaskRejection::StaleToken { .. })));
     let left = assign_to(&mut r, "parent.left", "a");
     let right = assign_to(&mut r, "parent.right", "b");
-    r.apply(20, TaskCommand::Complete { task_id: "parent.left".into(), token: left, result: r#"{"n":1}"#.into() })
-        .expect("left");
-    r.apply(20, TaskCommand::Complete { task_id: "parent.right".into(), token: right, result: "plain".into() })
-        .expect("right");
+    r.apply(
+        20,
+        TaskCommand::Complete {
+            task_id: "parent.left".into(),
+            token: left,
+            result: r#"{"n":1}"#.into(),
+            stored: false,
+        },
+    )
+    .expect("left");
+    r.apply(
+        20,
+        TaskCommand::Complete { task_id: "parent.right".into(), token: right, result: "plain".into(), stored: false },
+    )
+    .expect("right");
     assert_eq!(r.state_of("parent.merge"), TaskState::Queued);
     assert_eq!(r.state_of("parent"), TaskState::Pending);
     let merge = assign_to(&mut r, "parent.merge", "c");
@@ -585,7 +597,12 @@ fn checkpoints_progress_and_usage_need_the_current_token_and_survive_a_retry() {
     let mut r = Replica::new();
     r.apply(0, submit(spec("a"))).expect("submit");
     let token = assign_to(&mut r, "a", "a");
-    let save = |token, data: &str| TaskCommand::SaveCheckpoint { task_id: "a".into(), token, data: data.into() };
+    let save = |token, data: &str| TaskCommand::SaveCheckpoint {
+        task_id: "a".into(),
+        token,
+        data: data.into(),
+        stored: false,
+    };
     assert_eq!(r.apply(1, save(token, "step 1")), Ok(TaskResponse::CheckpointSaved));
     assert!(matches!(r.apply(1, save(token + 1, "forged")), Err(TaskRejection::StaleToken { .. })));
     let too_big = "x".repeat(64 * 1024 + 1);
@@ -669,7 +686,8 @@ fn a_failed_or_cancelled_task_can_be_retried_from_its_first_attempt() {
     let mut r = Replica::new();
     r.apply(0, submit(spec("a"))).expect("submit");
     let token = assign_to(&mut r, "a", "a");
-    r.apply(1, TaskCommand::SaveCheckpoint { task_id: "a".into(), token, data: "half".into() }).expect("checkpoint");
+    r.apply(1, TaskCommand::SaveCheckpoint { task_id: "a".into(), token, data: "half".into(), stored: false })
+        .expect("checkpoint");
     r.apply(2, fail("a", token, false)).expect("fails for good");
     assert_eq!(r.state_of("a"), TaskState::Failed);
     let open = r.state.app.tasks.open_tasks();

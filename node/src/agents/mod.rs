@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{parse_bytes, BackendKind, Config};
 use crate::core::NodeCore;
+use crate::storage::{EnvelopeNeeds, Payload, ResultRef, Storage, StorageError};
 use claude::{ApiKey, ClaudeBackend};
 use command::CommandBackend;
 use credential::Credentials;
@@ -181,7 +182,8 @@ pub fn configured_slots(config: &Config) -> BTreeMap<String, Slot> {
         .collect()
 }
 
-/// The envelope of the attempt holding `slot_id`'s lease, if any.
+/// The envelope of the attempt holding `slot_id`'s lease, if any, and what it still needs from
+/// the task-data store (see [`load_envelope`]).
 pub fn envelope_for(
     table: &TaskTable,
     slot_id: &str,
@@ -189,12 +191,26 @@ pub fn envelope_for(
     now_ms: u64,
     checkpoint_interval_ms: u64,
     api: &dyn Fn(&str, u64) -> ApiAccess,
-) -> Option<Envelope> {
+) -> Option<(Envelope, EnvelopeNeeds)> {
     let task = table.tasks.get(task_id)?;
     let lease = task.lease.as_ref()?;
-    let dependency_results =
-        task.spec.depends_on.iter().filter_map(|d| Some((d.clone(), table.tasks.get(d)?.result.clone()?))).collect();
-    Some(Envelope {
+    let mut needs = EnvelopeNeeds::default();
+    let mut dependency_results = BTreeMap::new();
+    for dependency in task.spec.depends_on.iter().filter_map(|d| table.tasks.get(d)) {
+        match ResultRef::of(table, dependency) {
+            ResultRef::Inline(Some(result)) => {
+                dependency_results.insert(dependency.spec.id.clone(), result);
+            }
+            ResultRef::Inline(None) => {}
+            stored => needs.dependencies.push((dependency.spec.id.clone(), stored)),
+        }
+    }
+    let needs = EnvelopeNeeds {
+        input: task.spec.input_stored.then(|| Payload::Input(task_id.clone())),
+        checkpoint: task.checkpoint.as_ref().filter(|c| c.stored).map(|_| Payload::Checkpoint(task_id.clone())),
+        ..needs
+    };
+    let envelope = Envelope {
         format: ENVELOPE_FORMAT,
         task_id: task_id.clone(),
         attempt: task.attempt,
@@ -209,11 +225,37 @@ pub fn envelope_for(
         timeout_ms: lease.attempt_deadline_ms.saturating_sub(now_ms).max(1),
         checkpoint_interval_ms,
         api: api(task_id, lease.token),
-    })
+    };
+    Some((envelope, needs))
 }
 
-/// Report one attempt's outcome through Raft: usage, then `Expand`, `Complete` or `Fail`.
-async fn report(core: &NodeCore, envelope: &Envelope, outcome: Outcome) {
+/// Fill the payloads `needs` names into `envelope`, retrying while the store is unavailable
+/// until `deadline`.
+pub async fn load_envelope(
+    storage: &Storage,
+    envelope: &mut Envelope,
+    needs: &EnvelopeNeeds,
+    deadline: tokio::time::Instant,
+) -> Result<(), StorageError> {
+    if needs.is_empty() {
+        return Ok(());
+    }
+    let fetched = storage.fetch_retrying(needs.wanted(), deadline).await?;
+    let checkpoint = envelope.checkpoint.as_mut().map(|c| &mut c.data);
+    needs.fill(&fetched, &mut envelope.input, &mut envelope.dependency_results, checkpoint);
+    Ok(())
+}
+
+/// Report one attempt's outcome through Raft: usage, then `Expand`, `Complete` or `Fail`. A
+/// result goes to the task-data store first; while the store is down this waits (the lease is
+/// still renewed) until `deadline`, the attempt's end.
+async fn report(
+    core: &NodeCore,
+    storage: &Storage,
+    envelope: &Envelope,
+    outcome: Outcome,
+    deadline: tokio::time::Instant,
+) {
     let task_id = envelope.task_id.clone();
     let token = envelope.fencing_token;
     if outcome.usage != Default::default() {
@@ -227,13 +269,18 @@ async fn report(core: &NodeCore, envelope: &Envelope, outcome: Outcome) {
             Ok(subtasks) => TaskCommand::Expand { task_id: task_id.clone(), token, subtasks },
             Err(error) => TaskCommand::Fail { task_id: task_id.clone(), token, error, retryable: true },
         },
-        OutcomeKind::Completed(result) if result.len() > TASK_TEXT_BYTES_MAX => TaskCommand::Fail {
-            task_id: task_id.clone(),
-            token,
-            error: format!("the result is {} bytes, over the limit of {TASK_TEXT_BYTES_MAX}", result.len()),
-            retryable: false,
-        },
-        OutcomeKind::Completed(result) => TaskCommand::Complete { task_id: task_id.clone(), token, result },
+        OutcomeKind::Completed(result) => {
+            match storage.complete_command_retrying(core, &task_id, token, result, deadline).await {
+                Ok(complete) => complete,
+                Err(error @ StorageError::TooLarge { .. }) => {
+                    TaskCommand::Fail { task_id: task_id.clone(), token, error: error.to_string(), retryable: false }
+                }
+                Err(error) => {
+                    tracing::warn!(task_id = %task_id, token, %error, "the result could not be stored; the lease will expire and the task retry");
+                    return;
+                }
+            }
+        }
         OutcomeKind::Failed { error, retryable } => {
             let error = truncate(error, TASK_TEXT_BYTES_MAX);
             TaskCommand::Fail { task_id: task_id.clone(), token, error, retryable }
@@ -270,10 +317,17 @@ fn truncate(mut text: String, limit: usize) -> String {
 /// Run one attempt to its end and report it; returns whether the agent failed to start.
 async fn run_attempt(
     core: Arc<NodeCore>,
+    storage: Arc<Storage>,
     backend: Arc<Backend>,
-    envelope: Envelope,
+    (mut envelope, needs): (Envelope, EnvelopeNeeds),
     metrics: Arc<AgentMetrics>,
 ) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(envelope.timeout_ms);
+    if let Err(error) = load_envelope(&storage, &mut envelope, &needs, deadline).await {
+        // The attempt's time ran out waiting for its data; its lease expires and it retries.
+        tracing::warn!(task_id = %envelope.task_id, %error, "the attempt's data could not be loaded");
+        return false;
+    }
     struct Running(Arc<AgentMetrics>);
     impl Drop for Running {
         fn drop(&mut self) {
@@ -288,11 +342,17 @@ async fn run_attempt(
     let forward = |event: AgentEvent| {
         let task_id = task_id.clone();
         let core = core.clone();
+        let storage = storage.clone();
         async move {
             let command = match event {
-                AgentEvent::Checkpoint { data } => {
-                    TaskCommand::SaveCheckpoint { task_id: task_id.clone(), token, data }
-                }
+                AgentEvent::Checkpoint { data } => match storage.checkpoint_command(&core, &task_id, token, data).await
+                {
+                    Ok(command) => command,
+                    Err(error) => {
+                        tracing::warn!(task_id = %task_id, token, %error, "an agent's checkpoint was not saved");
+                        return;
+                    }
+                },
                 AgentEvent::Progress { percent, message } => {
                     TaskCommand::ReportProgress { task_id: task_id.clone(), token, percent, message }
                 }
@@ -320,7 +380,7 @@ async fn run_attempt(
     if spawn_failed {
         metrics.spawn_failures_total.fetch_add(1, Ordering::Relaxed);
     }
-    report(&core, &envelope, outcome).await;
+    report(&core, &storage, &envelope, outcome, deadline).await;
     spawn_failed
 }
 
@@ -358,6 +418,7 @@ struct Attempt {
 /// This node's agent runtime.
 pub struct AgentRuntime {
     pub core: Arc<NodeCore>,
+    pub storage: Arc<Storage>,
     pub config: Config,
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub credentials: Arc<Credentials>,
@@ -482,7 +543,7 @@ impl AgentRuntime {
                 kept
             });
             // New leases: start their agents.
-            for (slot_id, agent_type, envelope) in new_leases {
+            for (slot_id, agent_type, (envelope, needs)) in new_leases {
                 let backend = self.backends.get(&agent_type).cloned();
                 let Some(backend) = backend else {
                     // A spawned agent of a type this node's configuration no longer has.
@@ -505,7 +566,13 @@ impl AgentRuntime {
                 tracing::debug!(node_id = self.core.id, task_id = %envelope.task_id, agent_id = %slot_id, attempt = envelope.attempt, "starting an attempt");
                 let task_id = envelope.task_id.clone();
                 let token = envelope.fencing_token;
-                let work = tokio::spawn(run_attempt(self.core.clone(), backend, envelope, self.metrics.clone()));
+                let work = tokio::spawn(run_attempt(
+                    self.core.clone(),
+                    self.storage.clone(),
+                    backend,
+                    (envelope, needs),
+                    self.metrics.clone(),
+                ));
                 running.insert(task_id, Attempt { token, slot: slot_id, work });
             }
             // Renew even with nothing running: the renewal is also this node's liveness signal.

@@ -1,0 +1,130 @@
+//! The Redis read cache of stored payloads (inputs and results), under the `maos:` key prefix.
+//!
+//! A result is cached under its task and the fencing token it was written with
+//! (`maos:result:<task>:<token>`) and an input under its task: once the replicated state refers to
+//! one, it never changes, so an entry cannot go stale and needs no invalidation. A retried task
+//! completes under a new token, which is a new key. Checkpoints change within an attempt and are
+//! not cached. Task status is never cached: every node holds it in memory, applied from the log,
+//! and reads it faster than a Redis round trip.
+//!
+//! Redis is optional. A failed command is counted (`maos_redis_errors_total`) and the read goes
+//! to PostgreSQL; the connection manager reconnects in the background.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Payload, StorageError, StorageMetrics};
+use crate::config::RedisSection;
+
+/// The prefix of every key MAOS writes.
+pub const KEY_PREFIX: &str = "maos:";
+
+pub struct Cache {
+    /// `redis.pool_size` multiplexed connections, used in turn.
+    connections: Vec<ConnectionManager>,
+    next: AtomicUsize,
+    ttl_s: u64,
+    /// `host:port`, for messages.
+    pub name: String,
+    metrics: Arc<StorageMetrics>,
+}
+
+/// The cache key of `payload`, if it is cached.
+pub fn key(payload: &Payload) -> Option<String> {
+    match payload {
+        Payload::Input(id) => Some(format!("{KEY_PREFIX}input:{id}")),
+        Payload::Result(id, token) => Some(format!("{KEY_PREFIX}result:{id}:{token}")),
+        Payload::Checkpoint(_) => None,
+    }
+}
+
+impl Cache {
+    /// Connections are made on first use; must be called inside a tokio runtime.
+    pub fn new(url: &str, settings: &RedisSection, metrics: Arc<StorageMetrics>) -> Result<Self, StorageError> {
+        let client = redis::Client::open(url).map_err(|e| StorageError::Unavailable {
+            store: "Redis (redis.url)".into(),
+            cause: format!("the URL is not valid: {}", super::postgres::redact(&e.to_string(), url)),
+        })?;
+        let name = format!("{}", client.get_connection_info().addr());
+        let timeout = Some(Duration::from_millis(settings.response_timeout_ms));
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connections = (0..settings.pool_size)
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StorageError::Unavailable { store: format!("Redis at {name}"), cause: e.to_string() })?;
+        Ok(Self { connections, next: AtomicUsize::new(0), ttl_s: settings.cache_ttl, name, metrics })
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        self.connections[i].clone()
+    }
+
+    fn failed(&self, what: &str, error: &redis::RedisError) {
+        self.metrics.redis_errors_total.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(redis = %self.name, %error, "{what} failed; reading from the source");
+    }
+
+    /// The cached payloads among `wanted` (none when Redis fails).
+    pub async fn get_payloads(&self, wanted: &[Payload]) -> BTreeMap<Payload, String> {
+        let keyed: Vec<(&Payload, String)> = wanted.iter().filter_map(|p| Some((p, key(p)?))).collect();
+        let mut found = BTreeMap::new();
+        if keyed.is_empty() {
+            return found;
+        }
+        let keys: Vec<&str> = keyed.iter().map(|(_, k)| k.as_str()).collect();
+        let values: Vec<Option<String>> = match redis::cmd("MGET").arg(&keys).query_async(&mut self.connection()).await
+        {
+            Ok(values) => values,
+            Err(error) => {
+                self.failed("a cache read", &error);
+                return found;
+            }
+        };
+        for ((payload, _), value) in keyed.iter().zip(values) {
+            match value {
+                Some(value) => {
+                    self.metrics.cache_hits_total.fetch_add(1, Ordering::Relaxed);
+                    found.insert((*payload).clone(), value);
+                }
+                None => {
+                    self.metrics.cache_misses_total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        found
+    }
+
+    /// Cache `loaded` (best effort).
+    pub async fn put_payloads(&self, loaded: &BTreeMap<Payload, String>) {
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (payload, value) in loaded {
+            if let Some(key) = key(payload) {
+                pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(self.ttl_s).ignore();
+                any = true;
+            }
+        }
+        if any {
+            if let Err(error) = pipe.query_async::<()>(&mut self.connection()).await {
+                self.failed("a cache write", &error);
+            }
+        }
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), String> {
+        redis::cmd("PING").query_async::<String>(&mut self.connection()).await.map(|_| ()).map_err(|e| {
+            self.failed("a ping", &e);
+            format!("Redis at {} does not answer: {e}", self.name)
+        })
+    }
+}

@@ -1,0 +1,515 @@
+//! The PostgreSQL task-data store (sqlx).
+//!
+//! Queries are built at run time (`sqlx::query`, not the `query!` macros): CI builds with no
+//! database, and offline query data would be one more file to keep in step with the schema. The
+//! schema is in `node/migrations/`, embedded in the binary by `sqlx::migrate!` and applied by
+//! `maos db migrate` (or at start, with `database.auto_migrate`). The tests run every query
+//! against a real server.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Row;
+use tokio::sync::mpsc;
+
+use super::{Payload, StorageError, StorageMetrics};
+use crate::config::DatabaseSection;
+
+/// The schema, embedded at build time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Audit entries waiting to be written, at most; past it new entries are dropped (and logged).
+const AUDIT_QUEUE_MAX: usize = 4_096;
+/// Audit entries written in one statement, at most.
+const AUDIT_BATCH_MAX: usize = 256;
+
+/// One task row of the leader's mirror, with the event it entered its state by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    pub task_id: String,
+    pub task_type: String,
+    pub priority: String,
+    pub state: String,
+    pub attempt: i32,
+    pub submitter: String,
+    pub parent: Option<String>,
+    pub cause: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub node_id: Option<i64>,
+    pub fencing_token: Option<i64>,
+}
+
+/// A migration as `maos db status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrationStatus {
+    pub version: i64,
+    pub description: String,
+    /// When it was applied; `None`: pending.
+    pub installed_on: Option<String>,
+}
+
+struct AuditEntry {
+    node_id: i64,
+    principal: String,
+    action: String,
+    target: String,
+    detail: serde_json::Value,
+}
+
+pub struct PgStore {
+    pub pool: PgPool,
+    /// `host:port/database`, for messages (never the password).
+    pub name: String,
+    pub payload_bytes_max: usize,
+    metrics: Arc<StorageMetrics>,
+    audit: mpsc::Sender<AuditEntry>,
+}
+
+impl PgStore {
+    /// A pool that connects on first use; must be called inside a tokio runtime.
+    pub fn connect_lazy(
+        url: &str,
+        settings: &DatabaseSection,
+        metrics: Arc<StorageMetrics>,
+    ) -> Result<Self, StorageError> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| StorageError::Unavailable {
+            store: "PostgreSQL (database.primary_url)".into(),
+            cause: format!("the URL is not valid: {}", redact(&e.to_string(), url)),
+        })?;
+        let name = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("(default database)")
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(settings.pool_timeout))
+            .max_lifetime(Duration::from_secs(settings.pool_recycle))
+            .connect_lazy_with(options);
+        let (audit, queued) = mpsc::channel(AUDIT_QUEUE_MAX);
+        let store = Self { pool, name, payload_bytes_max: settings.payload_bytes_max, metrics, audit };
+        tokio::spawn(write_audit(store.pool.clone(), store.name.clone(), store.metrics.clone(), queued));
+        Ok(store)
+    }
+
+    /// Map a sqlx error: no connection (or a server going away) is UNAVAILABLE and counted.
+    pub fn error(&self, error: sqlx::Error) -> StorageError {
+        let unavailable = |cause: String| {
+            self.metrics.database_connection_errors_total.fetch_add(1, Ordering::Relaxed);
+            StorageError::Unavailable { store: format!("PostgreSQL at {}", self.name), cause }
+        };
+        match &error {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                // 08: connection exception, 53: insufficient resources, 57: operator
+                // intervention (shutdown, starting up).
+                if ["08", "53", "57"].iter().any(|class| code.starts_with(class)) {
+                    unavailable(db.message().to_string())
+                } else if code == "42P01" {
+                    StorageError::Unavailable {
+                        store: format!("PostgreSQL at {}", self.name),
+                        cause: format!("the schema is missing ({}); run `maos db migrate`", db.message()),
+                    }
+                } else {
+                    StorageError::Corrupt {
+                        store: format!("PostgreSQL at {}", self.name),
+                        what: "valid answer".into(),
+                        detail: format!("{} (SQLSTATE {code})", db.message()),
+                    }
+                }
+            }
+            sqlx::Error::RowNotFound | sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } => {
+                StorageError::Corrupt {
+                    store: format!("PostgreSQL at {}", self.name),
+                    what: "valid row".into(),
+                    detail: error.to_string(),
+                }
+            }
+            _ => unavailable(error.to_string()),
+        }
+    }
+
+    fn counted(&self) {
+        self.metrics.database_queries_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub async fn ping(&self) -> Result<(), String> {
+        self.counted();
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(|e| self.error(e).to_string())
+    }
+
+    /// Apply pending migrations (concurrent callers wait on the migrator's advisory lock).
+    pub async fn migrate(&self) -> Result<(), StorageError> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => self.error(inner),
+            other => StorageError::Corrupt {
+                store: format!("PostgreSQL at {}", self.name),
+                what: "schema this build knows".into(),
+                detail: other.to_string(),
+            },
+        })
+    }
+
+    /// Every migration this build carries, and whether the database has it.
+    pub async fn migration_status(&self) -> Result<Vec<MigrationStatus>, StorageError> {
+        self.counted();
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut applied: BTreeMap<i64, String> = BTreeMap::new();
+        if exists {
+            let rows = sqlx::query(
+                "SELECT version, to_char(installed_on, 'YYYY-MM-DD\"T\"HH24:MI:SSOF') AS at FROM _sqlx_migrations WHERE success",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+            for row in rows {
+                applied.insert(
+                    row.try_get("version").map_err(|e| self.error(e))?,
+                    row.try_get("at").map_err(|e| self.error(e))?,
+                );
+            }
+        }
+        Ok(MIGRATOR
+            .iter()
+            .map(|m| MigrationStatus {
+                version: m.version,
+                description: m.description.to_string(),
+                installed_on: applied.get(&m.version).cloned(),
+            })
+            .collect())
+    }
+
+    pub async fn put_input(&self, task_id: &str, input: &str) -> Result<(), StorageError> {
+        self.counted();
+        sqlx::query(
+            "INSERT INTO task_inputs (task_id, input) VALUES ($1, $2) \
+             ON CONFLICT (task_id) DO UPDATE SET input = EXCLUDED.input",
+        )
+        .bind(task_id)
+        .bind(input)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    pub async fn delete_input(&self, task_id: &str) -> Result<(), StorageError> {
+        self.counted();
+        sqlx::query("DELETE FROM task_inputs WHERE task_id = $1")
+            .bind(task_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Write a result under `token`, only over a smaller token. The first write under a token
+    /// wins (one result per attempt); a write under a smaller token than the row's is stale.
+    pub async fn put_result(&self, task_id: &str, token: u64, result: &str) -> Result<(), StorageError> {
+        self.fenced_put(task_id, token, result, "result", "task_results", "result", "written_at", "<").await
+    }
+
+    /// Write a checkpoint under `token`, over the same or a smaller token.
+    pub async fn put_checkpoint(&self, task_id: &str, token: u64, data: &str) -> Result<(), StorageError> {
+        self.fenced_put(task_id, token, data, "checkpoint", "task_checkpoints", "data", "saved_at", "<=").await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fenced_put(
+        &self,
+        task_id: &str,
+        token: u64,
+        value: &str,
+        what: &'static str,
+        table: &str,
+        column: &str,
+        time_column: &str,
+        over: &str,
+    ) -> Result<(), StorageError> {
+        let token_sql = token_i64(token)?;
+        self.counted();
+        // The condition is the fence: the row changes only when its token is smaller (or equal).
+        let sql = format!(
+            "INSERT INTO {table} (task_id, fencing_token, {column}) VALUES ($1, $2, $3) \
+             ON CONFLICT (task_id) DO UPDATE SET fencing_token = EXCLUDED.fencing_token, {column} = EXCLUDED.{column}, {time_column} = now() \
+             WHERE {table}.fencing_token {over} EXCLUDED.fencing_token"
+        );
+        let done = sqlx::query(&sql)
+            .bind(task_id)
+            .bind(token_sql)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        self.counted();
+        let current: i64 = sqlx::query_scalar(&format!("SELECT fencing_token FROM {table} WHERE task_id = $1"))
+            .bind(task_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        if current == token_sql {
+            // A retried write of this attempt's result: the first one stands.
+            return Ok(());
+        }
+        Err(StorageError::Stale { what, task_id: task_id.into(), token, current: u64::try_from(current).unwrap_or(0) })
+    }
+
+    /// The payloads in `wanted` that the store holds (a result only under the wanted token).
+    pub async fn get_payloads(&self, wanted: &[Payload]) -> Result<BTreeMap<Payload, String>, StorageError> {
+        let mut inputs = Vec::new();
+        let mut results: BTreeMap<String, u64> = BTreeMap::new();
+        let mut checkpoints = Vec::new();
+        for payload in wanted {
+            match payload {
+                Payload::Input(id) => inputs.push(id.clone()),
+                Payload::Result(id, token) => {
+                    results.insert(id.clone(), *token);
+                }
+                Payload::Checkpoint(id) => checkpoints.push(id.clone()),
+            }
+        }
+        let mut found = BTreeMap::new();
+        if !inputs.is_empty() {
+            self.counted();
+            let rows = sqlx::query("SELECT task_id, input FROM task_inputs WHERE task_id = ANY($1)")
+                .bind(&inputs)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+            for row in rows {
+                let id: String = row.try_get("task_id").map_err(|e| self.error(e))?;
+                found.insert(Payload::Input(id), row.try_get("input").map_err(|e| self.error(e))?);
+            }
+        }
+        if !results.is_empty() {
+            self.counted();
+            let ids: Vec<&String> = results.keys().collect();
+            let rows = sqlx::query("SELECT task_id, fencing_token, result FROM task_results WHERE task_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+            for row in rows {
+                let id: String = row.try_get("task_id").map_err(|e| self.error(e))?;
+                let token: i64 = row.try_get("fencing_token").map_err(|e| self.error(e))?;
+                let token = u64::try_from(token).unwrap_or(0);
+                if results.get(&id) == Some(&token) {
+                    found.insert(Payload::Result(id, token), row.try_get("result").map_err(|e| self.error(e))?);
+                }
+            }
+        }
+        if !checkpoints.is_empty() {
+            self.counted();
+            let rows = sqlx::query("SELECT task_id, data FROM task_checkpoints WHERE task_id = ANY($1)")
+                .bind(&checkpoints)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+            for row in rows {
+                let id: String = row.try_get("task_id").map_err(|e| self.error(e))?;
+                found.insert(Payload::Checkpoint(id), row.try_get("data").map_err(|e| self.error(e))?);
+            }
+        }
+        if found.len() < wanted.len() {
+            let missing: Vec<&Payload> = wanted.iter().filter(|p| !found.contains_key(*p)).collect();
+            tracing::warn!(?missing, "payloads the replicated state refers to are missing from PostgreSQL");
+        }
+        Ok(found)
+    }
+
+    /// Mirror task rows and record the events they entered their states by, in one transaction.
+    pub async fn project(&self, rows: &[TaskRow]) -> Result<u64, StorageError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let column = |f: fn(&TaskRow) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        let ids = column(|r| r.task_id.clone());
+        let types = column(|r| r.task_type.clone());
+        let priorities = column(|r| r.priority.clone());
+        let states = column(|r| r.state.clone());
+        let submitters = column(|r| r.submitter.clone());
+        let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
+        let parents: Vec<Option<String>> = rows.iter().map(|r| r.parent.clone()).collect();
+        let causes: Vec<Option<String>> = rows.iter().map(|r| r.cause.clone()).collect();
+        let created: Vec<i64> = rows.iter().map(|r| r.created_at_ms).collect();
+        let updated: Vec<i64> = rows.iter().map(|r| r.updated_at_ms).collect();
+        let nodes: Vec<Option<i64>> = rows.iter().map(|r| r.node_id).collect();
+        let tokens: Vec<Option<i64>> = rows.iter().map(|r| r.fencing_token).collect();
+        let mut transaction = self.pool.begin().await.map_err(|e| self.error(e))?;
+        self.counted();
+        sqlx::query(
+            "INSERT INTO tasks (task_id, task_type, priority, state, attempt, submitter, parent, cause, created_at, updated_at) \
+             SELECT t.id, t.ty, t.pr, t.st, t.at, t.su, t.pa, t.ca, to_timestamp(t.cr / 1000.0), to_timestamp(t.up / 1000.0) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) \
+                  AS t(id, ty, pr, st, at, su, pa, ca, cr, up) \
+             ON CONFLICT (task_id) DO UPDATE SET state = EXCLUDED.state, attempt = EXCLUDED.attempt, \
+                  cause = EXCLUDED.cause, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(&ids)
+        .bind(&types)
+        .bind(&priorities)
+        .bind(&states)
+        .bind(&attempts)
+        .bind(&submitters)
+        .bind(&parents)
+        .bind(&causes)
+        .bind(&created)
+        .bind(&updated)
+        .execute(&mut *transaction)
+        .await
+        .map_err(|e| self.error(e))?;
+        self.counted();
+        // A task retried by an operator starts its attempts again: its later events update the
+        // earlier rows of the same (attempt, state).
+        let events = sqlx::query(
+            "INSERT INTO task_events (task_id, state, attempt, node_id, fencing_token, cause, at) \
+             SELECT t.id, t.st, t.at, t.no, t.tk, t.ca, to_timestamp(t.up / 1000.0) \
+             FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[]) \
+                  AS t(id, st, at, no, tk, ca, up) \
+             ON CONFLICT (task_id, attempt, state) DO UPDATE SET at = EXCLUDED.at, node_id = EXCLUDED.node_id, \
+                  fencing_token = EXCLUDED.fencing_token, cause = EXCLUDED.cause \
+             WHERE task_events.at < EXCLUDED.at",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&attempts)
+        .bind(&nodes)
+        .bind(&tokens)
+        .bind(&causes)
+        .bind(&updated)
+        .execute(&mut *transaction)
+        .await
+        .map_err(|e| self.error(e))?;
+        transaction.commit().await.map_err(|e| self.error(e))?;
+        Ok(events.rows_affected())
+    }
+
+    /// Inputs older than `age` that no task row refers to, at most `limit` (sweep candidates; the
+    /// caller checks them against the replicated state before deleting).
+    pub async fn orphan_candidates(&self, age: Duration, limit: i64) -> Result<Vec<String>, StorageError> {
+        self.counted();
+        sqlx::query_scalar(
+            "SELECT i.task_id FROM task_inputs i \
+             WHERE i.created_at < now() - make_interval(secs => $1) \
+               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.task_id = i.task_id) \
+             ORDER BY i.created_at LIMIT $2",
+        )
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    pub async fn delete_inputs(&self, task_ids: &[String]) -> Result<u64, StorageError> {
+        self.counted();
+        let done = sqlx::query("DELETE FROM task_inputs WHERE task_id = ANY($1)")
+            .bind(task_ids)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Queue an audit entry; written in the background.
+    pub fn audit(&self, node_id: u64, principal: &str, action: &str, target: &str, detail: serde_json::Value) {
+        let entry = AuditEntry {
+            node_id: i64::try_from(node_id).unwrap_or(i64::MAX),
+            principal: principal.into(),
+            action: action.into(),
+            target: target.into(),
+            detail,
+        };
+        if self.audit.try_send(entry).is_err() {
+            tracing::warn!(action, target, "the audit queue is full (PostgreSQL slow or down); an entry was dropped");
+        }
+    }
+}
+
+/// The token as PostgreSQL's bigint.
+fn token_i64(token: u64) -> Result<i64, StorageError> {
+    i64::try_from(token).ok().filter(|t| *t > 0).ok_or_else(|| StorageError::TooLarge {
+        field: "fencing_token",
+        bytes: 8,
+        limit: 8,
+        hint: "a fencing token is in 1..=2^63-1",
+    })
+}
+
+/// `text` with the URL's password (if any) replaced.
+pub(super) fn redact(text: &str, url: &str) -> String {
+    match url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).and_then(|(auth, _)| auth.split_once(':')) {
+        Some((_, password)) if !password.is_empty() => text.replace(password, "***"),
+        _ => text.to_string(),
+    }
+}
+
+async fn write_audit(pool: PgPool, name: String, metrics: Arc<StorageMetrics>, mut queued: mpsc::Receiver<AuditEntry>) {
+    let mut batch = Vec::with_capacity(AUDIT_BATCH_MAX);
+    while queued.recv_many(&mut batch, AUDIT_BATCH_MAX).await > 0 {
+        let column = |f: fn(&AuditEntry) -> String| batch.iter().map(f).collect::<Vec<String>>();
+        let nodes: Vec<i64> = batch.iter().map(|e| e.node_id).collect();
+        let principals = column(|e| e.principal.clone());
+        let actions = column(|e| e.action.clone());
+        let targets = column(|e| e.target.clone());
+        let details = column(|e| e.detail.to_string());
+        let mut backoff = Duration::from_millis(100);
+        // Bounded: an entry waits at most ~10 s for the database, then the batch is dropped.
+        for _ in 0..8 {
+            metrics.database_queries_total.fetch_add(1, Ordering::Relaxed);
+            let written = sqlx::query(
+                "INSERT INTO audit_log (node_id, principal, action, target, detail) \
+                 SELECT n, p, a, t, d::jsonb FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(n, p, a, t, d)",
+            )
+            .bind(&nodes)
+            .bind(&principals)
+            .bind(&actions)
+            .bind(&targets)
+            .bind(&details)
+            .execute(&pool)
+            .await;
+            match written {
+                Ok(_) => break,
+                Err(error) => {
+                    metrics.database_connection_errors_total.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(database = %name, %error, "writing the audit log failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_in_a_url_error_is_redacted() {
+        let url = "postgresql://maos:s3cret@db:5432/maos";
+        assert_eq!(redact("bad url postgresql://maos:s3cret@db", url), "bad url postgresql://maos:***@db");
+        assert_eq!(redact("no secret here", "postgresql://db/maos"), "no secret here");
+    }
+
+    #[test]
+    fn every_migration_is_embedded() {
+        let versions: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+        assert_eq!(versions, vec![1], "node/migrations holds the schema in order");
+    }
+}

@@ -1,0 +1,160 @@
+//! The leader's mirror of the task table into PostgreSQL (`tasks`, `task_events`), and the sweep
+//! of staged inputs no committed task refers to.
+//!
+//! Only the leader writes, from its applied state. It remembers what it wrote; a new leader
+//! starts with nothing remembered and writes every task once, which the tables' keys make
+//! harmless. While PostgreSQL is down nothing is marked written, so the next round after it
+//! returns writes what was missed: the mirror lags, it never loses a change.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use maos_raft_store::tasks::{TaskId, TaskState};
+use tokio::sync::watch;
+
+use super::postgres::TaskRow;
+use super::Storage;
+use crate::core::NodeCore;
+
+/// Between rounds.
+const ROUND_INTERVAL: Duration = Duration::from_millis(250);
+/// Task rows written in one round, at most.
+const ROWS_PER_ROUND_MAX: usize = 2_000;
+/// Between sweeps of orphaned inputs.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// Inputs removed per sweep, at most.
+const SWEEP_BATCH_MAX: i64 = 1_000;
+
+/// Run until `stopped`; returns at once for the embedded store.
+pub async fn run(
+    core: Arc<NodeCore>,
+    storage: Arc<Storage>,
+    orphan_after: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let Some(store) = storage.postgres() else { return };
+    let mut written: BTreeMap<TaskId, (TaskState, u32)> = BTreeMap::new();
+    let mut led_term: Option<u64> = None;
+    let mut projected_index = 0;
+    let mut last_sweep = tokio::time::Instant::now();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ROUND_INTERVAL) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let term = core.raft.metrics().borrow().current_term;
+        if core.leader().map(|(id, _)| id) != Some(core.id) {
+            led_term = None;
+            continue;
+        }
+        if led_term != Some(term) {
+            // A new term under this node: write everything again.
+            written.clear();
+            projected_index = 0;
+            led_term = Some(term);
+        }
+        let (rows, applied) = {
+            let state = core.state.read();
+            let applied = state.last_applied.map(|id| id.index).unwrap_or(0);
+            let mut rows = Vec::new();
+            if applied != projected_index {
+                for task in state.app.tasks.tasks.values() {
+                    if written.get(&task.spec.id) == Some(&(task.state, task.attempt)) {
+                        continue;
+                    }
+                    let lease = task.lease.as_ref();
+                    rows.push(TaskRow {
+                        task_id: task.spec.id.clone(),
+                        task_type: task.spec.task_type.clone(),
+                        priority: format!("{:?}", task.spec.priority).to_uppercase(),
+                        state: format!("{:?}", task.state).to_uppercase(),
+                        attempt: i32::try_from(task.attempt).unwrap_or(i32::MAX),
+                        submitter: task.spec.submitter.clone(),
+                        parent: task.spec.parent.clone(),
+                        cause: task.cause.clone(),
+                        created_at_ms: i64::try_from(task.created_at_ms).unwrap_or(i64::MAX),
+                        updated_at_ms: i64::try_from(task.updated_at_ms).unwrap_or(i64::MAX),
+                        node_id: lease.and_then(|l| i64::try_from(l.node_id).ok()),
+                        fencing_token: lease.and_then(|l| i64::try_from(l.token).ok()),
+                    });
+                    if rows.len() == ROWS_PER_ROUND_MAX {
+                        break;
+                    }
+                }
+            }
+            (rows, applied)
+        };
+        let complete = rows.len() < ROWS_PER_ROUND_MAX;
+        match store.project(&rows).await {
+            Ok(events) => {
+                storage.metrics.events_recorded_total.fetch_add(events, Ordering::Relaxed);
+                // What was written, not what is there now: a change since is written next round.
+                for row in rows {
+                    if let Some(state) = parse_state(&row.state) {
+                        written.insert(row.task_id, (state, u32::try_from(row.attempt).unwrap_or(0)));
+                    }
+                }
+                if complete {
+                    projected_index = applied;
+                }
+                if failing {
+                    tracing::info!(database = %store.name, "the task mirror caught up");
+                    failing = false;
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "mirroring tasks to PostgreSQL failed; retrying every round");
+                }
+                failing = true;
+                continue;
+            }
+        }
+        if last_sweep.elapsed() >= SWEEP_INTERVAL {
+            last_sweep = tokio::time::Instant::now();
+            sweep(&core, &storage, orphan_after).await;
+        }
+    }
+}
+
+fn parse_state(text: &str) -> Option<TaskState> {
+    Some(match text {
+        "PENDING" => TaskState::Pending,
+        "QUEUED" => TaskState::Queued,
+        "RUNNING" => TaskState::Running,
+        "COMPLETED" => TaskState::Completed,
+        "FAILED" => TaskState::Failed,
+        "CANCELLED" => TaskState::Cancelled,
+        _ => return None,
+    })
+}
+
+/// Delete staged inputs older than `orphan_after` that no task in the applied state refers to
+/// (their submit never committed, or was a duplicate).
+pub async fn sweep(core: &NodeCore, storage: &Storage, orphan_after: Duration) {
+    let Some(store) = storage.postgres() else { return };
+    let candidates = match store.orphan_candidates(orphan_after, SWEEP_BATCH_MAX).await {
+        Ok(candidates) => candidates,
+        Err(error) => {
+            tracing::debug!(%error, "the orphan sweep could not run");
+            return;
+        }
+    };
+    let orphans: Vec<String> = {
+        let state = core.state.read();
+        candidates.into_iter().filter(|id| !state.app.tasks.tasks.contains_key(id)).collect()
+    };
+    if orphans.is_empty() {
+        return;
+    }
+    match store.delete_inputs(&orphans).await {
+        Ok(removed) => {
+            storage.metrics.orphans_removed_total.fetch_add(removed, Ordering::Relaxed);
+            tracing::info!(removed, "removed staged inputs that no committed task refers to");
+        }
+        Err(error) => tracing::debug!(%error, "removing orphaned inputs failed; the next sweep retries"),
+    }
+}

@@ -1,0 +1,286 @@
+//! One behavioural suite, two task-data backends: the embedded default (data in the replicated
+//! state) and PostgreSQL (data in a real server on loopback). Each runs a 3-node cluster of real
+//! processes through the same behaviours: inputs and results round-trip, size limits refuse by
+//! field, dependency results reach the dependent, a planned workflow aggregates its children, a
+//! checkpoint reaches the next attempt, a stale completion is refused, an idempotent resubmit
+//! keeps the first task, and every result survives a leader kill. The PostgreSQL run then reads
+//! the tables directly.
+
+#[path = "support/tasks.rs"]
+mod common;
+#[path = "support/services.rs"]
+mod services;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{get, output_of, tasks_client, STEP};
+use maos_client::proto::v1::task_service_client::TaskServiceClient;
+use maos_client::proto::v1::{
+    CancelTaskRequest, CompleteTaskRequest, GetTaskRequest, SubmitTaskRequest, TaskState, TaskView,
+};
+use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use services::Postgres;
+use sqlx::Row;
+use tonic::transport::Channel;
+
+const CRASHER: &str = r#"import json, os, sys, time
+envelope = json.load(sys.stdin)
+checkpoint = envelope.get("checkpoint")
+if checkpoint is None:
+    sys.stderr.write('@maos {"checkpoint": "phase-1 done"}\n')
+    sys.stderr.flush()
+    time.sleep(0.2)
+    os.kill(os.getpid(), 9)
+print(json.dumps({"result": "resumed from %s (saved by attempt %d) on attempt %d"
+    % (checkpoint["data"], checkpoint["attempt"], envelope["attempt"])}))
+"#;
+
+/// What the suite needs to know of a backend.
+struct Backend {
+    env: Vec<(String, String)>,
+    /// The largest input a submit may carry.
+    input_bytes_max: usize,
+}
+
+/// Ids the suite made, for the backend-specific checks after it.
+#[derive(Default)]
+struct Made {
+    echoed: String,
+    cancelled: String,
+    planned: String,
+    /// Refused a completion under a stale token.
+    blocker: String,
+}
+
+fn options(root: &Path, backend: &Backend) -> anyhow::Result<LocalClusterOptions> {
+    let script = root.join("crasher.py");
+    std::fs::write(&script, CRASHER)?;
+    let types = format!(
+        "{{coder: {{slots: 2}}, coordinator: {{slots: 1}}, crasher: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}",
+        script.display()
+    );
+    let mut env = vec![
+        ("MAOS_SCHEDULER_LEASE_MS".to_string(), "3000".to_string()),
+        ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS".to_string(), "500".to_string()),
+        ("MAOS_AGENTS_TYPES".to_string(), types),
+    ];
+    env.extend(backend.env.iter().cloned());
+    Ok(LocalClusterOptions { env, ..Default::default() })
+}
+
+fn coder(description: &str, input: &str) -> SubmitTaskRequest {
+    SubmitTaskRequest {
+        task_type: "coder".into(),
+        description: description.into(),
+        input: input.into(),
+        max_retries: 2,
+        ..Default::default()
+    }
+}
+
+async fn submit(client: &mut TaskServiceClient<Channel>, request: SubmitTaskRequest) -> anyhow::Result<String> {
+    Ok(client.submit(request).await?.into_inner().task_id)
+}
+
+/// Wait until `task_id` is in `state`.
+async fn reach(
+    cluster: &LocalCluster,
+    client: &mut TaskServiceClient<Channel>,
+    task_id: &str,
+    state: TaskState,
+) -> anyhow::Result<TaskView> {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let view = get(client, task_id).await?;
+        if view.state == state as i32 {
+            return Ok(view);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let logs: Vec<String> = (1..=3).map(|id| cluster.log_tail(id, 15)).collect();
+            anyhow::bail!("task {task_id} did not reach {state:?}: {view:?}\nlogs:\n{}", logs.join("\n---\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn suite(root: &Path, backend: &Backend) -> anyhow::Result<(LocalCluster, Made)> {
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, options(root, backend)?)?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let mut client = tasks_client(&cluster, leader)?;
+    let mut made = Made::default();
+
+    // An input and its result round-trip, through get and results.
+    let id = submit(&mut client, coder("echo", "hello, stored world")).await?;
+    let view = reach(&cluster, &mut client, &id, TaskState::Completed).await?;
+    assert_eq!(view.input, "hello, stored world");
+    assert_eq!(output_of(&view.result), "echo: hello, stored world");
+    let results = client.results(GetTaskRequest { task_id: id.clone(), stale: false }).await?.into_inner();
+    assert_eq!(results.result, view.result);
+    made.echoed = id;
+
+    // A completion under a stale token is refused and changes nothing.
+    let blocker = submit(&mut client, coder("long", "sleep:60000")).await?;
+    let running = reach(&cluster, &mut client, &blocker, TaskState::Running).await?;
+    let stale = CompleteTaskRequest {
+        task_id: blocker.clone(),
+        fencing_token: running.fencing_token - 1,
+        result: "from a stale owner".into(),
+    };
+    let refused = client.complete(stale).await.expect_err("a stale token is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    let view = get(&mut client, &blocker).await?;
+    assert_eq!((view.state, view.result.as_str()), (TaskState::Running as i32, ""));
+
+    // Size limits: one byte over is refused naming the field; at the limit the input is kept
+    // whole (the task waits on the blocker, so it never runs).
+    let over = "x".repeat(backend.input_bytes_max + 1);
+    let refused = client.submit(coder("too big", &over)).await.expect_err("an oversized input is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("input"), "the field is named: {}", refused.message());
+    let mut at_limit = coder("at the limit", &"x".repeat(backend.input_bytes_max));
+    at_limit.depends_on = vec![blocker.clone()];
+    let id = submit(&mut client, at_limit).await?;
+    assert_eq!(get(&mut client, &id).await?.input.len(), backend.input_bytes_max);
+    client.cancel(CancelTaskRequest { task_id: id.clone(), reason: "done with it".into() }).await?;
+    client.cancel(CancelTaskRequest { task_id: blocker.clone(), reason: String::new() }).await?;
+    made.cancelled = id;
+    made.blocker = blocker;
+
+    // A dependency's result reaches the dependent.
+    let first = submit(&mut client, coder("first", "alpha")).await?;
+    let mut second = coder("second", "beta");
+    second.depends_on = vec![first.clone()];
+    let second = submit(&mut client, second).await?;
+    let view = reach(&cluster, &mut client, &second, TaskState::Completed).await?;
+    let first_result = get(&mut client, &first).await?.result;
+    let combined: serde_json::Value = serde_json::from_str(&view.result)?;
+    assert_eq!(combined["combined"][&first], serde_json::Value::String(first_result.clone()));
+
+    // A planned workflow completes with its children's results aggregated.
+    let plan = SubmitTaskRequest {
+        task_type: "mixed".into(),
+        description: "fan out".into(),
+        input: r#"{"branches": 3, "branch_type": "coder", "branch_input": "branch", "aggregate_type": "coder"}"#.into(),
+        max_retries: 2,
+        ..Default::default()
+    };
+    let parent = submit(&mut client, plan).await?;
+    reach(&cluster, &mut client, &parent, TaskState::Completed).await?;
+    let results = client.results(GetTaskRequest { task_id: parent.clone(), stale: false }).await?.into_inner();
+    let aggregate: serde_json::Value = serde_json::from_str(&results.result)?;
+    assert_eq!(results.children.len(), 4, "3 branches and the aggregating step");
+    for child in &results.children {
+        assert!(!child.result.is_empty(), "child {} has its result", child.plan_key);
+        let in_aggregate = &aggregate[&child.plan_key];
+        assert_eq!(in_aggregate, &serde_json::from_str::<serde_json::Value>(&child.result)?);
+    }
+    made.planned = parent;
+
+    // A checkpoint saved by a crashed attempt reaches the next one.
+    let crash = SubmitTaskRequest {
+        task_type: "crasher".into(),
+        description: "crash once".into(),
+        max_retries: 2,
+        ..Default::default()
+    };
+    let id = submit(&mut client, crash).await?;
+    let view = reach(&cluster, &mut client, &id, TaskState::Completed).await?;
+    assert_eq!(view.result, "resumed from phase-1 done (saved by attempt 1) on attempt 2");
+    assert_eq!((view.checkpoint.as_str(), view.checkpoint_attempt), ("phase-1 done", 1));
+
+    // An idempotent resubmit keeps the first task and its input.
+    let mut once = coder("once", "first input");
+    once.idempotency_key = "suite-once".into();
+    let first = client.submit(once.clone()).await?.into_inner();
+    once.input = "second input".into();
+    let again = client.submit(once).await?.into_inner();
+    assert_eq!((again.task_id.as_str(), again.duplicate), (first.task_id.as_str(), true));
+    assert_eq!(get(&mut client, &first.task_id).await?.input, "first input");
+
+    // Results outlive the leader.
+    let before = get(&mut client, &made.echoed).await?.result;
+    cluster.kill(leader)?;
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let (new_leader, _) = cluster.wait_for_leader(&others, STEP).await?;
+    let mut client = tasks_client(&cluster, new_leader)?;
+    assert_eq!(get(&mut client, &made.echoed).await?.result, before);
+    Ok((cluster, made))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_keeps_task_data_in_the_replicated_state() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let backend = Backend { env: Vec::new(), input_bytes_max: maos_raft_store::tasks::TASK_TEXT_BYTES_MAX };
+    let (mut cluster, _) = suite(root.path(), &backend).await?;
+    cluster.stop();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_keeps_task_data_in_its_tables() -> anyhow::Result<()> {
+    let postgres = Postgres::start()?;
+    let root = tempfile::tempdir()?;
+    let backend = Backend {
+        env: vec![
+            ("MAOS_DATABASE_PRIMARY_URL".into(), postgres.url()),
+            ("MAOS_DATABASE_PAYLOAD_BYTES_MAX".into(), "65536".into()),
+        ],
+        input_bytes_max: 65_536,
+    };
+    let (mut cluster, made) = suite(root.path(), &backend).await?;
+    let db = postgres.connect().await?;
+
+    // The input and result are rows; the result row carries the completing lease's token.
+    let input: String = sqlx::query_scalar("SELECT input FROM task_inputs WHERE task_id = $1")
+        .bind(&made.echoed)
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(input, "hello, stored world");
+    let row = sqlx::query("SELECT fencing_token, result FROM task_results WHERE task_id = $1")
+        .bind(&made.echoed)
+        .fetch_one(&db)
+        .await?;
+    assert!(row.try_get::<i64, _>("fencing_token")? > 0);
+    assert_eq!(output_of(&row.try_get::<String, _>("result")?), "echo: hello, stored world");
+
+    // The stale completion wrote nothing.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM task_results WHERE task_id = $1")
+        .bind(&made.blocker)
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(rows, 0, "a refused stale completion left a row");
+
+    // The leader mirrors tasks and their history (it lags the log by a round or two).
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let states: Vec<String> =
+            sqlx::query_scalar("SELECT state FROM task_events WHERE task_id = $1 ORDER BY at, id")
+                .bind(&made.echoed)
+                .fetch_all(&db)
+                .await?;
+        let mirrored: Option<String> = sqlx::query_scalar("SELECT state FROM tasks WHERE task_id = $1")
+            .bind(&made.planned)
+            .fetch_optional(&db)
+            .await?;
+        if states.last().map(String::as_str) == Some("COMPLETED") && mirrored.as_deref() == Some("COMPLETED") {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the mirror did not catch up: {states:?} {mirrored:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let children: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE parent = $1").bind(&made.planned).fetch_one(&db).await?;
+    assert_eq!(children, 4);
+
+    // The cancel is in the audit log.
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'task.cancel' AND target = $1")
+            .bind(&made.cancelled)
+            .fetch_one(&db)
+            .await?;
+    assert_eq!(audited, 1);
+    cluster.stop();
+    Ok(())
+}
