@@ -861,6 +861,24 @@ mod tests {
     }
 
     #[test]
+    fn the_database_and_redis_urls_come_from_the_operators_variables() {
+        let loaded = Config::load(
+            None,
+            &env(&[
+                ("MAOS_DATABASE_PRIMARY_URL", "postgresql://maos:pw@db:5432/maos"),
+                ("MAOS_DATABASE_POOL_SIZE", "50"),
+                ("MAOS_REDIS_URL", "redis://:pw@cache:6379/0"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.config.database.primary_url.as_deref(), Some("postgresql://maos:pw@db:5432/maos"));
+        assert_eq!(loaded.config.database.pool_size, 50);
+        assert_eq!(loaded.config.redis.url.as_deref(), Some("redis://:pw@cache:6379/0"));
+        assert!(loaded.unknown_env.is_empty(), "{:?}", loaded.unknown_env);
+        loaded.config.validate().expect("valid");
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_refused_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("maos.yml");
@@ -906,6 +924,13 @@ mod tests {
                 "agents.types.coder.command",
             ),
             ("planner type", |c| c.task_planner.planner_type = String::new(), "task_planner.planner_type"),
+            ("database url", |c| c.database.primary_url = Some("mysql://db/maos".into()), "database.primary_url"),
+            ("pool size", |c| c.database.pool_size = 0, "database.pool_size"),
+            ("pool timeout", |c| c.database.pool_timeout = 0, "database.pool_timeout"),
+            ("payload limit", |c| c.database.payload_bytes_max = 10, "database.payload_bytes_max"),
+            ("orphan age", |c| c.database.orphan_after = 1, "database.orphan_after"),
+            ("redis url", |c| c.redis.url = Some("http://cache:6379".into()), "redis.url"),
+            ("redis pool", |c| c.redis.pool_size = 0, "redis.pool_size"),
         ];
         for (name, mutate, key) in cases {
             let mut config = Config::default();

@@ -45,6 +45,29 @@ fn every_node_of_the_compose_file_gets_a_valid_configuration() -> anyhow::Result
 }
 
 #[test]
+fn the_postgresql_compose_override_gives_every_node_a_valid_configuration() -> anyhow::Result<()> {
+    let base = &documents(&deploy().join("compose/docker-compose.yml"))?[0];
+    let over = &documents(&deploy().join("compose/docker-compose.postgres.yml"))?[0];
+    let env_of = |service: &serde_yaml::Value| -> BTreeMap<String, String> {
+        service["environment"]
+            .as_mapping()
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string()))).collect())
+            .unwrap_or_default()
+    };
+    for name in ["maos-0", "maos-1", "maos-2"] {
+        let mut env = env_of(&base["services"][name]);
+        env.extend(env_of(&over["services"][name]));
+        assert!(env.contains_key("MAOS_DATABASE_PRIMARY_URL") && env.contains_key("MAOS_REDIS_URL"), "{name}");
+        let loaded = Config::load(Some(&deploy().join("config/maos.yml")), &env)?;
+        loaded.config.validate().map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        assert!(loaded.unknown_env.is_empty(), "{name}: unknown variables {:?}", loaded.unknown_env);
+    }
+    assert!(over["services"]["postgres"]["image"].as_str().is_some_and(|i| i.starts_with("postgres:15")));
+    assert!(over["services"]["redis"]["image"].as_str().is_some_and(|i| i.starts_with("redis:7")));
+    Ok(())
+}
+
+#[test]
 fn every_pod_of_the_kubernetes_statefulset_gets_a_valid_configuration() -> anyhow::Result<()> {
     let docs = documents(&deploy().join("kubernetes/maos.yaml"))?;
     let config_map = docs.iter().find(|d| d["kind"] == "ConfigMap").ok_or_else(|| anyhow::anyhow!("no ConfigMap"))?;
@@ -76,8 +99,9 @@ fn alert_rules_use_metrics_the_nodes_export() -> anyhow::Result<()> {
     let rule_file = prometheus["rule_files"][0].as_str().unwrap_or_default();
     let rules = &documents(&deploy().join("prometheus").join(rule_file))?[0];
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let exported =
-        std::fs::read_to_string(source.join("http.rs"))? + &std::fs::read_to_string(source.join("agents/mod.rs"))?;
+    let exported = std::fs::read_to_string(source.join("http.rs"))?
+        + &std::fs::read_to_string(source.join("agents/mod.rs"))?
+        + &std::fs::read_to_string(source.join("storage/mod.rs"))?;
     let mut checked = 0;
     for group in rules["groups"].as_sequence().into_iter().flatten() {
         for rule in group["rules"].as_sequence().into_iter().flatten() {

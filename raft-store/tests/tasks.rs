@@ -390,7 +390,7 @@ fn random_command_sequences_keep_the_invariants_on_every_replica() {
                 9 => {
                     let (task, token) =
                         tokens.get(rng.gen_range(0..tokens.len().max(1))).cloned().unwrap_or((id.clone(), 0));
-                    TaskCommand::SaveCheckpoint { task_id: task, token, data: format!("step {step}") }
+                    TaskCommand::SaveCheckpoint { task_id: task, token, data: format!("step {step}"), stored: false }
                 }
                 11 => TaskCommand::Retry { task_id: id.clone() },
                 10 => {
@@ -522,6 +522,33 @@ fn a_plan_expands_into_children_and_the_parent_aggregates_their_results() {
     let result: serde_json::Value = serde_json::from_str(parent.result.as_deref().unwrap_or_default()).expect("json");
     assert_eq!(result, serde_json::json!({"left": {"n": 1}, "right": "plain", "merge": "done"}));
     assert_eq!(r.state.app.tasks.open_tasks(), 0);
+}
+
+#[test]
+fn a_stored_result_is_a_reference_and_its_parent_is_aggregated_by_the_reader() {
+    let mut r = Replica::new();
+    let token = planning_task(&mut r, "parent");
+    let plan = vec![planned("left", &[]), planned("right", &[])];
+    r.apply(10, TaskCommand::Expand { task_id: "parent".into(), token, subtasks: plan }).expect("expand");
+    let left = assign_to(&mut r, "parent.left", "a");
+    let right = assign_to(&mut r, "parent.right", "b");
+    // A result kept in the task-data store: the state holds the token it was written under.
+    let stored =
+        TaskCommand::Complete { task_id: "parent.left".into(), token: left, result: String::new(), stored: true };
+    r.apply(20, stored).expect("left");
+    let child = &r.state.app.tasks.tasks["parent.left"];
+    assert_eq!((child.state, child.result.as_deref(), child.result_token), (TaskState::Completed, None, Some(left)));
+    r.apply(20, complete("parent.right", right)).expect("right");
+    // The parent completes; with a stored child its aggregate is assembled on read, not here.
+    let parent = &r.state.app.tasks.tasks["parent"];
+    assert_eq!((parent.state, parent.result.as_deref(), parent.result_token), (TaskState::Completed, None, None));
+    // A stored checkpoint is a reference too.
+    r.apply(30, submit(spec("c"))).expect("submit");
+    let c = assign_to(&mut r, "c", "a");
+    let save = TaskCommand::SaveCheckpoint { task_id: "c".into(), token: c, data: String::new(), stored: true };
+    r.apply(31, save).expect("checkpoint");
+    let checkpoint = r.state.app.tasks.tasks["c"].checkpoint.as_deref().cloned().expect("saved");
+    assert!(checkpoint.stored && checkpoint.data.is_empty());
 }
 
 #[test]
