@@ -16,6 +16,7 @@
 mod agents;
 mod etcd;
 mod scheduling;
+mod task_data;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,6 +73,25 @@ enum Bench {
         /// Submits per second for the dispatch measurement.
         #[arg(long, default_value_t = 200)]
         rate: u64,
+    },
+    /// Submit throughput with the embedded store and with PostgreSQL; read latency and cache
+    /// hit ratio with and without Redis (real servers started on loopback).
+    TaskData {
+        /// The `maos` binary to run (default: next to this one).
+        #[arg(long)]
+        maos: Option<PathBuf>,
+        /// Concurrent clients in every phase.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Length of each phase in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Input size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        input_bytes: usize,
+        /// Finished tasks the read phases read.
+        #[arg(long, default_value_t = 2_000)]
+        read_tasks: usize,
     },
     /// Committed key-value writes per second on a local 3-node cluster.
     RaftWrites {
@@ -266,6 +286,18 @@ async fn main() -> anyhow::Result<()> {
             };
             anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
             agents::run(&maos, spawns, tasks, rate).await
+        }
+        Bench::TaskData { maos, clients, seconds, input_bytes, read_tasks } => {
+            let maos = match maos {
+                Some(path) => path,
+                None => default_maos()?,
+            };
+            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            anyhow::ensure!(
+                clients > 0 && seconds > 0 && read_tasks > 0,
+                "clients, seconds and read tasks must be positive"
+            );
+            task_data::run(&maos, task_data::Settings { clients, seconds, input_bytes, read_tasks }).await
         }
         Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd } => {
             let maos = match maos {

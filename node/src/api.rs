@@ -7,6 +7,7 @@ use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
 use maos_client::proto::v1::cluster_service_server::ClusterService;
 use maos_client::proto::v1::kv_service_server::KvService;
 use maos_client::proto::v1::*;
+use maos_raft_store::state::check_command;
 use maos_raft_store::{Command, MaosNode, Rejection, Response as Applied};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -16,6 +17,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::agents::credential::{AgentScope, Credentials};
 use crate::config::check_address;
 use crate::core::{CoreError, NodeCore};
+use crate::storage::Storage;
 
 /// Keys one watch follows, at most; events queued on it.
 const WATCH_KEYS_MAX: usize = 10_000;
@@ -94,12 +96,19 @@ fn unexpected(response: Applied) -> Status {
 /// The key-value service.
 pub struct KvApi {
     pub core: Arc<NodeCore>,
+    /// With Redis configured, `scratch/` keys live there.
+    pub storage: Arc<Storage>,
     pub credentials: Arc<Credentials>,
     /// Shared with the task and worker services: open streams on this node.
     pub streams: Arc<tokio::sync::Semaphore>,
 }
 
-/// The key prefix an agent's credential may use: its workflow's shared state.
+/// Keys under this prefix are scratch state: they need a TTL and, with Redis configured, live
+/// there (fast, not replicated, lost with Redis) instead of in the replicated state.
+pub const SCRATCH_PREFIX: &str = "scratch/";
+
+/// The key prefix an agent's credential may use for its workflow's shared state (the same under
+/// [`SCRATCH_PREFIX`] for its scratch state).
 pub fn workflow_prefix(table: &maos_raft_store::tasks::TaskTable, task_id: &str) -> String {
     let mut root = task_id.to_string();
     // Bounded: a parent chain cannot be longer than the table.
@@ -135,12 +144,23 @@ impl KvApi {
             )));
         }
         let prefix = workflow_prefix(table, &scope.task_id);
-        if !key.starts_with(&prefix) {
+        let scratch = format!("{SCRATCH_PREFIX}{}", prefix.trim_start_matches("workflows/"));
+        if !key.starts_with(&prefix) && !key.starts_with(&scratch) {
             return Err(Status::permission_denied(format!(
-                "key {key:?} is outside this agent's workflow; use keys under {prefix}"
+                "key {key:?} is outside this agent's workflow; use keys under {prefix} (or {scratch} for scratch state)"
             )));
         }
         Ok(Some(scope))
+    }
+
+    /// Scratch keys in Redis have no watch or compare-and-set: those need the replicated log.
+    fn refuse_scratch_in_redis(&self, key: &str, what: &str) -> Result<(), Status> {
+        if self.storage.cache().is_some() && key.starts_with(SCRATCH_PREFIX) {
+            return Err(Status::failed_precondition(format!(
+                "{key:?}: scratch keys live in Redis, which has no {what} here; use workflows/ keys for coordination"
+            )));
+        }
+        Ok(())
     }
 
     /// Write `command`; on behalf of an agent it is fenced by the agent's lease, checked again
@@ -166,6 +186,20 @@ impl KvService for KvApi {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let scope = self.check_scope(&request, &request.get_ref().key)?;
         let PutRequest { key, value, ttl_ms } = request.into_inner();
+        if key.starts_with(SCRATCH_PREFIX) {
+            if ttl_ms == 0 {
+                return Err(invalid(
+                    "ttl_ms: scratch keys (scratch/...) need a TTL; use workflows/ keys for lasting state",
+                ));
+            }
+            if let Some(cache) = self.storage.cache() {
+                let command = Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) };
+                check_command(&command).map_err(status_of_rejection)?;
+                let Command::KvPut { key, value, .. } = command else { return Err(Status::internal("unreachable")) };
+                let revision = cache.scratch_put(&key, &value, ttl_ms).await.map_err(|e| e.status())?;
+                return Ok(Response::new(PutResponse { revision }));
+            }
+        }
         match self.write(scope, Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) }).await? {
             Applied::KvWritten { revision } => Ok(Response::new(PutResponse { revision })),
             other => Err(unexpected(other)),
@@ -177,6 +211,11 @@ impl KvService for KvApi {
         let GetRequest { key, stale } = request.into_inner();
         if key.is_empty() {
             return Err(invalid("key: must not be empty"));
+        }
+        if let Some(cache) = self.storage.cache().filter(|_| key.starts_with(SCRATCH_PREFIX)) {
+            let found = cache.scratch_get(&key).await.map_err(|e| e.status())?;
+            let (found, (value, revision)) = (found.is_some(), found.unwrap_or_default());
+            return Ok(Response::new(GetResponse { found, value, revision, applied_index: 0 }));
         }
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
@@ -194,6 +233,10 @@ impl KvService for KvApi {
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let scope = self.check_scope(&request, &request.get_ref().key)?;
         let key = request.into_inner().key;
+        if let Some(cache) = self.storage.cache().filter(|_| key.starts_with(SCRATCH_PREFIX)) {
+            let existed = cache.scratch_delete(&key).await.map_err(|e| e.status())?;
+            return Ok(Response::new(DeleteResponse { existed }));
+        }
         match self.write(scope, Command::KvDelete { key }).await? {
             Applied::KvDeleted { existed } => Ok(Response::new(DeleteResponse { existed })),
             other => Err(unexpected(other)),
@@ -205,6 +248,7 @@ impl KvService for KvApi {
     async fn watch(&self, request: Request<WatchKeysRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let scope = self.check_scope(&request, &request.get_ref().prefix)?;
         let prefix = request.into_inner().prefix;
+        self.refuse_scratch_in_redis(&prefix, "watch")?;
         self.core.read_barrier().await.map_err(status_from)?;
         let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_QUEUE);
         let core = self.core.clone();
@@ -284,6 +328,7 @@ impl KvService for KvApi {
     ) -> Result<Response<CompareAndSetResponse>, Status> {
         let scope = self.check_scope(&request, &request.get_ref().key)?;
         let CompareAndSetRequest { key, expected, value, ttl_ms } = request.into_inner();
+        self.refuse_scratch_in_redis(&key, "compare-and-set")?;
         match self.write(scope, Command::KvCompareAndSet { key, expected, value, ttl_ms: ttl(ttl_ms) }).await? {
             Applied::KvWritten { revision } => {
                 Ok(Response::new(CompareAndSetResponse { succeeded: true, revision, current: None }))

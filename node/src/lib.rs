@@ -16,8 +16,11 @@
 //! - [`cli`]: the command line's client commands (tasks, agents, health), their output and exit codes.
 //! - [`node`]: starting a node, forming the cluster with no coordinator, housekeeping.
 //! - [`data_dir`]: the data directory's identity and the checks made before touching it.
+//! - [`storage`]: task data (inputs, results, checkpoints) in the replicated state or in
+//!   PostgreSQL, with the optional Redis cache; the leader's task mirror and event history.
 //! - [`serve`]: `maos serve` on RocksDB; [`local_cluster`]: real local clusters of processes
-//!   for the demo, tests and benchmarks; [`demo`]: `maos demo`.
+//!   for the demo, tests and benchmarks; [`local_services`]: real PostgreSQL and Redis servers for
+//!   the same; [`demo`]: `maos demo`.
 //!
 //! Depends on `maos-raft-store` for the replicated state and `maos-client` for the API types.
 
@@ -31,6 +34,7 @@ pub mod data_dir;
 pub mod demo;
 pub mod http;
 pub mod local_cluster;
+pub mod local_services;
 pub mod node;
 pub mod proposer;
 pub mod raft_network;

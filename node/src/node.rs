@@ -183,8 +183,12 @@ where
     let credentials = Arc::new(Credentials::generate());
     let agent_metrics = Arc::new(AgentMetrics::default());
     let streams = Arc::new(tokio::sync::Semaphore::new(crate::task_api::STREAMS_MAX));
-    let kv =
-        KvServiceServer::new(KvApi { core: core.clone(), credentials: credentials.clone(), streams: streams.clone() });
+    let kv = KvServiceServer::new(KvApi {
+        core: core.clone(),
+        storage: storage.clone(),
+        credentials: credentials.clone(),
+        streams: streams.clone(),
+    });
     let cluster_api = Arc::new(ClusterApi { core: core.clone() });
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();

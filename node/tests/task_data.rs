@@ -8,8 +8,6 @@
 
 #[path = "support/tasks.rs"]
 mod common;
-#[path = "support/services.rs"]
-mod services;
 
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +18,7 @@ use maos_client::proto::v1::{
     CancelTaskRequest, CompleteTaskRequest, GetTaskRequest, SubmitTaskRequest, TaskState, TaskView,
 };
 use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
-use services::Postgres;
+use maos_node::local_services::{Postgres, Redis};
 use sqlx::Row;
 use tonic::transport::Channel;
 
@@ -281,6 +279,59 @@ async fn postgresql_keeps_task_data_in_its_tables() -> anyhow::Result<()> {
             .fetch_one(&db)
             .await?;
     assert_eq!(audited, 1);
+    cluster.stop();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_holds_scratch_state_and_carries_task_events() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use maos_client::proto::v1::kv_service_client::KvServiceClient;
+    use maos_client::proto::v1::{CompareAndSetRequest, GetRequest, PutRequest};
+
+    let redis = Redis::start()?;
+    let root = tempfile::tempdir()?;
+    let backend = Backend { env: vec![("MAOS_REDIS_URL".into(), redis.url())], input_bytes_max: 0 };
+    let mut cluster =
+        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options(root.path(), &backend)?)?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let mut events = redis::Client::open(redis.url())?.get_async_pubsub().await?;
+    events.subscribe("maos:events").await?;
+
+    // Task events reach a subscriber of maos:events, whichever node ran the task.
+    let mut client = tasks_client(&cluster, leader)?;
+    let id = submit(&mut client, coder("announced", "hello")).await?;
+    let mut seen = Vec::new();
+    let mut stream = events.on_message();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !seen.contains(&"COMPLETED".to_string()) {
+        let message =
+            tokio::time::timeout_at(deadline, stream.next()).await?.ok_or_else(|| anyhow::anyhow!("closed"))?;
+        let event: serde_json::Value = serde_json::from_str(&message.get_payload::<String>()?)?;
+        if event["task_id"] == id.as_str() {
+            seen.push(event["state"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("COMPLETED"), "{seen:?}");
+
+    // Scratch keys live in Redis under maos:, with their TTL, on any node.
+    let channel = cluster.client_of(leader % 3 + 1)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
+    let mut kv = KvServiceClient::new(channel);
+    let put = |value: &str, ttl_ms| PutRequest { key: "scratch/run-1/notes".into(), value: value.into(), ttl_ms };
+    assert_eq!(kv.put(put("draft 1", 60_000)).await?.into_inner().revision, 1);
+    assert_eq!(kv.put(put("draft 2", 60_000)).await?.into_inner().revision, 2);
+    let got = kv.get(GetRequest { key: "scratch/run-1/notes".into(), stale: false }).await?.into_inner();
+    assert_eq!((got.found, got.value.as_str(), got.revision), (true, "draft 2", 2));
+    let mut direct = redis.connect().await?;
+    let ttl_ms: i64 = redis::cmd("PTTL").arg("maos:scratch:scratch/run-1/notes").query_async(&mut direct).await?;
+    assert!(ttl_ms > 0 && ttl_ms <= 60_000, "the key expires: {ttl_ms}");
+    let refused = kv.put(put("forever", 0)).await.expect_err("scratch needs a TTL");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().starts_with("ttl_ms"), "{}", refused.message());
+    let cas =
+        CompareAndSetRequest { key: "scratch/run-1/notes".into(), expected: None, value: "x".into(), ttl_ms: 1_000 };
+    assert_eq!(kv.compare_and_set(cas).await.expect_err("no CAS on scratch").code(), tonic::Code::FailedPrecondition);
     cluster.stop();
     Ok(())
 }

@@ -5,8 +5,6 @@
 
 #[path = "support/tasks.rs"]
 mod common;
-#[path = "support/services.rs"]
-mod services;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,9 +17,9 @@ use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{GetTaskRequest, ListTasksRequest, SubmitTaskRequest, TaskState};
 use maos_node::config::DatabaseSection;
 use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_node::local_services::{Postgres, Redis};
 use maos_node::storage::postgres::PgStore;
 use maos_node::storage::StorageError;
-use services::{Postgres, Redis};
 use sqlx::Row;
 use tonic::transport::Channel;
 

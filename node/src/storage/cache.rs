@@ -7,8 +7,15 @@
 //! not cached. Task status is never cached: every node holds it in memory, applied from the log,
 //! and reads it faster than a Redis round trip.
 //!
-//! Redis is optional. A failed command is counted (`maos_redis_errors_total`) and the read goes
-//! to PostgreSQL; the connection manager reconnects in the background.
+//! Two more uses, both under the same prefix:
+//! - agents' scratch state: key-value keys under `scratch/` live in Redis as
+//!   `maos:scratch:<key>` with a TTL (lossy, fast, not replicated; see `api.rs`);
+//! - task events on the `maos:events` channel, published by the leader as it mirrors the task
+//!   table (`projector.rs`), for dashboards and other services to subscribe to. MAOS's own
+//!   watches do not need them: every node applies every change from the replicated log.
+//!
+//! Redis is optional. A failed cache command is counted (`maos_redis_errors_total`) and the read
+//! goes to PostgreSQL; the connection manager reconnects in the background.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +29,8 @@ use crate::config::RedisSection;
 
 /// The prefix of every key MAOS writes.
 pub const KEY_PREFIX: &str = "maos:";
+/// The channel task events are published on.
+pub const EVENTS_CHANNEL: &str = "maos:events";
 
 pub struct Cache {
     /// `redis.pool_size` multiplexed connections, used in turn.
@@ -117,6 +126,66 @@ impl Cache {
             if let Err(error) = pipe.query_async::<()>(&mut self.connection()).await {
                 self.failed("a cache write", &error);
             }
+        }
+    }
+
+    fn unavailable(&self, error: redis::RedisError) -> StorageError {
+        self.metrics.redis_errors_total.fetch_add(1, Ordering::Relaxed);
+        StorageError::Unavailable { store: format!("Redis at {}", self.name), cause: error.to_string() }
+    }
+
+    /// Write a scratch key (`maos:scratch:<key>`) with a TTL; returns its revision (writes to the
+    /// key since it last expired).
+    pub async fn scratch_put(&self, key: &str, value: &str, ttl_ms: u64) -> Result<u64, StorageError> {
+        // One round trip, atomic: bump the revision, set the value, set the expiry.
+        const PUT: &str = "local r = redis.call('HINCRBY', KEYS[1], 'r', 1) \
+                           redis.call('HSET', KEYS[1], 'v', ARGV[1]) \
+                           redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
+                           return r";
+        let key = format!("{KEY_PREFIX}scratch:{key}");
+        redis::cmd("EVAL")
+            .arg(PUT)
+            .arg(1)
+            .arg(key)
+            .arg(value)
+            .arg(ttl_ms)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// A scratch key's value and revision.
+    pub async fn scratch_get(&self, key: &str) -> Result<Option<(String, u64)>, StorageError> {
+        let key = format!("{KEY_PREFIX}scratch:{key}");
+        let (value, revision): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(key)
+            .arg("v")
+            .arg("r")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(value.map(|v| (v, revision.unwrap_or(0))))
+    }
+
+    /// Delete a scratch key; whether it existed.
+    pub async fn scratch_delete(&self, key: &str) -> Result<bool, StorageError> {
+        let key = format!("{KEY_PREFIX}scratch:{key}");
+        let removed: u64 =
+            redis::cmd("DEL").arg(key).query_async(&mut self.connection()).await.map_err(|e| self.unavailable(e))?;
+        Ok(removed > 0)
+    }
+
+    /// Publish task events (JSON) on [`EVENTS_CHANNEL`]; at most once, like all of Redis pub/sub.
+    pub async fn publish_events(&self, events: &[String]) {
+        if events.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for event in events {
+            pipe.cmd("PUBLISH").arg(EVENTS_CHANNEL).arg(event).ignore();
+        }
+        if let Err(error) = pipe.query_async::<()>(&mut self.connection()).await {
+            self.failed("publishing task events", &error);
         }
     }
 

@@ -45,6 +45,22 @@ pub struct TaskRow {
     pub fencing_token: Option<i64>,
 }
 
+impl TaskRow {
+    /// The event this row records, as published on Redis.
+    pub fn event_json(&self) -> String {
+        serde_json::json!({
+            "task_id": self.task_id,
+            "state": self.state,
+            "attempt": self.attempt,
+            "node_id": self.node_id,
+            "fencing_token": self.fencing_token,
+            "cause": self.cause,
+            "at_ms": self.updated_at_ms,
+        })
+        .to_string()
+    }
+}
+
 /// A migration as `maos db status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MigrationStatus {

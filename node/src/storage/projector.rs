@@ -1,5 +1,5 @@
-//! The leader's mirror of the task table into PostgreSQL (`tasks`, `task_events`), and the sweep
-//! of staged inputs no committed task refers to.
+//! The leader's mirror of the task table into PostgreSQL (`tasks`, `task_events`), its task
+//! events on Redis (`maos:events`), and the sweep of staged inputs no committed task refers to.
 //!
 //! Only the leader writes, from its applied state. It remembers what it wrote; a new leader
 //! starts with nothing remembered and writes every task once, which the tables' keys make
@@ -24,21 +24,29 @@ const ROUND_INTERVAL: Duration = Duration::from_millis(250);
 const ROWS_PER_ROUND_MAX: usize = 2_000;
 /// Between sweeps of orphaned inputs.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// The first sweep, after leadership is taken.
+const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(5);
 /// Inputs removed per sweep, at most.
 const SWEEP_BATCH_MAX: i64 = 1_000;
 
-/// Run until `stopped`; returns at once for the embedded store.
+/// Run until `stopped`; returns at once with neither PostgreSQL nor Redis.
 pub async fn run(
     core: Arc<NodeCore>,
     storage: Arc<Storage>,
     orphan_after: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let Some(store) = storage.postgres() else { return };
+    let (store, cache) = (storage.postgres(), storage.cache());
+    if store.is_none() && cache.is_none() {
+        return;
+    }
     let mut written: BTreeMap<TaskId, (TaskState, u32)> = BTreeMap::new();
     let mut led_term: Option<u64> = None;
     let mut projected_index = 0;
-    let mut last_sweep = tokio::time::Instant::now();
+    // The first sweep comes soon after start, the rest every SWEEP_INTERVAL.
+    let mut last_sweep = tokio::time::Instant::now()
+        .checked_sub(SWEEP_INTERVAL.saturating_sub(FIRST_SWEEP_AFTER))
+        .unwrap_or_else(tokio::time::Instant::now);
     let mut failing = false;
     loop {
         tokio::select! {
@@ -88,8 +96,15 @@ pub async fn run(
             (rows, applied)
         };
         let complete = rows.len() < ROWS_PER_ROUND_MAX;
-        match store.project(&rows).await {
+        let recorded = match store {
+            Some(store) => store.project(&rows).await,
+            None => Ok(0),
+        };
+        match recorded {
             Ok(events) => {
+                if let Some(cache) = cache {
+                    cache.publish_events(&rows.iter().map(TaskRow::event_json).collect::<Vec<_>>()).await;
+                }
                 storage.metrics.events_recorded_total.fetch_add(events, Ordering::Relaxed);
                 // What was written, not what is there now: a change since is written next round.
                 for row in rows {
@@ -101,7 +116,7 @@ pub async fn run(
                     projected_index = applied;
                 }
                 if failing {
-                    tracing::info!(database = %store.name, "the task mirror caught up");
+                    tracing::info!("the task mirror caught up");
                     failing = false;
                 }
             }

@@ -1,14 +1,14 @@
-//! Real PostgreSQL and Redis servers for the tests, on loopback, on free ports, in temporary
-//! directories; stopped (and their data removed) when dropped. `scripts/test` installs the
-//! servers (Debian's postgresql and redis-server) when they are missing.
-#![allow(dead_code)]
+//! Real PostgreSQL and Redis servers for tests and benchmarks, on loopback, on free ports, in
+//! temporary directories; stopped (and their data removed) when dropped. `scripts/test` installs
+//! the servers (Debian's postgresql and redis-server) when they are missing. Like
+//! `local_cluster`, this is test tooling that lives in the library so `bench/` can use it too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::local_cluster::free_loopback_addr;
 use anyhow::Context;
-use maos_node::local_cluster::free_loopback_addr;
 
 /// How long a server may take to accept connections.
 const START_WAIT: Duration = Duration::from_secs(30);
@@ -71,11 +71,20 @@ pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
     child: Option<Child>,
+    /// fsync on (benchmarks); tests run with it off, which a process crash does not notice.
+    durable: bool,
 }
 
 impl Postgres {
-    /// initdb and start a server on a free loopback port.
+    /// initdb and start a server on a free loopback port, fsync off (for tests: a killed
+    /// server still recovers everything it acknowledged, only a machine crash would not).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// As [`Self::start`]; `durable` keeps PostgreSQL's default fsync and synchronous commit,
+    /// as a benchmark must.
+    pub fn start_with(durable: bool) -> anyhow::Result<Self> {
         let bin = postgres_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("maos-pg-").tempdir()?;
         if is_root() {
@@ -94,7 +103,7 @@ impl Postgres {
         anyhow::ensure!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port: u16 =
             free_loopback_addr()?.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("a free port")?;
-        let mut server = Self { dir, port, bin, child: None };
+        let mut server = Self { dir, port, bin, child: None, durable };
         server.resume()?;
         Ok(server)
     }
@@ -111,7 +120,8 @@ impl Postgres {
             .current_dir(self.dir.path())
             .arg("-D")
             .arg(self.dir.path().join("data"))
-            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", if self.durable { "fsync=on" } else { "fsync=off" }])
             .arg("-k")
             .arg(self.dir.path())
             .stdout(Stdio::null())
