@@ -344,6 +344,8 @@ impl KvService for KvApi {
 /// The cluster service.
 pub struct ClusterApi {
     pub core: Arc<NodeCore>,
+    /// The members a new cluster forms with (`cluster.peers`, or this node alone).
+    pub formation_peers: BTreeMap<u64, MaosNode>,
 }
 
 fn member_list(core: &NodeCore) -> Vec<Member> {
@@ -403,6 +405,36 @@ fn membership_status(error: RaftError<u64, ClientWriteError<u64, MaosNode>>) -> 
 
 #[tonic::async_trait]
 impl ClusterService for ClusterApi {
+    async fn initialize(&self, _: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
+        let already_initialized = match crate::node::formation_check(&self.core, &self.formation_peers).await {
+            crate::node::Formation::Formed { .. } => true,
+            crate::node::Formation::NotReady { reason, .. } => {
+                return Err(Status::failed_precondition(format!("the cluster cannot form yet: {reason}")));
+            }
+            crate::node::Formation::Ready => {
+                self.core.raft.initialize(self.formation_peers.clone()).await.map_err(|error| {
+                    Status::failed_precondition(format!("the cluster did not form: {error}; retry"))
+                })?;
+                tracing::info!(node_id = self.core.id, members = ?self.formation_peers.keys().collect::<Vec<_>>(), "initialised the cluster (maos cluster init)");
+                false
+            }
+        };
+        let members = if already_initialized {
+            member_list(&self.core)
+        } else {
+            self.formation_peers
+                .iter()
+                .map(|(id, node)| Member {
+                    id: *id,
+                    raft_addr: node.raft_addr.clone(),
+                    api_addr: node.api_addr.clone(),
+                    voter: true,
+                })
+                .collect()
+        };
+        Ok(Response::new(InitializeResponse { already_initialized, members }))
+    }
+
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let with_state_hash = request.into_inner().with_state_hash;
         let metrics = self.core.raft.metrics().borrow().clone();

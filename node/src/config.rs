@@ -293,6 +293,18 @@ pub struct ClusterSection {
     /// group once every listed peer answers and none is initialised already.
     #[serde(deserialize_with = "deserialize_peers")]
     pub peers: Vec<PeerConfig>,
+    /// `auto`: the lowest-id peer forms the cluster by itself; `manual`: nodes wait for
+    /// `maos cluster init`.
+    pub bootstrap: Bootstrap,
+}
+
+/// How a new cluster forms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bootstrap {
+    #[default]
+    Auto,
+    Manual,
 }
 
 /// One static member: `{id, raft_addr, api_addr}` in YAML, `ID=RAFT_ADDR/API_ADDR` in a flag or
@@ -358,7 +370,7 @@ impl Default for NodeSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { name: "maos".into(), peers: Vec::new() }
+        Self { name: "maos".into(), peers: Vec::new(), bootstrap: Bootstrap::Auto }
     }
 }
 

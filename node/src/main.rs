@@ -98,6 +98,12 @@ struct Target {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
+    /// Form a new cluster from the peers the nodes were started with (needed with
+    /// `cluster.bootstrap: manual`), then wait for its leader. Harmless on a formed cluster.
+    Init {
+        #[command(flatten)]
+        target: Target,
+    },
     /// List the members.
     Members {
         #[command(flatten)]
@@ -410,6 +416,54 @@ async fn cluster_client(target: &Target) -> anyhow::Result<(Client, ClusterServi
     Ok((client, ClusterServiceClient::new(channel)))
 }
 
+/// `maos cluster init`: ask the first endpoint to form the cluster, then wait for a leader.
+async fn cluster_init(target: &Target) -> anyhow::Result<()> {
+    let (client, mut cluster) = cluster_client(target).await?;
+    let answer = admin_call(cluster.initialize(maos_client::proto::v1::InitializeRequest {})).await?;
+    let deadline = tokio::time::Instant::now() + ADMIN_CALL_TIMEOUT;
+    let spinner = ['|', '/', '-', '\\'];
+    let mut turn = 0;
+    let status = loop {
+        match client.status_of(0, false).await {
+            Ok(status) if status.leader_id.is_some() => break status,
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(cli::Unhealthy(format!(
+                    "the cluster formed but elected no leader within {} s; check `maos status`",
+                    ADMIN_CALL_TIMEOUT.as_secs()
+                ))
+                .into());
+            }
+            _ => {}
+        }
+        if !target.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r{} waiting for a leader", spinner[turn % spinner.len()]);
+            turn += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    if target.json {
+        let members: Vec<u64> = answer.members.iter().map(|m| m.id).collect();
+        println!(
+            "{}",
+            serde_json::json!({"already_initialized": answer.already_initialized, "members": members,
+                "leader_id": status.leader_id, "term": status.current_term})
+        );
+    } else {
+        if turn > 0 {
+            eprintln!("\r                       \r");
+        }
+        let what = if answer.already_initialized { "was already formed" } else { "formed" };
+        println!(
+            "cluster {} {what}: leader node {} (term {})",
+            status.cluster_name,
+            status.leader_id.unwrap_or(0),
+            status.current_term
+        );
+        print_members(&answer.members, false);
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Serve(args) => {
@@ -496,6 +550,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Commands::Cluster(ClusterCommand::Init { target }) => cluster_init(&target).await,
         Commands::Cluster(ClusterCommand::Members { target }) => {
             let (client, _) = cluster_client(&target).await?;
             let status = client.status_of(0, false).await?;

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::api::{ClusterApi, KvApi};
-use crate::config::Config;
+use crate::config::{Bootstrap, Config};
 use crate::core::{Clock, NodeCore};
 use crate::proposer::{forwarder, leader_proposer};
 use crate::proto::raft_service_server::RaftServiceServer;
@@ -189,7 +189,7 @@ where
         credentials: credentials.clone(),
         streams: streams.clone(),
     });
-    let cluster_api = Arc::new(ClusterApi { core: core.clone() });
+    let cluster_api = Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone() });
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
@@ -242,7 +242,14 @@ where
         }
     });
 
-    tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
+    match config.cluster.bootstrap {
+        Bootstrap::Auto => {
+            tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
+        }
+        Bootstrap::Manual => {
+            tracing::info!(node_id = core.id, "cluster.bootstrap is manual: a new cluster forms on `maos cluster init`")
+        }
+    }
     tasks.spawn(leader_loop(core.clone(), config.clone(), stopped.clone()));
     if let (Some(store), true) = (storage.postgres(), config.database.auto_migrate) {
         tasks.spawn(migrate_until_done(store.name.clone(), storage.clone(), stopped.clone()));
@@ -348,54 +355,75 @@ fn peers_digest(peers: &BTreeMap<NodeId, MaosNode>) -> String {
     peers.iter().map(|(id, node)| format!("{id}={}", node.raft_addr)).collect::<Vec<_>>().join(",")
 }
 
-/// Initialise the group if this node is the lowest-id peer and nobody else has.
+/// Whether a new group can be initialised with `peers` now.
+pub enum Formation {
+    /// Every peer answers, none is in a cluster, all list the same peers.
+    Ready,
+    /// This node or a peer (`peer`) is in a cluster already.
+    Formed { peer: NodeId },
+    /// Why not yet; `mismatch` when peers were started with different peer lists.
+    NotReady { reason: String, mismatch: bool },
+}
+
+/// Ask every peer whether the group can form now.
+pub async fn formation_check(core: &NodeCore, peers: &BTreeMap<NodeId, MaosNode>) -> Formation {
+    if core.raft.is_initialized().await.unwrap_or(true) {
+        return Formation::Formed { peer: core.id };
+    }
+    for (id, node) in peers.iter().filter(|(id, _)| **id != core.id) {
+        match hello(&core.channels, &node.raft_addr, core.id, &core.cluster_name).await {
+            Ok(answer) if answer.initialized => return Formation::Formed { peer: *id },
+            Ok(answer) if answer.peers_digest != core.peers_digest => {
+                let reason = format!(
+                    "peer {id} ({}) was started with cluster.peers {}, this node with {}; give every node the same list",
+                    node.raft_addr, answer.peers_digest, core.peers_digest
+                );
+                return Formation::NotReady { reason, mismatch: true };
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let reason = format!(
+                    "peer {id} at {} does not answer ({error}); start every node listed in cluster.peers",
+                    node.raft_addr
+                );
+                return Formation::NotReady { reason, mismatch: false };
+            }
+        }
+    }
+    Formation::Ready
+}
+
+/// `cluster.bootstrap: auto`: initialise the group if this node is the lowest-id peer and
+/// nobody else has.
 async fn form_cluster(core: Arc<NodeCore>, peers: BTreeMap<NodeId, MaosNode>, mut stopped: watch::Receiver<bool>) {
     let bootstrapper = peers.keys().next().copied();
+    if bootstrapper != Some(core.id) {
+        tracing::info!(node_id = core.id, ?bootstrapper, "waiting to be brought into the cluster");
+        return;
+    }
     let mut mismatch_reported = false;
     loop {
-        match core.raft.is_initialized().await {
-            Ok(true) | Err(_) => return,
-            Ok(false) => {}
-        }
-        if bootstrapper != Some(core.id) {
-            tracing::info!(node_id = core.id, ?bootstrapper, "waiting to be brought into the cluster");
-            return;
-        }
-        let mut all_fresh = true;
-        for (id, node) in peers.iter().filter(|(id, _)| **id != core.id) {
-            match hello(&core.channels, &node.raft_addr, core.id, &core.cluster_name).await {
-                Ok(answer) if answer.initialized => {
-                    tracing::info!(node_id = core.id, peer = id, "a peer is already in a cluster; not initialising");
-                    return;
+        match formation_check(&core, &peers).await {
+            Formation::Formed { peer } => {
+                if peer != core.id {
+                    tracing::info!(node_id = core.id, peer, "a peer is already in a cluster; not initialising");
                 }
-                Ok(answer) if answer.peers_digest != core.peers_digest => {
-                    if !mismatch_reported {
-                        tracing::error!(
-                            node_id = core.id,
-                            peer = id,
-                            ours = %core.peers_digest,
-                            theirs = %answer.peers_digest,
-                            "peers were started with different cluster.peers lists; not initialising until they agree"
-                        );
-                        mismatch_reported = true;
+                return;
+            }
+            Formation::Ready => {
+                match core.raft.initialize(peers.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(node_id = core.id, members = ?peers.keys().collect::<Vec<_>>(), "initialised the cluster")
                     }
-                    all_fresh = false;
+                    Err(error) => tracing::warn!(node_id = core.id, %error, "initialise failed"),
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::debug!(node_id = core.id, peer = id, %error, "peer not reachable yet");
-                    all_fresh = false;
-                }
+                return;
             }
-        }
-        if all_fresh {
-            match core.raft.initialize(peers.clone()).await {
-                Ok(()) => {
-                    tracing::info!(node_id = core.id, members = ?peers.keys().collect::<Vec<_>>(), "initialised the cluster")
-                }
-                Err(error) => tracing::warn!(node_id = core.id, %error, "initialise failed"),
+            Formation::NotReady { reason, mismatch: true } if !mismatch_reported => {
+                tracing::error!(node_id = core.id, %reason, "not initialising until the peers agree");
+                mismatch_reported = true;
             }
-            return;
+            Formation::NotReady { reason, .. } => tracing::debug!(node_id = core.id, %reason, "not initialising yet"),
         }
         tokio::select! {
             _ = tokio::time::sleep(FORMATION_RETRY) => {}

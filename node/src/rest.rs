@@ -20,9 +20,9 @@ use maos_client::proto::v1::agent_service_server::AgentService;
 use maos_client::proto::v1::cluster_service_server::ClusterService;
 use maos_client::proto::v1::task_service_server::TaskService;
 use maos_client::proto::v1::{
-    AddNodeRequest, AgentRequest, AgentView, CancelTaskRequest, GetTaskRequest, ListAgentsRequest, ListTasksRequest,
-    RemoveNodeRequest, RetryTaskRequest, SpawnAgentRequest, StatusRequest, SubmitTaskRequest, TransferLeaderRequest,
-    WatchTaskRequest,
+    AddNodeRequest, AgentRequest, AgentView, CancelTaskRequest, GetTaskRequest, InitializeRequest, ListAgentsRequest,
+    ListTasksRequest, RemoveNodeRequest, RetryTaskRequest, SpawnAgentRequest, StatusRequest, SubmitTaskRequest,
+    TransferLeaderRequest, WatchTaskRequest,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -310,6 +310,16 @@ async fn change_agent(State(s): State<Services>, Path(rest): Path<String>) -> An
     ok(agent_json(&view.into_inner()))
 }
 
+async fn initialize(State(s): State<Services>) -> Answer {
+    let answer = s.cluster.initialize(Request::new(InitializeRequest {})).await?.into_inner();
+    let members: Vec<Value> = answer
+        .members
+        .iter()
+        .map(|m| json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr, "voter": m.voter}))
+        .collect();
+    ok(json!({"already_initialized": answer.already_initialized, "members": members}))
+}
+
 async fn cluster_status(State(s): State<Services>) -> Answer {
     let status = s.cluster.status(Request::new(StatusRequest { with_state_hash: false })).await?.into_inner();
     let members: Vec<Value> = status
@@ -430,6 +440,7 @@ pub fn router(services: Services) -> Router {
         .route("/api/v1/agents/{*rest}", post(change_agent))
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/leader", post(transfer_leader))
+        .route("/api/v1/cluster/init", post(initialize))
         .route("/api/v1/cluster/nodes", post(add_node))
         .route("/api/v1/cluster/nodes/{id}", axum::routing::delete(remove_node))
         .route("/api/v1/openapi.json", get(openapi))
@@ -503,6 +514,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/agents/{agent_id}/{action}": {"post": {"summary": "Pause (drain), resume or terminate an agent; agent ids contain slashes",
                 "parameters": [{"name": "agent_id", "in": "path", "required": true, "schema": {"type": "string"}}, {"name": "action", "in": "path", "required": true, "schema": {"enum": ["pause", "resume", "terminate"]}}],
                 "responses": with(json!({"200": {"description": "the agent"}}), &[("404", "unknown agent"), ("409", "terminated")])}},
+            "/api/v1/cluster/init": {"post": {"summary": "Form the cluster from the nodes' static peers (cluster.bootstrap: manual); idempotent", "responses": {"200": {"description": "formed, or already formed"}, "409": {"description": "a peer is not ready (named)"}}}},
             "/api/v1/cluster": {"get": {"summary": "This node's view: role, term, leader, members, task counts", "responses": {"200": {"description": "status"}}}},
             "/api/v1/cluster/leader": {"post": {"summary": "Transfer leadership to a voter", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["node_id"], "properties": {"node_id": {"type": "integer"}}}}}},
                 "responses": with(json!({"200": {"description": "the new leader and term"}}), &[("404", "not a member"), ("400", "a learner")])}},

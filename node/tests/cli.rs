@@ -92,3 +92,40 @@ async fn the_command_line_drives_tasks_and_agents_with_reliable_exit_codes() -> 
     assert!(completions.contains("maos") && completions.contains("transfer-leader"), "completions");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_manual_bootstrap_the_cluster_forms_on_cluster_init() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut options = options();
+    options.env.push(("MAOS_CLUSTER_BOOTSTRAP".into(), "manual".into()));
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    let endpoint = cluster.nodes[&2].api_addr.clone();
+
+    // One node down: init names it and forms nothing.
+    cluster.start_node(1)?;
+    cluster.start_node(2)?;
+    let deadline = tokio::time::Instant::now() + STEP;
+    let refused = loop {
+        let run = maos(&endpoint, &["cluster", "init"])?;
+        if run.code == 3 || tokio::time::Instant::now() > deadline {
+            break run;
+        }
+        // Node 2 is still starting.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.code, 3, "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains("peer 3") && refused.stderr.contains("does not answer"), "{}", refused.stderr);
+
+    // All up: nothing forms by itself, then init forms it through any node.
+    cluster.start_node(3)?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(cluster.status(2).await?.leader_id, None, "a manual cluster waited for init");
+    let out = ok(maos(&endpoint, &["cluster", "init"])?)?;
+    assert!(out.contains("formed: leader node"), "{out}");
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let again: serde_json::Value = serde_json::from_str(&ok(maos(&endpoint, &["cluster", "init", "--json"])?)?)?;
+    assert_eq!(again["already_initialized"], true, "{again}");
+    assert_eq!(again["members"].as_array().map(Vec::len), Some(3), "{again}");
+    cluster.stop();
+    Ok(())
+}

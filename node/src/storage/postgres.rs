@@ -25,6 +25,12 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Audit entries waiting to be written, at most; past it new entries are dropped (and logged).
 const AUDIT_QUEUE_MAX: usize = 4_096;
+/// Inputs or results waiting to be written, at most; past it writers wait (backpressure).
+const WRITE_QUEUE_MAX: usize = 16_384;
+/// Inputs or results written in one statement (one commit), at most.
+const WRITE_BATCH_MAX: usize = 512;
+/// Batches of each kind in flight at once.
+const WRITERS: usize = 4;
 /// Audit entries written in one statement, at most.
 const AUDIT_BATCH_MAX: usize = 256;
 
@@ -70,6 +76,22 @@ pub struct MigrationStatus {
     pub installed_on: Option<String>,
 }
 
+/// One payload on its way to the database, and where its outcome goes. `token` is 0 for an
+/// input (inputs are not fenced).
+struct PayloadWrite {
+    task_id: String,
+    token: i64,
+    value: String,
+    done: tokio::sync::oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// What a batch writer writes.
+#[derive(Clone, Copy)]
+enum WriteKind {
+    Inputs,
+    Results,
+}
+
 struct AuditEntry {
     node_id: i64,
     principal: String,
@@ -85,6 +107,10 @@ pub struct PgStore {
     pub payload_bytes_max: usize,
     metrics: Arc<StorageMetrics>,
     audit: mpsc::Sender<AuditEntry>,
+    /// Concurrent submits' inputs, and concurrent completions' results, are written in shared
+    /// statements: one round trip and one commit for many, which is what bounds throughput.
+    inputs: mpsc::Sender<PayloadWrite>,
+    results: mpsc::Sender<PayloadWrite>,
 }
 
 impl PgStore {
@@ -111,16 +137,32 @@ impl PgStore {
             .max_lifetime(Duration::from_secs(settings.pool_recycle))
             .connect_lazy_with(options);
         let (audit, queued) = mpsc::channel(AUDIT_QUEUE_MAX);
-        let store = Self { pool, name, payload_bytes_max: settings.payload_bytes_max, metrics, audit };
+        let (inputs, queued_inputs) = mpsc::channel(WRITE_QUEUE_MAX);
+        let (results, queued_results) = mpsc::channel(WRITE_QUEUE_MAX);
+        let store = Self { pool, name, payload_bytes_max: settings.payload_bytes_max, metrics, audit, inputs, results };
         tokio::spawn(write_audit(store.pool.clone(), store.name.clone(), store.metrics.clone(), queued));
+        for (kind, queued) in [(WriteKind::Inputs, queued_inputs), (WriteKind::Results, queued_results)] {
+            let queued = Arc::new(tokio::sync::Mutex::new(queued));
+            for _ in 0..WRITERS {
+                let (pool, name, metrics) = (store.pool.clone(), store.name.clone(), store.metrics.clone());
+                tokio::spawn(write_batches(kind, pool, name, metrics, queued.clone()));
+            }
+        }
         Ok(store)
     }
 
     /// Map a sqlx error: no connection (or a server going away) is UNAVAILABLE and counted.
     pub fn error(&self, error: sqlx::Error) -> StorageError {
+        map_error(&self.name, &self.metrics, error)
+    }
+}
+
+/// See [`PgStore::error`].
+fn map_error(name: &str, metrics: &StorageMetrics, error: sqlx::Error) -> StorageError {
+    {
         let unavailable = |cause: String| {
-            self.metrics.database_connection_errors_total.fetch_add(1, Ordering::Relaxed);
-            StorageError::Unavailable { store: format!("PostgreSQL at {}", self.name), cause }
+            metrics.database_connection_errors_total.fetch_add(1, Ordering::Relaxed);
+            StorageError::Unavailable { store: format!("PostgreSQL at {name}"), cause }
         };
         match &error {
             sqlx::Error::Database(db) => {
@@ -131,12 +173,12 @@ impl PgStore {
                     unavailable(db.message().to_string())
                 } else if code == "42P01" {
                     StorageError::Unavailable {
-                        store: format!("PostgreSQL at {}", self.name),
+                        store: format!("PostgreSQL at {name}"),
                         cause: format!("the schema is missing ({}); run `maos db migrate`", db.message()),
                     }
                 } else {
                     StorageError::Corrupt {
-                        store: format!("PostgreSQL at {}", self.name),
+                        store: format!("PostgreSQL at {name}"),
                         what: "valid answer".into(),
                         detail: format!("{} (SQLSTATE {code})", db.message()),
                     }
@@ -144,7 +186,7 @@ impl PgStore {
             }
             sqlx::Error::RowNotFound | sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } => {
                 StorageError::Corrupt {
-                    store: format!("PostgreSQL at {}", self.name),
+                    store: format!("PostgreSQL at {name}"),
                     what: "valid row".into(),
                     detail: error.to_string(),
                 }
@@ -152,7 +194,9 @@ impl PgStore {
             _ => unavailable(error.to_string()),
         }
     }
+}
 
+impl PgStore {
     fn counted(&self) {
         self.metrics.database_queries_total.fetch_add(1, Ordering::Relaxed);
     }
@@ -206,18 +250,26 @@ impl PgStore {
             .collect())
     }
 
+    /// Write a submit's input; answered once it is committed (with other submits' inputs).
     pub async fn put_input(&self, task_id: &str, input: &str) -> Result<(), StorageError> {
-        self.counted();
-        sqlx::query(
-            "INSERT INTO task_inputs (task_id, input) VALUES ($1, $2) \
-             ON CONFLICT (task_id) DO UPDATE SET input = EXCLUDED.input",
-        )
-        .bind(task_id)
-        .bind(input)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
+        self.queue(&self.inputs, task_id, 0, input).await
+    }
+
+    async fn queue(
+        &self,
+        queue: &mpsc::Sender<PayloadWrite>,
+        task_id: &str,
+        token: i64,
+        value: &str,
+    ) -> Result<(), StorageError> {
+        let stopped = || StorageError::Unavailable {
+            store: format!("PostgreSQL at {}", self.name),
+            cause: "the batch writer stopped (the node is shutting down)".into(),
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let write = PayloadWrite { task_id: task_id.into(), token, value: value.into(), done };
+        queue.send(write).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     pub async fn delete_input(&self, task_id: &str) -> Result<(), StorageError> {
@@ -233,7 +285,12 @@ impl PgStore {
     /// Write a result under `token`, only over a smaller token. The first write under a token
     /// wins (one result per attempt); a write under a smaller token than the row's is stale.
     pub async fn put_result(&self, task_id: &str, token: u64, result: &str) -> Result<(), StorageError> {
-        self.fenced_put(task_id, token, result, "result", "task_results", "result", "written_at", "<").await
+        let token_sql = token_i64(token)?;
+        match self.queue(&self.results, task_id, token_sql, result).await {
+            // The batch did not change the row: a retry of this attempt's write, or stale.
+            Err(StorageError::Stale { .. }) => self.fence_outcome(task_id, token, "result", "task_results").await,
+            other => other,
+        }
     }
 
     /// Write a checkpoint under `token`, over the same or a smaller token.
@@ -271,6 +328,19 @@ impl PgStore {
         if done.rows_affected() == 1 {
             return Ok(());
         }
+        self.fence_outcome(task_id, token, what, table).await
+    }
+
+    /// After a fenced write changed no row: success when the row holds this very token (a
+    /// retried write; the first one stands), else stale.
+    async fn fence_outcome(
+        &self,
+        task_id: &str,
+        token: u64,
+        what: &'static str,
+        table: &str,
+    ) -> Result<(), StorageError> {
+        let token_sql = token_i64(token)?;
         self.counted();
         let current: i64 = sqlx::query_scalar(&format!("SELECT fencing_token FROM {table} WHERE task_id = $1"))
             .bind(task_id)
@@ -471,6 +541,77 @@ pub(super) fn redact(text: &str, url: &str) -> String {
     match url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).and_then(|(auth, _)| auth.split_once(':')) {
         Some((_, password)) if !password.is_empty() => text.replace(password, "***"),
         _ => text.to_string(),
+    }
+}
+
+/// Write queued payloads of one kind, a batch per statement, until the store is dropped.
+/// Results are fenced like single writes: a row changes only under a larger token, and a write
+/// that changed no row is answered `Stale` for the caller to resolve (see `put_result`).
+async fn write_batches(
+    kind: WriteKind,
+    pool: PgPool,
+    name: String,
+    metrics: Arc<StorageMetrics>,
+    queued: Arc<tokio::sync::Mutex<mpsc::Receiver<PayloadWrite>>>,
+) {
+    let mut batch: Vec<PayloadWrite> = Vec::with_capacity(WRITE_BATCH_MAX);
+    loop {
+        if queued.lock().await.recv_many(&mut batch, WRITE_BATCH_MAX).await == 0 {
+            return;
+        }
+        // One row per task (a statement may not change a row twice): the largest token wins the
+        // statement; the others learn their outcome from the row afterwards.
+        let mut rows: BTreeMap<&str, (i64, &str)> = BTreeMap::new();
+        for write in &batch {
+            let entry = rows.entry(&write.task_id).or_insert((write.token, &write.value));
+            if write.token > entry.0 {
+                *entry = (write.token, &write.value);
+            }
+        }
+        let ids: Vec<&str> = rows.keys().copied().collect();
+        let tokens: Vec<i64> = rows.values().map(|(t, _)| *t).collect();
+        let values: Vec<&str> = rows.values().map(|(_, v)| *v).collect();
+        metrics.database_queries_total.fetch_add(1, Ordering::Relaxed);
+        let written: Result<Vec<(String, i64)>, StorageError> = match kind {
+            WriteKind::Inputs => sqlx::query(
+                "INSERT INTO task_inputs (task_id, input) SELECT * FROM UNNEST($1::text[], $2::text[]) \
+                 ON CONFLICT (task_id) DO UPDATE SET input = EXCLUDED.input",
+            )
+            .bind(&ids)
+            .bind(&values)
+            .execute(&pool)
+            .await
+            .map(|_| rows.iter().map(|(id, (t, _))| (id.to_string(), *t)).collect()),
+            WriteKind::Results => {
+                sqlx::query_as(
+                    "INSERT INTO task_results (task_id, fencing_token, result) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]) \
+                 ON CONFLICT (task_id) DO UPDATE SET fencing_token = EXCLUDED.fencing_token, \
+                     result = EXCLUDED.result, written_at = now() \
+                 WHERE task_results.fencing_token < EXCLUDED.fencing_token \
+                 RETURNING task_id, fencing_token",
+                )
+                .bind(&ids)
+                .bind(&tokens)
+                .bind(&values)
+                .fetch_all(&pool)
+                .await
+            }
+        }
+        .map_err(|e| map_error(&name, &metrics, e));
+        let written: Result<std::collections::BTreeSet<(String, i64)>, StorageError> =
+            written.map(|rows| rows.into_iter().collect());
+        for write in batch.drain(..) {
+            let outcome = match &written {
+                Err(error) => Err(error.clone()),
+                Ok(rows) if rows.contains(&(write.task_id.clone(), write.token)) => Ok(()),
+                Ok(_) => {
+                    Err(StorageError::Stale { what: "result", task_id: write.task_id.clone(), token: 0, current: 0 })
+                }
+            };
+            // The writer may have gone (its deadline passed); an input is then an orphan.
+            let _ = write.done.send(outcome);
+        }
     }
 }
 
