@@ -4,7 +4,8 @@
 //!    concurrent clients submit tasks with an input of `--input-bytes` (builtin agents run them
 //!    meanwhile, so results are written too); throughput and acknowledgement latency.
 //! 2. Reads of finished tasks (`Results`, linearizable) on the PostgreSQL cluster without Redis,
-//!    then with Redis, and on the embedded cluster for reference: latency and the cache's hit ratio.
+//!    then with Redis (started empty, so each task's first read misses), and on the embedded
+//!    cluster for reference: latency and the cache's hit ratio.
 //!
 //! PostgreSQL and Redis are real servers started here on loopback (`local_services`). Every loop
 //! is bounded in count and time.
@@ -222,7 +223,7 @@ pub async fn run(maos: &Path, settings: Settings) -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     // Durable: fsync and synchronous commit on, as in production.
     let postgres = Postgres::start_with(true)?;
-    let redis = Redis::start()?;
+    let mut redis = Redis::start()?;
     let pg_env = vec![("MAOS_DATABASE_PRIMARY_URL".to_string(), postgres.url())];
     println!(
         "Submits: {} clients over 3 nodes, {} s, {} B inputs, builtin agents running the tasks.\n",
@@ -258,6 +259,9 @@ pub async fn run(maos: &Path, settings: Settings) -> anyhow::Result<()> {
     let (mut cached, clients) = cluster(maos, &root.path().join("read-pg-redis"), cached_env).await?;
     let mut client = clients[0].clone();
     let ids = Arc::new(finished_tasks(&mut client, settings.read_tasks, settings.input_bytes).await?);
+    // Start the cache cold (waiting for the tasks above filled it): every task's first read misses.
+    redis.kill()?;
+    redis.resume()?;
     reads("PostgreSQL + Redis", &cached, &clients, ids, &settings).await?;
     cached.stop();
     Ok(())

@@ -364,12 +364,35 @@ pub async fn health(endpoints: &[String], all_components: bool, json: bool) -> a
                     row["raft"] = serde_json::json!({"node_id": status.node_id, "role": status.role,
                         "term": status.current_term, "leader_id": status.leader_id,
                         "applied": status.last_applied_index, "members": status.members.len()});
-                    row["storage"] = serde_json::json!({"kind": "embedded (replicated state machine on RocksDB)",
-                        "ok": status.last_applied_index > 0});
                     row["tasks"] = serde_json::json!({"queued": tasks.queued, "running": tasks.running,
                         "pending": tasks.pending, "queue_limit": tasks.queue_limit});
                 }
                 Err(error) => row["raft"] = serde_json::json!({"error": error.to_string()}),
+            }
+            // The task-data store, from the node's metrics (readiness above says whether it answers).
+            match http.get(format!("{base}/metrics")).send().await {
+                Ok(response) => {
+                    let text = response.text().await.unwrap_or_default();
+                    let backend = text
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("maos_storage_backend{backend=\"")?
+                                .split_once('"')
+                                .map(|(b, _)| b.to_string())
+                        })
+                        .unwrap_or_else(|| "unknown".into());
+                    let sample = |name: &str| -> u64 {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                            .unwrap_or(0.0) as u64
+                    };
+                    row["storage"] = serde_json::json!({"backend": backend,
+                        "reachable": !row["ready"]["detail"].as_str().unwrap_or("").contains("task-data store"),
+                        "database_connection_errors": sample("maos_database_connection_errors_total"),
+                        "redis_errors": sample("maos_redis_errors_total"),
+                        "cache_hits": sample("maos_cache_hits_total"), "cache_misses": sample("maos_cache_misses_total")});
+                }
+                Err(error) => row["storage"] = serde_json::json!({"error": error.to_string()}),
             }
             match client.agents(0).await {
                 Ok(agents) => row["agents"] = serde_json::json!({"total": agents.total, "busy": agents.active}),

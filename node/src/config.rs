@@ -476,6 +476,16 @@ fn deserialize_peers<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<P
     }
 }
 
+/// `url` with the password of its `user:password@` part (if any) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((auth, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match auth.split_once(':') {
+        Some((user, password)) if !password.is_empty() => format!("{scheme}://{user}:***@{host}"),
+        _ => url.to_string(),
+    }
+}
+
 /// Check that `addr` is `host:port` with a non-empty host and a port in 1..=65535.
 pub fn check_address(addr: &str) -> Result<(), String> {
     let (host, port) = addr
@@ -870,6 +880,13 @@ mod tests {
         assert_eq!(loaded.config.cluster.peers.len(), 2);
         assert_eq!(loaded.config.cluster.peers[1].api_addr, "127.0.0.1:8002");
         assert_eq!(loaded.unknown_env, vec!["MAOS_NO_SUCH_KEY".to_string()]);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(redact_url("postgresql://maos:s3cret@db:5432/maos"), "postgresql://maos:***@db:5432/maos");
+        assert_eq!(redact_url("redis://:pw@cache:6379/0"), "redis://:***@cache:6379/0");
+        assert_eq!(redact_url("postgresql://db/maos"), "postgresql://db/maos");
     }
 
     #[test]

@@ -586,7 +586,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Config(ConfigCommand::Show(args)) => {
-            let (config, _) = load_config(args.config.as_ref())?;
+            let (mut config, _) = load_config(args.config.as_ref())?;
+            // Passwords in URLs are secrets: shown as ***.
+            for url in [config.database.primary_url.as_mut(), config.redis.url.as_mut()].into_iter().flatten() {
+                *url = maos_node::config::redact_url(url);
+            }
             print!("{}", serde_yaml::to_string(&config)?);
             Ok(())
         }

@@ -145,6 +145,8 @@ pub enum StorageError {
     Unavailable { store: String, cause: String },
     #[error("{what} of task {task_id}: fencing token {token} is stale (the store holds token {current}); this attempt no longer owns the task")]
     Stale { what: &'static str, task_id: TaskId, token: u64, current: u64 },
+    #[error("fencing_token: {token} is not a token MAOS issued (they are in 1..=2^63-1); use the one from the assignment")]
+    InvalidToken { token: u64 },
     #[error("{field}: {bytes} bytes, over the limit of {limit} ({hint})")]
     TooLarge { field: &'static str, bytes: usize, limit: usize, hint: &'static str },
     #[error("the task-data store ({store}) has no {what}: {detail}")]
@@ -161,6 +163,7 @@ impl StorageError {
                 let rest = message.split_once(": ").map(|(_, rest)| rest).unwrap_or(&message);
                 crate::api::invalid_field(field, rest)
             }
+            Self::InvalidToken { .. } => crate::api::invalid(self.to_string()),
             Self::Corrupt { .. } => Status::internal(self.to_string()),
         }
     }
@@ -338,6 +341,25 @@ impl Storage {
         }
     }
 
+    /// Refuse a `field` of `bytes` over this store's limit for it, naming the fix.
+    fn check_size(&self, field: &'static str, bytes: usize) -> Result<(), StorageError> {
+        let (limit, hint) = match (&self.backend, field) {
+            (Backend::Embedded, "checkpoint") => {
+                (CHECKPOINT_BYTES_MAX, "keep checkpoints small: save a reference to bulky state")
+            }
+            (Backend::Embedded, _) => {
+                (TASK_TEXT_BYTES_MAX, "configure database.primary_url for larger results, or return a reference")
+            }
+            (Backend::Postgres(store), _) => {
+                (store.payload_bytes_max, "raise database.payload_bytes_max, or return a reference")
+            }
+        };
+        if bytes > limit {
+            return Err(StorageError::TooLarge { field, bytes, limit, hint });
+        }
+        Ok(())
+    }
+
     /// The `Complete` command for `result`, after writing it under `token` where it is stored.
     pub async fn complete_command(
         &self,
@@ -346,34 +368,13 @@ impl Storage {
         token: u64,
         result: String,
     ) -> Result<TaskCommand, StorageError> {
-        match &self.backend {
-            Backend::Embedded => {
-                if result.len() > TASK_TEXT_BYTES_MAX {
-                    let hint = "configure database.primary_url for larger results, or return a reference";
-                    return Err(StorageError::TooLarge {
-                        field: "result",
-                        bytes: result.len(),
-                        limit: TASK_TEXT_BYTES_MAX,
-                        hint,
-                    });
-                }
-                Ok(TaskCommand::Complete { task_id: task_id.into(), token, result, stored: false })
-            }
-            Backend::Postgres(store) => {
-                if result.len() > store.payload_bytes_max {
-                    let hint = "raise database.payload_bytes_max, or return a reference";
-                    return Err(StorageError::TooLarge {
-                        field: "result",
-                        bytes: result.len(),
-                        limit: store.payload_bytes_max,
-                        hint,
-                    });
-                }
-                self.check_known_token(core, "result", task_id, token)?;
-                store.put_result(task_id, token, &result).await?;
-                Ok(TaskCommand::Complete { task_id: task_id.into(), token, result: String::new(), stored: true })
-            }
-        }
+        self.check_size("result", result.len())?;
+        let Backend::Postgres(store) = &self.backend else {
+            return Ok(TaskCommand::Complete { task_id: task_id.into(), token, result, stored: false });
+        };
+        self.check_known_token(core, "result", task_id, token)?;
+        store.put_result(task_id, token, &result).await?;
+        Ok(TaskCommand::Complete { task_id: task_id.into(), token, result: String::new(), stored: true })
     }
 
     /// The `SaveCheckpoint` command for `data`, after writing it under `token` where it is stored.
@@ -384,34 +385,13 @@ impl Storage {
         token: u64,
         data: String,
     ) -> Result<TaskCommand, StorageError> {
-        match &self.backend {
-            Backend::Embedded => {
-                if data.len() > CHECKPOINT_BYTES_MAX {
-                    let hint = "keep checkpoints small: save a reference to bulky state";
-                    return Err(StorageError::TooLarge {
-                        field: "checkpoint",
-                        bytes: data.len(),
-                        limit: CHECKPOINT_BYTES_MAX,
-                        hint,
-                    });
-                }
-                Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data, stored: false })
-            }
-            Backend::Postgres(store) => {
-                if data.len() > store.payload_bytes_max {
-                    let hint = "raise database.payload_bytes_max, or save a reference to bulky state";
-                    return Err(StorageError::TooLarge {
-                        field: "checkpoint",
-                        bytes: data.len(),
-                        limit: store.payload_bytes_max,
-                        hint,
-                    });
-                }
-                self.check_known_token(core, "checkpoint", task_id, token)?;
-                store.put_checkpoint(task_id, token, &data).await?;
-                Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data: String::new(), stored: true })
-            }
-        }
+        self.check_size("checkpoint", data.len())?;
+        let Backend::Postgres(store) = &self.backend else {
+            return Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data, stored: false });
+        };
+        self.check_known_token(core, "checkpoint", task_id, token)?;
+        store.put_checkpoint(task_id, token, &data).await?;
+        Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data: String::new(), stored: true })
     }
 
     /// Like [`Self::complete_command`], retrying while the store is unavailable, until `deadline`.

@@ -528,12 +528,7 @@ impl PgStore {
 
 /// The token as PostgreSQL's bigint.
 fn token_i64(token: u64) -> Result<i64, StorageError> {
-    i64::try_from(token).ok().filter(|t| *t > 0).ok_or_else(|| StorageError::TooLarge {
-        field: "fencing_token",
-        bytes: 8,
-        limit: 8,
-        hint: "a fencing token is in 1..=2^63-1",
-    })
+    i64::try_from(token).ok().filter(|t| *t > 0).ok_or(StorageError::InvalidToken { token })
 }
 
 /// `text` with the URL's password (if any) replaced.

@@ -64,16 +64,18 @@ pub async fn run(
             projected_index = 0;
             led_term = Some(term);
         }
-        let (rows, applied) = {
+        let (rows, marks, applied) = {
             let state = core.state.read();
             let applied = state.last_applied.map(|id| id.index).unwrap_or(0);
             let mut rows = Vec::new();
+            let mut marks = Vec::new();
             if applied != projected_index {
                 for task in state.app.tasks.tasks.values() {
                     if written.get(&task.spec.id) == Some(&(task.state, task.attempt)) {
                         continue;
                     }
                     let lease = task.lease.as_ref();
+                    marks.push((task.spec.id.clone(), (task.state, task.attempt)));
                     rows.push(TaskRow {
                         task_id: task.spec.id.clone(),
                         task_type: task.spec.task_type.clone(),
@@ -93,7 +95,7 @@ pub async fn run(
                     }
                 }
             }
-            (rows, applied)
+            (rows, marks, applied)
         };
         let complete = rows.len() < ROWS_PER_ROUND_MAX;
         let recorded = match store {
@@ -107,11 +109,7 @@ pub async fn run(
                 }
                 storage.metrics.events_recorded_total.fetch_add(events, Ordering::Relaxed);
                 // What was written, not what is there now: a change since is written next round.
-                for row in rows {
-                    if let Some(state) = parse_state(&row.state) {
-                        written.insert(row.task_id, (state, u32::try_from(row.attempt).unwrap_or(0)));
-                    }
-                }
+                written.extend(marks);
                 if complete {
                     projected_index = applied;
                 }
@@ -133,18 +131,6 @@ pub async fn run(
             sweep(&core, &storage, orphan_after).await;
         }
     }
-}
-
-fn parse_state(text: &str) -> Option<TaskState> {
-    Some(match text {
-        "PENDING" => TaskState::Pending,
-        "QUEUED" => TaskState::Queued,
-        "RUNNING" => TaskState::Running,
-        "COMPLETED" => TaskState::Completed,
-        "FAILED" => TaskState::Failed,
-        "CANCELLED" => TaskState::Cancelled,
-        _ => return None,
-    })
 }
 
 /// Delete staged inputs older than `orphan_after` that no task in the applied state refers to
