@@ -420,7 +420,11 @@ async fn form_cluster(core: Arc<NodeCore>, peers: BTreeMap<NodeId, MaosNode>, mu
                 return;
             }
             Formation::NotReady { reason, mismatch: true } if !mismatch_reported => {
-                tracing::error!(node_id = core.id, %reason, "not initialising until the peers agree");
+                tracing::error!(
+                    node_id = core.id,
+                    %reason,
+                    "peers were started with different cluster.peers lists; not initialising until they agree"
+                );
                 mismatch_reported = true;
             }
             Formation::NotReady { reason, .. } => tracing::debug!(node_id = core.id, %reason, "not initialising yet"),

@@ -145,7 +145,9 @@ pub enum StorageError {
     Unavailable { store: String, cause: String },
     #[error("{what} of task {task_id}: fencing token {token} is stale (the store holds token {current}); this attempt no longer owns the task")]
     Stale { what: &'static str, task_id: TaskId, token: u64, current: u64 },
-    #[error("fencing_token: {token} is not a token MAOS issued (they are in 1..=2^63-1); use the one from the assignment")]
+    #[error(
+        "fencing_token: {token} is not a token MAOS issued (they are in 1..=2^63-1); use the one from the assignment"
+    )]
     InvalidToken { token: u64 },
     #[error("{field}: {bytes} bytes, over the limit of {limit} ({hint})")]
     TooLarge { field: &'static str, bytes: usize, limit: usize, hint: &'static str },
