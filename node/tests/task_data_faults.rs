@@ -112,7 +112,21 @@ async fn a_postgresql_crash_during_load_loses_no_acknowledged_task_and_refuses_w
     }
     postgres.crash()?;
     let acked_before_crash = acked_count.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down_since = tokio::time::Instant::now();
+    // Readiness says why: the database does not answer.
+    let api = cluster.nodes[&1].api_addr.clone();
+    let ready = loop {
+        let response =
+            reqwest::Client::new().get(format!("http://{api}/ready")).timeout(Duration::from_secs(5)).send().await?;
+        let (code, text) = (response.status().as_u16(), response.text().await?);
+        if code == 503 || tokio::time::Instant::now() > down_since + Duration::from_secs(3) {
+            break (code, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ready.0, 503, "{}", ready.1);
+    assert!(ready.1.contains("PostgreSQL at 127.0.0.1"), "{}", ready.1);
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down_since.elapsed())).await;
     let acked_while_down = acked_count.load(Ordering::Relaxed) - acked_before_crash;
     postgres.resume()?;
 

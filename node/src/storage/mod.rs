@@ -309,7 +309,14 @@ impl Storage {
         match &self.backend {
             Backend::Embedded => Ok(false),
             Backend::Postgres(_) if input.is_empty() => Ok(false),
-            Backend::Postgres(store) => store.put_input(task_id, input).await.map(|()| true),
+            Backend::Postgres(store) => {
+                store.put_input(task_id, input).await?;
+                // Written through, so the attempt that runs it reads it from the cache.
+                if let Some(cache) = &self.cache {
+                    cache.put_payloads(&BTreeMap::from([(Payload::Input(task_id.into()), input.to_string())])).await;
+                }
+                Ok(true)
+            }
         }
     }
 
