@@ -345,6 +345,16 @@ async fn a_result_written_under_a_stale_token_changes_no_row() -> anyhow::Result
     store.put_result("t1", 6_144, "from the next owner").await?;
     assert_eq!(row(db.clone()).await?.0, 6_144);
 
+    // Concurrent writes (merged into shared statements) keep the fence: the newer token wins.
+    let (older, newer) = tokio::join!(store.put_result("t2", 10_240, "older"), store.put_result("t2", 20_480, "newer"));
+    assert!(newer.is_ok(), "{newer:?}");
+    assert!(matches!(older, Ok(()) | Err(StorageError::Stale { .. })), "{older:?}");
+    let row = sqlx::query("SELECT fencing_token, result FROM task_results WHERE task_id = 't2'").fetch_one(&db).await?;
+    assert_eq!(
+        (row.try_get::<i64, _>("fencing_token")?, row.try_get::<String, _>("result")?),
+        (20_480, "newer".into())
+    );
+
     // Checkpoints are fenced the same way, and an attempt may replace its own.
     store.put_checkpoint("t1", 4_096, "step 1").await?;
     store.put_checkpoint("t1", 4_096, "step 2").await?;

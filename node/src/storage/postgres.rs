@@ -85,6 +85,19 @@ struct PayloadWrite {
     done: tokio::sync::oneshot::Sender<Result<(), StorageError>>,
 }
 
+/// Reads waiting, at most; past it readers wait (backpressure).
+const READ_QUEUE_MAX: usize = 16_384;
+/// Reads merged into one set of queries, at most.
+const READ_BATCH_MAX: usize = 256;
+/// Merged reads in flight at once.
+const READERS: usize = 4;
+
+/// One caller's read, and where its answer goes.
+struct PayloadRead {
+    wanted: Vec<Payload>,
+    done: tokio::sync::oneshot::Sender<Result<BTreeMap<Payload, String>, StorageError>>,
+}
+
 /// What a batch writer writes.
 #[derive(Clone, Copy)]
 enum WriteKind {
@@ -111,6 +124,8 @@ pub struct PgStore {
     /// statements: one round trip and one commit for many, which is what bounds throughput.
     inputs: mpsc::Sender<PayloadWrite>,
     results: mpsc::Sender<PayloadWrite>,
+    /// Concurrent reads (attempts starting, API reads) are merged the same way.
+    reads: mpsc::Sender<PayloadRead>,
 }
 
 impl PgStore {
@@ -139,7 +154,14 @@ impl PgStore {
         let (audit, queued) = mpsc::channel(AUDIT_QUEUE_MAX);
         let (inputs, queued_inputs) = mpsc::channel(WRITE_QUEUE_MAX);
         let (results, queued_results) = mpsc::channel(WRITE_QUEUE_MAX);
-        let store = Self { pool, name, payload_bytes_max: settings.payload_bytes_max, metrics, audit, inputs, results };
+        let (reads, queued_reads) = mpsc::channel(READ_QUEUE_MAX);
+        let payload_bytes_max = settings.payload_bytes_max;
+        let store = Self { pool, name, payload_bytes_max, metrics, audit, inputs, results, reads };
+        let queued_reads = Arc::new(tokio::sync::Mutex::new(queued_reads));
+        for _ in 0..READERS {
+            let (pool, name, metrics) = (store.pool.clone(), store.name.clone(), store.metrics.clone());
+            tokio::spawn(read_batches(pool, name, metrics, queued_reads.clone()));
+        }
         tokio::spawn(write_audit(store.pool.clone(), store.name.clone(), store.metrics.clone(), queued));
         for (kind, queued) in [(WriteKind::Inputs, queued_inputs), (WriteKind::Results, queued_results)] {
             let queued = Arc::new(tokio::sync::Mutex::new(queued));
@@ -355,66 +377,15 @@ impl PgStore {
     }
 
     /// The payloads in `wanted` that the store holds (a result only under the wanted token).
+    /// Concurrent callers' reads are merged into shared queries.
     pub async fn get_payloads(&self, wanted: &[Payload]) -> Result<BTreeMap<Payload, String>, StorageError> {
-        let mut inputs = Vec::new();
-        let mut results: BTreeMap<String, u64> = BTreeMap::new();
-        let mut checkpoints = Vec::new();
-        for payload in wanted {
-            match payload {
-                Payload::Input(id) => inputs.push(id.clone()),
-                Payload::Result(id, token) => {
-                    results.insert(id.clone(), *token);
-                }
-                Payload::Checkpoint(id) => checkpoints.push(id.clone()),
-            }
-        }
-        let mut found = BTreeMap::new();
-        if !inputs.is_empty() {
-            self.counted();
-            let rows = sqlx::query("SELECT task_id, input FROM task_inputs WHERE task_id = ANY($1)")
-                .bind(&inputs)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.error(e))?;
-            for row in rows {
-                let id: String = row.try_get("task_id").map_err(|e| self.error(e))?;
-                found.insert(Payload::Input(id), row.try_get("input").map_err(|e| self.error(e))?);
-            }
-        }
-        if !results.is_empty() {
-            self.counted();
-            let ids: Vec<&String> = results.keys().collect();
-            let rows = sqlx::query("SELECT task_id, fencing_token, result FROM task_results WHERE task_id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.error(e))?;
-            for row in rows {
-                let id: String = row.try_get("task_id").map_err(|e| self.error(e))?;
-                let token: i64 = row.try_get("fencing_token").map_err(|e| self.error(e))?;
-                let token = u64::try_from(token).unwrap_or(0);
-                if results.get(&id) == Some(&token) {
-                    found.insert(Payload::Result(id, token), row.try_get("result").map_err(|e| self.error(e))?);
-                }
-            }
-        }
-        if !checkpoints.is_empty() {
-            self.counted();
-            let rows = sqlx::query("SELECT task_id, data FROM task_checkpoints WHERE task_id = ANY($1)")
-                .bind(&checkpoints)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| self.error(e))?;
-            for row in rows {
-                let id: String = row.try_get("task_id").map_err(|e| self.error(e))?;
-                found.insert(Payload::Checkpoint(id), row.try_get("data").map_err(|e| self.error(e))?);
-            }
-        }
-        if found.len() < wanted.len() {
-            let missing: Vec<&Payload> = wanted.iter().filter(|p| !found.contains_key(*p)).collect();
-            tracing::warn!(?missing, "payloads the replicated state refers to are missing from PostgreSQL");
-        }
-        Ok(found)
+        let stopped = || StorageError::Unavailable {
+            store: format!("PostgreSQL at {}", self.name),
+            cause: "the batch reader stopped (the node is shutting down)".into(),
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.reads.send(PayloadRead { wanted: wanted.to_vec(), done }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Mirror task rows and record the events they entered their states by, in one transaction.
@@ -606,6 +577,104 @@ async fn write_batches(
             };
             // The writer may have gone (its deadline passed); an input is then an orphan.
             let _ = write.done.send(outcome);
+        }
+    }
+}
+
+/// The payloads in `wanted` that the store holds (a result only under the wanted token), in at
+/// most three queries.
+async fn query_payloads(
+    pool: &PgPool,
+    name: &str,
+    metrics: &StorageMetrics,
+    wanted: &[Payload],
+) -> Result<BTreeMap<Payload, String>, StorageError> {
+    let error = |e: sqlx::Error| map_error(name, metrics, e);
+    let counted = || metrics.database_queries_total.fetch_add(1, Ordering::Relaxed);
+    let mut inputs = Vec::new();
+    let mut results: BTreeMap<String, u64> = BTreeMap::new();
+    let mut checkpoints = Vec::new();
+    for payload in wanted {
+        match payload {
+            Payload::Input(id) => inputs.push(id.clone()),
+            Payload::Result(id, token) => {
+                results.insert(id.clone(), *token);
+            }
+            Payload::Checkpoint(id) => checkpoints.push(id.clone()),
+        }
+    }
+    let mut found = BTreeMap::new();
+    if !inputs.is_empty() {
+        counted();
+        let rows = sqlx::query("SELECT task_id, input FROM task_inputs WHERE task_id = ANY($1)")
+            .bind(&inputs)
+            .fetch_all(pool)
+            .await
+            .map_err(error)?;
+        for row in rows {
+            let id: String = row.try_get("task_id").map_err(error)?;
+            found.insert(Payload::Input(id), row.try_get("input").map_err(error)?);
+        }
+    }
+    if !results.is_empty() {
+        counted();
+        let ids: Vec<&String> = results.keys().collect();
+        let rows = sqlx::query("SELECT task_id, fencing_token, result FROM task_results WHERE task_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await
+            .map_err(error)?;
+        for row in rows {
+            let id: String = row.try_get("task_id").map_err(error)?;
+            let token: i64 = row.try_get("fencing_token").map_err(error)?;
+            let token = u64::try_from(token).unwrap_or(0);
+            if results.get(&id) == Some(&token) {
+                found.insert(Payload::Result(id, token), row.try_get("result").map_err(error)?);
+            }
+        }
+    }
+    if !checkpoints.is_empty() {
+        counted();
+        let rows = sqlx::query("SELECT task_id, data FROM task_checkpoints WHERE task_id = ANY($1)")
+            .bind(&checkpoints)
+            .fetch_all(pool)
+            .await
+            .map_err(error)?;
+        for row in rows {
+            let id: String = row.try_get("task_id").map_err(error)?;
+            found.insert(Payload::Checkpoint(id), row.try_get("data").map_err(error)?);
+        }
+    }
+    if found.len() < wanted.len() {
+        let missing: Vec<&Payload> = wanted.iter().filter(|p| !found.contains_key(*p)).collect();
+        tracing::warn!(?missing, "payloads the replicated state refers to are missing from PostgreSQL");
+    }
+    Ok(found)
+}
+
+/// Serve queued reads, merging every read waiting into one set of queries, until the store is
+/// dropped.
+async fn read_batches(
+    pool: PgPool,
+    name: String,
+    metrics: Arc<StorageMetrics>,
+    queued: Arc<tokio::sync::Mutex<mpsc::Receiver<PayloadRead>>>,
+) {
+    let mut batch: Vec<PayloadRead> = Vec::with_capacity(READ_BATCH_MAX);
+    loop {
+        if queued.lock().await.recv_many(&mut batch, READ_BATCH_MAX).await == 0 {
+            return;
+        }
+        let mut wanted: Vec<Payload> = batch.iter().flat_map(|r| r.wanted.iter().cloned()).collect();
+        wanted.sort();
+        wanted.dedup();
+        let found = query_payloads(&pool, &name, &metrics, &wanted).await;
+        for read in batch.drain(..) {
+            let answer = found
+                .as_ref()
+                .map_err(Clone::clone)
+                .map(|found| read.wanted.iter().filter_map(|p| Some((p.clone(), found.get(p)?.clone()))).collect());
+            let _ = read.done.send(answer);
         }
     }
 }
