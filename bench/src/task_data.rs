@@ -69,47 +69,67 @@ fn row(label: &str, count: u64, elapsed: Duration, h: &Histogram<u64>, extra: &s
     );
 }
 
-/// `settings.clients` submitters spread over the nodes for `settings.seconds`.
-async fn submits(label: &str, clients: &[TaskServiceClient<Channel>], settings: &Settings) -> anyhow::Result<()> {
-    let input = Arc::new("i".repeat(settings.input_bytes));
+/// A phase's outcome: latencies of the calls that succeeded, the failures, and its length.
+struct Phase {
+    latency_us: Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+/// `settings.clients` workers spread over the nodes, each making calls (`call(client, worker,
+/// i)`, true when it succeeded) until `settings.seconds` have passed.
+async fn load<F, Fut>(clients: &[TaskServiceClient<Channel>], settings: &Settings, call: F) -> anyhow::Result<Phase>
+where
+    F: Fn(TaskServiceClient<Channel>, usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let until = Instant::now() + Duration::from_secs(settings.seconds);
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..settings.clients {
-        let mut client = clients[worker % clients.len()].clone();
-        let input = input.clone();
+        let client = clients[worker % clients.len()].clone();
+        let call = call.clone();
         workers.spawn(async move {
             let mut latency_us = histogram();
             let mut errors = 0u64;
-            for _ in 0..REQUESTS_PER_CLIENT_MAX {
+            for i in 0..REQUESTS_PER_CLIENT_MAX {
                 if Instant::now() >= until {
                     break;
                 }
-                let request = SubmitTaskRequest {
-                    task_type: "coder".into(),
-                    description: "bench".into(),
-                    input: input.to_string(),
-                    ..Default::default()
-                };
                 let began = Instant::now();
-                match client.submit(request).await {
-                    Ok(_) => {
-                        let _ = latency_us.record(began.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => errors += 1,
+                if call(client.clone(), worker, i).await {
+                    let _ = latency_us.record(began.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
                 }
             }
             (latency_us, errors)
         });
     }
-    let mut latency_us = histogram();
-    let mut errors = 0;
+    let mut phase = Phase { latency_us: histogram(), errors: 0, elapsed: Duration::ZERO };
     while let Some(done) = workers.join_next().await {
         let (h, e) = done?;
-        latency_us.add(&h)?;
-        errors += e;
+        phase.latency_us.add(&h)?;
+        phase.errors += e;
     }
-    row(label, latency_us.len(), started.elapsed(), &latency_us, &format!(" {errors} |"));
+    phase.elapsed = started.elapsed();
+    Ok(phase)
+}
+
+/// Submits with `settings.input_bytes` inputs.
+async fn submits(label: &str, clients: &[TaskServiceClient<Channel>], settings: &Settings) -> anyhow::Result<()> {
+    let input = Arc::new("i".repeat(settings.input_bytes));
+    let phase = load(clients, settings, move |mut client, _, _| {
+        let request = SubmitTaskRequest {
+            task_type: "coder".into(),
+            description: "bench".into(),
+            input: input.to_string(),
+            ..Default::default()
+        };
+        async move { client.submit(request).await.is_ok() }
+    })
+    .await?;
+    row(label, phase.latency_us.len(), phase.elapsed, &phase.latency_us, &format!(" {} |", phase.errors));
     Ok(())
 }
 
@@ -180,42 +200,15 @@ async fn reads(
 ) -> anyhow::Result<()> {
     let (hits_before, misses_before) =
         (metric(cluster, "maos_cache_hits_total").await?, metric(cluster, "maos_cache_misses_total").await?);
-    let until = Instant::now() + Duration::from_secs(settings.seconds);
-    let started = Instant::now();
-    let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..settings.clients {
-        let mut client = clients[worker % clients.len()].clone();
-        let ids = ids.clone();
-        workers.spawn(async move {
-            let mut latency_us = histogram();
-            let mut errors = 0u64;
-            for i in 0..REQUESTS_PER_CLIENT_MAX {
-                if Instant::now() >= until {
-                    break;
-                }
-                let id = &ids[(i * 31 + worker * 7) % ids.len()];
-                let began = Instant::now();
-                match client.results(GetTaskRequest { task_id: id.clone(), stale: false }).await {
-                    Ok(_) => {
-                        let _ = latency_us.record(began.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (latency_us, errors)
-        });
-    }
-    let mut latency_us = histogram();
-    let mut errors = 0;
-    while let Some(done) = workers.join_next().await {
-        let (h, e) = done?;
-        latency_us.add(&h)?;
-        errors += e;
-    }
+    let phase = load(clients, settings, move |mut client, worker, i| {
+        let task_id = ids[(i * 31 + worker * 7) % ids.len()].clone();
+        async move { client.results(GetTaskRequest { task_id, stale: false }).await.is_ok() }
+    })
+    .await?;
     let hits = metric(cluster, "maos_cache_hits_total").await? - hits_before;
     let misses = metric(cluster, "maos_cache_misses_total").await? - misses_before;
     let ratio = if hits + misses > 0.0 { format!("{:.1}%", 100.0 * hits / (hits + misses)) } else { "-".into() };
-    row(label, latency_us.len(), started.elapsed(), &latency_us, &format!(" {errors} | {ratio} |"));
+    row(label, phase.latency_us.len(), phase.elapsed, &phase.latency_us, &format!(" {} | {ratio} |", phase.errors));
     Ok(())
 }
 

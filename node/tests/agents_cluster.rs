@@ -68,20 +68,7 @@ async fn submit(client: &mut TaskServiceClient<Channel>, request: SubmitTaskRequ
 async fn a_crashed_agent_is_retried_and_resumes_from_its_last_checkpoint() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let script = root.path().join("crasher.py");
-    std::fs::write(
-        &script,
-        r#"import json, os, sys, time
-envelope = json.load(sys.stdin)
-checkpoint = envelope.get("checkpoint")
-if checkpoint is None:
-    sys.stderr.write('@maos {"checkpoint": "phase-1 done"}\n')
-    sys.stderr.flush()
-    time.sleep(0.2)
-    os.kill(os.getpid(), 9)
-print(json.dumps({"result": "resumed from %s (saved by attempt %d) on attempt %d"
-    % (checkpoint["data"], checkpoint["attempt"], envelope["attempt"])}))
-"#,
-    )?;
+    std::fs::write(&script, common::CRASHER_PY)?;
     let types =
         format!("{{crasher: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
     let (cluster, mut client) = started(root.path(), options(&types, &[])).await?;

@@ -22,18 +22,6 @@ use maos_node::local_services::{Postgres, Redis};
 use sqlx::Row;
 use tonic::transport::Channel;
 
-const CRASHER: &str = r#"import json, os, sys, time
-envelope = json.load(sys.stdin)
-checkpoint = envelope.get("checkpoint")
-if checkpoint is None:
-    sys.stderr.write('@maos {"checkpoint": "phase-1 done"}\n')
-    sys.stderr.flush()
-    time.sleep(0.2)
-    os.kill(os.getpid(), 9)
-print(json.dumps({"result": "resumed from %s (saved by attempt %d) on attempt %d"
-    % (checkpoint["data"], checkpoint["attempt"], envelope["attempt"])}))
-"#;
-
 /// What the suite needs to know of a backend.
 struct Backend {
     env: Vec<(String, String)>,
@@ -53,7 +41,7 @@ struct Made {
 
 fn options(root: &Path, backend: &Backend) -> anyhow::Result<LocalClusterOptions> {
     let script = root.join("crasher.py");
-    std::fs::write(&script, CRASHER)?;
+    std::fs::write(&script, common::CRASHER_PY)?;
     let types = format!(
         "{{coder: {{slots: 2}}, coordinator: {{slots: 1}}, crasher: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}",
         script.display()

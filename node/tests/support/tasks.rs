@@ -81,3 +81,17 @@ pub fn output_of(result: &str) -> String {
         .and_then(|v| v["output"].as_str().map(String::from))
         .unwrap_or_else(|| format!("<not a builtin result: {result}>"))
 }
+
+/// A command agent (Python) that saves a checkpoint and kills itself on its first attempt, and
+/// on the next answers with where it resumed from.
+pub const CRASHER_PY: &str = r#"import json, os, sys, time
+envelope = json.load(sys.stdin)
+checkpoint = envelope.get("checkpoint")
+if checkpoint is None:
+    sys.stderr.write('@maos {"checkpoint": "phase-1 done"}\n')
+    sys.stderr.flush()
+    time.sleep(0.2)
+    os.kill(os.getpid(), 9)
+print(json.dumps({"result": "resumed from %s (saved by attempt %d) on attempt %d"
+    % (checkpoint["data"], checkpoint["attempt"], envelope["attempt"])}))
+"#;
