@@ -113,7 +113,9 @@ impl Cache {
     }
 
     /// Cache `loaded` (best effort).
-    pub async fn put_payloads(&self, loaded: &BTreeMap<Payload, String>) {
+    /// Cache `loaded` in the background (best effort): the caller never waits for Redis, so a
+    /// slow or absent Redis costs it nothing.
+    pub fn put_payloads(&self, loaded: &BTreeMap<Payload, String>) {
         let mut pipe = redis::pipe();
         let mut any = false;
         for (payload, value) in loaded {
@@ -122,11 +124,17 @@ impl Cache {
                 any = true;
             }
         }
-        if any {
-            if let Err(error) = pipe.query_async::<()>(&mut self.connection()).await {
-                self.failed("a cache write", &error);
-            }
+        if !any {
+            return;
         }
+        let mut connection = self.connection();
+        let (metrics, name) = (self.metrics.clone(), self.name.clone());
+        tokio::spawn(async move {
+            if let Err(error) = pipe.query_async::<()>(&mut connection).await {
+                metrics.redis_errors_total.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(redis = %name, %error, "a cache write failed");
+            }
+        });
     }
 
     fn unavailable(&self, error: redis::RedisError) -> StorageError {

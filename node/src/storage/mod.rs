@@ -239,11 +239,6 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Task data in the replicated state, no cache.
-    pub fn embedded() -> Self {
-        Self { backend: Backend::Embedded, cache: None, metrics: Arc::default() }
-    }
-
     /// The store `config` names. Connections are made on first use, so a node starts (and keeps
     /// its leases) while PostgreSQL or Redis is down.
     pub fn from_config(config: &Config) -> Result<Self, StorageError> {
@@ -313,15 +308,15 @@ impl Storage {
                 store.put_input(task_id, input).await?;
                 // Written through, so the attempt that runs it reads it from the cache.
                 if let Some(cache) = &self.cache {
-                    cache.put_payloads(&BTreeMap::from([(Payload::Input(task_id.into()), input.to_string())])).await;
+                    cache.put_payloads(&BTreeMap::from([(Payload::Input(task_id.into()), input.to_string())]));
                 }
                 Ok(true)
             }
         }
     }
 
-    /// Drop a staged input whose submit did not commit (or was a duplicate); the sweep removes any
-    /// this misses.
+    /// Drop the staged input of a submit that turned out a duplicate (its first submit's task
+    /// stands); the sweep removes any this misses.
     pub async fn discard_input(&self, task_id: &str) {
         if let Backend::Postgres(store) = &self.backend {
             if let Err(error) = store.delete_input(task_id).await {
@@ -446,7 +441,7 @@ impl Storage {
         }
         let loaded = store.get_payloads(&missing).await?;
         if let Some(cache) = &self.cache {
-            cache.put_payloads(&loaded).await;
+            cache.put_payloads(&loaded);
         }
         found.extend(loaded);
         Ok(found)
