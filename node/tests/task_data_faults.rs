@@ -364,3 +364,49 @@ async fn a_result_written_under_a_stale_token_changes_no_row() -> anyhow::Result
     assert_eq!(data, "step 2");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_no_committed_task_refers_to_is_swept_and_the_others_kept() -> anyhow::Result<()> {
+    let postgres = Postgres::start()?;
+    let store = PgStore::connect_lazy(&postgres.url(), &DatabaseSection::default(), Default::default())?;
+    store.migrate().await?;
+    let db = postgres.connect().await?;
+    // What a submit leaves when it fails between its input and its Raft entry, an hour ago.
+    sqlx::query("INSERT INTO task_inputs (task_id, input, created_at) VALUES ('never-committed', 'x', now() - interval '1 hour')")
+        .execute(&db)
+        .await?;
+
+    let root = tempfile::tempdir()?;
+    let (mut cluster, clients) =
+        started(root.path(), options(&[("MAOS_DATABASE_PRIMARY_URL", postgres.url())])).await?;
+    let mut client = clients[0].clone();
+    let request = SubmitTaskRequest {
+        task_type: "coder".into(),
+        description: "kept".into(),
+        input: "sleep:60000".into(),
+        ..Default::default()
+    };
+    let kept = client.submit(request).await?.into_inner().task_id;
+    // As old as the orphan: only the reference tells them apart.
+    sqlx::query("UPDATE task_inputs SET created_at = now() - interval '1 hour' WHERE task_id = $1")
+        .bind(&kept)
+        .execute(&db)
+        .await?;
+
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM task_inputs WHERE task_id = 'never-committed'")
+            .fetch_one(&db)
+            .await?;
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the orphaned input was never swept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metric_sum(&cluster, "maos_orphan_payloads_removed_total").await? >= 1.0);
+    let view = client.get(GetTaskRequest { task_id: kept.clone(), stale: false }).await?.into_inner();
+    assert_eq!(view.input, "sleep:60000", "the committed task's input is kept");
+    cluster.stop();
+    Ok(())
+}
