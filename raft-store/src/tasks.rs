@@ -626,15 +626,7 @@ impl TaskTable {
                     task.result = Some(result.clone());
                     task.result_token = None;
                 }
-                close(
-                    &mut self.open,
-                    &mut self.slot_holder,
-                    &mut self.closed,
-                    task,
-                    TaskState::Completed,
-                    None,
-                    now_ms,
-                );
+                self.close(task_id, TaskState::Completed, None, now_ms);
                 self.promote_dependents(now_ms, task_id);
                 Ok(TaskResponse::Completed)
             }
@@ -659,20 +651,9 @@ impl TaskTable {
                     if let Some(children) = self.children.get(&next) {
                         stack.extend(children.iter().cloned());
                     }
-                    let Some(task) = self.tasks.get_mut(&next) else { continue };
-                    if task.state.is_terminal() {
+                    if !self.close(&next, TaskState::Cancelled, Some(format!("cancelled: {reason}")), now_ms) {
                         continue;
                     }
-                    let cause = Some(format!("cancelled: {reason}"));
-                    close(
-                        &mut self.open,
-                        &mut self.slot_holder,
-                        &mut self.closed,
-                        task,
-                        TaskState::Cancelled,
-                        cause,
-                        now_ms,
-                    );
                     cancelled.push(next.clone());
                     self.fail_dependents(now_ms, &next, &format!("dependency {next} was cancelled"));
                 }
@@ -999,18 +980,8 @@ impl TaskTable {
                         child.cause.as_deref().unwrap_or("no cause recorded")
                     );
                     for sibling in &children {
-                        if let Some(task) = self.tasks.get_mut(sibling).filter(|t| !t.state.is_terminal()) {
-                            let why = Some(format!("cancelled: sibling subtask {child_id} did not complete"));
-                            close(
-                                &mut self.open,
-                                &mut self.slot_holder,
-                                &mut self.closed,
-                                task,
-                                TaskState::Cancelled,
-                                why,
-                                now_ms,
-                            );
-                        }
+                        let why = Some(format!("cancelled: sibling subtask {child_id} did not complete"));
+                        self.close(sibling, TaskState::Cancelled, why, now_ms);
                     }
                     self.finish_failed(now_ms, parent_id, cause);
                     return;
@@ -1030,7 +1001,7 @@ impl TaskTable {
         });
         if let Some(parent) = self.tasks.get_mut(parent_id) {
             parent.result = result;
-            close(&mut self.open, &mut self.slot_holder, &mut self.closed, parent, TaskState::Completed, None, now_ms);
+            self.close(parent_id, TaskState::Completed, None, now_ms);
         }
         self.promote_dependents(now_ms, parent_id);
     }
@@ -1175,18 +1146,24 @@ impl TaskTable {
         }
     }
 
-    fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
-        if let Some(task) = self.tasks.get_mut(task_id).filter(|t| !t.state.is_terminal()) {
-            close(
-                &mut self.open,
-                &mut self.slot_holder,
-                &mut self.closed,
-                task,
-                TaskState::Failed,
-                Some(cause),
-                now_ms,
-            );
+    /// Move `task_id` to the terminal `state` (keeping its cause unless `cause` is given), free its
+    /// lease and count it closed. False, and nothing changed, when it is unknown or already ended.
+    fn close(&mut self, task_id: &TaskId, state: TaskState, cause: Option<String>, now_ms: u64) -> bool {
+        debug_assert!(state.is_terminal());
+        let Some(task) = self.tasks.get_mut(task_id).filter(|t| !t.state.is_terminal()) else { return false };
+        release(&mut self.slot_holder, task);
+        self.open = self.open.saturating_sub(1);
+        self.closed.push(task.spec.id.clone());
+        task.state = state;
+        if cause.is_some() {
+            task.cause = cause;
         }
+        task.updated_at_ms = now_ms;
+        true
+    }
+
+    fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
+        self.close(task_id, TaskState::Failed, Some(cause), now_ms);
         self.fail_dependents(now_ms, task_id, &format!("dependency {task_id} failed"));
     }
 
@@ -1195,19 +1172,9 @@ impl TaskTable {
         let mut stack: Vec<TaskId> =
             self.dependents.get(task_id).map(|d| d.iter().cloned().collect()).unwrap_or_default();
         while let Some(next) = stack.pop() {
-            let Some(task) = self.tasks.get_mut(&next) else { continue };
-            if task.state.is_terminal() {
+            if !self.close(&next, TaskState::Failed, Some(cause.to_string()), now_ms) {
                 continue;
             }
-            close(
-                &mut self.open,
-                &mut self.slot_holder,
-                &mut self.closed,
-                task,
-                TaskState::Failed,
-                Some(cause.to_string()),
-                now_ms,
-            );
             if let Some(more) = self.dependents.get(&next) {
                 stack.extend(more.iter().cloned());
             }
@@ -1289,28 +1256,6 @@ impl TaskTable {
         }
         Ok(())
     }
-}
-
-/// Move an open `task` to the terminal `state`: end its lease, count it closed, and record
-/// `cause` when one is given.
-fn close(
-    open: &mut usize,
-    slot_holder: &mut BTreeMap<String, TaskId>,
-    closed: &mut Vec<TaskId>,
-    task: &mut Task,
-    state: TaskState,
-    cause: Option<String>,
-    now_ms: u64,
-) {
-    debug_assert!(!task.state.is_terminal() && state.is_terminal());
-    release(slot_holder, task);
-    *open = open.saturating_sub(1);
-    closed.push(task.spec.id.clone());
-    task.state = state;
-    if cause.is_some() {
-        task.cause = cause;
-    }
-    task.updated_at_ms = now_ms;
 }
 
 /// End `task`'s lease, if any, and free its slot.
