@@ -247,13 +247,6 @@ impl TaskApi {
         let mut spec = spec;
         let staged = if self.storage.is_embedded() { String::new() } else { std::mem::take(&mut spec.input) };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
-        let limit = self.storage.input_bytes_max();
-        if staged.len() > limit {
-            return Err(invalid(format!(
-                "input: {} bytes, over the limit of {limit} (database.payload_bytes_max); send large data by reference",
-                staged.len()
-            )));
-        }
         if spec.submitter.len() > 128 {
             return Err(invalid("submitter: must be at most 128 bytes"));
         }

@@ -112,6 +112,26 @@ impl ResultRef {
     }
 }
 
+/// Run `call` until it succeeds, fails otherwise than UNAVAILABLE, or the next try would pass
+/// `deadline`; the tries back off from 100 ms to 2 s.
+async fn retrying<T, F, Fut>(deadline: tokio::time::Instant, what: &str, mut call: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut backoff = RETRY_BACKOFF_MIN;
+    loop {
+        match call().await {
+            Err(error) if error.is_unavailable() && tokio::time::Instant::now() + backoff < deadline => {
+                tracing::warn!(%error, "{what} waits for the task-data store");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The payloads one task's view or envelope needs: its input, result and checkpoint.
 #[derive(Debug, Clone, Default)]
 pub struct TaskPayloads {
@@ -277,14 +297,6 @@ impl Storage {
         }
     }
 
-    /// The largest input a submit may carry.
-    pub fn input_bytes_max(&self) -> usize {
-        match &self.backend {
-            Backend::Embedded => TASK_TEXT_BYTES_MAX,
-            Backend::Postgres(store) => store.payload_bytes_max,
-        }
-    }
-
     /// Whether the store answers (for `/ready`); `Ok` names it.
     pub async fn check(&self) -> Result<String, String> {
         match &self.backend {
@@ -296,11 +308,7 @@ impl Storage {
     /// Write a submit's input before its Raft entry; returns whether it is stored (the spec then
     /// carries a reference instead of the text).
     pub async fn stage_input(&self, task_id: &str, input: &str) -> Result<bool, StorageError> {
-        let limit = self.input_bytes_max();
-        if input.len() > limit {
-            let hint = "send large data by reference (a URL or a path the agent can read)";
-            return Err(StorageError::TooLarge { field: "input", bytes: input.len(), limit, hint });
-        }
+        self.check_size("input", input.len())?;
         match &self.backend {
             Backend::Embedded => Ok(false),
             Backend::Postgres(_) if input.is_empty() => Ok(false),
@@ -352,10 +360,10 @@ impl Storage {
                 (CHECKPOINT_BYTES_MAX, "keep checkpoints small: save a reference to bulky state")
             }
             (Backend::Embedded, _) => {
-                (TASK_TEXT_BYTES_MAX, "configure database.primary_url for larger results, or return a reference")
+                (TASK_TEXT_BYTES_MAX, "configure database.primary_url for larger payloads, or pass a reference")
             }
             (Backend::Postgres(store), _) => {
-                (store.payload_bytes_max, "raise database.payload_bytes_max, or return a reference")
+                (store.payload_bytes_max, "raise database.payload_bytes_max, or pass a reference (a URL or a path)")
             }
         };
         if bytes > limit {
@@ -407,17 +415,7 @@ impl Storage {
         result: String,
         deadline: tokio::time::Instant,
     ) -> Result<TaskCommand, StorageError> {
-        let mut backoff = RETRY_BACKOFF_MIN;
-        loop {
-            match self.complete_command(core, task_id, token, result.clone()).await {
-                Err(error) if error.is_unavailable() && tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::warn!(task_id, token, %error, "the result waits for the task-data store");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                }
-                other => return other,
-            }
-        }
+        retrying(deadline, "a result", || self.complete_command(core, task_id, token, result.clone())).await
     }
 
     /// The stored payloads in `wanted` (the cache first, then the store). Inputs and results never
@@ -453,17 +451,7 @@ impl Storage {
         wanted: Vec<Payload>,
         deadline: tokio::time::Instant,
     ) -> Result<BTreeMap<Payload, String>, StorageError> {
-        let mut backoff = RETRY_BACKOFF_MIN;
-        loop {
-            match self.fetch(wanted.clone()).await {
-                Err(error) if error.is_unavailable() && tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::warn!(%error, "an attempt's data waits for the task-data store");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                }
-                other => return other,
-            }
-        }
+        retrying(deadline, "an attempt's data", || self.fetch(wanted.clone())).await
     }
 
     /// Append to the audit log (PostgreSQL only; best effort, off the request's path).

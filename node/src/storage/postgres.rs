@@ -315,42 +315,27 @@ impl PgStore {
         }
     }
 
-    /// Write a checkpoint under `token`, over the same or a smaller token.
+    /// Write a checkpoint under `token`, over the same or a smaller token (an attempt replaces
+    /// its own).
     pub async fn put_checkpoint(&self, task_id: &str, token: u64, data: &str) -> Result<(), StorageError> {
-        self.fenced_put(task_id, token, data, "checkpoint", "task_checkpoints", "data", "saved_at", "<=").await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn fenced_put(
-        &self,
-        task_id: &str,
-        token: u64,
-        value: &str,
-        what: &'static str,
-        table: &str,
-        column: &str,
-        time_column: &str,
-        over: &str,
-    ) -> Result<(), StorageError> {
-        let token_sql = token_i64(token)?;
         self.counted();
-        // The condition is the fence: the row changes only when its token is smaller (or equal).
-        let sql = format!(
-            "INSERT INTO {table} (task_id, fencing_token, {column}) VALUES ($1, $2, $3) \
-             ON CONFLICT (task_id) DO UPDATE SET fencing_token = EXCLUDED.fencing_token, {column} = EXCLUDED.{column}, {time_column} = now() \
-             WHERE {table}.fencing_token {over} EXCLUDED.fencing_token"
-        );
-        let done = sqlx::query(&sql)
-            .bind(task_id)
-            .bind(token_sql)
-            .bind(value)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
+        // The condition is the fence: the row changes only under a token at least its own.
+        let done = sqlx::query(
+            "INSERT INTO task_checkpoints (task_id, fencing_token, data) VALUES ($1, $2, $3) \
+             ON CONFLICT (task_id) DO UPDATE SET fencing_token = EXCLUDED.fencing_token, data = EXCLUDED.data, \
+                 saved_at = now() \
+             WHERE task_checkpoints.fencing_token <= EXCLUDED.fencing_token",
+        )
+        .bind(task_id)
+        .bind(token_i64(token)?)
+        .bind(data)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
-        self.fence_outcome(task_id, token, what, table).await
+        self.fence_outcome(task_id, token, "checkpoint", "task_checkpoints").await
     }
 
     /// After a fenced write changed no row: success when the row holds this very token (a
