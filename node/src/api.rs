@@ -186,21 +186,20 @@ impl KvService for KvApi {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let scope = self.check_scope(&request, &request.get_ref().key)?;
         let PutRequest { key, value, ttl_ms } = request.into_inner();
-        if key.starts_with(SCRATCH_PREFIX) {
-            if ttl_ms == 0 {
-                return Err(invalid(
-                    "ttl_ms: scratch keys (scratch/...) need a TTL; use workflows/ keys for lasting state",
-                ));
-            }
-            if let Some(cache) = self.storage.cache() {
-                let command = Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) };
-                check_command(&command).map_err(status_of_rejection)?;
-                let Command::KvPut { key, value, .. } = command else { return Err(Status::internal("unreachable")) };
-                let revision = cache.scratch_put(&key, &value, ttl_ms).await.map_err(|e| e.status())?;
-                return Ok(Response::new(PutResponse { revision }));
-            }
+        let scratch = key.starts_with(SCRATCH_PREFIX);
+        if scratch && ttl_ms == 0 {
+            return Err(invalid(
+                "ttl_ms: scratch keys (scratch/...) need a TTL; use workflows/ keys for lasting state",
+            ));
         }
-        match self.write(scope, Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) }).await? {
+        let command = Command::KvPut { key, value, ttl_ms: ttl(ttl_ms) };
+        if let (true, Some(cache), Command::KvPut { key, value, .. }) = (scratch, self.storage.cache(), &command) {
+            // The replicated space's limits hold in Redis too.
+            check_command(&command).map_err(status_of_rejection)?;
+            let revision = cache.scratch_put(key, value, ttl_ms).await.map_err(|e| e.status())?;
+            return Ok(Response::new(PutResponse { revision }));
+        }
+        match self.write(scope, command).await? {
             Applied::KvWritten { revision } => Ok(Response::new(PutResponse { revision })),
             other => Err(unexpected(other)),
         }
