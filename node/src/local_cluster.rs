@@ -8,6 +8,7 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -69,10 +70,44 @@ pub struct LocalCluster {
     peers_override: BTreeMap<u64, String>,
 }
 
-/// A free loopback port (bound then released; a small race with other processes remains).
+/// A free loopback address for a server that a test or benchmark starts next.
+///
+/// The port is bound then released, so it is taken from below the kernel's ephemeral range: a
+/// port from inside it could become the source port of some outgoing connection before the server
+/// binds it (a node would then fail to start with "address in use"). A process-wide counter keeps
+/// concurrent tests of one process apart; the process id spreads processes over the range.
 pub fn free_loopback_addr() -> anyhow::Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-    Ok(listener.local_addr()?.to_string())
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = unassigned_port_range();
+    let span = high.saturating_sub(low);
+    if span == 0 {
+        let listener = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+        return Ok(listener.local_addr()?.to_string());
+    }
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(low + offset).context("port range")?;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?.to_string());
+        }
+    }
+    bail!("no free loopback port in {low}..{high}")
+}
+
+/// Ports the kernel never hands out by itself: those below `ip_local_port_range` (or above it
+/// when little is left below).
+fn unassigned_port_range() -> (u32, u32) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|text| {
+        let mut bounds = text.split_whitespace().map(|n| n.parse::<u32>().ok());
+        Some((bounds.next()??, bounds.next()??))
+    });
+    let (first, last) = ephemeral.unwrap_or((32768, 60999));
+    if first >= 12_000 {
+        (10_000, first)
+    } else {
+        (last + 1, 65_536)
+    }
 }
 
 impl LocalCluster {
@@ -220,12 +255,17 @@ impl LocalCluster {
     pub async fn wait_for_leader(&self, among: &[u64], timeout: Duration) -> anyhow::Result<(u64, u64)> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::from("no answer yet");
+        let mut silent = Vec::new();
         while tokio::time::Instant::now() < deadline {
             let mut seen = Vec::new();
+            silent.clear();
             for id in among {
                 match self.status(*id).await {
                     Ok(status) => seen.push((status.leader_id, status.current_term)),
-                    Err(error) => last = format!("node {id}: {error}"),
+                    Err(error) => {
+                        last = format!("node {id}: {error}");
+                        silent.push(*id);
+                    }
                 }
             }
             if seen.len() == among.len() {
@@ -238,7 +278,12 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("no agreed leader among {among:?} within {timeout:?}: {last}")
+        // A node that never answered usually says why in its log (a port taken, a bad config).
+        let logs: String = silent
+            .iter()
+            .map(|id| format!("\n--- last lines of node {id}'s log ---\n{}", self.log_tail(*id, 30)))
+            .collect();
+        bail!("no agreed leader among {among:?} within {timeout:?}: {last}{logs}")
     }
 
     /// Wait until every node in `among` has applied the same state; returns the state hash.

@@ -57,8 +57,8 @@ pub enum StartError {
     Agents(#[from] crate::agents::RuntimeError),
     #[error("task-data store: {0}")]
     Storage(#[from] crate::storage::StorageError),
-    #[error("cannot listen on {addr} ({what}): {source}; is another process using the port?")]
-    Listen { addr: String, what: &'static str, source: std::io::Error },
+    #[error("cannot listen on {addr} ({what}): {error}; is another process using the port?")]
+    Listen { addr: String, what: &'static str, error: std::io::Error },
 }
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
@@ -156,11 +156,11 @@ where
     let raft_incoming = transport
         .listen(&config.network.raft_listen_addr)
         .await
-        .map_err(|source| StartError::Listen { addr: config.network.raft_listen_addr.clone(), what: "Raft", source })?;
-    let api_incoming = transport.listen(&config.network.listen_addr).await.map_err(|source| StartError::Listen {
+        .map_err(|error| StartError::Listen { addr: config.network.raft_listen_addr.clone(), what: "Raft", error })?;
+    let api_incoming = transport.listen(&config.network.listen_addr).await.map_err(|error| StartError::Listen {
         addr: config.network.listen_addr.clone(),
         what: "client API",
-        source,
+        error,
     })?;
 
     let raft_service = RaftServiceServer::new(RaftServer { core: core.clone() })

@@ -165,3 +165,38 @@ async fn nodes_started_with_different_peer_lists_do_not_form_a_cluster() -> anyh
     }
     Ok(())
 }
+
+#[test]
+fn a_port_in_use_is_refused_naming_the_address_and_the_listener() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let taken = std::net::TcpListener::bind(free_loopback_addr()?)?;
+    let addr = taken.local_addr()?.to_string();
+    let raft = free_loopback_addr()?;
+    let peers = format!("1={raft}/{addr}");
+    let data = root.path().join("data");
+    let data_arg = data.to_string_lossy();
+    let args =
+        ["--node-id", "1", "--data-dir", &data_arg, "--listen", &addr, "--raft-listen", &raft, "--peers", &peers];
+    let stderr = refused(&args)?;
+    assert!(stderr.contains(&format!("cannot listen on {addr} (client API)")), "{stderr}");
+    assert!(stderr.contains("is another process using the port?"), "{stderr}");
+    // The cause is printed once, not repeated as a second source.
+    assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn test_ports_come_from_below_the_ephemeral_range_and_never_repeat_in_a_process() -> anyhow::Result<()> {
+    // An outgoing connection's source port comes from the ephemeral range; a port planned for a
+    // node there can be taken between planning and binding, and the node then fails to start.
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let first: u16 = range.split_whitespace().next().unwrap_or_default().parse()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let addr = free_loopback_addr()?;
+        let port: u16 = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or_default().parse()?;
+        assert!(port < first, "{addr} is inside the ephemeral range starting at {first}");
+        assert!(seen.insert(port), "{addr} handed out twice");
+    }
+    Ok(())
+}
