@@ -245,6 +245,7 @@ impl TaskApi {
             input_stored: false,
         };
         let mut spec = spec;
+        self.storage.check_payload("input", &spec.input).map_err(|e| e.status())?;
         let staged = if self.storage.is_embedded() { String::new() } else { std::mem::take(&mut spec.input) };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
         if spec.submitter.len() > 128 {

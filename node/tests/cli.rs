@@ -129,3 +129,51 @@ async fn with_manual_bootstrap_the_cluster_forms_on_cluster_init() -> anyhow::Re
     cluster.stop();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_status_and_migrate_report_and_apply_the_schema() -> anyhow::Result<()> {
+    let postgres = maos_node::local_services::Postgres::start()?;
+    let url = postgres.url();
+    let db = |args: &[&str]| {
+        let mut all = vec!["db"];
+        all.extend_from_slice(args);
+        maos("", &all)
+    };
+
+    // A fresh database: every migration pending, exit 3, and the command to run named.
+    let status = db(&["status", "--database-url", &url])?;
+    assert_eq!(status.code, 3, "{}{}", status.stdout, status.stderr);
+    assert!(status.stdout.contains("pending: run `maos db migrate`"), "{}", status.stdout);
+    let pending = status.stdout.lines().filter(|l| l.trim_end().ends_with("pending")).count();
+    assert_eq!(pending, 2, "{}", status.stdout);
+
+    // Migrate applies both; a second run has nothing to do.
+    for _ in 0..2 {
+        let migrated = ok(db(&["migrate", "--database-url", &url])?)?;
+        assert!(migrated.contains("the schema is current"), "{migrated}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&ok(db(&["status", "--json", "--database-url", &url])?)?)?;
+    assert_eq!(json["pending"], 0, "{json}");
+    let applied: Vec<i64> = json["migrations"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["installed_on"].is_string()).filter_map(|m| m["version"].as_i64()).collect())
+        .unwrap_or_default();
+    assert_eq!(applied, [1, 2], "{json}");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename NOT LIKE '\\_sqlx%' ORDER BY 1",
+    )
+    .fetch_all(&postgres.connect().await?)
+    .await?;
+    assert_eq!(
+        tables,
+        ["audit_log", "shared_state", "task_checkpoints", "task_events", "task_inputs", "task_results", "tasks"]
+    );
+
+    // No database there: exit 5 naming it. No URL at all: the key to set is named.
+    let nowhere = db(&["status", "--database-url", "postgresql://maos@127.0.0.1:1/maos"])?;
+    assert_eq!(nowhere.code, 5, "{}", nowhere.stderr);
+    assert!(nowhere.stderr.contains("PostgreSQL at 127.0.0.1:1"), "{}", nowhere.stderr);
+    let unset = db(&["status"])?;
+    assert!(unset.code != 0 && unset.stderr.contains("database.primary_url"), "{}", unset.stderr);
+    Ok(())
+}

@@ -37,6 +37,8 @@ struct Made {
     planned: String,
     /// Refused a completion under a stale token.
     blocker: String,
+    /// The nodes still running after the leader kill.
+    live: Vec<u64>,
 }
 
 fn options(root: &Path, backend: &Backend) -> anyhow::Result<LocalClusterOptions> {
@@ -129,7 +131,11 @@ async fn suite(root: &Path, backend: &Backend) -> anyhow::Result<(LocalCluster, 
     at_limit.depends_on = vec![blocker.clone()];
     let id = submit(&mut client, at_limit).await?;
     assert_eq!(get(&mut client, &id).await?.input.len(), backend.input_bytes_max);
-    client.cancel(CancelTaskRequest { task_id: id.clone(), reason: "done with it".into() }).await?;
+    // A NUL cannot be stored as task data on either backend; a reason only reported may hold one.
+    let refused = client.submit(coder("nul", "a\0b")).await.expect_err("a NUL in an input is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("input") && refused.message().contains("NUL"), "{}", refused.message());
+    client.cancel(CancelTaskRequest { task_id: id.clone(), reason: "done\0with it".into() }).await?;
     client.cancel(CancelTaskRequest { task_id: blocker.clone(), reason: String::new() }).await?;
     made.cancelled = id;
     made.blocker = blocker;
@@ -192,6 +198,7 @@ async fn suite(root: &Path, backend: &Backend) -> anyhow::Result<(LocalCluster, 
     let (new_leader, _) = cluster.wait_for_leader(&others, STEP).await?;
     let mut client = tasks_client(&cluster, new_leader)?;
     assert_eq!(get(&mut client, &made.echoed).await?.result, before);
+    made.live = others;
     Ok((cluster, made))
 }
 
@@ -260,14 +267,105 @@ async fn postgresql_keeps_task_data_in_its_tables() -> anyhow::Result<()> {
         sqlx::query_scalar("SELECT count(*) FROM tasks WHERE parent = $1").bind(&made.planned).fetch_one(&db).await?;
     assert_eq!(children, 4);
 
-    // The cancel is in the audit log.
-    let audited: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'task.cancel' AND target = $1")
+    // The cancel is in the audit log, its reason's NUL shown as U+FFFD (jsonb cannot hold one).
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT detail->>'reason' FROM audit_log WHERE action = 'task.cancel' AND target = $1")
             .bind(&made.cancelled)
-            .fetch_one(&db)
+            .fetch_all(&db)
             .await?;
-    assert_eq!(audited, 1);
+    assert_eq!(reasons, ["done\u{FFFD}with it"]);
+    let cause: Option<String> =
+        sqlx::query_scalar("SELECT cause FROM tasks WHERE task_id = $1").bind(&made.cancelled).fetch_one(&db).await?;
+    assert!(cause.is_some_and(|c| c.contains("done\u{FFFD}with it")), "the mirror holds the cause");
+
+    shared_state_is_mirrored(&cluster, &made.live, &db).await?;
     cluster.stop();
+    Ok(())
+}
+
+/// The leader mirrors the key-value space into `shared_state`: writes, TTLs and deletes, a NUL
+/// as U+FFFD; a new leader also removes rows for keys deleted before its term.
+async fn shared_state_is_mirrored(cluster: &LocalCluster, live: &[u64], db: &sqlx::PgPool) -> anyhow::Result<()> {
+    use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
+    use maos_client::proto::v1::kv_service_client::KvServiceClient;
+    use maos_client::proto::v1::{CompareAndSetRequest, DeleteRequest, PutRequest, TransferLeaderRequest};
+
+    let (leader, term) = cluster.wait_for_leader(live, STEP).await?;
+    let channel = cluster.client_of(leader)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
+    let mut kv = KvServiceClient::new(channel.clone());
+    let put = |key: &str, value: &str, ttl_ms| PutRequest { key: key.into(), value: value.into(), ttl_ms };
+    kv.put(put("workflows/w1/plan", "v1", 0)).await?;
+    let plan = kv.put(put("workflows/w1/plan", "v2", 0)).await?.into_inner().revision;
+    let lease = kv.put(put("workflows/w1/lease", "worker-7", 600_000)).await?.into_inner().revision;
+    kv.put(put("workflows/w1/gone", "soon", 0)).await?;
+    kv.delete(DeleteRequest { key: "workflows/w1/gone".into() }).await?;
+    let cas = CompareAndSetRequest { key: "workflows/w1/count".into(), expected: None, value: "1".into(), ttl_ms: 0 };
+    let count = kv.compare_and_set(cas).await?.into_inner().revision;
+    let odd = kv.put(put("workflows/w1/odd", "a\0b", 0)).await?.into_inner().revision;
+    let mut expected = vec![
+        ("workflows/w1/count".to_string(), "1".to_string(), count, false),
+        ("workflows/w1/lease".to_string(), "worker-7".to_string(), lease, true),
+        ("workflows/w1/odd".to_string(), "a\u{FFFD}b".to_string(), odd, false),
+        ("workflows/w1/plan".to_string(), "v2".to_string(), plan, false),
+    ];
+    let mirrored = || async {
+        let rows =
+            sqlx::query("SELECT key, value, revision, expires_at > now() AS live FROM shared_state ORDER BY key")
+                .fetch_all(db)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                let revision: i64 = row.try_get("revision")?;
+                anyhow::Ok((
+                    row.try_get::<String, _>("key")?,
+                    row.try_get::<String, _>("value")?,
+                    u64::try_from(revision)?,
+                    row.try_get::<Option<bool>, _>("live")?.unwrap_or(false),
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let caught_up = |expected: Vec<(String, String, u64, bool)>, what: &'static str| {
+        let mirrored = &mirrored;
+        async move {
+            let deadline = tokio::time::Instant::now() + STEP;
+            loop {
+                let rows = mirrored().await?;
+                if rows == expected {
+                    return anyhow::Ok(());
+                }
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}: {rows:?}, expected {expected:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    caught_up(expected.clone(), "the mirror did not catch up").await?;
+
+    // A row the cluster never had, as if its key were deleted while no leader mirrored. The
+    // leader leaves rows it did not write alone: the next write is mirrored beside it.
+    sqlx::query(
+        "INSERT INTO shared_state (key, value, revision, updated_at) VALUES ('workflows/ghost', 'boo', 1, now())",
+    )
+    .execute(db)
+    .await?;
+    let after = kv.put(put("workflows/w1/after", "x", 0)).await?.into_inner().revision;
+    expected.push(("workflows/w1/after".to_string(), "x".to_string(), after, false));
+    expected.sort();
+    let mut with_ghost = expected.clone();
+    with_ghost.insert(0, ("workflows/ghost".to_string(), "boo".to_string(), 1, false));
+    caught_up(with_ghost, "the mirror did not take the next write").await?;
+
+    // A new leader reads the mirror back and removes what the replicated space does not hold.
+    let to = live.iter().copied().find(|id| *id != leader).ok_or_else(|| anyhow::anyhow!("a second live node"))?;
+    // With one node down the transfer may be won by the old leader again ("try again"); any new
+    // term starts the projector afresh, which is what this checks.
+    if let Err(status) = ClusterServiceClient::new(channel).transfer_leader(TransferLeaderRequest { node_id: to }).await
+    {
+        anyhow::ensure!(status.code() == tonic::Code::FailedPrecondition, "transfer: {status:?}");
+    }
+    let (_, new_term) = cluster.wait_for_leader(live, STEP).await?;
+    anyhow::ensure!(new_term > term, "the transfer started no new term");
+    caught_up(expected, "the new leader kept the ghost").await?;
     Ok(())
 }
 

@@ -272,7 +272,7 @@ async fn report(
         OutcomeKind::Completed(result) => {
             match storage.complete_command_retrying(core, &task_id, token, result, deadline).await {
                 Ok(complete) => complete,
-                Err(error @ StorageError::TooLarge { .. }) => {
+                Err(error) if error.is_refused_payload() => {
                     TaskCommand::Fail { task_id: task_id.clone(), token, error: error.to_string(), retryable: false }
                 }
                 Err(error) => {

@@ -171,6 +171,9 @@ pub enum StorageError {
     InvalidToken { token: u64 },
     #[error("{field}: {bytes} bytes, over the limit of {limit} ({hint})")]
     TooLarge { field: &'static str, bytes: usize, limit: usize, hint: &'static str },
+    /// PostgreSQL text cannot hold U+0000; refused on every backend so that data moves between them.
+    #[error("{field}: a NUL character (U+0000) at byte {at}, which task data cannot hold; encode binary data (for example as base64) or pass a reference")]
+    NulCharacter { field: &'static str, at: usize },
     #[error("the task-data store ({store}) has no {what}: {detail}")]
     Corrupt { store: String, what: String, detail: String },
 }
@@ -180,7 +183,7 @@ impl StorageError {
         match self {
             Self::Unavailable { .. } => Status::unavailable(self.to_string()),
             Self::Stale { .. } => Status::failed_precondition(self.to_string()),
-            Self::TooLarge { field, .. } => {
+            Self::TooLarge { field, .. } | Self::NulCharacter { field, .. } => {
                 let message = self.to_string();
                 let rest = message.split_once(": ").map(|(_, rest)| rest).unwrap_or(&message);
                 crate::api::invalid_field(field, rest)
@@ -192,6 +195,11 @@ impl StorageError {
 
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable { .. })
+    }
+
+    /// The payload itself is refused (too large, or holding a NUL): retrying cannot help.
+    pub fn is_refused_payload(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::NulCharacter { .. })
     }
 }
 
@@ -306,9 +314,8 @@ impl Storage {
     }
 
     /// Write a submit's input before its Raft entry; returns whether it is stored (the spec then
-    /// carries a reference instead of the text).
+    /// carries a reference instead of the text). The caller has checked it (`check_payload`).
     pub async fn stage_input(&self, task_id: &str, input: &str) -> Result<bool, StorageError> {
-        self.check_size("input", input.len())?;
         match &self.backend {
             Backend::Embedded => Ok(false),
             Backend::Postgres(_) if input.is_empty() => Ok(false),
@@ -354,7 +361,9 @@ impl Storage {
     }
 
     /// Refuse a `field` of `bytes` over this store's limit for it, naming the fix.
-    fn check_size(&self, field: &'static str, bytes: usize) -> Result<(), StorageError> {
+    /// A payload must fit the backend's limit and hold no NUL character.
+    pub fn check_payload(&self, field: &'static str, text: &str) -> Result<(), StorageError> {
+        let bytes = text.len();
         let (limit, hint) = match (&self.backend, field) {
             (Backend::Embedded, "checkpoint") => {
                 (CHECKPOINT_BYTES_MAX, "keep checkpoints small: save a reference to bulky state")
@@ -369,7 +378,10 @@ impl Storage {
         if bytes > limit {
             return Err(StorageError::TooLarge { field, bytes, limit, hint });
         }
-        Ok(())
+        match text.find('\0') {
+            Some(at) => Err(StorageError::NulCharacter { field, at }),
+            None => Ok(()),
+        }
     }
 
     /// The `Complete` command for `result`, after writing it under `token` where it is stored.
@@ -380,7 +392,7 @@ impl Storage {
         token: u64,
         result: String,
     ) -> Result<TaskCommand, StorageError> {
-        self.check_size("result", result.len())?;
+        self.check_payload("result", &result)?;
         let Backend::Postgres(store) = &self.backend else {
             return Ok(TaskCommand::Complete { task_id: task_id.into(), token, result, stored: false });
         };
@@ -397,7 +409,7 @@ impl Storage {
         token: u64,
         data: String,
     ) -> Result<TaskCommand, StorageError> {
-        self.check_size("checkpoint", data.len())?;
+        self.check_payload("checkpoint", &data)?;
         let Backend::Postgres(store) = &self.backend else {
             return Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data, stored: false });
         };
@@ -501,5 +513,25 @@ impl EnvelopeNeeds {
         if let (Some(data), Some(text)) = (checkpoint, self.checkpoint.as_ref().and_then(|p| fetched.get(p))) {
             *data = text.clone();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_with_a_nul_is_refused_naming_the_field_and_where() {
+        let storage = Storage::from_config(&Config::default()).expect("the embedded default");
+        for field in ["input", "result", "checkpoint"] {
+            assert!(storage.check_payload(field, "plain text, ünïcode too").is_ok());
+            let error = storage.check_payload(field, "ab\0c").expect_err("a NUL is refused");
+            assert!(error.is_refused_payload());
+            assert_eq!(error.status().code(), tonic::Code::InvalidArgument);
+            assert!(error.to_string().starts_with(&format!("{field}: a NUL character (U+0000) at byte 2")), "{error}");
+        }
+        // Too large is checked first and names the limit.
+        let big = "x".repeat(TASK_TEXT_BYTES_MAX + 1);
+        assert!(matches!(storage.check_payload("input", &big), Err(StorageError::TooLarge { field: "input", .. })));
     }
 }

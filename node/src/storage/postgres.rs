@@ -51,6 +51,16 @@ pub struct TaskRow {
     pub fencing_token: Option<i64>,
 }
 
+/// One key of the leader's mirror of the replicated key-value space (`shared_state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedStateRow {
+    pub key: String,
+    pub value: String,
+    pub revision: i64,
+    pub updated_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+}
+
 impl TaskRow {
     /// The event this row records, as published on Redis.
     pub fn event_json(&self) -> String {
@@ -440,6 +450,70 @@ impl PgStore {
         Ok(events.rows_affected())
     }
 
+    /// Every key of the shared-state mirror with its revision (a new leader starts from these).
+    pub async fn shared_state_revisions(&self) -> Result<BTreeMap<String, i64>, StorageError> {
+        self.counted();
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT key, revision FROM shared_state")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Write the changed keys of the shared-state mirror and remove the keys gone from the
+    /// replicated space, in one transaction. A row is never replaced by an older revision, and a
+    /// removal applies only to the revision it was decided on: a deposed leader's late round
+    /// cannot undo a newer leader's.
+    pub async fn project_shared_state(
+        &self,
+        rows: &[SharedStateRow],
+        removed: &[(String, i64)],
+    ) -> Result<(), StorageError> {
+        if rows.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        let mut transaction = self.pool.begin().await.map_err(|e| self.error(e))?;
+        if !rows.is_empty() {
+            let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+            let values: Vec<&str> = rows.iter().map(|r| r.value.as_str()).collect();
+            let revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
+            let updated: Vec<i64> = rows.iter().map(|r| r.updated_at_ms).collect();
+            let expires: Vec<Option<i64>> = rows.iter().map(|r| r.expires_at_ms).collect();
+            self.counted();
+            sqlx::query(
+                "INSERT INTO shared_state (key, value, revision, updated_at, expires_at) \
+                 SELECT t.k, t.v, t.r, to_timestamp(t.u / 1000.0), to_timestamp(t.e / 1000.0) \
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(k, v, r, u, e) \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision, \
+                      updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at \
+                 WHERE shared_state.revision < EXCLUDED.revision",
+            )
+            .bind(&keys)
+            .bind(&values)
+            .bind(&revisions)
+            .bind(&updated)
+            .bind(&expires)
+            .execute(&mut *transaction)
+            .await
+            .map_err(|e| self.error(e))?;
+        }
+        if !removed.is_empty() {
+            let keys: Vec<&str> = removed.iter().map(|(k, _)| k.as_str()).collect();
+            let revisions: Vec<i64> = removed.iter().map(|(_, r)| *r).collect();
+            self.counted();
+            sqlx::query(
+                "DELETE FROM shared_state s USING UNNEST($1::text[], $2::bigint[]) AS g(k, r) \
+                 WHERE s.key = g.k AND s.revision <= g.r",
+            )
+            .bind(&keys)
+            .bind(&revisions)
+            .execute(&mut *transaction)
+            .await
+            .map_err(|e| self.error(e))?;
+        }
+        transaction.commit().await.map_err(|e| self.error(e))
+    }
+
     /// Inputs older than `age` that no task row refers to, at most `limit` (sweep candidates; the
     /// caller checks them against the replicated state before deleting).
     pub async fn orphan_candidates(&self, age: Duration, limit: i64) -> Result<Vec<String>, StorageError> {
@@ -471,14 +545,31 @@ impl PgStore {
     pub fn audit(&self, node_id: u64, principal: &str, action: &str, target: &str, detail: serde_json::Value) {
         let entry = AuditEntry {
             node_id: i64::try_from(node_id).unwrap_or(i64::MAX),
-            principal: principal.into(),
-            action: action.into(),
-            target: target.into(),
-            detail,
+            principal: pg_text(principal),
+            action: pg_text(action),
+            target: pg_text(target),
+            detail: pg_json(&detail),
         };
         if self.audit.try_send(entry).is_err() {
             tracing::warn!(action, target, "the audit queue is full (PostgreSQL slow or down); an entry was dropped");
         }
+    }
+}
+
+/// `text` as PostgreSQL text can hold it: a NUL (U+0000), which it cannot, becomes U+FFFD. Only
+/// for the copies kept for reports (the mirror, the audit log); a payload with a NUL is refused.
+pub fn pg_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+/// `value` with [`pg_text`] applied to every string in it (jsonb cannot hold `\u0000` either).
+fn pg_json(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => Value::String(pg_text(text)),
+        Value::Array(items) => Value::Array(items.iter().map(pg_json).collect()),
+        Value::Object(fields) => Value::Object(fields.iter().map(|(k, v)| (pg_text(k), pg_json(v))).collect()),
+        other => other.clone(),
     }
 }
 
@@ -714,8 +805,20 @@ mod tests {
     }
 
     #[test]
+    fn report_copies_show_a_nul_as_the_replacement_character() {
+        assert_eq!(pg_text("a\0b\0"), "a\u{FFFD}b\u{FFFD}");
+        let detail = serde_json::json!({ "reason": "x\0y", "list": ["\0"], "n": 3, "k\0": null });
+        let clean = pg_json(&detail);
+        assert_eq!(
+            clean,
+            serde_json::json!({ "reason": "x\u{FFFD}y", "list": ["\u{FFFD}"], "n": 3, "k\u{FFFD}": null })
+        );
+        assert!(!clean.to_string().contains("\\u0000"));
+    }
+
+    #[test]
     fn every_migration_is_embedded() {
         let versions: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
-        assert_eq!(versions, vec![1], "node/migrations holds the schema in order");
+        assert_eq!(versions, vec![1, 2], "node/migrations holds the schema in order");
     }
 }

@@ -1,10 +1,12 @@
-//! The leader's mirror of the task table into PostgreSQL (`tasks`, `task_events`), its task
-//! events on Redis (`maos:events`), and the sweep of staged inputs no committed task refers to.
+//! The leader's mirror of the task table (`tasks`, `task_events`) and of the key-value space
+//! (`shared_state`) into PostgreSQL, its task events on Redis (`maos:events`), and the sweep of
+//! staged inputs no committed task refers to.
 //!
 //! Only the leader writes, from its applied state. It remembers what it wrote; a new leader
 //! starts with nothing remembered and writes every task once, which the tables' keys make
-//! harmless. While PostgreSQL is down nothing is marked written, so the next round after it
-//! returns writes what was missed: the mirror lags, it never loses a change.
+//! harmless, and reads the mirrored keys back so that it also removes those deleted since the
+//! last leader's round. While PostgreSQL is down nothing is marked written, so the next round
+//! after it returns writes what was missed: the mirror lags, it never loses a change.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use maos_raft_store::tasks::{TaskId, TaskState};
 use tokio::sync::watch;
 
-use super::postgres::TaskRow;
+use super::postgres::{pg_text, PgStore, SharedStateRow, TaskRow};
 use super::Storage;
 use crate::core::NodeCore;
 
@@ -41,6 +43,8 @@ pub async fn run(
         return;
     }
     let mut written: BTreeMap<TaskId, (TaskState, u32)> = BTreeMap::new();
+    // Mirrored keys and their revisions; `None` until read back from the table in this term.
+    let mut keys_written: Option<BTreeMap<String, i64>> = None;
     let mut led_term: Option<u64> = None;
     let mut projected_index = 0;
     // The first sweep comes soon after start, the rest every SWEEP_INTERVAL.
@@ -61,6 +65,7 @@ pub async fn run(
         if led_term != Some(term) {
             // A new term under this node: write everything again.
             written.clear();
+            keys_written = None;
             projected_index = 0;
             led_term = Some(term);
         }
@@ -82,9 +87,9 @@ pub async fn run(
                         priority: format!("{:?}", task.spec.priority).to_uppercase(),
                         state: format!("{:?}", task.state).to_uppercase(),
                         attempt: i32::try_from(task.attempt).unwrap_or(i32::MAX),
-                        submitter: task.spec.submitter.clone(),
+                        submitter: pg_text(&task.spec.submitter),
                         parent: task.spec.parent.clone(),
-                        cause: task.cause.clone(),
+                        cause: task.cause.as_deref().map(pg_text),
                         created_at_ms: i64::try_from(task.created_at_ms).unwrap_or(i64::MAX),
                         updated_at_ms: i64::try_from(task.updated_at_ms).unwrap_or(i64::MAX),
                         node_id: lease.and_then(|l| i64::try_from(l.node_id).ok()),
@@ -97,10 +102,16 @@ pub async fn run(
             }
             (rows, marks, applied)
         };
-        let complete = rows.len() < ROWS_PER_ROUND_MAX;
+        let mut complete = rows.len() < ROWS_PER_ROUND_MAX;
         let recorded = match store {
-            Some(store) => store.project(&rows).await,
-            None => Ok(0),
+            Some(store) if applied != projected_index => match mirror_keys(&core, store, &mut keys_written).await {
+                Ok(all_keys) => {
+                    complete &= all_keys;
+                    store.project(&rows).await
+                }
+                Err(error) => Err(error),
+            },
+            _ => Ok(0),
         };
         match recorded {
             Ok(events) => {
@@ -120,7 +131,7 @@ pub async fn run(
             }
             Err(error) => {
                 if !failing {
-                    tracing::warn!(%error, "mirroring tasks to PostgreSQL failed; retrying every round");
+                    tracing::warn!(%error, "mirroring to PostgreSQL failed; retrying every round");
                 }
                 failing = true;
                 continue;
@@ -131,6 +142,55 @@ pub async fn run(
             sweep(&core, &storage, orphan_after).await;
         }
     }
+}
+
+/// Write the keys changed since the last round into `shared_state` and remove the keys gone
+/// from the replicated space. Returns whether every change was written (a round is bounded).
+async fn mirror_keys(
+    core: &NodeCore,
+    store: &PgStore,
+    keys_written: &mut Option<BTreeMap<String, i64>>,
+) -> Result<bool, super::StorageError> {
+    let known = match keys_written {
+        Some(known) => known,
+        None => keys_written.insert(store.shared_state_revisions().await?),
+    };
+    // `known` holds the keys as they are in the replicated space; a row holds them as
+    // PostgreSQL text can (a NUL, which it cannot hold, shows as U+FFFD).
+    let (changed, rows, removed) = {
+        let state = core.state.read();
+        let kv = &state.app.kv;
+        let mut changed = Vec::new();
+        let mut rows = Vec::new();
+        for (key, value) in kv {
+            let revision = i64::try_from(value.revision).unwrap_or(i64::MAX);
+            if known.get(key) == Some(&revision) {
+                continue;
+            }
+            if rows.len() == ROWS_PER_ROUND_MAX {
+                break;
+            }
+            changed.push((key.clone(), revision));
+            rows.push(SharedStateRow {
+                key: pg_text(key),
+                value: pg_text(&value.value),
+                revision,
+                updated_at_ms: i64::try_from(value.updated_at_ms).unwrap_or(i64::MAX),
+                expires_at_ms: value.expires_at_ms.and_then(|at| i64::try_from(at).ok()),
+            });
+        }
+        let removed: Vec<(String, i64)> =
+            known.iter().filter(|(key, _)| !kv.contains_key(*key)).map(|(k, r)| (k.clone(), *r)).collect();
+        (changed, rows, removed)
+    };
+    let gone: Vec<(String, i64)> = removed.iter().map(|(key, revision)| (pg_text(key), *revision)).collect();
+    store.project_shared_state(&rows, &gone).await?;
+    for (key, _) in &removed {
+        known.remove(key);
+    }
+    let complete = rows.len() < ROWS_PER_ROUND_MAX;
+    known.extend(changed);
+    Ok(complete)
 }
 
 /// Delete staged inputs older than `orphan_after` that no task in the applied state refers to
