@@ -341,6 +341,13 @@ async fn shared_state_is_mirrored(cluster: &LocalCluster, live: &[u64], db: &sql
     };
     caught_up(expected.clone(), "the mirror did not catch up").await?;
 
+    // A key that expires leaves the mirror when it leaves the replicated space.
+    let brief = kv.put(put("workflows/w1/brief", "for now", 5_000)).await?.into_inner().revision;
+    let mut with_brief = expected.clone();
+    with_brief.insert(0, ("workflows/w1/brief".to_string(), "for now".to_string(), brief, true));
+    caught_up(with_brief, "the mirror did not take the key with a TTL").await?;
+    caught_up(expected.clone(), "the expired key stayed in the mirror").await?;
+
     // A row the cluster never had, as if its key were deleted while no leader mirrored. The
     // leader leaves rows it did not write alone: the next write is mirrored beside it.
     sqlx::query(

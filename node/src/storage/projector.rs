@@ -43,8 +43,8 @@ pub async fn run(
         return;
     }
     let mut written: BTreeMap<TaskId, (TaskState, u32)> = BTreeMap::new();
-    // Mirrored keys and their revisions; `None` until read back from the table in this term.
-    let mut keys_written: Option<BTreeMap<String, i64>> = None;
+    // `None` until read back from the table in this term.
+    let mut keys_written: Option<KeyMirror> = None;
     let mut led_term: Option<u64> = None;
     let mut projected_index = 0;
     // The first sweep comes soon after start, the rest every SWEEP_INTERVAL.
@@ -144,22 +144,34 @@ pub async fn run(
     }
 }
 
+/// What `shared_state` holds, as this leader knows it.
+struct KeyMirror {
+    /// Keys as they are in the replicated space (a row holds them as PostgreSQL text can: a
+    /// NUL, which it cannot hold, shows as U+FFFD), with the revision written.
+    written: BTreeMap<String, i64>,
+    /// The space's write counter when `written` last matched it entirely: while the counter
+    /// and the number of keys are unchanged, nothing was written, deleted or expired since.
+    synced_at: Option<u64>,
+}
+
 /// Write the keys changed since the last round into `shared_state` and remove the keys gone
 /// from the replicated space. Returns whether every change was written (a round is bounded).
 async fn mirror_keys(
     core: &NodeCore,
     store: &PgStore,
-    keys_written: &mut Option<BTreeMap<String, i64>>,
+    keys_written: &mut Option<KeyMirror>,
 ) -> Result<bool, super::StorageError> {
-    let known = match keys_written {
-        Some(known) => known,
-        None => keys_written.insert(store.shared_state_revisions().await?),
+    let mirror = match keys_written {
+        Some(mirror) => mirror,
+        None => keys_written.insert(KeyMirror { written: store.shared_state_revisions().await?, synced_at: None }),
     };
-    // `known` holds the keys as they are in the replicated space; a row holds them as
-    // PostgreSQL text can (a NUL, which it cannot hold, shows as U+FFFD).
-    let (changed, rows, removed) = {
+    let known = &mut mirror.written;
+    let (changed, rows, removed, revision) = {
         let state = core.state.read();
-        let kv = &state.app.kv;
+        let (kv, revision) = (&state.app.kv, state.app.kv_revision);
+        if mirror.synced_at == Some(revision) && known.len() == kv.len() {
+            return Ok(true);
+        }
         let mut changed = Vec::new();
         let mut rows = Vec::new();
         for (key, value) in kv {
@@ -181,7 +193,7 @@ async fn mirror_keys(
         }
         let removed: Vec<(String, i64)> =
             known.iter().filter(|(key, _)| !kv.contains_key(*key)).map(|(k, r)| (k.clone(), *r)).collect();
-        (changed, rows, removed)
+        (changed, rows, removed, revision)
     };
     let gone: Vec<(String, i64)> = removed.iter().map(|(key, revision)| (pg_text(key), *revision)).collect();
     store.project_shared_state(&rows, &gone).await?;
@@ -190,6 +202,7 @@ async fn mirror_keys(
     }
     let complete = rows.len() < ROWS_PER_ROUND_MAX;
     known.extend(changed);
+    mirror.synced_at = complete.then_some(revision);
     Ok(complete)
 }
 
