@@ -360,8 +360,7 @@ impl Storage {
         }
     }
 
-    /// Refuse a `field` of `bytes` over this store's limit for it, naming the fix.
-    /// A payload must fit the backend's limit and hold no NUL character.
+    /// Refuse a payload `field` over this store's limit for it, or holding a NUL, naming the fix.
     pub fn check_payload(&self, field: &'static str, text: &str) -> Result<(), StorageError> {
         let bytes = text.len();
         let (limit, hint) = match (&self.backend, field) {

@@ -22,7 +22,7 @@ use crate::core::NodeCore;
 
 /// Between rounds.
 const ROUND_INTERVAL: Duration = Duration::from_millis(250);
-/// Task rows written in one round, at most.
+/// Task rows, and key rows written or removed, in one round, at most.
 const ROWS_PER_ROUND_MAX: usize = 2_000;
 /// Between sweeps of orphaned inputs.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -191,8 +191,12 @@ async fn mirror_keys(
                 expires_at_ms: value.expires_at_ms.and_then(|at| i64::try_from(at).ok()),
             });
         }
-        let removed: Vec<(String, i64)> =
-            known.iter().filter(|(key, _)| !kv.contains_key(*key)).map(|(k, r)| (k.clone(), *r)).collect();
+        let removed: Vec<(String, i64)> = known
+            .iter()
+            .filter(|(key, _)| !kv.contains_key(*key))
+            .take(ROWS_PER_ROUND_MAX)
+            .map(|(k, r)| (k.clone(), *r))
+            .collect();
         (changed, rows, removed, revision)
     };
     let gone: Vec<(String, i64)> = removed.iter().map(|(key, revision)| (pg_text(key), *revision)).collect();
@@ -200,7 +204,7 @@ async fn mirror_keys(
     for (key, _) in &removed {
         known.remove(key);
     }
-    let complete = rows.len() < ROWS_PER_ROUND_MAX;
+    let complete = rows.len() < ROWS_PER_ROUND_MAX && removed.len() < ROWS_PER_ROUND_MAX;
     known.extend(changed);
     mirror.synced_at = complete.then_some(revision);
     Ok(complete)
