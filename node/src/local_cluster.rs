@@ -70,26 +70,32 @@ pub struct LocalCluster {
     peers_override: BTreeMap<u64, String>,
 }
 
-/// A free loopback address for a server that a test or benchmark starts next.
+/// A free loopback address for a server that a test or benchmark starts next
+/// (see [`free_loopback_port`]).
+pub fn free_loopback_addr() -> anyhow::Result<String> {
+    Ok(format!("127.0.0.1:{}", free_loopback_port()?))
+}
+
+/// A free loopback port for a server that a test or benchmark starts next.
 ///
 /// The port is bound then released, so it is taken from below the kernel's ephemeral range: a
 /// port from inside it could become the source port of some outgoing connection before the server
 /// binds it (a node would then fail to start with "address in use"). A process-wide counter keeps
 /// concurrent tests of one process apart; the process id spreads processes over the range.
-pub fn free_loopback_addr() -> anyhow::Result<String> {
+pub fn free_loopback_port() -> anyhow::Result<u16> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let (low, high) = unassigned_port_range();
     let span = high.saturating_sub(low);
     if span == 0 {
         let listener = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-        return Ok(listener.local_addr()?.to_string());
+        return Ok(listener.local_addr()?.port());
     }
     let start = std::process::id() % span;
     for _ in 0..span {
         let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
         let port = u16::try_from(low + offset).context("port range")?;
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(listener.local_addr()?.to_string());
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
         }
     }
     bail!("no free loopback port in {low}..{high}")

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::local_cluster::free_loopback_addr;
+use crate::local_cluster::free_loopback_port;
 use anyhow::Context;
 
 /// How long a server may take to accept connections.
@@ -101,8 +101,7 @@ impl Postgres {
             .output()
             .context("running initdb")?;
         anyhow::ensure!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port: u16 =
-            free_loopback_addr()?.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("a free port")?;
+        let port = free_loopback_port()?;
         let mut server = Self { dir, port, bin, child: None, durable };
         server.resume()?;
         Ok(server)
@@ -179,8 +178,7 @@ pub struct Redis {
 impl Redis {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("maos-redis-").tempdir()?;
-        let port: u16 =
-            free_loopback_addr()?.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("a free port")?;
+        let port = free_loopback_port()?;
         let mut server = Self { dir, port, child: None };
         server.resume()?;
         Ok(server)

@@ -191,40 +191,38 @@ impl PgStore {
 
 /// See [`PgStore::error`].
 fn map_error(name: &str, metrics: &StorageMetrics, error: sqlx::Error) -> StorageError {
-    {
-        let unavailable = |cause: String| {
-            metrics.database_connection_errors_total.fetch_add(1, Ordering::Relaxed);
-            StorageError::Unavailable { store: format!("PostgreSQL at {name}"), cause }
-        };
-        match &error {
-            sqlx::Error::Database(db) => {
-                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-                // 08: connection exception, 53: insufficient resources, 57: operator
-                // intervention (shutdown, starting up).
-                if ["08", "53", "57"].iter().any(|class| code.starts_with(class)) {
-                    unavailable(db.message().to_string())
-                } else if code == "42P01" {
-                    StorageError::Unavailable {
-                        store: format!("PostgreSQL at {name}"),
-                        cause: format!("the schema is missing ({}); run `maos db migrate`", db.message()),
-                    }
-                } else {
-                    StorageError::Corrupt {
-                        store: format!("PostgreSQL at {name}"),
-                        what: "valid answer".into(),
-                        detail: format!("{} (SQLSTATE {code})", db.message()),
-                    }
+    let unavailable = |cause: String| {
+        metrics.database_connection_errors_total.fetch_add(1, Ordering::Relaxed);
+        StorageError::Unavailable { store: format!("PostgreSQL at {name}"), cause }
+    };
+    match &error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // 08: connection exception, 53: insufficient resources, 57: operator
+            // intervention (shutdown, starting up).
+            if ["08", "53", "57"].iter().any(|class| code.starts_with(class)) {
+                unavailable(db.message().to_string())
+            } else if code == "42P01" {
+                StorageError::Unavailable {
+                    store: format!("PostgreSQL at {name}"),
+                    cause: format!("the schema is missing ({}); run `maos db migrate`", db.message()),
                 }
-            }
-            sqlx::Error::RowNotFound | sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } => {
+            } else {
                 StorageError::Corrupt {
                     store: format!("PostgreSQL at {name}"),
-                    what: "valid row".into(),
-                    detail: error.to_string(),
+                    what: "valid answer".into(),
+                    detail: format!("{} (SQLSTATE {code})", db.message()),
                 }
             }
-            _ => unavailable(error.to_string()),
         }
+        sqlx::Error::RowNotFound | sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } => {
+            StorageError::Corrupt {
+                store: format!("PostgreSQL at {name}"),
+                what: "valid row".into(),
+                detail: error.to_string(),
+            }
+        }
+        _ => unavailable(error.to_string()),
     }
 }
 
