@@ -31,6 +31,9 @@ use crate::config::RedisSection;
 pub const KEY_PREFIX: &str = "maos:";
 /// The channel task events are published on.
 pub const EVENTS_CHANNEL: &str = "maos:events";
+/// Background cache writes in flight, at most; past it a write is skipped (the cache is best
+/// effort), so a slow Redis cannot pile up payloads in memory.
+const WRITES_IN_FLIGHT_MAX: usize = 64;
 
 pub struct Cache {
     /// `redis.pool_size` multiplexed connections, used in turn.
@@ -40,6 +43,7 @@ pub struct Cache {
     /// `host:port`, for messages.
     pub name: String,
     metrics: Arc<StorageMetrics>,
+    writes: Arc<tokio::sync::Semaphore>,
 }
 
 /// The cache key of `payload`, if it is cached.
@@ -69,7 +73,8 @@ impl Cache {
             .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| StorageError::Unavailable { store: format!("Redis at {name}"), cause: e.to_string() })?;
-        Ok(Self { connections, next: AtomicUsize::new(0), ttl_s: settings.cache_ttl, name, metrics })
+        let writes = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT_MAX));
+        Ok(Self { connections, next: AtomicUsize::new(0), ttl_s: settings.cache_ttl, name, metrics, writes })
     }
 
     fn connection(&self) -> ConnectionManager {
@@ -112,10 +117,13 @@ impl Cache {
         found
     }
 
-    /// Cache `loaded` (best effort).
     /// Cache `loaded` in the background (best effort): the caller never waits for Redis, so a
     /// slow or absent Redis costs it nothing.
     pub fn put_payloads(&self, loaded: &BTreeMap<Payload, String>) {
+        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
+            tracing::debug!(redis = %self.name, "{WRITES_IN_FLIGHT_MAX} cache writes in flight; this one is skipped");
+            return;
+        };
         let mut pipe = redis::pipe();
         let mut any = false;
         for (payload, value) in loaded {
@@ -130,6 +138,7 @@ impl Cache {
         let mut connection = self.connection();
         let (metrics, name) = (self.metrics.clone(), self.name.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(error) = pipe.query_async::<()>(&mut connection).await {
                 metrics.redis_errors_total.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(redis = %name, %error, "a cache write failed");
