@@ -9,6 +9,10 @@
 //! - [`command`]: versioned log payloads, results and typed refusals.
 //! - [`state`]: `StateMachineData::apply`, `validate`, `state_hash`: pure, no clock, no I/O.
 //! - [`tasks`]: tasks, leases with fencing tokens, retries, dependencies, cancellation, slots.
+//!   `tasks/mod.rs` dispatches each command to the file of its concern: `types.rs` (records,
+//!   limits, commands, responses, refusals, the table), `check.rs` (state-free spec and plan
+//!   checks), `lifecycle.rs` (submit to completion, retries, the tick), `plan.rs` (expansion and
+//!   the parent's settlement), `slots.rs` (agents, holders, liveness), `validate.rs` (invariants).
 //! - [`scheduler`]: the leader's assignment decisions, a pure function of the table and a time.
 //! - [`sm_store`]: the openraft state-machine store around that data, with snapshots.
 //! - [`rocks`], [`mem`]: log storage and snapshot persistence engines.
