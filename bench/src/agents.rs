@@ -19,7 +19,7 @@ use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{GetTaskRequest, SubmitTaskRequest, TaskState};
 use maos_node::agents::command::CommandBackend;
 use maos_node::agents::envelope::{AgentEvent, ApiAccess, Envelope, OutcomeKind};
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 use tokio::sync::mpsc;
 
 fn histogram() -> Histogram<u64> {

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
-use maos_node::local_cluster::free_loopback_addr;
+use maos_testkit::local_cluster::free_loopback_addr;
 use tonic::transport::Channel;
 
 mod proto {

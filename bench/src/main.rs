@@ -26,7 +26,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use maos_client::Client;
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// Upper bound on writes in one phase, whatever the duration.
 const WRITES_PER_PHASE_MAX: u64 = 5_000_000;

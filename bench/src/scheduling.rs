@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::SubmitTaskRequest;
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// Upper bound on the whole benchmark.
 const RUN_LIMIT: Duration = Duration::from_secs(900);

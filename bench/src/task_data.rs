@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{GetTaskRequest, SubmitTaskRequest, TaskState};
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
-use maos_node::local_services::{Postgres, Redis};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_services::{Postgres, Redis};
 use tonic::transport::Channel;
 
 /// Submits or reads one client makes in a phase, at most.

@@ -1,6 +1,6 @@
 //! `maos-chaos`: deterministic turmoil simulations of whole MAOS clusters.
 //!
-//! The real node code ([`maos_node::node::start`]) runs on the in-memory Raft store over
+//! The real node code ([`maos_node::server::start`]) runs on the in-memory Raft store over
 //! turmoil's simulated TCP ([`SimTransport`]). One seed derives every parameter of a run: the
 //! fault schedule, message latencies, election timeouts (through openraft's runtime random
 //! source) and tokio's own scheduling choices (the workspace builds with `--cfg tokio_unstable`),

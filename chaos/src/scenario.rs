@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use maos_client::Client;
 use maos_node::config::{Config, PeerConfig};
-use maos_node::core::Clock;
+use maos_node::server::Clock;
 use maos_raft_store::mem::{MemLogStore, MemSnapshots};
 use maos_raft_store::runtime::seed_thread_rng;
 use maos_raft_store::{StateMachineHandle, StateMachineStore};
@@ -163,7 +163,7 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
             async move {
                 let state_machine = StateMachineStore::open(snapshots, true)?;
                 let node =
-                    maos_node::node::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock()).await?;
+                    maos_node::server::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock()).await?;
                 lock(&shared).states.insert(id, node.core.state.clone());
                 let mut metrics = node.core.raft.metrics();
                 let mut last_index = None;

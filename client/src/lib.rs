@@ -6,6 +6,7 @@
 //! a call that could not reach a working node on the next endpoint.
 //! [`Worker`] runs agents outside the cluster: it registers agent types, receives assignments,
 //! heartbeats its leases and reports with their fencing tokens.
+//! [`views`] names the API's enums and renders a task as JSON, for every surface that shows one.
 //!
 //! Must not depend on: `maos-node`, `maos-raft-store`.
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+pub mod views;
 pub mod worker;
 
 pub use worker::{Worker, WorkerAgentType, WorkerAssignment};

@@ -19,7 +19,7 @@ use openraft::ServerState;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::core::NodeCore;
+use crate::raft::core::NodeCore;
 
 /// The least time between two scheduling rounds: bounds the planning work a stream of applied
 /// changes can cause (each round reads the task table).

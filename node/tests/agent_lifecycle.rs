@@ -15,7 +15,7 @@ use maos_client::proto::v1::{
     AgentRequest, AgentState, GetRequest, ListAgentsRequest, PutRequest, SpawnAgentRequest, SubmitTaskRequest,
     TaskState,
 };
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 use tonic::transport::Channel;
 use tonic::Code;
 

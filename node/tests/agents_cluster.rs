@@ -15,7 +15,7 @@ use common::{get, tasks_client, STEP};
 use fake_messages::{FakeMessages, Reply};
 use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState, TaskView};
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 use tonic::transport::Channel;
 
 fn options(types: &str, extra: &[(&str, &str)]) -> LocalClusterOptions {

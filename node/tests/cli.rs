@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{options, STEP};
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 
 struct Run {
     code: i32,
@@ -132,7 +132,7 @@ async fn with_manual_bootstrap_the_cluster_forms_on_cluster_init() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn db_status_and_migrate_report_and_apply_the_schema() -> anyhow::Result<()> {
-    let postgres = maos_node::local_services::Postgres::start()?;
+    let postgres = maos_testkit::local_services::Postgres::start()?;
     let url = postgres.url();
     let db = |args: &[&str]| {
         let mut all = vec!["db"];

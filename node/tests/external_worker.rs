@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{get, tasks_client, wait_all, STEP};
 use maos_client::proto::v1::agent_service_client::AgentServiceClient;
 use maos_client::proto::v1::{ListAgentsRequest, SubmitTaskRequest, TaskState};
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// The example worker, built next to this test by `cargo build --workspace --all-targets`.
 fn worker_binary() -> anyhow::Result<PathBuf> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{tasks_client, wait_all, STEP};
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;

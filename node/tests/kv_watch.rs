@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{options, STEP};
 use maos_client::proto::v1::kv_service_client::KvServiceClient;
 use maos_client::proto::v1::{DeleteRequest, KeyEvent, PutRequest, WatchKeysRequest};
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 
 async fn next(stream: &mut tonic::Streaming<KeyEvent>) -> anyhow::Result<KeyEvent> {
     match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {

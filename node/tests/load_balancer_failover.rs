@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{options, STEP};
 use maos_client::proto::v1::{ListTasksRequest, SubmitTaskRequest};
 use maos_client::Client;
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Submits in the run, at most; and the longest it may take.

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use maos_node::local_cluster::{free_loopback_addr, LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{free_loopback_addr, LocalCluster, LocalClusterOptions};
 
 const STEP: Duration = Duration::from_secs(30);
 

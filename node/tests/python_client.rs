@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{options, STEP};
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 
 fn python() -> anyhow::Result<PathBuf> {
     if let Ok(path) = std::env::var("MAOS_TEST_PYTHON") {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use maos_node::local_cluster::{free_loopback_addr, free_loopback_port, LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{free_loopback_addr, free_loopback_port, LocalCluster, LocalClusterOptions};
 
 const STEP: Duration = Duration::from_secs(30);
 

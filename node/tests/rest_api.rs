@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{options, STEP};
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 use serde_json::{json, Value};
 
 struct Api {

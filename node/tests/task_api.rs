@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::*;
 use maos_client::proto::v1::{CancelTaskRequest, GetTaskRequest, SubmitTaskRequest, TaskState};
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 
 fn unserved(i: usize) -> SubmitTaskRequest {
     SubmitTaskRequest {

@@ -13,7 +13,7 @@ use maos_client::proto::v1::{
     BatchSubmitRequest, CancelTaskRequest, GetTaskRequest, ListTasksRequest, RetryTaskRequest, SubmitTaskRequest,
     TaskState, WatchTaskRequest,
 };
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -17,8 +17,8 @@ use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{
     CancelTaskRequest, CompleteTaskRequest, GetTaskRequest, SubmitTaskRequest, TaskState, TaskView,
 };
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
-use maos_node::local_services::{Postgres, Redis};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_services::{Postgres, Redis};
 use sqlx::Row;
 use tonic::transport::Channel;
 

@@ -16,10 +16,10 @@ use common::{output_of, tasks_client, STEP};
 use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{GetTaskRequest, ListTasksRequest, SubmitTaskRequest, TaskState};
 use maos_node::config::DatabaseSection;
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
-use maos_node::local_services::{Postgres, Redis};
 use maos_node::storage::postgres::PgStore;
 use maos_node::storage::StorageError;
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_services::{Postgres, Redis};
 use sqlx::Row;
 use tonic::transport::Channel;
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::*;
 use maos_client::proto::v1::TaskState;
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_failover_expires_no_lease_early() -> anyhow::Result<()> {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::*;
 use maos_client::proto::v1::{CompleteTaskRequest, TaskState};
-use maos_node::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::LocalCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_of_a_killed_node_are_leased_again_and_complete_once() -> anyhow::Result<()> {

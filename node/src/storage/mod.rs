@@ -15,13 +15,16 @@
 //! scratch state. Nothing here is needed for correctness; when Redis is down reads go to the
 //! source.
 //!
+//! Errors are this layer's own ([`StorageError`]); the API maps them to wire statuses
+//! (`api/status.rs`). Nothing here knows tonic or the node's write path.
+//!
 //! Order of writes: a payload is written to the store before the Raft command that refers to it,
 //! so every reference a client can see points at durable data. A payload whose command never
 //! committed is unreachable (nothing refers to it) and is swept (`projector.rs`).
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod postgres;
-pub mod projector;
+pub(crate) mod projector;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,10 +34,10 @@ use std::time::Duration;
 use maos_raft_store::tasks::{
     aggregate_results, plan_key, Task, TaskCommand, TaskId, TaskTable, CHECKPOINT_BYTES_MAX, TASK_TEXT_BYTES_MAX,
 };
-use tonic::Status;
+
+use maos_raft_store::StateMachineHandle;
 
 use crate::config::Config;
-use crate::core::NodeCore;
 
 /// How deep a planned parent's aggregate follows nested plans when it is assembled on read.
 const AGGREGATE_DEPTH_MAX: usize = 4;
@@ -179,20 +182,6 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub fn status(&self) -> Status {
-        match self {
-            Self::Unavailable { .. } => Status::unavailable(self.to_string()),
-            Self::Stale { .. } => Status::failed_precondition(self.to_string()),
-            Self::TooLarge { field, .. } | Self::NulCharacter { field, .. } => {
-                let message = self.to_string();
-                let rest = message.split_once(": ").map(|(_, rest)| rest).unwrap_or(&message);
-                crate::api::invalid_field(field, rest)
-            }
-            Self::InvalidToken { .. } => crate::api::invalid(self.to_string()),
-            Self::Corrupt { .. } => Status::internal(self.to_string()),
-        }
-    }
-
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable { .. })
     }
@@ -345,12 +334,12 @@ impl Storage {
     /// is let through; the conditional write in SQL and the Raft command then decide.)
     fn check_known_token(
         &self,
-        core: &NodeCore,
+        state: &StateMachineHandle,
         what: &'static str,
         task_id: &str,
         token: u64,
     ) -> Result<(), StorageError> {
-        let state = core.state.read();
+        let state = state.read();
         let current = state.app.tasks.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token);
         match current {
             Some(current) if current > token => {
@@ -386,7 +375,7 @@ impl Storage {
     /// The `Complete` command for `result`, after writing it under `token` where it is stored.
     pub async fn complete_command(
         &self,
-        core: &NodeCore,
+        state: &StateMachineHandle,
         task_id: &str,
         token: u64,
         result: String,
@@ -395,7 +384,7 @@ impl Storage {
         let Backend::Postgres(store) = &self.backend else {
             return Ok(TaskCommand::Complete { task_id: task_id.into(), token, result, stored: false });
         };
-        self.check_known_token(core, "result", task_id, token)?;
+        self.check_known_token(state, "result", task_id, token)?;
         store.put_result(task_id, token, &result).await?;
         Ok(TaskCommand::Complete { task_id: task_id.into(), token, result: String::new(), stored: true })
     }
@@ -403,7 +392,7 @@ impl Storage {
     /// The `SaveCheckpoint` command for `data`, after writing it under `token` where it is stored.
     pub async fn checkpoint_command(
         &self,
-        core: &NodeCore,
+        state: &StateMachineHandle,
         task_id: &str,
         token: u64,
         data: String,
@@ -412,7 +401,7 @@ impl Storage {
         let Backend::Postgres(store) = &self.backend else {
             return Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data, stored: false });
         };
-        self.check_known_token(core, "checkpoint", task_id, token)?;
+        self.check_known_token(state, "checkpoint", task_id, token)?;
         store.put_checkpoint(task_id, token, &data).await?;
         Ok(TaskCommand::SaveCheckpoint { task_id: task_id.into(), token, data: String::new(), stored: true })
     }
@@ -420,13 +409,13 @@ impl Storage {
     /// Like [`Self::complete_command`], retrying while the store is unavailable, until `deadline`.
     pub async fn complete_command_retrying(
         &self,
-        core: &NodeCore,
+        state: &StateMachineHandle,
         task_id: &str,
         token: u64,
         result: String,
         deadline: tokio::time::Instant,
     ) -> Result<TaskCommand, StorageError> {
-        retrying(deadline, "a result", || self.complete_command(core, task_id, token, result.clone())).await
+        retrying(deadline, "a result", || self.complete_command(state, task_id, token, result.clone())).await
     }
 
     /// The stored payloads in `wanted` (the cache first, then the store). Inputs and results never
@@ -512,25 +501,5 @@ impl EnvelopeNeeds {
         if let (Some(data), Some(text)) = (checkpoint, self.checkpoint.as_ref().and_then(|p| fetched.get(p))) {
             *data = text.clone();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_payload_with_a_nul_is_refused_naming_the_field_and_where() {
-        let storage = Storage::from_config(&Config::default()).expect("the embedded default");
-        for field in ["input", "result", "checkpoint"] {
-            assert!(storage.check_payload(field, "plain text, ünïcode too").is_ok());
-            let error = storage.check_payload(field, "ab\0c").expect_err("a NUL is refused");
-            assert!(error.is_refused_payload());
-            assert_eq!(error.status().code(), tonic::Code::InvalidArgument);
-            assert!(error.to_string().starts_with(&format!("{field}: a NUL character (U+0000) at byte 2")), "{error}");
-        }
-        // Too large is checked first and names the limit.
-        let big = "x".repeat(TASK_TEXT_BYTES_MAX + 1);
-        assert!(matches!(storage.check_payload("input", &big), Err(StorageError::TooLarge { field: "input", .. })));
     }
 }

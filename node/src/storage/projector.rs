@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::postgres::{pg_text, PgStore, SharedStateRow, TaskRow};
 use super::Storage;
-use crate::core::NodeCore;
+use crate::raft::core::NodeCore;
 
 /// Between rounds.
 const ROUND_INTERVAL: Duration = Duration::from_millis(250);

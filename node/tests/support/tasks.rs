@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use maos_client::proto::v1::task_service_client::TaskServiceClient;
 use maos_client::proto::v1::{GetTaskRequest, SubmitTaskRequest, TaskState, TaskView};
-use maos_node::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 use tonic::transport::Channel;
 
 pub const STEP: Duration = Duration::from_secs(60);

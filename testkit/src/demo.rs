@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
 
-use crate::cli::state_name;
 use crate::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_client::views::state_name;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Parallel branches in the demo workflow, and how long each works.

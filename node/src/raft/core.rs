@@ -7,27 +7,15 @@
 //! index), or stale from local state when the caller asks.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use maos_raft_store::state::check_command;
 use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Response, StateMachineHandle};
 use openraft::ServerState;
-use serde::{Deserialize, Serialize};
 
-use crate::proposer::Batcher;
 use crate::proto::ReadIndexRequest;
-use crate::raft_network::Channels;
-
-/// Milliseconds since the Unix epoch. Real nodes read the system clock; simulations supply theirs.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-    })
-}
+use crate::raft::network::Channels;
+use crate::raft::proposer::{Batcher, Clock, ProposeOutcome};
 
 /// Pause between attempts while a leader is unknown or changing.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
@@ -41,17 +29,6 @@ pub enum CoreError {
     Unavailable { timeout_ms: u64, last: String },
     #[error("this node has stopped: {0}")]
     Stopped(String),
-}
-
-/// What `Propose` returns to a forwarding node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ProposeOutcome {
-    Applied(Response),
-    /// The receiver is not the leader; the forwarder retries with its own view of the leader.
-    NotLeader {
-        leader_id: Option<NodeId>,
-    },
-    Failed(String),
 }
 
 /// Everything the APIs and the Raft service share.

@@ -15,8 +15,8 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::agents::AgentMetrics;
-use crate::api::task_counts;
-use crate::core::NodeCore;
+use crate::api::views::task_counts;
+use crate::raft::core::NodeCore;
 use crate::storage::Storage;
 
 #[derive(Clone)]

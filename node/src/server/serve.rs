@@ -7,11 +7,11 @@ use anyhow::Context;
 use maos_raft_store::rocks::RocksDb;
 use maos_raft_store::StateMachineStore;
 
+use super::data_dir::{preflight, DataDir};
+use super::start;
 use crate::config::Config;
-use crate::core::system_clock;
-use crate::data_dir::{preflight, DataDir};
-use crate::node::start;
-use crate::raft_network::Channels;
+use crate::raft::network::Channels;
+use crate::raft::proposer::system_clock;
 use crate::transport::TcpTransport;
 
 /// How often the data directory's identity file is brought up to date with the cluster id.

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::node::hello;
-use crate::raft_network::Channels;
+use crate::raft::formation::hello;
+use crate::raft::network::Channels;
 
 /// The newest `node.json` format this build writes.
 pub const IDENTITY_FORMAT_VERSION: u32 = 1;

@@ -6,10 +6,11 @@ use maos_raft_store::command::BATCH_COMMANDS_MAX;
 use maos_raft_store::Command;
 use tonic::{Request, Response, Status};
 
-use crate::core::{NodeCore, ProposeOutcome};
 use crate::proto::raft_service_server::RaftService;
 use crate::proto::{HelloMember, HelloRequest, HelloResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse};
-use crate::raft_network::{decode, encode};
+use crate::raft::core::NodeCore;
+use crate::raft::network::{decode, encode};
+use crate::raft::proposer::ProposeOutcome;
 
 /// Serves the Raft port for one node.
 pub struct RaftServer {

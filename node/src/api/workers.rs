@@ -1,9 +1,6 @@
-//! The agent and worker services on port 8000.
-//!
-//! `AgentService` lists and changes agent pools (spawn, pause, resume, terminate) through Raft.
-//! `WorkerService` serves external workers: a worker's agents are slots registered under its own
-//! holder id (at least `WORKER_ID_MIN`, derived from its name), its heartbeat is the same batched
-//! `Renew` a node sends, and every report carries the lease's fencing token.
+//! The worker service: external workers register agent slots under their own holder id (at
+//! least `WORKER_ID_MIN`, derived from the worker's name), take assignments from a stream,
+//! heartbeat with the same batched `Renew` a node sends, and report with the lease's token.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -11,12 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use maos_client::proto::v1::agent_service_server::AgentService;
 use maos_client::proto::v1::worker_service_server::WorkerService;
 use maos_client::proto::v1::{
-    AgentRequest, AgentState as WireAgentState, AgentView, Assignment, AssignmentsRequest, HeartbeatRequest,
-    HeartbeatResponse, ListAgentsRequest, ListAgentsResponse, RegisterWorkerRequest, RegisterWorkerResponse,
-    ReportProgressRequest, SaveCheckpointRequest, SpawnAgentRequest, SubmitPlanRequest, SubmitPlanResponse, WorkerAck,
+    Assignment, AssignmentsRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse,
+    ReportProgressRequest, SaveCheckpointRequest, SubmitPlanRequest, SubmitPlanResponse, WorkerAck,
     WorkerCompleteRequest, WorkerFailRequest,
 };
 use maos_raft_store::tasks::{
@@ -30,9 +25,10 @@ use tonic::{Request, Response, Status};
 
 use crate::agents::envelope::{ApiAccess, Envelope};
 use crate::agents::{envelope_for, load_envelope};
-use crate::api::{invalid, status_from};
+use crate::api::status::{invalid, status_from, storage_status};
+use crate::api::streams::stream_permit;
 use crate::config::Config;
-use crate::core::NodeCore;
+use crate::raft::core::NodeCore;
 use crate::storage::{EnvelopeNeeds, Storage};
 
 /// Agent types one worker registers, at most.
@@ -41,102 +37,6 @@ const WORKER_TYPES_MAX: usize = 16;
 const WORKER_SLOTS_MAX: u32 = 64;
 /// The longest a stream waits before looking at the state again without being woken.
 const STREAM_POLL: Duration = Duration::from_millis(50);
-
-pub struct AgentApi {
-    pub core: Arc<NodeCore>,
-    pub config: Config,
-}
-
-fn wire_state(table: &TaskTable, agent_id: &str, slot: &Slot) -> WireAgentState {
-    match slot.state {
-        AgentState::Active if table.slot_holder.contains_key(agent_id) => WireAgentState::Busy,
-        AgentState::Active => WireAgentState::Idle,
-        AgentState::Draining => WireAgentState::Draining,
-        AgentState::Failed => WireAgentState::Failed,
-        AgentState::Terminated => WireAgentState::Terminated,
-    }
-}
-
-fn view(table: &TaskTable, agent_id: &str, slot: &Slot) -> AgentView {
-    AgentView {
-        agent_id: agent_id.to_string(),
-        node_id: slot.node_id,
-        agent_type: slot.agent_type.clone(),
-        backend: slot.backend.clone(),
-        capabilities: slot.capabilities.iter().cloned().collect(),
-        state: wire_state(table, agent_id, slot) as i32,
-        task_id: table.slot_holder.get(agent_id).cloned().unwrap_or_default(),
-    }
-}
-
-impl AgentApi {
-    async fn agent_view(&self, agent_id: &str) -> Result<Response<AgentView>, Status> {
-        self.core.read_barrier().await.map_err(status_from)?;
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let slot = table
-            .slots
-            .get(agent_id)
-            .ok_or_else(|| Status::not_found(format!("agent_id: {agent_id:?} does not exist")))?;
-        Ok(Response::new(view(table, agent_id, slot)))
-    }
-
-    async fn set_state(&self, agent_id: String, state: AgentState) -> Result<Response<AgentView>, Status> {
-        if agent_id.is_empty() {
-            return Err(invalid("agent_id: must name an agent (see `maos agent list`)"));
-        }
-        let command = TaskCommand::SetAgentState { agent_id: agent_id.clone(), state };
-        self.core.write(Command::Task(command)).await.map_err(status_from)?;
-        self.agent_view(&agent_id).await
-    }
-}
-
-#[tonic::async_trait]
-impl AgentService for AgentApi {
-    async fn list(&self, request: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
-        let node_id = request.into_inner().node_id;
-        self.core.read_barrier().await.map_err(status_from)?;
-        let state = self.core.state.read();
-        let table = &state.app.tasks;
-        let agents: Vec<AgentView> = table
-            .slots
-            .iter()
-            .filter(|(_, slot)| node_id == 0 || slot.node_id == node_id)
-            .map(|(id, slot)| view(table, id, slot))
-            .collect();
-        let active = agents.iter().filter(|a| a.state == WireAgentState::Busy as i32).count() as u64;
-        let total = agents.iter().filter(|a| a.state != WireAgentState::Terminated as i32).count() as u64;
-        Ok(Response::new(ListAgentsResponse { agents, active, total }))
-    }
-
-    async fn spawn(&self, request: Request<SpawnAgentRequest>) -> Result<Response<AgentView>, Status> {
-        let SpawnAgentRequest { node_id, agent_type } = request.into_inner();
-        let node_id = if node_id == 0 { self.core.id } else { node_id };
-        if node_id >= WORKER_ID_MIN {
-            return Err(invalid("node_id: an external worker registers its own agents; spawn on a node"));
-        }
-        if agent_type.is_empty() {
-            return Err(invalid("agent_type: must name a type the node runs"));
-        }
-        let command = TaskCommand::AddAgent { node_id, agent_type, agents_max: self.config.system.max_agents };
-        match self.core.write(Command::Task(command)).await.map_err(status_from)? {
-            Applied::Task(TaskResponse::AgentAdded { agent_id }) => self.agent_view(&agent_id).await,
-            other => Err(Status::internal(format!("unexpected result: {other:?}"))),
-        }
-    }
-
-    async fn pause(&self, request: Request<AgentRequest>) -> Result<Response<AgentView>, Status> {
-        self.set_state(request.into_inner().agent_id, AgentState::Draining).await
-    }
-
-    async fn resume(&self, request: Request<AgentRequest>) -> Result<Response<AgentView>, Status> {
-        self.set_state(request.into_inner().agent_id, AgentState::Active).await
-    }
-
-    async fn terminate(&self, request: Request<AgentRequest>) -> Result<Response<AgentView>, Status> {
-        self.set_state(request.into_inner().agent_id, AgentState::Terminated).await
-    }
-}
 
 pub struct WorkerApi {
     pub core: Arc<NodeCore>,
@@ -232,7 +132,7 @@ impl WorkerService for WorkerApi {
         let storage = self.storage.clone();
         let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
         let mut stopped = self.stopped.clone();
-        let permit = crate::task_api::stream_permit(&self.streams)?;
+        let permit = stream_permit(&self.streams)?;
         tokio::spawn(async move {
             let _permit = permit;
             let mut sent: BTreeMap<TaskId, u64> = BTreeMap::new();
@@ -327,8 +227,11 @@ impl WorkerService for WorkerApi {
 
     async fn save_checkpoint(&self, request: Request<SaveCheckpointRequest>) -> Result<Response<WorkerAck>, Status> {
         let SaveCheckpointRequest { task_id, fencing_token, data } = request.into_inner();
-        let command =
-            self.storage.checkpoint_command(&self.core, &task_id, fencing_token, data).await.map_err(|e| e.status())?;
+        let command = self
+            .storage
+            .checkpoint_command(&self.core.state, &task_id, fencing_token, data)
+            .await
+            .map_err(|e| storage_status(&e))?;
         self.apply(command).await?;
         Ok(Response::new(WorkerAck {}))
     }
@@ -340,8 +243,11 @@ impl WorkerService for WorkerApi {
             let usage = TokenUsage { input_tokens, output_tokens };
             self.apply(TaskCommand::RecordUsage { task_id: task_id.clone(), token: fencing_token, usage }).await?;
         }
-        let command =
-            self.storage.complete_command(&self.core, &task_id, fencing_token, result).await.map_err(|e| e.status())?;
+        let command = self
+            .storage
+            .complete_command(&self.core.state, &task_id, fencing_token, result)
+            .await
+            .map_err(|e| storage_status(&e))?;
         self.apply(command).await?;
         Ok(Response::new(WorkerAck {}))
     }

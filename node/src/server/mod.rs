@@ -1,30 +1,36 @@
-//! Starting a node: Raft, its two servers, cluster formation and housekeeping.
+//! Starting a node: the composition root, and the only module that wires every layer together.
 //!
-//! Formation needs no coordinator: among the static peers the lowest id initialises the group,
-//! and only once every listed peer answers `Hello` and none is initialised already. A node whose
-//! Raft state is initialised (it has a vote or a log) never initialises again, so restarts
-//! cannot fork the cluster.
+//! [`start`] builds Raft over any log store, state machine and transport, the task-data store,
+//! the agent runtime, the leader's loops and both servers (API on 8000, Raft on 7000).
+//! [`serve`] runs it on RocksDB for `maos serve`; `data_dir.rs` checks the data directory first.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use maos_raft_store::runtime::MaosRuntime;
 use maos_raft_store::sm_store::SnapshotPersistence;
-use maos_raft_store::{Command, MaosNode, NodeId, Raft, StateMachineStore, TypeConfig};
+use maos_raft_store::{MaosNode, Raft, StateMachineStore, TypeConfig};
 use openraft::storage::RaftLogStorage;
-use openraft::{AsyncRuntime, SnapshotPolicy};
+use openraft::SnapshotPolicy;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::{ClusterApi, KvApi};
+use crate::agents::credential::Credentials;
+use crate::agents::{backends, AgentMetrics, AgentRuntime};
+use crate::api::agents::AgentApi;
+use crate::api::cluster::ClusterApi;
+use crate::api::kv::KvApi;
+use crate::api::tasks::TaskApi;
+use crate::api::workers::WorkerApi;
 use crate::config::{Bootstrap, Config};
-use crate::core::{Clock, NodeCore};
-use crate::proposer::{forwarder, leader_proposer};
 use crate::proto::raft_service_server::RaftServiceServer;
-use crate::proto::{HelloRequest, HelloResponse};
-use crate::raft_network::{Channels, NetworkFactory};
-use crate::raft_service::RaftServer;
+use crate::raft::core::NodeCore;
+use crate::raft::formation::{form_cluster, formation_peers, peers_digest};
+use crate::raft::housekeeping::{housekeeping, HOUSEKEEPING_INTERVAL};
+use crate::raft::network::{Channels, NetworkFactory};
+use crate::raft::proposer::{forwarder, leader_proposer};
+use crate::raft::service::RaftServer;
+use crate::scheduling::leader_loop;
+use crate::storage::Storage;
 use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
 use maos_client::proto::v1::agent_service_server::AgentServiceServer;
 use maos_client::proto::v1::cluster_service_server::ClusterServiceServer;
@@ -32,19 +38,12 @@ use maos_client::proto::v1::kv_service_server::KvServiceServer;
 use maos_client::proto::v1::task_service_server::TaskServiceServer;
 use maos_client::proto::v1::worker_service_server::WorkerServiceServer;
 
-use crate::agent_api::{AgentApi, WorkerApi};
-use crate::agents::credential::Credentials;
-use crate::agents::{backends, AgentMetrics, AgentRuntime};
-use crate::scheduling::leader_loop;
-use crate::storage::Storage;
-use crate::task_api::TaskApi;
+mod data_dir;
+mod serve;
 
-/// How often housekeeping checks the cluster identity and this node's registration.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
-/// Pause between formation attempts while peers are not all reachable.
-const FORMATION_RETRY: Duration = Duration::from_millis(300);
-/// Deadline of one `Hello` call.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+pub use crate::raft::proposer::{system_clock, Clock};
+pub use data_dir::{preflight, DataDir};
+pub use serve::serve;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -95,23 +94,6 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::Config
         ..Default::default()
     }
     .validate()
-}
-
-/// Ask the node at `raft_addr` who it is and what cluster it is in.
-pub async fn hello(
-    channels: &Channels,
-    raft_addr: &str,
-    from: NodeId,
-    cluster_name: &str,
-) -> Result<HelloResponse, String> {
-    let mut client = channels.raft_client(raft_addr).map_err(|e| e.to_string())?;
-    let mut request = tonic::Request::new(HelloRequest { from_node_id: from, cluster_name: cluster_name.to_string() });
-    request.set_timeout(HELLO_TIMEOUT);
-    match tokio::time::timeout(HELLO_TIMEOUT, client.hello(request)).await {
-        Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(status.message().to_string()),
-        Err(_) => Err("no answer".into()),
-    }
 }
 
 /// Start a node over `log` and `state_machine`, serving on `transport`.
@@ -182,7 +164,7 @@ where
     let mut until_stopped = stopped.clone();
     let credentials = Arc::new(Credentials::generate());
     let agent_metrics = Arc::new(AgentMetrics::default());
-    let streams = Arc::new(tokio::sync::Semaphore::new(crate::task_api::STREAMS_MAX));
+    let streams = Arc::new(tokio::sync::Semaphore::new(crate::api::streams::STREAMS_MAX));
     let kv = KvServiceServer::new(KvApi {
         core: core.clone(),
         storage: storage.clone(),
@@ -202,7 +184,11 @@ where
     let tasks_service = TaskServiceServer::from_arc(task_api.clone());
     let agent_api = Arc::new(AgentApi { core: core.clone(), config: config.clone() });
     let agents_service = AgentServiceServer::from_arc(agent_api.clone());
-    let rest = crate::rest::router(crate::rest::Services { tasks: task_api, agents: agent_api, cluster: cluster_api });
+    let rest = crate::api::rest::router(crate::api::rest::Services {
+        tasks: task_api,
+        agents: agent_api,
+        cluster: cluster_api,
+    });
     let workers_service = WorkerServiceServer::new(WorkerApi {
         core: core.clone(),
         storage: storage.clone(),
@@ -220,7 +206,7 @@ where
         .map_err(|e| StartError::Raft(format!("the reflection service could not be built: {e}")))?;
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
     let routes = tonic::service::Routes::from(
-        crate::http::router(core.clone(), agent_metrics.clone(), storage.clone()).merge(rest),
+        crate::api::http::router(core.clone(), agent_metrics.clone(), storage.clone()).merge(rest),
     )
     .add_service(kv)
     .add_service(cluster)
@@ -332,146 +318,6 @@ async fn report_health(
         tokio::select! {
             _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
             _ = stopped.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-/// The members the cluster forms with: the static peers, or this node alone when none are listed.
-fn formation_peers(config: &Config) -> BTreeMap<NodeId, MaosNode> {
-    if config.cluster.peers.is_empty() {
-        return BTreeMap::from([(
-            config.node.id,
-            MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
-        )]);
-    }
-    config
-        .cluster
-        .peers
-        .iter()
-        .map(|p| (p.id, MaosNode { raft_addr: p.raft_addr.clone(), api_addr: p.api_addr.clone() }))
-        .collect()
-}
-
-/// `id=raft_addr` for each peer in id order, joined by `,`.
-fn peers_digest(peers: &BTreeMap<NodeId, MaosNode>) -> String {
-    peers.iter().map(|(id, node)| format!("{id}={}", node.raft_addr)).collect::<Vec<_>>().join(",")
-}
-
-/// Whether a new group can be initialised with `peers` now.
-pub enum Formation {
-    /// Every peer answers, none is in a cluster, all list the same peers.
-    Ready,
-    /// This node or a peer (`peer`) is in a cluster already.
-    Formed { peer: NodeId },
-    /// Why not yet; `mismatch` when peers were started with different peer lists.
-    NotReady { reason: String, mismatch: bool },
-}
-
-/// Ask every peer whether the group can form now.
-pub async fn formation_check(core: &NodeCore, peers: &BTreeMap<NodeId, MaosNode>) -> Formation {
-    if core.raft.is_initialized().await.unwrap_or(true) {
-        return Formation::Formed { peer: core.id };
-    }
-    for (id, node) in peers.iter().filter(|(id, _)| **id != core.id) {
-        match hello(&core.channels, &node.raft_addr, core.id, &core.cluster_name).await {
-            Ok(answer) if answer.initialized => return Formation::Formed { peer: *id },
-            Ok(answer) if answer.peers_digest != core.peers_digest => {
-                let reason = format!(
-                    "peer {id} ({}) was started with cluster.peers {}, this node with {}; give every node the same list",
-                    node.raft_addr, answer.peers_digest, core.peers_digest
-                );
-                return Formation::NotReady { reason, mismatch: true };
-            }
-            Ok(_) => {}
-            Err(error) => {
-                let reason = format!(
-                    "peer {id} at {} does not answer ({error}); start every node listed in cluster.peers",
-                    node.raft_addr
-                );
-                return Formation::NotReady { reason, mismatch: false };
-            }
-        }
-    }
-    Formation::Ready
-}
-
-/// `cluster.bootstrap: auto`: initialise the group if this node is the lowest-id peer and
-/// nobody else has.
-async fn form_cluster(core: Arc<NodeCore>, peers: BTreeMap<NodeId, MaosNode>, mut stopped: watch::Receiver<bool>) {
-    let bootstrapper = peers.keys().next().copied();
-    if bootstrapper != Some(core.id) {
-        tracing::info!(node_id = core.id, ?bootstrapper, "waiting to be brought into the cluster");
-        return;
-    }
-    let mut mismatch_reported = false;
-    loop {
-        match formation_check(&core, &peers).await {
-            Formation::Formed { peer } => {
-                if peer != core.id {
-                    tracing::info!(node_id = core.id, peer, "a peer is already in a cluster; not initialising");
-                }
-                return;
-            }
-            Formation::Ready => {
-                match core.raft.initialize(peers.clone()).await {
-                    Ok(()) => {
-                        tracing::info!(node_id = core.id, members = ?peers.keys().collect::<Vec<_>>(), "initialised the cluster")
-                    }
-                    Err(error) => tracing::warn!(node_id = core.id, %error, "initialise failed"),
-                }
-                return;
-            }
-            Formation::NotReady { reason, mismatch: true } if !mismatch_reported => {
-                tracing::error!(
-                    node_id = core.id,
-                    %reason,
-                    "peers were started with different cluster.peers lists; not initialising until they agree"
-                );
-                mismatch_reported = true;
-            }
-            Formation::NotReady { reason, .. } => tracing::debug!(node_id = core.id, %reason, "not initialising yet"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(FORMATION_RETRY) => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-/// Keep the cluster identity recorded and this node's addresses registered.
-async fn housekeeping(core: Arc<NodeCore>, me: MaosNode, mut stopped: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        if core.leader().is_none() {
-            continue;
-        }
-        let (has_identity, registered) = {
-            let state = core.state.read();
-            let registered =
-                state.app.nodes.get(&core.id).is_some_and(|r| r.raft_addr == me.raft_addr && r.api_addr == me.api_addr);
-            (state.app.cluster.is_some(), registered)
-        };
-        if !has_identity && core.is_leader() {
-            // Drawn from openraft's runtime random source: seeded in simulations, so runs replay.
-            let bytes: [u8; 16] = rand::Rng::gen(&mut <MaosRuntime as AsyncRuntime>::thread_rng());
-            let cluster_id = uuid::Builder::from_random_bytes(bytes).into_uuid().to_string();
-            let command = Command::InitCluster { cluster_id, cluster_name: core.cluster_name.clone() };
-            if let Err(error) = core.write(command).await {
-                tracing::debug!(node_id = core.id, %error, "recording the cluster identity failed; will retry");
-            }
-        }
-        if !registered && core.members().contains_key(&core.id) {
-            let command = Command::RegisterNode {
-                node_id: core.id,
-                raft_addr: me.raft_addr.clone(),
-                api_addr: me.api_addr.clone(),
-            };
-            if let Err(error) = core.write(command).await {
-                tracing::debug!(node_id = core.id, %error, "registering this node failed; will retry");
-            }
         }
     }
 }

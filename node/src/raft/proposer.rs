@@ -13,12 +13,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use maos_raft_store::command::{BATCH_BYTES_MAX, BATCH_COMMANDS_MAX};
-use maos_raft_store::{Command, Raft, Request};
+use maos_raft_store::{Command, NodeId, Raft, Request, Response};
 use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::core::{Clock, ProposeOutcome};
-use crate::raft_network::{decode, encode, Channels};
+use crate::raft::network::{decode, encode, Channels};
+
+/// Milliseconds since the Unix epoch. Real nodes read the system clock; simulations supply theirs.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    })
+}
+
+/// What `Propose` returns to a forwarding node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ProposeOutcome {
+    Applied(Response),
+    /// The receiver is not the leader; the forwarder retries with its own view of the leader.
+    NotLeader {
+        leader_id: Option<NodeId>,
+    },
+    Failed(String),
+}
 
 /// Upper bound on commands waiting for a batch; a full queue makes submitters wait (backpressure).
 pub const QUEUE_CAPACITY: usize = 16_384;

@@ -1,5 +1,5 @@
 //! Raft traffic between nodes over tonic: the client side ([`RaftNetworkFactory`]) and the
-//! payload encoding shared with the server side ([`crate::raft_service`]).
+//! payload encoding shared with the server side ([`crate::raft::service`]).
 //!
 //! openraft's request and response types travel as JSON inside a versioned `RaftPayload`.
 

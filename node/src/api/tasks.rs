@@ -14,21 +14,20 @@ use futures::Stream;
 use maos_client::proto::v1::task_service_server::TaskService;
 use maos_client::proto::v1::{
     BatchSubmitItem, BatchSubmitRequest, BatchSubmitResponse, CancelTaskRequest, CancelTaskResponse, ChildResult,
-    CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest, ListTasksRequest, ListTasksResponse,
-    Priority as WirePriority, RetryTaskRequest, SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults,
-    TaskState as WireState, TaskView, WatchTaskRequest,
+    CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest, ListTasksRequest, ListTasksResponse, RetryTaskRequest,
+    SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults, TaskView, WatchTaskRequest,
 };
-use maos_raft_store::tasks::{
-    check_spec, Priority, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, TaskTable, PLAN_KEY_LABEL,
-};
+use maos_raft_store::tasks::{check_spec, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, PLAN_KEY_LABEL};
 use maos_raft_store::{Command, Response as Applied};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::{invalid, status_from, status_of_rejection};
-use crate::core::NodeCore;
-use crate::storage::{Payload, ResultRef, Storage, TaskPayloads};
+use crate::api::status::{invalid, status_from, status_of_rejection, storage_status};
+use crate::api::streams::{next_poll, stream_permit};
+use crate::api::views::{event, fill_view, fingerprint, priority_from, state_from, state_to, task_view, Fingerprint};
+use crate::raft::core::NodeCore;
+use crate::storage::{ResultRef, Storage, TaskPayloads};
 
 /// Attempt timeout when a submit leaves it unset.
 const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
@@ -39,10 +38,6 @@ const PAGE_SIZE_DEFAULT: usize = 100;
 const PAGE_SIZE_MAX: usize = 1_000;
 /// Events queued on one watch before the server waits for the client to read.
 const WATCH_QUEUE: usize = 64;
-/// The longest a watch waits before looking again without being woken.
-const WATCH_POLL: Duration = Duration::from_millis(100);
-/// Polls of one watch stay this far apart, however fast entries apply.
-const WATCH_GAP_MIN: Duration = Duration::from_millis(10);
 /// How long a watch waits for the task-data store to return before it ends with UNAVAILABLE.
 const WATCH_STORE_WAIT: Duration = Duration::from_secs(30);
 /// Children one watch follows, at most.
@@ -60,83 +55,8 @@ pub struct TaskApi {
     pub streams: Arc<tokio::sync::Semaphore>,
 }
 
-/// Open streams one node serves at most; beyond, a watch is refused with RESOURCE_EXHAUSTED.
-pub const STREAMS_MAX: usize = 4_096;
-
-/// Wait until a watch should look again: an applied change (or WATCH_POLL without one), then
-/// WATCH_GAP_MIN, so a write storm costs a watcher a bounded rescan rate. False when the
-/// watcher left or Raft stopped (then the stream ends with UNAVAILABLE).
-pub async fn next_poll<T>(
-    changes: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, maos_raft_store::MaosNode>>,
-    sender: &mpsc::Sender<Result<T, Status>>,
-) -> bool {
-    let raft_stopped = tokio::select! {
-        woken = tokio::time::timeout(WATCH_POLL, changes.changed()) => matches!(woken, Ok(Err(_))),
-        _ = sender.closed() => return false,
-    };
-    if raft_stopped {
-        let _ = sender.send(Err(Status::unavailable("the node is stopping; watch again through another node"))).await;
-        return false;
-    }
-    tokio::time::sleep(WATCH_GAP_MIN).await;
-    true
-}
-
-/// A permit for one more stream, or RESOURCE_EXHAUSTED.
-pub fn stream_permit(streams: &Arc<tokio::sync::Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-    streams.clone().try_acquire_owned().map_err(|_| {
-        Status::resource_exhausted(format!(
-            "streams: {STREAMS_MAX} watches and worker streams are open on this node; close some or use another node"
-        ))
-    })
-}
-
 /// The task type that is always planned.
 pub const MIXED_TYPE: &str = "mixed";
-
-fn priority_from(wire: i32) -> Result<Priority, Status> {
-    match WirePriority::try_from(wire) {
-        Ok(WirePriority::Unspecified | WirePriority::Normal) => Ok(Priority::Normal),
-        Ok(WirePriority::Low) => Ok(Priority::Low),
-        Ok(WirePriority::High) => Ok(Priority::High),
-        Ok(WirePriority::Critical) => Ok(Priority::Critical),
-        Err(_) => Err(invalid(format!("priority: {wire} is not one of LOW, NORMAL, HIGH, CRITICAL"))),
-    }
-}
-
-fn priority_to(priority: Priority) -> WirePriority {
-    match priority {
-        Priority::Low => WirePriority::Low,
-        Priority::Normal => WirePriority::Normal,
-        Priority::High => WirePriority::High,
-        Priority::Critical => WirePriority::Critical,
-    }
-}
-
-pub fn state_to(state: TaskState) -> WireState {
-    match state {
-        TaskState::Pending => WireState::Pending,
-        TaskState::Queued => WireState::Queued,
-        TaskState::Running => WireState::Running,
-        TaskState::Completed => WireState::Completed,
-        TaskState::Failed => WireState::Failed,
-        TaskState::Cancelled => WireState::Cancelled,
-    }
-}
-
-fn state_from(wire: i32) -> Result<TaskState, Status> {
-    match WireState::try_from(wire) {
-        Ok(WireState::Pending) => Ok(TaskState::Pending),
-        Ok(WireState::Queued) => Ok(TaskState::Queued),
-        Ok(WireState::Running) => Ok(TaskState::Running),
-        Ok(WireState::Completed) => Ok(TaskState::Completed),
-        Ok(WireState::Failed) => Ok(TaskState::Failed),
-        Ok(WireState::Cancelled) => Ok(TaskState::Cancelled),
-        _ => {
-            Err(invalid(format!("states: {wire} is not one of PENDING, QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED")))
-        }
-    }
-}
 
 /// Who made a request, for the audit log: its peer address (API principals are not in place yet).
 pub fn principal_of<T>(request: &Request<T>) -> String {
@@ -145,80 +65,6 @@ pub fn principal_of<T>(request: &Request<T>) -> String {
 
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
-}
-
-/// Put the stored payloads `fetched` into `view`.
-pub fn fill_view(view: &mut TaskView, payloads: &TaskPayloads, fetched: &std::collections::BTreeMap<Payload, String>) {
-    if let Some(input) = payloads.input.as_ref().and_then(|p| fetched.get(p)) {
-        view.input = input.clone();
-    }
-    if let Some(result) = &payloads.result {
-        view.result = result.resolve(fetched).unwrap_or_default();
-    }
-    if let Some(checkpoint) = payloads.checkpoint.as_ref().and_then(|p| fetched.get(p)) {
-        view.checkpoint = checkpoint.clone();
-    }
-}
-
-/// The view of one task.
-pub fn view(table: &TaskTable, task: &Task) -> TaskView {
-    let lease = task.lease.as_ref();
-    TaskView {
-        task_id: task.spec.id.clone(),
-        task_type: task.spec.task_type.clone(),
-        priority: priority_to(task.spec.priority) as i32,
-        state: state_to(task.state) as i32,
-        attempt: task.attempt,
-        result: task.result.clone().unwrap_or_default(),
-        cause: task.cause.clone().unwrap_or_default(),
-        slot: lease.map(|l| l.slot.clone()).unwrap_or_default(),
-        node_id: lease.map(|l| l.node_id).unwrap_or(0),
-        fencing_token: lease.map(|l| l.token).unwrap_or(0),
-        depends_on: task.spec.depends_on.clone(),
-        parent: task.spec.parent.clone().unwrap_or_default(),
-        submitter: task.spec.submitter.clone(),
-        children: table.children.get(&task.spec.id).map(|c| c.iter().cloned().collect()).unwrap_or_default(),
-        planning: task.spec.planner_type.is_some(),
-        expanded: task.expanded,
-        checkpoint: task.checkpoint.as_ref().map(|c| c.data.clone()).unwrap_or_default(),
-        checkpoint_attempt: task.checkpoint.as_ref().map(|c| c.attempt).unwrap_or(0),
-        progress_percent: task.progress.as_ref().map(|p| u32::from(p.percent)).unwrap_or(0),
-        progress_message: task.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default(),
-        input_tokens: task.usage.input_tokens,
-        output_tokens: task.usage.output_tokens,
-        max_retries: task.spec.max_retries,
-        description: task.spec.description.clone(),
-        idempotency_key: task.spec.idempotency_key.clone().unwrap_or_default(),
-        input: task.spec.input.clone(),
-    }
-}
-
-fn event(task: &Task, applied_index: u64, finished: bool) -> TaskEvent {
-    TaskEvent {
-        task_id: task.spec.id.clone(),
-        state: state_to(task.state) as i32,
-        attempt: task.attempt,
-        node_id: task.lease.as_ref().map(|l| l.node_id).unwrap_or(0),
-        progress_percent: task.progress.as_ref().map(|p| u32::from(p.percent)).unwrap_or(0),
-        progress_message: task.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default(),
-        cause: task.cause.clone().unwrap_or_default(),
-        result: task.result.clone().unwrap_or_default(),
-        applied_index,
-        finished,
-    }
-}
-
-/// What a watch reports of a task: an event is sent when this changes.
-type Fingerprint = (TaskState, u32, u64, Option<(u8, String)>, Option<String>);
-
-fn fingerprint(task: &Task) -> Fingerprint {
-    (
-        task.state,
-        task.attempt,
-        task.lease.as_ref().map(|l| l.token).unwrap_or(0),
-        task.progress.as_ref().map(|p| (p.percent, p.message.clone())),
-        task.cause.clone(),
-    )
 }
 
 impl TaskApi {
@@ -245,7 +91,7 @@ impl TaskApi {
             input_stored: false,
         };
         let mut spec = spec;
-        self.storage.check_payload("input", &spec.input).map_err(|e| e.status())?;
+        self.storage.check_payload("input", &spec.input).map_err(|e| storage_status(&e))?;
         let staged = if self.storage.is_embedded() { String::new() } else { std::mem::take(&mut spec.input) };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
         if spec.submitter.len() > 128 {
@@ -283,7 +129,7 @@ impl TaskApi {
         let (mut spec, staged) = self.spec_from(request)?;
         let our_id = spec.id.clone();
         if !staged.is_empty() {
-            spec.input_stored = self.storage.stage_input(&spec.id, &staged).await.map_err(|e| e.status())?;
+            spec.input_stored = self.storage.stage_input(&spec.id, &staged).await.map_err(|e| storage_status(&e))?;
             if !spec.input_stored {
                 spec.input = staged;
             }
@@ -308,7 +154,7 @@ impl TaskApi {
         if wanted.is_empty() {
             return Ok(());
         }
-        let fetched = self.storage.fetch(wanted).await.map_err(|e| e.status())?;
+        let fetched = self.storage.fetch(wanted).await.map_err(|e| storage_status(&e))?;
         for (view, payloads) in views.iter_mut() {
             fill_view(view, payloads, &fetched);
         }
@@ -325,7 +171,7 @@ impl TaskApi {
             let state = self.core.state.read();
             let table = &state.app.tasks;
             let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
-            [(view(table, task), TaskPayloads::of(table, task))]
+            [(task_view(table, task), TaskPayloads::of(table, task))]
         };
         self.fill_views(&mut one).await?;
         let [(view, _)] = one;
@@ -416,7 +262,7 @@ impl TaskService for TaskApi {
                         page.last().map(|(t, _): &(TaskView, TaskPayloads)| t.task_id.clone()).unwrap_or_default();
                     break;
                 }
-                page.push((view(table, task), TaskPayloads::of(table, task)));
+                page.push((task_view(table, task), TaskPayloads::of(table, task)));
                 let _ = id;
             }
         }
@@ -463,7 +309,7 @@ impl TaskService for TaskApi {
         };
         let mut wanted = Vec::new();
         refs.iter().for_each(|r| r.wanted(&mut wanted));
-        let fetched = self.storage.fetch(wanted).await.map_err(|e| e.status())?;
+        let fetched = self.storage.fetch(wanted).await.map_err(|e| storage_status(&e))?;
         let mut resolved = refs.iter().map(|r| r.resolve(&fetched).unwrap_or_default());
         results.result = resolved.next().unwrap_or_default();
         for (child, result) in children.iter_mut().zip(resolved) {
@@ -522,7 +368,7 @@ impl TaskService for TaskApi {
                 let fetched = match storage.fetch_retrying(wanted, deadline).await {
                     Ok(fetched) => fetched,
                     Err(error) => {
-                        let _ = sender.send(Err(error.status())).await;
+                        let _ = sender.send(Err(storage_status(&error))).await;
                         return;
                     }
                 };
@@ -560,8 +406,11 @@ impl TaskService for TaskApi {
 
     async fn complete(&self, request: Request<CompleteTaskRequest>) -> Result<Response<CompleteTaskResponse>, Status> {
         let CompleteTaskRequest { task_id, fencing_token, result } = request.into_inner();
-        let command =
-            self.storage.complete_command(&self.core, &task_id, fencing_token, result).await.map_err(|e| e.status())?;
+        let command = self
+            .storage
+            .complete_command(&self.core.state, &task_id, fencing_token, result)
+            .await
+            .map_err(|e| storage_status(&e))?;
         match self.core.write(Command::Task(command)).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Completed) => Ok(Response::new(CompleteTaskResponse {})),
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),

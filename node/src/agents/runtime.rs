@@ -1,0 +1,253 @@
+//! The runtime's loop: register this node's pool, start an attempt for each new lease within the
+//! spawn rate, renew every lease in one command per interval, drop attempts whose lease is lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use maos_raft_store::tasks::{AgentState, Slot, TaskCommand, TaskId, TaskResponse};
+use maos_raft_store::{Command, Response};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::credential::Credentials;
+use super::envelope::ApiAccess;
+use crate::config::Config;
+use crate::raft::core::NodeCore;
+use crate::storage::Storage;
+
+use super::attempt::run_attempt;
+use super::{configured_slots, envelope_for, AgentMetrics, Backend};
+
+/// The longest the runtime waits before looking at the state again without being woken.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Consecutive start failures after which an agent is marked FAILED.
+const SPAWN_FAILURES_MAX: u32 = 3;
+
+/// A token bucket: at most `rate` starts per second, bursts up to `rate`.
+struct SpawnRate {
+    rate: f64,
+    tokens: f64,
+    refilled: tokio::time::Instant,
+}
+
+impl SpawnRate {
+    fn new(rate: u32, now: tokio::time::Instant) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { rate, tokens: rate, refilled: now }
+    }
+
+    fn try_take(&mut self, now: tokio::time::Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Attempt {
+    token: u64,
+    slot: String,
+    work: JoinHandle<bool>,
+}
+
+/// This node's agent runtime.
+pub struct AgentRuntime {
+    pub core: Arc<NodeCore>,
+    pub storage: Arc<Storage>,
+    pub config: Config,
+    pub backends: BTreeMap<String, Arc<Backend>>,
+    pub credentials: Arc<Credentials>,
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl AgentRuntime {
+    /// Run until `stopped`.
+    pub async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let configured = configured_slots(&self.config);
+        let settings = self.config.scheduler.clone();
+        let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
+        let endpoint = format!("http://{}", self.config.advertised_api_addr());
+        let credentials = self.credentials.clone();
+        let api = move |task_id: &str, token: u64| ApiAccess {
+            endpoint: endpoint.clone(),
+            credential: credentials.issue(task_id, token),
+        };
+        let mut rate = SpawnRate::new(self.config.system.agent_spawn_rate, tokio::time::Instant::now());
+        let mut running: BTreeMap<TaskId, Attempt> = BTreeMap::new();
+        // Attempts that ended here, until this node's state no longer shows their lease: their
+        // outcome may not have applied here yet (or at all), and they must not run again.
+        let mut ended: BTreeMap<TaskId, u64> = BTreeMap::new();
+        let mut start_failures: BTreeMap<String, u32> = BTreeMap::new();
+        let mut last_renewal = tokio::time::Instant::now();
+        let mut changes = self.core.raft.metrics();
+        loop {
+            let raft_stopped_reporting = tokio::select! {
+                woken = tokio::time::timeout(POLL_INTERVAL, changes.changed()) => matches!(woken, Ok(Err(_))),
+                _ = stopped.wait_for(|stop| *stop) => {
+                    running.values().for_each(|a| a.work.abort());
+                    return;
+                }
+            };
+            if raft_stopped_reporting {
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+            // Finished attempts: count start failures per agent.
+            let finished: Vec<TaskId> =
+                running.iter().filter(|(_, a)| a.work.is_finished()).map(|(id, _)| id.clone()).collect();
+            for task_id in finished {
+                let Some(attempt) = running.remove(&task_id) else { continue };
+                ended.insert(task_id.clone(), attempt.token);
+                let spawn_failed = attempt.work.await.unwrap_or(false);
+                let failures = start_failures.entry(attempt.slot.clone()).or_default();
+                *failures = if spawn_failed { *failures + 1 } else { 0 };
+                if *failures >= SPAWN_FAILURES_MAX {
+                    *failures = 0;
+                    tracing::error!(node_id = self.core.id, agent_id = %attempt.slot, "the agent failed to start {SPAWN_FAILURES_MAX} times in a row; marking it FAILED until resumed");
+                    let command =
+                        TaskCommand::SetAgentState { agent_id: attempt.slot.clone(), state: AgentState::Failed };
+                    if let Err(error) = self.core.write(Command::Task(command)).await {
+                        tracing::warn!(agent_id = %attempt.slot, %error, "marking the agent FAILED did not apply");
+                    }
+                }
+            }
+            // What the replicated state says: the pool, and the leases on it.
+            let now_ms = (self.core.clock)();
+            let (spawned, registered, new_leases, held) = {
+                let state = self.core.state.read();
+                let table = &state.app.tasks;
+                // Agents spawned at run time live in the replicated state only; terminated ones
+                // are dropped at the next registration (configured ones stay, terminated).
+                let spawned: BTreeMap<String, Slot> = table
+                    .slots
+                    .iter()
+                    .filter(|(id, s)| {
+                        s.node_id == self.core.id && !configured.contains_key(*id) && s.state != AgentState::Terminated
+                    })
+                    .map(|(id, s)| (id.clone(), s.clone()))
+                    .collect();
+                let own = table.slots.values().filter(|s| s.node_id == self.core.id).count();
+                let registered = own == configured.len() + spawned.len()
+                    && configured.iter().all(|(id, slot)| table.slots.get(id).is_some_and(|s| s.same_definition(slot)));
+                let mut held: BTreeMap<TaskId, u64> = BTreeMap::new();
+                let mut new_leases = Vec::new();
+                for (slot_id, slot) in configured.iter().chain(spawned.iter()) {
+                    let Some(task_id) = table.slot_holder.get(slot_id) else { continue };
+                    let Some(token) = table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token) else {
+                        continue;
+                    };
+                    if ended.get(task_id) == Some(&token) {
+                        // Its outcome is on its way; no renewal, no second run.
+                        continue;
+                    }
+                    held.insert(task_id.clone(), token);
+                    if running.get(task_id).is_none_or(|a| a.token != token) {
+                        if let Some(envelope) =
+                            envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &api)
+                        {
+                            new_leases.push((slot_id.clone(), slot.agent_type.clone(), envelope));
+                        }
+                    }
+                }
+                (spawned, registered, new_leases, held)
+            };
+            if !registered && self.core.leader().is_some() {
+                let pool = configured.iter().map(|(id, s)| (id.clone(), s.clone())).chain(spawned).collect();
+                let command = Command::Task(TaskCommand::RegisterSlots { node_id: self.core.id, slots: pool });
+                match self.core.write(command).await {
+                    Ok(_) => continue,
+                    // Still renew below: a refused registration must not make the node look dead.
+                    Err(error) => {
+                        tracing::warn!(node_id = self.core.id, %error, "registering the agent pool failed; retrying")
+                    }
+                }
+            }
+            {
+                let state = self.core.state.read();
+                let table = &state.app.tasks;
+                ended.retain(|task_id, token| {
+                    table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).is_some_and(|l| l.token == *token)
+                });
+            }
+            // Lease lost: stop the attempt (dropping it kills a command agent's process group).
+            running.retain(|task_id, attempt| {
+                let kept = held.get(task_id) == Some(&attempt.token);
+                if !kept {
+                    tracing::info!(node_id = self.core.id, task_id = %task_id, token = attempt.token, "lease lost; stopping the agent");
+                    attempt.work.abort();
+                }
+                kept
+            });
+            // New leases: start their agents.
+            for (slot_id, agent_type, (envelope, needs)) in new_leases {
+                let backend = self.backends.get(&agent_type).cloned();
+                let Some(backend) = backend else {
+                    // A spawned agent of a type this node's configuration no longer has.
+                    let error = format!("node {} has no backend for agent type {agent_type:?}", self.core.id);
+                    let fail = TaskCommand::Fail {
+                        task_id: envelope.task_id.clone(),
+                        token: envelope.fencing_token,
+                        error,
+                        retryable: true,
+                    };
+                    if let Err(error) = self.core.write(Command::Task(fail)).await {
+                        tracing::warn!(task_id = %envelope.task_id, %error, "failing an attempt with no backend did not apply");
+                    }
+                    continue;
+                };
+                if !backend.is_builtin() && !rate.try_take(tokio::time::Instant::now()) {
+                    // Over system.agent_spawn_rate: started on a later wake-up (the lease is renewed meanwhile).
+                    continue;
+                }
+                tracing::debug!(node_id = self.core.id, task_id = %envelope.task_id, agent_id = %slot_id, attempt = envelope.attempt, "starting an attempt");
+                let task_id = envelope.task_id.clone();
+                let token = envelope.fencing_token;
+                let work = tokio::spawn(run_attempt(
+                    self.core.clone(),
+                    self.storage.clone(),
+                    backend,
+                    (envelope, needs),
+                    self.metrics.clone(),
+                ));
+                running.insert(task_id, Attempt { token, slot: slot_id, work });
+            }
+            // Renew even with nothing running: the renewal is also this node's liveness signal.
+            if last_renewal.elapsed() >= Duration::from_millis(settings.lease_renew_interval_ms) {
+                last_renewal = tokio::time::Instant::now();
+                let leases = held.into_iter().collect();
+                let renew = TaskCommand::Renew { node_id: self.core.id, leases, lease_ms: settings.lease_ms };
+                match self.core.write(Command::Task(renew)).await {
+                    Ok(Response::Task(TaskResponse::Renewed { lost, .. })) => {
+                        for task_id in lost {
+                            if let Some(attempt) = running.remove(&task_id) {
+                                tracing::info!(node_id = self.core.id, task_id = %task_id, "lease not renewed; stopping the agent");
+                                attempt.work.abort();
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::debug!(%error, "lease renewal failed; retrying next interval"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_are_limited_to_the_spawn_rate() {
+        let start = tokio::time::Instant::now();
+        let mut rate = SpawnRate::new(10, start);
+        let burst = (0..20).filter(|_| rate.try_take(start)).count();
+        assert_eq!(burst, 10, "a full bucket allows one second's worth at once");
+        let later = start + Duration::from_millis(300);
+        assert_eq!((0..20).filter(|_| rate.try_take(later)).count(), 3, "then 10 per second");
+    }
+}

@@ -1,0 +1,289 @@
+//! The cluster service: status, formation, leadership transfer and membership changes (run on
+//! the leader: here when this node leads, forwarded once otherwise).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
+use maos_client::proto::v1::cluster_service_server::ClusterService;
+use maos_client::proto::v1::*;
+use maos_raft_store::MaosNode;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tonic::{Request, Response, Status};
+
+use crate::api::status::invalid;
+use crate::api::views::task_counts;
+use crate::config::check_address;
+use crate::raft::core::NodeCore;
+
+/// Header marking a request already forwarded once, so forwarding never loops.
+const FORWARDED_HEADER: &str = "x-maos-forwarded";
+
+/// The cluster service.
+pub struct ClusterApi {
+    pub core: Arc<NodeCore>,
+    /// The members a new cluster forms with (`cluster.peers`, or this node alone).
+    pub formation_peers: BTreeMap<u64, MaosNode>,
+}
+
+fn member_list(core: &NodeCore) -> Vec<Member> {
+    core.members()
+        .into_iter()
+        .map(|(id, (node, voter))| Member { id, raft_addr: node.raft_addr, api_addr: node.api_addr, voter })
+        .collect()
+}
+
+impl ClusterApi {
+    /// Run a membership change on the leader: here if this node leads, else forwarded once.
+    async fn on_leader<T, Local, Fut, Remote, RFut>(
+        &self,
+        forwarded: bool,
+        local: Local,
+        remote: Remote,
+    ) -> Result<T, Status>
+    where
+        Local: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+        Remote: FnOnce(ClusterServiceClient<tonic::transport::Channel>) -> RFut,
+        RFut: std::future::Future<Output = Result<T, Status>>,
+    {
+        if self.core.is_leader() {
+            return local().await;
+        }
+        if forwarded {
+            return Err(Status::unavailable("leadership moved while forwarding; retry"));
+        }
+        let (leader, node) = self.core.leader().ok_or_else(|| Status::unavailable("no leader known; retry"))?;
+        let channel = self
+            .core
+            .channels
+            .get(&node.api_addr)
+            .map_err(|e| Status::unavailable(format!("leader {leader} at {}: {e}", node.api_addr)))?;
+        remote(ClusterServiceClient::new(channel)).await
+    }
+}
+
+fn forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED_HEADER)
+}
+
+fn mark_forwarded<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+fn membership_status(error: RaftError<u64, ClientWriteError<u64, MaosNode>>) -> Status {
+    match &error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Status::unavailable(format!("{error}; retry")),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Status::failed_precondition(e.to_string()),
+        RaftError::Fatal(_) => Status::unavailable(error.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn initialize(&self, _: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
+        let already_initialized = match crate::raft::formation::formation_check(&self.core, &self.formation_peers).await
+        {
+            crate::raft::formation::Formation::Formed { .. } => true,
+            crate::raft::formation::Formation::NotReady { reason, .. } => {
+                return Err(Status::failed_precondition(format!("the cluster cannot form yet: {reason}")));
+            }
+            crate::raft::formation::Formation::Ready => {
+                self.core.raft.initialize(self.formation_peers.clone()).await.map_err(|error| {
+                    Status::failed_precondition(format!("the cluster did not form: {error}; retry"))
+                })?;
+                tracing::info!(node_id = self.core.id, members = ?self.formation_peers.keys().collect::<Vec<_>>(), "initialised the cluster (maos cluster init)");
+                false
+            }
+        };
+        let members = if already_initialized {
+            member_list(&self.core)
+        } else {
+            self.formation_peers
+                .iter()
+                .map(|(id, node)| Member {
+                    id: *id,
+                    raft_addr: node.raft_addr.clone(),
+                    api_addr: node.api_addr.clone(),
+                    voter: true,
+                })
+                .collect()
+        };
+        Ok(Response::new(InitializeResponse { already_initialized, members }))
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let with_state_hash = request.into_inner().with_state_hash;
+        let metrics = self.core.raft.metrics().borrow().clone();
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader_api_addr = self.core.leader().map(|(_, node)| node.api_addr).unwrap_or_default();
+        let (state_hash, cluster_id, last_applied_index, tasks) = {
+            let state = self.core.state.read();
+            let counts = task_counts(&state.app.tasks);
+            (
+                if with_state_hash { state.state_hash() } else { String::new() },
+                state.app.cluster.as_ref().map(|c| c.cluster_id.clone()).unwrap_or_default(),
+                state.last_applied.map(|id| id.index).unwrap_or(0),
+                counts,
+            )
+        };
+        Ok(Response::new(StatusResponse {
+            node_id: self.core.id,
+            role: role.into(),
+            current_term: metrics.current_term,
+            leader_id: metrics.current_leader,
+            leader_api_addr,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            last_applied_index,
+            state_hash,
+            cluster_id,
+            cluster_name: self.core.cluster_name.clone(),
+            members: member_list(&self.core),
+            tasks: Some(tasks),
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let forwarded = forwarded(&request);
+        let target = request.into_inner().node_id;
+        let members = self.core.members();
+        match members.get(&target) {
+            None => return Err(Status::not_found(format!("node_id: {target} is not a member"))),
+            Some((_, false)) => return Err(invalid(format!("node_id: {target} is a learner; only a voter can lead"))),
+            Some(_) => {}
+        }
+        if target != self.core.id {
+            if forwarded {
+                return Err(Status::unavailable("the transfer was forwarded to the wrong node; retry"));
+            }
+            let (node, _) = &members[&target];
+            let channel = self
+                .core
+                .channels
+                .get(&node.api_addr)
+                .map_err(|e| Status::unavailable(format!("node {target} at {}: {e}", node.api_addr)))?;
+            let answer = ClusterServiceClient::new(channel)
+                .transfer_leader(mark_forwarded(TransferLeaderRequest { node_id: target }))
+                .await?;
+            return Ok(answer);
+        }
+        let start_term = self.core.raft.metrics().borrow().current_term;
+        if !self.core.is_leader() {
+            self.core
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| Status::unavailable(format!("the election could not start: {e}")))?;
+        }
+        let deadline = tokio::time::Instant::now() + self.core.request_timeout;
+        let mut metrics = self.core.raft.metrics();
+        loop {
+            let (leader, term) = {
+                let m = metrics.borrow();
+                (m.current_leader, m.current_term)
+            };
+            match leader {
+                Some(leader) if leader == self.core.id => {
+                    return Ok(Response::new(TransferLeaderResponse { leader_id: leader, term }))
+                }
+                Some(other) if term > start_term || tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {other} won the election for term {term}; try again"
+                    )))
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::deadline_exceeded("no leader emerged in time; try again"))
+                }
+                _ => {}
+            }
+            if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+                return Err(Status::unavailable("the node is stopping"));
+            }
+        }
+    }
+
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<AddNodeResponse>, Status> {
+        let forwarded = forwarded(&request);
+        let add = request.into_inner();
+        if add.id == 0 {
+            return Err(invalid("id: must be at least 1"));
+        }
+        check_address(&add.raft_addr).map_err(|e| invalid(format!("raft_addr: {e}")))?;
+        check_address(&add.api_addr).map_err(|e| invalid(format!("api_addr: {e}")))?;
+        if let Some((existing, _)) = self.core.members().get(&add.id) {
+            if existing.raft_addr != add.raft_addr {
+                return Err(Status::already_exists(format!(
+                    "id: node {} is already a member at {}; remove it first or choose another id",
+                    add.id, existing.raft_addr
+                )));
+            }
+        }
+        let core = self.core.clone();
+        let remote_add = add.clone();
+        self.on_leader(
+            forwarded,
+            || async move {
+                let node = MaosNode { raft_addr: add.raft_addr.clone(), api_addr: add.api_addr.clone() };
+                // Blocking: returns once the learner has caught up, or not at all if it is
+                // unreachable, hence the deadline. A learner that timed out stays a learner.
+                tokio::time::timeout(core.request_timeout, core.raft.add_learner(add.id, node, true))
+                    .await
+                    .map_err(|_| {
+                        Status::deadline_exceeded(format!(
+                            "node {} was added as a learner but did not catch up within {} ms; check that it runs and is reachable at {}, then run add-node again, or remove-node {}",
+                            add.id,
+                            core.request_timeout.as_millis(),
+                            add.raft_addr,
+                            add.id
+                        ))
+                    })?
+                    .map_err(membership_status)?;
+                if !add.learner_only {
+                    let voters = BTreeSet::from([add.id]);
+                    core.raft
+                        .change_membership(ChangeMembers::AddVoterIds(voters), false)
+                        .await
+                        .map_err(membership_status)?;
+                }
+                Ok(Response::new(AddNodeResponse { members: member_list(&core) }))
+            },
+            |mut client| async move { client.add_node(mark_forwarded(remote_add)).await },
+        )
+        .await
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
+        let forwarded = forwarded(&request);
+        let id = request.into_inner().id;
+        let members = self.core.members();
+        let Some((_, voter)) = members.get(&id) else {
+            return Err(Status::not_found(format!("id: node {id} is not a member")));
+        };
+        let voter = *voter;
+        let core = self.core.clone();
+        self.on_leader(
+            forwarded,
+            || async move {
+                let ids = BTreeSet::from([id]);
+                let change = if voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
+                core.raft.change_membership(change, false).await.map_err(membership_status)?;
+                Ok(Response::new(RemoveNodeResponse { members: member_list(&core) }))
+            },
+            |mut client| async move { client.remove_node(mark_forwarded(RemoveNodeRequest { id })).await },
+        )
+        .await
+    }
+}

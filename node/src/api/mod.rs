@@ -1,0 +1,24 @@
+//! The client API on port 8000: gRPC services, the REST mirror, `/health`, `/ready` and
+//! `/metrics`, all on one port.
+//!
+//! - `status.rs`: every error (refusals, the write path's, the task-data store's) to a gRPC
+//!   status, in one place; nothing below this layer knows tonic's `Status`.
+//! - `views.rs`: replicated records as API messages, and enum conversions.
+//! - `streams.rs`: the bound on open streams and the watches' polling.
+//! - `kv.rs`, `cluster.rs`, `tasks.rs`, `agents.rs`, `workers.rs`: the gRPC services.
+//! - `rest.rs` (routes and the HTTP mapping of statuses) and `openapi.rs` (its document).
+//! - `http.rs`: `/health`, `/ready`, `/metrics`.
+//!
+//! The REST handlers call the gRPC service structs, so both surfaces share validation.
+
+pub(crate) mod agents;
+pub(crate) mod cluster;
+pub(crate) mod http;
+pub(crate) mod kv;
+pub(crate) mod openapi;
+pub(crate) mod rest;
+pub(crate) mod status;
+pub(crate) mod streams;
+pub(crate) mod tasks;
+pub(crate) mod views;
+pub(crate) mod workers;

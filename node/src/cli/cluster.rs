@@ -1,0 +1,261 @@
+//! `maos status`, `maos health` and `maos cluster …`: each node's view, health probes, and
+//! membership changes (which go to the first endpoint and wait for the cluster's answer).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
+use maos_client::proto::v1::{AddNodeRequest, RemoveNodeRequest, TransferLeaderRequest};
+use maos_client::Client;
+
+use super::args::{ClusterCommand, Target};
+use super::output::print_members;
+use super::Unhealthy;
+
+/// Deadline of a membership change from the CLI; the server bounds its own part tighter.
+const ADMIN_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn admin_call<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        // Typed, so the exit code says what went wrong (3 refused, 4 not found, 5 unavailable).
+        Ok(Err(status)) => Err(maos_client::ClientError::from_status(status).into()),
+        Err(_) => Err(maos_client::ClientError::Unavailable {
+            deadline_ms: ADMIN_CALL_TIMEOUT.as_millis() as u64,
+            last: "no answer from the first endpoint".into(),
+        }
+        .into()),
+    }
+}
+
+async fn cluster_client(target: &Target) -> anyhow::Result<(Client, ClusterServiceClient<tonic::transport::Channel>)> {
+    let client = Client::new(target.endpoints.clone())?;
+    let channel = client.channel(0).context("no endpoint")?;
+    Ok((client, ClusterServiceClient::new(channel)))
+}
+
+/// `maos cluster init`: ask the first endpoint to form the cluster, then wait for a leader.
+async fn cluster_init(target: &Target) -> anyhow::Result<()> {
+    let (client, mut cluster) = cluster_client(target).await?;
+    let answer = admin_call(cluster.initialize(maos_client::proto::v1::InitializeRequest {})).await?;
+    let deadline = tokio::time::Instant::now() + ADMIN_CALL_TIMEOUT;
+    let spinner = ['|', '/', '-', '\\'];
+    let mut turn = 0;
+    let status = loop {
+        match client.status_of(0, false).await {
+            Ok(status) if status.leader_id.is_some() => break status,
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(Unhealthy(format!(
+                    "the cluster formed but elected no leader within {} s; check `maos status`",
+                    ADMIN_CALL_TIMEOUT.as_secs()
+                ))
+                .into());
+            }
+            _ => {}
+        }
+        if !target.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r{} waiting for a leader", spinner[turn % spinner.len()]);
+            turn += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    if target.json {
+        let members: Vec<u64> = answer.members.iter().map(|m| m.id).collect();
+        println!(
+            "{}",
+            serde_json::json!({"already_initialized": answer.already_initialized, "members": members,
+                "leader_id": status.leader_id, "term": status.current_term})
+        );
+    } else {
+        if turn > 0 {
+            eprintln!("\r                       \r");
+        }
+        let what = if answer.already_initialized { "was already formed" } else { "formed" };
+        println!(
+            "cluster {} {what}: leader node {} (term {})",
+            status.cluster_name,
+            status.leader_id.unwrap_or(0),
+            status.current_term
+        );
+        print_members(&answer.members, false);
+    }
+    Ok(())
+}
+
+/// `maos cluster …`.
+pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::TransferLeader { to, target } => {
+            let (_, mut cluster) = cluster_client(&target).await?;
+            let answer = admin_call(cluster.transfer_leader(TransferLeaderRequest { node_id: to })).await?;
+            if target.json {
+                println!("{}", serde_json::json!({"leader_id": answer.leader_id, "term": answer.term}));
+            } else {
+                println!("node {} leads (term {})", answer.leader_id, answer.term);
+            }
+            Ok(())
+        }
+        ClusterCommand::Init { target } => cluster_init(&target).await,
+        ClusterCommand::Members { target } => {
+            let (client, _) = cluster_client(&target).await?;
+            let status = client.status_of(0, false).await?;
+            print_members(&status.members, target.json);
+            Ok(())
+        }
+        ClusterCommand::AddNode { id, raft_addr, api_addr, learner_only, target } => {
+            let (_, mut cluster) = cluster_client(&target).await?;
+            let response =
+                admin_call(cluster.add_node(AddNodeRequest { id, raft_addr, api_addr, learner_only })).await?;
+            print_members(&response.members, target.json);
+            Ok(())
+        }
+        ClusterCommand::RemoveNode { id, target } => {
+            let (_, mut cluster) = cluster_client(&target).await?;
+            let response = admin_call(cluster.remove_node(RemoveNodeRequest { id })).await?;
+            print_members(&response.members, target.json);
+            Ok(())
+        }
+    }
+}
+
+/// `maos status`: each endpoint's view of the cluster.
+pub async fn status(target: &Target) -> anyhow::Result<()> {
+    let client = Client::new(target.endpoints.clone())?;
+    let mut rows = Vec::new();
+    for (index, endpoint) in client.endpoints().iter().enumerate() {
+        match client.status_of(index, true).await {
+            Ok(s) => rows.push(serde_json::json!({
+                "endpoint": endpoint, "node_id": s.node_id, "role": s.role, "term": s.current_term,
+                "leader_id": s.leader_id, "last_log_index": s.last_log_index,
+                "last_applied_index": s.last_applied_index, "state_hash": s.state_hash,
+                "cluster_id": s.cluster_id, "cluster_name": s.cluster_name,
+            })),
+            Err(error) => rows.push(serde_json::json!({"endpoint": endpoint, "error": error.to_string()})),
+        }
+    }
+    if target.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        println!(
+            "{:<22} {:<5} {:<10} {:<6} {:<7} {:<9} {:<17}",
+            "ENDPOINT", "NODE", "ROLE", "TERM", "LEADER", "APPLIED", "STATE HASH"
+        );
+        for row in rows {
+            if let Some(error) = row.get("error") {
+                println!(
+                    "{:<22} unreachable: {}",
+                    row["endpoint"].as_str().unwrap_or(""),
+                    error.as_str().unwrap_or("")
+                );
+                continue;
+            }
+            println!(
+                "{:<22} {:<5} {:<10} {:<6} {:<7} {:<9} {:<17}",
+                row["endpoint"].as_str().unwrap_or(""),
+                row["node_id"],
+                row["role"].as_str().unwrap_or(""),
+                row["term"],
+                row["leader_id"],
+                row["last_applied_index"],
+                row["state_hash"].as_str().unwrap_or("").get(..16).unwrap_or(""),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `/health` and `/ready` of every endpoint, and with `all_components` the cluster's status; an
+/// unhealthy answer is an error (exit code 5).
+pub async fn health(endpoints: &[String], all_components: bool, json: bool) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    let mut rows = Vec::new();
+    let mut unhealthy = Vec::new();
+    for endpoint in endpoints {
+        let base = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
+        let mut row = serde_json::json!({"endpoint": endpoint});
+        for probe in ["health", "ready"] {
+            let answer = http.get(format!("{base}/{probe}")).send().await;
+            let (ok, detail) = match answer {
+                Ok(response) => {
+                    let ok = response.status().is_success();
+                    (ok, response.text().await.unwrap_or_default().trim().to_string())
+                }
+                Err(error) => (false, format!("unreachable: {error}")),
+            };
+            if !ok {
+                unhealthy.push(format!("{endpoint} {probe}: {detail}"));
+            }
+            row[probe] = serde_json::json!({"ok": ok, "detail": detail});
+        }
+        if all_components {
+            let client = Client::new([endpoint.clone()])?.with_deadline(Duration::from_secs(3));
+            match client.status_of(0, false).await {
+                Ok(status) => {
+                    let tasks = status.tasks.unwrap_or_default();
+                    row["raft"] = serde_json::json!({"node_id": status.node_id, "role": status.role,
+                        "term": status.current_term, "leader_id": status.leader_id,
+                        "applied": status.last_applied_index, "members": status.members.len()});
+                    row["tasks"] = serde_json::json!({"queued": tasks.queued, "running": tasks.running,
+                        "pending": tasks.pending, "queue_limit": tasks.queue_limit});
+                }
+                Err(error) => row["raft"] = serde_json::json!({"error": error.to_string()}),
+            }
+            // The task-data store, from the node's metrics (readiness above says whether it answers).
+            match http.get(format!("{base}/metrics")).send().await {
+                Ok(response) => {
+                    let text = response.text().await.unwrap_or_default();
+                    let backend = text
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("maos_storage_backend{backend=\"")?
+                                .split_once('"')
+                                .map(|(b, _)| b.to_string())
+                        })
+                        .unwrap_or_else(|| "unknown".into());
+                    let sample = |name: &str| -> u64 {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                            .unwrap_or(0.0) as u64
+                    };
+                    row["storage"] = serde_json::json!({"backend": backend,
+                        "reachable": !row["ready"]["detail"].as_str().unwrap_or("").contains("task-data store"),
+                        "database_connection_errors": sample("maos_database_connection_errors_total"),
+                        "redis_errors": sample("maos_redis_errors_total"),
+                        "cache_hits": sample("maos_cache_hits_total"), "cache_misses": sample("maos_cache_misses_total")});
+                }
+                Err(error) => row["storage"] = serde_json::json!({"error": error.to_string()}),
+            }
+            match client.agents(0).await {
+                Ok(agents) => row["agents"] = serde_json::json!({"total": agents.total, "busy": agents.active}),
+                Err(error) => row["agents"] = serde_json::json!({"error": error.to_string()}),
+            }
+        }
+        rows.push(row);
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        for row in &rows {
+            let mark = |probe: &str| if row[probe]["ok"].as_bool() == Some(true) { "ok" } else { "FAIL" };
+            println!(
+                "{:<22} health {:<4} ready {:<4} {}",
+                row["endpoint"].as_str().unwrap_or(""),
+                mark("health"),
+                mark("ready"),
+                row["ready"]["detail"].as_str().unwrap_or("")
+            );
+            if all_components {
+                println!("   raft:    {}", row["raft"]);
+                println!("   storage: {}", row["storage"]);
+                println!("   tasks:   {}", row["tasks"]);
+                println!("   agents:  {}", row["agents"]);
+            }
+        }
+    }
+    if !unhealthy.is_empty() {
+        return Err(Unhealthy(format!("unhealthy: {}", unhealthy.join("; "))).into());
+    }
+    Ok(())
+}

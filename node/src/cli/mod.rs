@@ -1,0 +1,153 @@
+//! The `maos` command line: parses with [`args`], runs one command, maps its error to an exit code.
+//!
+//! It is a client of the cluster (through `maos-client`) and of the server library's declared
+//! boundary (`serve`, `config`, `storage::postgres` for `maos db`); the server never imports it.
+//!
+//! Tables by default, `--json` for scripts. Exit codes scripts can rely on ([`exit_code`]):
+//! 0 success, 1 other error, 2 bad usage (clap), 3 input refused (INVALID_ARGUMENT /
+//! FAILED_PRECONDITION), 4 not found, 5 cluster unavailable or unhealthy, 6 resource exhausted
+//! (retry later), 7 the watched or awaited task ended FAILED or CANCELLED.
+
+mod agent;
+pub mod args;
+mod cluster;
+mod db;
+mod kv;
+mod output;
+mod task;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use maos_client::{Client, ClientError};
+use maos_node::config::Config;
+
+use args::{Cli, Commands, ConfigCommand, Target};
+
+/// Exit codes.
+pub const EXIT_REFUSED: u8 = 3;
+pub const EXIT_NOT_FOUND: u8 = 4;
+pub const EXIT_UNAVAILABLE: u8 = 5;
+pub const EXIT_EXHAUSTED: u8 = 6;
+pub const EXIT_TASK_FAILED: u8 = 7;
+
+/// A task that ended FAILED or CANCELLED (exit code 7).
+#[derive(Debug, thiserror::Error)]
+#[error("task {task_id} ended {state}: {cause}")]
+pub struct TaskEnded {
+    pub task_id: String,
+    pub state: &'static str,
+    pub cause: String,
+}
+
+/// The cluster or a node is not healthy (exit code 5).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unhealthy(pub String);
+
+/// A check that found something to do (exit code 3), such as pending migrations.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// The exit code for an error.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<Refused>().is_some() {
+        return EXIT_REFUSED;
+    }
+    if let Some(storage) = error.downcast_ref::<maos_node::storage::StorageError>() {
+        return if storage.is_unavailable() { EXIT_UNAVAILABLE } else { 1 };
+    }
+    if error.downcast_ref::<TaskEnded>().is_some() {
+        return EXIT_TASK_FAILED;
+    }
+    if error.downcast_ref::<Unhealthy>().is_some() {
+        return EXIT_UNAVAILABLE;
+    }
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::InvalidArgument(_) | ClientError::FailedPrecondition(_)) => EXIT_REFUSED,
+        Some(ClientError::NotFound(_)) => EXIT_NOT_FOUND,
+        Some(ClientError::Unavailable { .. }) => EXIT_UNAVAILABLE,
+        Some(ClientError::ResourceExhausted(_)) => EXIT_EXHAUSTED,
+        Some(ClientError::Server(status)) if status.code() == tonic::Code::DeadlineExceeded => EXIT_UNAVAILABLE,
+        _ => 1,
+    }
+}
+
+fn environment() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+pub fn load_config(file: Option<&PathBuf>) -> anyhow::Result<(Config, Vec<String>)> {
+    let loaded = Config::load(file.map(|p| p.as_path()), &environment())?;
+    Ok((loaded.config, loaded.unknown_env))
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},openraft=warn", level.to_lowercase())));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+pub fn client(target: &Target) -> anyhow::Result<Client> {
+    Ok(Client::new(target.endpoints.clone())?)
+}
+
+/// Run the command `cli` names.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Commands::Serve(args) => {
+            let (mut config, unknown_env) = load_config(args.config.as_ref())?;
+            config.apply_flags(&args.flags).map_err(anyhow::Error::msg)?;
+            config.validate()?;
+            init_tracing(&config.system.log_level);
+            for name in unknown_env {
+                tracing::warn!(variable = %name, "environment variable names no configuration key; ignored");
+            }
+            maos_node::server::serve(config).await
+        }
+        Commands::Demo { keep_data } => {
+            let binary = std::env::current_exe().context("cannot find the maos binary")?;
+            let root = tempfile::Builder::new().prefix("maos-demo-").tempdir()?;
+            let result = maos_testkit::demo::run(&binary, root.path()).await;
+            if keep_data || result.is_err() {
+                let kept = root.keep();
+                println!("data and node logs kept in {}", kept.display());
+            }
+            result
+        }
+        Commands::Health { all_components, target } => {
+            cluster::health(&target.endpoints, all_components, target.json).await
+        }
+        Commands::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "maos", &mut std::io::stdout());
+            Ok(())
+        }
+        Commands::Task(command) => task::run(command).await,
+        Commands::Agent(command) => agent::run(command).await,
+        Commands::Status { target } => cluster::status(&target).await,
+        Commands::Cluster(command) => cluster::run(command).await,
+        Commands::Kv(command) => kv::run(command).await,
+        Commands::Config(ConfigCommand::Show(args)) => {
+            let (mut config, _) = load_config(args.config.as_ref())?;
+            // Passwords in URLs are secrets: shown as ***.
+            for url in [config.database.primary_url.as_mut(), config.redis.url.as_mut()].into_iter().flatten() {
+                *url = maos_node::config::redact_url(url);
+            }
+            print!("{}", serde_yaml::to_string(&config)?);
+            Ok(())
+        }
+        Commands::Db(command) => db::run(command).await,
+        Commands::Config(ConfigCommand::Validate(args)) => {
+            let (config, unknown_env) = load_config(args.config.as_ref())?;
+            config.validate()?;
+            for name in unknown_env {
+                eprintln!("warning: {name} names no configuration key");
+            }
+            println!("configuration is valid");
+            Ok(())
+        }
+    }
+}

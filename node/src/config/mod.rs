@@ -1,0 +1,180 @@
+//! Configuration: YAML, overridden by `MAOS_*` environment variables, overridden by flags.
+//!
+//! An environment variable names a key path upper-cased with nesting joined by `_`
+//! (`MAOS_NODE_ID`, `MAOS_CLUSTER_PEERS`, `MAOS_SYSTEM_LOG_LEVEL`). Its value is read as YAML,
+//! so numbers and booleans need no quoting. [`Config::validate`] names every bad key and value.
+//!
+//! - `schema.rs`: the sections, keys and defaults, and helpers that read them.
+//! - `load.rs`: file, environment and flags, in that order, in one place.
+//! - `validate.rs`: every problem named with its key.
+
+mod load;
+mod schema;
+mod validate;
+
+pub use load::{Flags, Loaded};
+pub use schema::*;
+pub use validate::{check_address, ConfigError, ConfigProblem};
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_names_unknown_variables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("maos.yml");
+        std::fs::write(&path, "node:\n  id: 2\nsystem:\n  log_level: INFO\n").expect("write");
+        let loaded = Config::load(
+            Some(&path),
+            &env(&[
+                ("MAOS_SYSTEM_LOG_LEVEL", "DEBUG"),
+                ("MAOS_CLUSTER_PEERS", "1=127.0.0.1:7001/127.0.0.1:8001,2=127.0.0.1:7002/127.0.0.1:8002"),
+                ("MAOS_RAFT_SNAPSHOT_AFTER_LOGS", "50"),
+                ("MAOS_NO_SUCH_KEY", "1"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.config.node.id, 2);
+        assert_eq!(loaded.config.system.log_level, "DEBUG");
+        assert_eq!(loaded.config.raft.snapshot_after_logs, 50);
+        assert_eq!(loaded.config.cluster.peers.len(), 2);
+        assert_eq!(loaded.config.cluster.peers[1].api_addr, "127.0.0.1:8002");
+        assert_eq!(loaded.unknown_env, vec!["MAOS_NO_SUCH_KEY".to_string()]);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(redact_url("postgresql://maos:s3cret@db:5432/maos"), "postgresql://maos:***@db:5432/maos");
+        assert_eq!(redact_url("redis://:pw@cache:6379/0"), "redis://:***@cache:6379/0");
+        assert_eq!(redact_url("postgresql://db/maos"), "postgresql://db/maos");
+    }
+
+    #[test]
+    fn the_database_and_redis_urls_come_from_the_operators_variables() {
+        let loaded = Config::load(
+            None,
+            &env(&[
+                ("MAOS_DATABASE_PRIMARY_URL", "postgresql://maos:pw@db:5432/maos"),
+                ("MAOS_DATABASE_POOL_SIZE", "50"),
+                ("MAOS_REDIS_URL", "redis://:pw@cache:6379/0"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.config.database.primary_url.as_deref(), Some("postgresql://maos:pw@db:5432/maos"));
+        assert_eq!(loaded.config.database.pool_size, 50);
+        assert_eq!(loaded.config.redis.url.as_deref(), Some("redis://:pw@cache:6379/0"));
+        assert!(loaded.unknown_env.is_empty(), "{:?}", loaded.unknown_env);
+        loaded.config.validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("maos.yml");
+        std::fs::write(&path, "raft:\n  heartbeat_ms: 5\n").expect("write");
+        let error = Config::load(Some(&path), &BTreeMap::new()).expect_err("unknown key");
+        assert!(error.to_string().contains("heartbeat_ms"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_each_bad_value() {
+        type Case = (&'static str, fn(&mut Config), &'static str);
+        let cases: &[Case] = &[
+            ("zero id", |c| c.node.id = 0, "node.id"),
+            ("bad port", |c| c.network.listen_addr = "127.0.0.1:99999".into(), "network.listen_addr"),
+            ("no port", |c| c.network.raft_listen_addr = "localhost".into(), "network.raft_listen_addr"),
+            (
+                "malformed peer",
+                |c| {
+                    c.cluster.peers =
+                        vec![PeerConfig { id: 2, raft_addr: "10.0.0.2".into(), api_addr: "10.0.0.2:8000".into() }]
+                },
+                "cluster.peers[0].raft_addr",
+            ),
+            (
+                "duplicate peer",
+                |c| {
+                    let p = PeerConfig { id: 2, raft_addr: "a:7000".into(), api_addr: "a:8000".into() };
+                    c.cluster.peers = vec![p.clone(), p];
+                },
+                "cluster.peers[1].id",
+            ),
+            ("bad name", |c| c.cluster.name = "my cluster".into(), "cluster.name"),
+            ("timeouts", |c| c.raft.election_timeout_max_ms = 10, "raft.election_timeout_max_ms"),
+            ("log level", |c| c.system.log_level = "LOUD".into(), "system.log_level"),
+            ("too many agents", |c| c.system.max_agents = 4, "agents.types"),
+            ("memory size", |c| c.agents.defaults.max_memory = "lots".into(), "agents.defaults.max_memory"),
+            (
+                "command without a program",
+                |c| {
+                    let agent = c.agents.types.get_mut("coder").expect("default type");
+                    agent.backend = BackendKind::Command;
+                },
+                "agents.types.coder.command",
+            ),
+            ("planner type", |c| c.task_planner.planner_type = String::new(), "task_planner.planner_type"),
+            ("database url", |c| c.database.primary_url = Some("mysql://db/maos".into()), "database.primary_url"),
+            ("pool size", |c| c.database.pool_size = 0, "database.pool_size"),
+            ("pool timeout", |c| c.database.pool_timeout = 0, "database.pool_timeout"),
+            ("payload limit", |c| c.database.payload_bytes_max = 10, "database.payload_bytes_max"),
+            ("orphan age", |c| c.database.orphan_after = 1, "database.orphan_after"),
+            ("redis url", |c| c.redis.url = Some("http://cache:6379".into()), "redis.url"),
+            ("redis pool", |c| c.redis.pool_size = 0, "redis.pool_size"),
+        ];
+        for (name, mutate, key) in cases {
+            let mut config = Config::default();
+            mutate(&mut config);
+            let error = config.validate().expect_err(name);
+            assert!(error.0.iter().any(|p| p.key == *key), "{name}: {error}");
+        }
+        Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_whole_maps_come_from_the_environment() {
+        assert_eq!(parse_bytes("4GB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert!(parse_bytes("4 parsecs").is_err());
+        let loaded = Config::load(
+            None,
+            &env(&[
+                ("MAOS_AGENTS_TYPES", "{coder: {slots: 3}, poet: {backend: command, command: [cat]}}"),
+                ("MAOS_AGENTS_DEFAULTS_TIMEOUT", "60"),
+            ]),
+        )
+        .expect("loads");
+        let types = &loaded.config.agents.types;
+        assert_eq!(types.keys().collect::<Vec<_>>(), ["coder", "poet"]);
+        assert_eq!((types["coder"].slots, types["poet"].backend), (3, BackendKind::Command));
+        assert_eq!(loaded.config.agents.defaults.timeout, 60);
+        loaded.config.validate().expect("valid");
+    }
+
+    #[test]
+    fn the_shipped_example_configuration_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/maos.yml");
+        let loaded = Config::load(Some(&path), &BTreeMap::new()).expect("deploy/config/maos.yml loads");
+        loaded.config.validate().expect("deploy/config/maos.yml is valid");
+        assert_eq!(loaded.config.task_planner.max_parallel_branches, 8);
+    }
+
+    #[test]
+    fn peer_lists_parse_and_malformed_ones_say_how_to_fix_them() {
+        let peers = parse_peer_list("1=a:7000/a:8000, 2=b:7000/b:8000").expect("parses");
+        assert_eq!(peers[1], PeerConfig { id: 2, raft_addr: "b:7000".into(), api_addr: "b:8000".into() });
+        for bad in ["1=a:7000", "x=a:7000/a:8000", "a:7000/a:8000"] {
+            let error = parse_peer_list(bad).expect_err(bad);
+            assert!(error.contains("ID=RAFT_ADDR/API_ADDR") || error.contains("positive integer"), "{error}");
+        }
+    }
+}

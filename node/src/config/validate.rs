@@ -1,0 +1,298 @@
+//! Checking a configuration: every bad key and value is named with its fix, all at once, so an
+//! operator fixes them in one pass.
+
+use std::fmt;
+
+use super::schema::{parse_bytes, BackendKind, Config, PEERS_MAX};
+
+/// One problem with the configuration, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found, so an operator fixes them in one pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem{}):", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError(vec![ConfigProblem { key: key.into(), message: message.into() }])
+}
+
+/// Check that `addr` is `host:port` with a non-empty host and a port in 1..=65535.
+pub fn check_address(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not host:port (e.g. 10.0.0.1:7000 or maos-0:7000)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/' || c == '@') {
+        return Err(format!("{addr:?} has no valid host (use host:port, e.g. 10.0.0.1:7000)"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{addr:?} has port {port:?}; a port is a number in 1..=65535")),
+        Ok(_) => Ok(()),
+    }
+}
+
+impl Config {
+    /// Check the database and Redis settings.
+    fn validate_storage(&self, bad: &mut impl FnMut(&str, String)) {
+        let database = &self.database;
+        if let Some(url) = &database.primary_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                bad("database.primary_url", "must be a PostgreSQL URL (postgresql://user:password@host:5432/maos); leave it unset for the embedded default".into());
+            }
+        }
+        if database.pool_size == 0 || database.pool_size > 1_000 {
+            bad("database.pool_size", format!("{} must be in 1..=1000", database.pool_size));
+        }
+        if database.pool_timeout == 0 || database.pool_timeout > 300 {
+            bad("database.pool_timeout", format!("{} must be in 1..=300 (seconds)", database.pool_timeout));
+        }
+        if database.pool_recycle < 10 {
+            bad("database.pool_recycle", format!("{} must be at least 10 (seconds)", database.pool_recycle));
+        }
+        if database.payload_bytes_max < maos_raft_store::tasks::TASK_TEXT_BYTES_MAX
+            || database.payload_bytes_max > 64 << 20
+        {
+            bad(
+                "database.payload_bytes_max",
+                format!("{} must be in 16384..=67108864 (bytes)", database.payload_bytes_max),
+            );
+        }
+        if database.orphan_after < 60 {
+            bad(
+                "database.orphan_after",
+                format!("{} must be at least 60 (seconds): longer than any submit takes", database.orphan_after),
+            );
+        }
+        let redis = &self.redis;
+        if let Some(url) = &redis.url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                bad(
+                    "redis.url",
+                    "must be a Redis URL (redis://[:password@]host:6379/0); leave it unset for no cache".into(),
+                );
+            }
+        }
+        if redis.pool_size == 0 || redis.pool_size > 64 {
+            bad("redis.pool_size", format!("{} must be in 1..=64", redis.pool_size));
+        }
+        if redis.cache_ttl == 0 {
+            bad("redis.cache_ttl", "must be at least 1 (seconds)".into());
+        }
+        if redis.response_timeout_ms == 0 || redis.response_timeout_ms > 10_000 {
+            bad("redis.response_timeout_ms", format!("{} must be in 1..=10000", redis.response_timeout_ms));
+        }
+    }
+
+    /// Check the agent pool settings.
+    fn validate_agents(&self, bad: &mut impl FnMut(&str, String)) {
+        let system = &self.system;
+        if system.max_agents == 0 || system.max_agents > maos_raft_store::tasks::SLOTS_PER_NODE_MAX {
+            bad("system.max_agents", format!("must be in 1..={}", maos_raft_store::tasks::SLOTS_PER_NODE_MAX));
+        }
+        if system.agent_spawn_rate == 0 || system.agent_spawn_rate > 10_000 {
+            bad("system.agent_spawn_rate", "must be in 1..=10000 (spawns per second)".into());
+        }
+        if system.checkpoint_interval == 0 {
+            bad("system.checkpoint_interval", "must be at least 1 (seconds)".into());
+        }
+        let agents = &self.agents;
+        if let Err(e) = parse_bytes(&agents.defaults.max_memory) {
+            bad("agents.defaults.max_memory", e);
+        }
+        if agents.defaults.timeout == 0 {
+            bad("agents.defaults.timeout", "must be at least 1 (seconds)".into());
+        }
+        if agents.defaults.batch_size == 0 || agents.defaults.batch_size > 10_000 {
+            bad("agents.defaults.batch_size", "must be in 1..=10000".into());
+        }
+        let slots: u64 = agents.types.values().map(|t| u64::from(t.slots)).sum();
+        if slots > system.max_agents as u64 {
+            bad(
+                "agents.types",
+                format!(
+                    "{slots} agent slots in all, over system.max_agents ({}); lower slots or raise the limit",
+                    system.max_agents
+                ),
+            );
+        }
+        for (name, agent) in &agents.types {
+            let key = |field: &str| format!("agents.types.{name}.{field}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bad(&format!("agents.types.{name}"), "a type name is 1..=64 characters of A-Z a-z 0-9 - _".into());
+            }
+            if let Some(Err(e)) = agent.max_memory.as_deref().map(parse_bytes) {
+                bad(&key("max_memory"), e);
+            }
+            if agent.timeout == Some(0) {
+                bad(&key("timeout"), "must be at least 1 (seconds)".into());
+            }
+            match agent.backend {
+                BackendKind::Command if agent.command.is_empty() => {
+                    bad(&key("command"), "a command agent needs its program, e.g. [python3, agent.py]".into())
+                }
+                BackendKind::Builtin | BackendKind::Claude if !agent.command.is_empty() => bad(
+                    &key("command"),
+                    format!("only a command agent runs a program; this one is {}", agent.backend.name()),
+                ),
+                _ => {}
+            }
+        }
+        let claude = &agents.claude;
+        if !(claude.base_url.starts_with("https://") || claude.base_url.starts_with("http://")) {
+            bad(
+                "agents.claude.base_url",
+                format!("{:?} must start with https:// (or http:// for a local server)", claude.base_url),
+            );
+        }
+        if claude.model.is_empty() {
+            bad("agents.claude.model", "must name a model".into());
+        }
+        if claude.max_tokens == 0 {
+            bad("agents.claude.max_tokens", "must be at least 1".into());
+        }
+        if claude.request_timeout == 0 {
+            bad("agents.claude.request_timeout", "must be at least 1 (seconds)".into());
+        }
+        if claude.max_retries > 20 {
+            bad("agents.claude.max_retries", "must be at most 20".into());
+        }
+    }
+
+    /// Check every value; report all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| problems.push(ConfigProblem { key: key.into(), message });
+        if self.node.id == 0 {
+            bad("node.id", "must be at least 1; 0 is reserved".into());
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            bad("node.data_dir", "must name a directory".into());
+        }
+        let name = &self.cluster.name;
+        if name.is_empty()
+            || name.len() > maos_raft_store::command::CLUSTER_NAME_BYTES_MAX
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bad("cluster.name", format!("{name:?} must be 1..=64 characters of A-Z a-z 0-9 - _"));
+        }
+        if self.cluster.peers.len() > PEERS_MAX {
+            bad("cluster.peers", format!("{} peers exceed the limit of {PEERS_MAX}", self.cluster.peers.len()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, peer) in self.cluster.peers.iter().enumerate() {
+            if peer.id == 0 {
+                bad(&format!("cluster.peers[{i}].id"), "must be at least 1".into());
+            }
+            if !seen.insert(peer.id) {
+                bad(&format!("cluster.peers[{i}].id"), format!("id {} is listed twice", peer.id));
+            }
+            if let Err(e) = check_address(&peer.raft_addr) {
+                bad(&format!("cluster.peers[{i}].raft_addr"), e);
+            }
+            if let Err(e) = check_address(&peer.api_addr) {
+                bad(&format!("cluster.peers[{i}].api_addr"), e);
+            }
+            if peer.id == self.node.id && peer.raft_addr != self.advertised_raft_addr() {
+                bad(
+                    &format!("cluster.peers[{i}].raft_addr"),
+                    format!(
+                        "lists this node (id {}) at {}, but it advertises {}; set network.raft_advertise_addr or fix the peer",
+                        peer.id,
+                        peer.raft_addr,
+                        self.advertised_raft_addr()
+                    ),
+                );
+            }
+        }
+        for (key, addr) in [
+            ("network.listen_addr", Some(&self.network.listen_addr)),
+            ("network.raft_listen_addr", Some(&self.network.raft_listen_addr)),
+            ("network.advertise_addr", self.network.advertise_addr.as_ref()),
+            ("network.raft_advertise_addr", self.network.raft_advertise_addr.as_ref()),
+        ] {
+            if let Some(Err(e)) = addr.map(|a| check_address(a)) {
+                bad(key, e);
+            }
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0 {
+            bad("raft.heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
+            bad("raft.election_timeout_min_ms", "must be greater than raft.heartbeat_interval_ms".into());
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            bad("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms".into());
+        }
+        if raft.snapshot_after_logs == 0 {
+            bad("raft.snapshot_after_logs", "must be at least 1".into());
+        }
+        if raft.max_payload_entries == 0 || raft.max_payload_entries > 65_536 {
+            bad("raft.max_payload_entries", "must be in 1..=65536".into());
+        }
+        if raft.request_timeout_ms < raft.election_timeout_max_ms {
+            bad("raft.request_timeout_ms", "must be at least raft.election_timeout_max_ms".into());
+        }
+        if self.system.task_queue_size == 0 || self.system.task_queue_size > 10_000_000 {
+            bad("system.task_queue_size", "must be in 1..=10000000".into());
+        }
+        if self.task_planner.max_parallel_branches == 0 {
+            bad("task_planner.max_parallel_branches", "must be at least 1".into());
+        }
+        if self.task_planner.dependency_timeout == 0 {
+            bad("task_planner.dependency_timeout", "must be at least 1 (seconds)".into());
+        }
+        let scheduler = &self.scheduler;
+        if scheduler.lease_ms < 2 * scheduler.lease_renew_interval_ms.max(1) {
+            bad("scheduler.lease_ms", "must be at least twice scheduler.lease_renew_interval_ms".into());
+        }
+        if scheduler.lease_renew_interval_ms == 0 || scheduler.interval_ms == 0 {
+            bad("scheduler.interval_ms", "intervals must be at least 1 ms".into());
+        }
+        if scheduler.assignments_max == 0 || scheduler.assignments_max > 100_000 {
+            bad("scheduler.assignments_max", "must be in 1..=100000".into());
+        }
+        self.validate_agents(&mut bad);
+        self.validate_storage(&mut bad);
+        if self.task_planner.planner_type.is_empty() || self.task_planner.planner_type.len() > 64 {
+            bad("task_planner.planner_type", "must be 1..=64 bytes".into());
+        }
+        if self.task_planner.parallelization_threshold == 0 {
+            bad("task_planner.parallelization_threshold", "must be at least 1".into());
+        }
+        if !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&self.system.log_level.to_uppercase().as_str()) {
+            bad(
+                "system.log_level",
+                format!("{:?} is not one of ERROR, WARN, INFO, DEBUG, TRACE", self.system.log_level),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+}

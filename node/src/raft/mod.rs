@@ -1,0 +1,21 @@
+//! The replicated core of a node: Raft traffic on port 7000 and the paths every API shares.
+//!
+//! - `network.rs`, `service.rs`: Raft RPCs as versioned payloads (client and server sides), plus
+//!   `Propose` (batched forwarded writes), `ReadIndex` and `Hello`.
+//! - `proposer.rs`: one bounded [`proposer::Batcher`] for the leader's log entries and a
+//!   follower's forwarded writes; the leader's [`proposer::Clock`] and [`proposer::ProposeOutcome`].
+//! - `core.rs`: [`core::NodeCore`], the write path (leader stamps and proposes; followers
+//!   forward) and the read barrier (ReadIndex).
+//! - `formation.rs`: `Hello`, the formation check and initialising a new cluster.
+//! - `housekeeping.rs`: the cluster identity and this node's registration.
+//!
+//! Imports only `config`, `transport` and the generated `proto` from this crate: nothing here
+//! knows about task data, agents or the client API.
+
+// `core` is public for `server::RunningNode::core`; the rest is this crate's own.
+pub mod core;
+pub(crate) mod formation;
+pub(crate) mod housekeeping;
+pub(crate) mod network;
+pub(crate) mod proposer;
+pub(crate) mod service;
