@@ -99,7 +99,7 @@ fn alert_rules_use_metrics_the_nodes_export() -> anyhow::Result<()> {
     let rule_file = prometheus["rule_files"][0].as_str().unwrap_or_default();
     let rules = &documents(&deploy().join("prometheus").join(rule_file))?[0];
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let exported = std::fs::read_to_string(source.join("http.rs"))?
+    let exported = std::fs::read_to_string(source.join("api/http.rs"))?
         + &std::fs::read_to_string(source.join("agents/mod.rs"))?
         + &std::fs::read_to_string(source.join("storage/mod.rs"))?;
     let mut checked = 0;
