@@ -51,3 +51,23 @@ setup_python_grpc() {
     "$CARGO_TARGET_DIR/python-grpc/bin/pip" install -q "grpcio==1.68.1" "grpcio-tools==1.68.1"
   fi
 }
+
+# For the tests only: the Python SDK's tests (node/tests/python_sdk.rs) run in their own venv next
+# to the build, with pinned versions of everything; the SDK itself is reinstalled from
+# ./sdk/python on every run, so each run tests the repository's current SDK.
+setup_python_sdk() {
+  local venv="$CARGO_TARGET_DIR/python-sdk"
+  local pins=(
+    "grpcio==1.68.1" "grpcio-tools==1.68.1" "protobuf==5.29.6" "googleapis-common-protos==1.66.0"
+    "setuptools==75.6.0" "pytest==8.3.4" "pytest-asyncio==0.24.0" "pluggy==1.7.0" "iniconfig==2.3.1"
+    "packaging==26.4" "cryptography==44.0.0" "cffi==2.1.1" "pycparser==3.12"
+  )
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: making a Python venv for the SDK's tests in $venv"
+    /usr/bin/python3 -m venv "$venv"
+  fi
+  # Quick when they are installed already.
+  "$venv/bin/pip" install -q "${pins[@]}"
+  # The build hook needs grpcio-tools and setuptools, already pinned in the venv: no isolated build.
+  "$venv/bin/pip" install -q --force-reinstall --no-deps --no-build-isolation ./sdk/python
+}

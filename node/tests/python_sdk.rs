@@ -1,0 +1,87 @@
+//! The Python SDK (`sdk/python`, package `maos`) against a real 3-node cluster: its pytest suite
+//! (`sdk/python/tests`) submits and watches a planned workflow, runs Python workers (one is
+//! `kill -9`ed mid-task and its successor resumes from the checkpoint), checks refusals name the
+//! field, runs 200 concurrent async submits, fails over past a dead endpoint and uses the
+//! key-value space.
+//!
+//! The venv (pinned pytest, grpcio, …, and the SDK installed from `./sdk/python`) is made by
+//! `scripts/setup.sh`'s `setup_python_sdk`; the test finds it through `MAOS_TEST_PYTHON_SDK` or at
+//! `$CARGO_TARGET_DIR/python-sdk`.
+
+#[path = "support/tasks.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::STEP;
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+
+/// The whole pytest run, at most.
+const PYTEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Builtin agents of the default pool: five types, two slots each, on each of three nodes.
+const BUILTIN_AGENTS: u64 = 30;
+
+fn python() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("MAOS_TEST_PYTHON_SDK") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // .../<target>/debug/deps/<test> → .../<target>/python-sdk/bin/python
+    let target = exe.ancestors().nth(3).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+    let python = target.join("python-sdk/bin/python");
+    anyhow::ensure!(
+        python.exists(),
+        "{} is missing: run `. scripts/setup.sh && setup_python_sdk` (it makes the venv and installs ./sdk/python) or set MAOS_TEST_PYTHON_SDK",
+        python.display()
+    );
+    Ok(python)
+}
+
+/// Short leases so a killed worker's task moves within seconds; the default agent pool (with the
+/// coordinator that plans `mixed` tasks).
+fn options() -> LocalClusterOptions {
+    let env = [("MAOS_SCHEDULER_LEASE_MS", "3000"), ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS", "500")];
+    LocalClusterOptions { env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Result<()> {
+    let python = python()?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = tempfile::tempdir()?;
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let client = cluster.client()?;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while client.agents(0).await?.total < BUILTIN_AGENTS {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the builtin agents never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let endpoints = client.endpoints().join(",");
+    let run = tokio::process::Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "sdk/python/tests"])
+        .current_dir(&repo)
+        .env("MAOS_TEST_ENDPOINTS", &endpoints)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(PYTEST_TIMEOUT, run)
+        .await
+        .map_err(|_| anyhow::anyhow!("pytest did not finish within {} s", PYTEST_TIMEOUT.as_secs()))??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    if !output.status.success() {
+        for id in [1, 2, 3] {
+            eprintln!("--- node {id} log tail ---\n{}", cluster.log_tail(id, 20));
+        }
+    }
+    anyhow::ensure!(output.status.success(), "pytest exited {:?}; its output is above", output.status);
+    anyhow::ensure!(stdout.contains(" passed"), "pytest ran no test:\n{stdout}");
+    Ok(())
+}
