@@ -68,6 +68,9 @@ pub struct AgentMetrics {
     pub spawn_failures_total: AtomicU64,
     /// Attempts running now.
     pub running: AtomicU64,
+    /// Attempts this node stopped because no renewal proved their lease live
+    /// (`maos_agent_self_fenced_total`).
+    pub self_fenced_total: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -86,9 +89,11 @@ impl AgentMetrics {
              # HELP maos_agents_total Agents of this node that are not terminated.\n# TYPE maos_agents_total gauge\nmaos_agents_total {total}\n\
              # HELP maos_agent_spawns_total Attempts started on this node.\n# TYPE maos_agent_spawns_total counter\nmaos_agent_spawns_total {}\n\
              # HELP maos_agent_spawn_failures_total Attempts whose agent could not be started.\n# TYPE maos_agent_spawn_failures_total counter\nmaos_agent_spawn_failures_total {}\n\
+             # HELP maos_agent_self_fenced_total Attempts stopped because no lease renewal proved them live.\n# TYPE maos_agent_self_fenced_total counter\nmaos_agent_self_fenced_total {}\n\
              # HELP maos_agent_slots Agent slots of this node by type and use.\n# TYPE maos_agent_slots gauge\n",
             self.spawns_total.load(Ordering::Relaxed),
             self.spawn_failures_total.load(Ordering::Relaxed),
+            self.self_fenced_total.load(Ordering::Relaxed),
         );
         for ((agent_type, state), count) in by_type {
             text.push_str(&format!("maos_agent_slots{{type=\"{agent_type}\",state=\"{state}\"}} {count}\n"));

@@ -1,5 +1,16 @@
 //! The runtime's loop: register this node's pool, start an attempt for each new lease within the
 //! spawn rate, renew every lease in one command per interval, drop attempts whose lease is lost.
+//!
+//! Self-fencing: fencing tokens refuse a stale owner's *reports*; this loop also stops its own
+//! *work*. Each attempt is live only as long as this node can prove its lease is, by its own
+//! monotonic clock: a renewal sent at `t` and committed proves the lease until `t + lease_ms`
+//! (the leader stamps it after `t`), less [`self_fence_margin`]. An attempt past that is
+//! stopped, whether or not this node's applied state has heard of an expiry: a node cut off from
+//! its majority stops its agents before the majority can lease their tasks again.
+//!
+//! Restarts: a lease of this node's slots granted before this process started belongs to an
+//! attempt the restart interrupted. It is never run again as the same attempt: it is failed
+//! (retryably), so the task runs again as a new attempt that receives the last checkpoint.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +24,7 @@ use tokio::task::JoinHandle;
 use super::credential::Credentials;
 use super::envelope::ApiAccess;
 use crate::config::Config;
-use crate::raft::core::NodeCore;
+use crate::raft::core::{CoreError, NodeCore};
 use crate::storage::Storage;
 
 use super::attempt::run_attempt;
@@ -23,6 +34,17 @@ use super::{configured_slots, envelope_for, AgentMetrics, Backend};
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Consecutive start failures after which an agent is marked FAILED.
 const SPAWN_FAILURES_MAX: u32 = 3;
+/// Self-fencing assumes this node's clock and the leader's run at rates within this share of
+/// each other over one lease (quartz drifts by well under 0.01%; 2% also covers a paused VM's
+/// catch-up), as Chubby and etcd leases assume a bounded drift rate.
+const SELF_FENCE_DRIFT_PERCENT: u64 = 2;
+/// Self-fencing's allowance for this loop's poll interval and for stopping an agent.
+const SELF_FENCE_SLACK: Duration = Duration::from_millis(100);
+
+/// How much before its lease can be proven to end an attempt is stopped.
+pub(super) fn self_fence_margin(lease_ms: u64) -> Duration {
+    Duration::from_millis(lease_ms.saturating_mul(SELF_FENCE_DRIFT_PERCENT) / 100) + SELF_FENCE_SLACK
+}
 
 /// A token bucket: at most `rate` starts per second, bursts up to `rate`.
 struct SpawnRate {
@@ -53,6 +75,15 @@ struct Attempt {
     token: u64,
     slot: String,
     work: JoinHandle<bool>,
+    /// Until when this node can prove the lease is live (see the module doc).
+    live_until: tokio::time::Instant,
+}
+
+/// A renewal on its way, off the loop's path: the loop keeps fencing while it waits.
+struct Renewal {
+    sent: tokio::time::Instant,
+    leases: BTreeMap<TaskId, u64>,
+    call: JoinHandle<Result<Response, CoreError>>,
 }
 
 /// This node's agent runtime.
@@ -84,12 +115,22 @@ impl AgentRuntime {
         let mut ended: BTreeMap<TaskId, u64> = BTreeMap::new();
         let mut start_failures: BTreeMap<String, u32> = BTreeMap::new();
         let mut last_renewal = tokio::time::Instant::now();
+        let mut renewal: Option<Renewal> = None;
+        let mut renewals_failed: u32 = 0;
+        let lease = Duration::from_millis(settings.lease_ms);
+        let renew_interval = Duration::from_millis(settings.lease_renew_interval_ms);
+        let margin = self_fence_margin(settings.lease_ms);
+        // Leases granted before this moment were granted to an earlier run of this node.
+        let started_at_ms = (self.core.clock)();
         let mut changes = self.core.raft.metrics();
         loop {
             let raft_stopped_reporting = tokio::select! {
                 woken = tokio::time::timeout(POLL_INTERVAL, changes.changed()) => matches!(woken, Ok(Err(_))),
                 _ = stopped.wait_for(|stop| *stop) => {
                     running.values().for_each(|a| a.work.abort());
+                    if let Some(renewal) = renewal.take() {
+                        renewal.call.abort();
+                    }
                     return;
                 }
             };
@@ -117,7 +158,7 @@ impl AgentRuntime {
             }
             // What the replicated state says: the pool, and the leases on it.
             let now_ms = (self.core.clock)();
-            let (spawned, registered, new_leases, held) = {
+            let (spawned, registered, new_leases, held, interrupted) = {
                 let state = self.core.state.read();
                 let table = &state.app.tasks;
                 // Agents spawned at run time live in the replicated state only; terminated ones
@@ -135,26 +176,47 @@ impl AgentRuntime {
                     && configured.iter().all(|(id, slot)| table.slots.get(id).is_some_and(|s| s.same_definition(slot)));
                 let mut held: BTreeMap<TaskId, u64> = BTreeMap::new();
                 let mut new_leases = Vec::new();
+                let mut interrupted = Vec::new();
                 for (slot_id, slot) in configured.iter().chain(spawned.iter()) {
                     let Some(task_id) = table.slot_holder.get(slot_id) else { continue };
-                    let Some(token) = table.tasks.get(task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token) else {
+                    let Some((task, lease)) = table.tasks.get(task_id).and_then(|t| Some((t, t.lease.as_deref()?)))
+                    else {
                         continue;
                     };
+                    let token = lease.token;
                     if ended.get(task_id) == Some(&token) {
                         // Its outcome is on its way; no renewal, no second run.
                         continue;
                     }
-                    held.insert(task_id.clone(), token);
                     if running.get(task_id).is_none_or(|a| a.token != token) {
+                        // The grant's stamp: the attempt's deadline less the task's timeout.
+                        let granted_at_ms = lease.attempt_deadline_ms.saturating_sub(task.spec.timeout_ms);
+                        if granted_at_ms < started_at_ms {
+                            ended.insert(task_id.clone(), token);
+                            interrupted.push((task_id.clone(), token, task.attempt));
+                            continue;
+                        }
                         if let Some(envelope) =
                             envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &api)
                         {
-                            new_leases.push((slot_id.clone(), slot.agent_type.clone(), envelope));
+                            let lease_left = Duration::from_millis(lease.expires_at_ms.saturating_sub(now_ms));
+                            new_leases.push((slot_id.clone(), slot.agent_type.clone(), envelope, lease_left));
                         }
                     }
+                    held.insert(task_id.clone(), token);
                 }
-                (spawned, registered, new_leases, held)
+                (spawned, registered, new_leases, held, interrupted)
             };
+            // Leases of an earlier run of this node: their attempts were interrupted. Failed
+            // retryably (in the background), so each task runs again as a new attempt.
+            for (task_id, token, attempt) in interrupted {
+                tracing::info!(node_id = self.core.id, task_id = %task_id, token, attempt, "a lease from before this node restarted: its attempt was interrupted; handing the task on as a new attempt");
+                let error = format!(
+                    "node {} restarted during attempt {attempt}; the attempt was interrupted and the task runs again as a new attempt",
+                    self.core.id
+                );
+                self.report_in_background(TaskCommand::Fail { task_id, token, error, retryable: true });
+            }
             if !registered && self.core.leader().is_some() {
                 let pool = configured.iter().map(|(id, s)| (id.clone(), s.clone())).chain(spawned).collect();
                 let command = Command::Task(TaskCommand::RegisterSlots { node_id: self.core.id, slots: pool });
@@ -182,8 +244,56 @@ impl AgentRuntime {
                 }
                 kept
             });
+            // A renewal that came back proves every lease it renewed for a lease from its sending.
+            if let Some(done) = renewal.take_if(|r| r.call.is_finished()) {
+                match done.call.await {
+                    Ok(Ok(Response::Task(TaskResponse::Renewed { lost, .. }))) => {
+                        renewals_failed = 0;
+                        for task_id in &lost {
+                            if let Some(attempt) = running.remove(task_id) {
+                                tracing::info!(node_id = self.core.id, task_id = %task_id, "lease not renewed; stopping the agent");
+                                attempt.work.abort();
+                            }
+                        }
+                        let proven = (done.sent + lease).checked_sub(margin).unwrap_or(done.sent);
+                        for (task_id, token) in done.leases.iter().filter(|(id, _)| !lost.contains(*id)) {
+                            if let Some(attempt) = running.get_mut(task_id).filter(|a| a.token == *token) {
+                                attempt.live_until = attempt.live_until.max(proven);
+                            }
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        renewals_failed += 1;
+                        if renewals_failed == 1 {
+                            tracing::warn!(node_id = self.core.id, %error, "lease renewal failed; agents stop before their leases could expire unless a renewal succeeds");
+                        } else {
+                            tracing::debug!(node_id = self.core.id, %error, renewals_failed, "lease renewal failed again");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(node_id = self.core.id, %error, "the lease renewal task ended abnormally")
+                    }
+                }
+            }
+            // Self-fencing: stop every attempt whose lease this node cannot prove live any more.
+            let now = tokio::time::Instant::now();
+            let unproven: Vec<TaskId> =
+                running.iter().filter(|(_, a)| now >= a.live_until).map(|(id, _)| id.clone()).collect();
+            for task_id in unproven {
+                let Some(attempt) = running.remove(&task_id) else { continue };
+                attempt.work.abort();
+                ended.insert(task_id.clone(), attempt.token);
+                self.metrics.self_fenced_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(node_id = self.core.id, task_id = %task_id, token = attempt.token, "no renewal proves this lease live any more; stopping the agent before the lease can expire (self-fencing)");
+                let error = format!(
+                    "node {} could not renew the lease in time and stopped the agent (self-fencing)",
+                    self.core.id
+                );
+                self.report_in_background(TaskCommand::Fail { task_id, token: attempt.token, error, retryable: true });
+            }
             // New leases: start their agents.
-            for (slot_id, agent_type, (envelope, needs)) in new_leases {
+            for (slot_id, agent_type, (envelope, needs), lease_left) in new_leases {
                 let backend = self.backends.get(&agent_type).cloned();
                 let Some(backend) = backend else {
                     // A spawned agent of a type this node's configuration no longer has.
@@ -213,27 +323,35 @@ impl AgentRuntime {
                     (envelope, needs),
                     self.metrics.clone(),
                 ));
-                running.insert(task_id, Attempt { token, slot: slot_id, work });
+                let live_until = tokio::time::Instant::now() + lease.min(lease_left).saturating_sub(margin);
+                running.insert(task_id, Attempt { token, slot: slot_id, work, live_until });
             }
             // Renew even with nothing running: the renewal is also this node's liveness signal.
-            if last_renewal.elapsed() >= Duration::from_millis(settings.lease_renew_interval_ms) {
-                last_renewal = tokio::time::Instant::now();
-                let leases = held.into_iter().collect();
-                let renew = TaskCommand::Renew { node_id: self.core.id, leases, lease_ms: settings.lease_ms };
-                match self.core.write(Command::Task(renew)).await {
-                    Ok(Response::Task(TaskResponse::Renewed { lost, .. })) => {
-                        for task_id in lost {
-                            if let Some(attempt) = running.remove(&task_id) {
-                                tracing::info!(node_id = self.core.id, task_id = %task_id, "lease not renewed; stopping the agent");
-                                attempt.work.abort();
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(error) => tracing::debug!(%error, "lease renewal failed; retrying next interval"),
-                }
+            // One at a time, each bounded, so a renewal stuck on a lost leader is given up and
+            // the next one goes to whoever leads by then.
+            if renewal.is_none() && last_renewal.elapsed() >= renew_interval {
+                let sent = tokio::time::Instant::now();
+                last_renewal = sent;
+                let leases = held.into_iter().collect::<Vec<_>>();
+                let renew =
+                    TaskCommand::Renew { node_id: self.core.id, leases: leases.clone(), lease_ms: settings.lease_ms };
+                let core = self.core.clone();
+                let call =
+                    tokio::spawn(async move { core.write_within(Command::Task(renew), 2 * renew_interval).await });
+                renewal = Some(Renewal { sent, leases: leases.into_iter().collect(), call });
             }
         }
+    }
+
+    /// Report `command` for an attempt this loop stopped, without waiting for it: a node that
+    /// cannot reach the leader must keep fencing. If it never applies, the lease expires instead.
+    fn report_in_background(&self, command: TaskCommand) {
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            if let Err(error) = core.write(Command::Task(command)).await {
+                tracing::debug!(node_id = core.id, %error, "reporting a stopped attempt did not apply; its lease expires instead");
+            }
+        });
     }
 }
 

@@ -80,8 +80,14 @@ impl NodeCore {
 
     /// Replicate `command` through the leader, wherever it is, and return its result.
     pub async fn write(&self, command: Command) -> Result<Response, CoreError> {
+        self.write_within(command, self.request_timeout).await
+    }
+
+    /// [`Self::write`] with its own deadline instead of `request_timeout`: for callers that must
+    /// learn of a failure sooner and try again (through a leader that may have changed meanwhile).
+    pub async fn write_within(&self, command: Command, timeout: Duration) -> Result<Response, CoreError> {
         check_command(&command)?;
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let outcome = match self.leader() {
                 // A leader cut off from its majority keeps its role until it learns of a newer
@@ -108,7 +114,7 @@ impl NodeCore {
                 ProposeOutcome::Failed(message) => message,
             };
             if tokio::time::Instant::now() + LEADER_RETRY_PAUSE >= deadline {
-                return Err(CoreError::Unavailable { timeout_ms: self.request_timeout.as_millis() as u64, last });
+                return Err(CoreError::Unavailable { timeout_ms: timeout.as_millis() as u64, last });
             }
             tokio::time::sleep(LEADER_RETRY_PAUSE).await;
         }
