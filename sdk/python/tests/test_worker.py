@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -20,9 +21,12 @@ def served(client: maos.Client, agent_type: str, worker_name: str) -> bool | Non
 
 def test_a_killed_workers_checkpoint_is_handed_to_its_successor(client: maos.Client, endpoints: list[str]) -> None:
     joined = ",".join(endpoints)
-    with WorkerProcess("pyresearch_worker.py", joined, "py-research-a") as first:
+    # Names unique to this run: a worker registering under an old name would get its old leases.
+    run = uuid.uuid4().hex[:8]
+    first_name, second_name = f"py-research-a-{run}", f"py-research-b-{run}"
+    with WorkerProcess("pyresearch_worker.py", joined, first_name) as first:
         first.expect("ready")
-        wait_for("the first worker's agents", lambda: served(client, "pyresearch", "py-research-a"))
+        wait_for("the first worker's agents", lambda: served(client, "pyresearch", first_name))
         task = client.submit("pyresearch", "research with a crash", input="topic-42", max_retries=2,
                              capabilities=["python"])
         line = json.loads(first.expect("{").strip())
@@ -33,17 +37,17 @@ def test_a_killed_workers_checkpoint_is_handed_to_its_successor(client: maos.Cli
         assert view.progress_percent == 10
         first.kill()
 
-    with WorkerProcess("pyresearch_worker.py", joined, "py-research-b") as second:
+    with WorkerProcess("pyresearch_worker.py", joined, second_name) as second:
         second.expect("ready")
         final = client.wait(task.task_id, timeout=STEP_S)
         assert final.state == maos.TaskState.COMPLETED, final
         assert json.loads(final.result) == {"resumed_from": "phase-1 of topic-42", "attempt": 2,
-                                            "worker": "py-research-b"}
+                                            "worker": second_name}
 
 
 def test_a_cancelled_task_stops_a_sync_function_and_refuses_its_reports(
         client: maos.Client) -> None:
-    worker = maos.Worker(client, name="py-cancel-1")
+    worker = maos.Worker(client, name=f"py-cancel-{uuid.uuid4().hex[:8]}")
     started = threading.Event()
     seen: dict[str, object] = {}
 
@@ -62,7 +66,7 @@ def test_a_cancelled_task_stops_a_sync_function_and_refuses_its_reports(
     runner.start()
     try:
         assert worker.ready.wait(STEP_S)
-        wait_for("the worker's agents", lambda: served(client, "pycancel", "py-cancel-1"))
+        wait_for("the worker's agents", lambda: served(client, "pycancel", worker.name))
         task = client.submit("pycancel", "to be cancelled")
         assert started.wait(STEP_S)
         assert task.task_id in client.cancel(task.task_id, "the test cancels it")
@@ -78,7 +82,7 @@ def test_a_cancelled_task_stops_a_sync_function_and_refuses_its_reports(
 
 async def test_an_async_agent_function_completes_and_reports(endpoints: list[str]) -> None:
     client = maos.AsyncClient(endpoints)
-    worker = maos.Worker(client, name="py-async-1")
+    worker = maos.Worker(client, name=f"py-async-{uuid.uuid4().hex[:8]}")
 
     @worker.agent("pyasync", slots=2)
     async def echo(ctx: maos.AsyncContext) -> dict[str, str]:
