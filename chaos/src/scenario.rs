@@ -10,7 +10,7 @@ use maos_node::config::{Config, PeerConfig};
 use maos_node::server::Clock;
 use maos_raft_store::mem::{MemLogStore, MemSnapshots};
 use maos_raft_store::runtime::seed_thread_rng;
-use maos_raft_store::{StateMachineHandle, StateMachineStore};
+use maos_raft_store::{StateMachineHandle, StateMachineStore, Validation};
 use openraft::ServerState;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -161,7 +161,7 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
         sim.host(host(id), move || {
             let (log, snapshots, shared, config) = (log.clone(), snapshots.clone(), shared.clone(), config.clone());
             async move {
-                let state_machine = StateMachineStore::open(snapshots, true)?;
+                let state_machine = StateMachineStore::open(snapshots, Validation::EveryBatch)?;
                 let node =
                     maos_node::server::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock()).await?;
                 lock(&shared).states.insert(id, node.core.state.clone());

@@ -36,7 +36,9 @@ pub mod tasks;
 use serde::{Deserialize, Serialize};
 
 pub use command::{Command, Rejection, Request, Response, Responses};
-pub use sm_store::{SnapshotPersistence, StateMachineHandle, StateMachineStore, StoredSnapshot};
+pub use sm_store::{
+    SnapshotPersistence, StateMachineHandle, StateMachineStore, StoredSnapshot, Validation, VALIDATION_SERVED,
+};
 pub use state::{InvariantViolation, StateMachineData};
 
 /// A node's id in the Raft group. `0` is never a valid id.

@@ -3,7 +3,7 @@
 use std::io::Cursor;
 
 use maos_raft_store::rocks::RocksDb;
-use maos_raft_store::{Command, Entry, Request, StateMachineStore};
+use maos_raft_store::{Command, Entry, Request, StateMachineStore, Validation};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, Vote};
 
@@ -28,7 +28,7 @@ async fn a_reopened_store_has_what_was_written() -> anyhow::Result<()> {
     {
         let db = RocksDb::open(dir.path())?;
         let mut log = db.log_store();
-        let mut sm = StateMachineStore::open(db.snapshots(), true)?;
+        let mut sm = StateMachineStore::open(db.snapshots(), Validation::EveryBatch)?;
         log.save_vote(&Vote::new(3, 1)).await?;
         let entries: Vec<Entry> = (1..=10).map(|i| put(3, i, &format!("k{i}"), "v")).collect();
         log.blocking_append(entries.clone()).await?;
@@ -42,7 +42,7 @@ async fn a_reopened_store_has_what_was_written() -> anyhow::Result<()> {
     }
     let db = RocksDb::open(dir.path())?;
     let mut log = db.log_store();
-    let mut sm = StateMachineStore::open(db.snapshots(), true)?;
+    let mut sm = StateMachineStore::open(db.snapshots(), Validation::EveryBatch)?;
     assert_eq!(log.read_vote().await?, Some(Vote::new(3, 1)));
     assert_eq!(log.read_committed().await?, Some(log_id(3, 8)));
     let state = log.get_log_state().await?;
@@ -66,20 +66,20 @@ async fn an_installed_snapshot_replaces_the_state_and_survives_a_reopen() -> any
     let source_dir = tempfile::tempdir()?;
     let target_dir = tempfile::tempdir()?;
     let source_db = RocksDb::open(source_dir.path())?;
-    let mut source = StateMachineStore::open(source_db.snapshots(), true)?;
+    let mut source = StateMachineStore::open(source_db.snapshots(), Validation::EveryBatch)?;
     source.apply((1..=5).map(|i| put(2, i, &format!("k{i}"), "v")).collect::<Vec<_>>()).await?;
     let snapshot = source.get_snapshot_builder().await.build_snapshot().await?;
     let expected_hash = source.handle().read().state_hash();
     {
         let target_db = RocksDb::open(target_dir.path())?;
-        let mut target = StateMachineStore::open(target_db.snapshots(), true)?;
+        let mut target = StateMachineStore::open(target_db.snapshots(), Validation::EveryBatch)?;
         target.apply(vec![put(1, 1, "stale", "x")]).await?;
         let bytes = snapshot.snapshot.into_inner();
         target.install_snapshot(&snapshot.meta, Box::new(Cursor::new(bytes))).await?;
         assert_eq!(target.handle().read().state_hash(), expected_hash);
     }
     let target_db = RocksDb::open(target_dir.path())?;
-    let target = StateMachineStore::open(target_db.snapshots(), true)?;
+    let target = StateMachineStore::open(target_db.snapshots(), Validation::EveryBatch)?;
     assert_eq!(target.handle().read().state_hash(), expected_hash);
     assert!(!target.handle().read().app.kv.contains_key("stale"));
     Ok(())

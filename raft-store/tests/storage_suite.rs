@@ -2,14 +2,14 @@
 
 use maos_raft_store::mem::{MemLogStore, MemSnapshots};
 use maos_raft_store::rocks::{RocksDb, RocksLogStore, RocksSnapshots};
-use maos_raft_store::{StateMachineStore, StorageError, TypeConfig};
+use maos_raft_store::{StateMachineStore, StorageError, TypeConfig, Validation};
 use openraft::testing::{StoreBuilder, Suite};
 
 struct MemBuilder;
 
 impl StoreBuilder<TypeConfig, MemLogStore, StateMachineStore<MemSnapshots>, ()> for MemBuilder {
     async fn build(&self) -> Result<((), MemLogStore, StateMachineStore<MemSnapshots>), StorageError> {
-        Ok(((), MemLogStore::new(), StateMachineStore::open(MemSnapshots::default(), true)?))
+        Ok(((), MemLogStore::new(), StateMachineStore::open(MemSnapshots::default(), Validation::EveryBatch)?))
     }
 }
 
@@ -21,7 +21,7 @@ impl StoreBuilder<TypeConfig, RocksLogStore, StateMachineStore<RocksSnapshots>, 
     ) -> Result<(tempfile::TempDir, RocksLogStore, StateMachineStore<RocksSnapshots>), StorageError> {
         let dir = tempfile::tempdir().expect("a temporary directory for the test");
         let db = RocksDb::open(dir.path()).expect("a fresh RocksDB");
-        let sm = StateMachineStore::open(db.snapshots(), true)?;
+        let sm = StateMachineStore::open(db.snapshots(), Validation::EveryBatch)?;
         Ok((dir, db.log_store(), sm))
     }
 }

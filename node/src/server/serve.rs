@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use maos_raft_store::rocks::RocksDb;
-use maos_raft_store::StateMachineStore;
+use maos_raft_store::{StateMachineStore, VALIDATION_SERVED};
 
 use super::data_dir::{preflight, DataDir};
 use super::start;
@@ -27,7 +27,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     data_dir.write_identity(&identity)?;
 
     let db = RocksDb::open(&data_dir.raft_path())?;
-    let state_machine = StateMachineStore::open(db.snapshots(), false)
+    let state_machine = StateMachineStore::open(db.snapshots(), VALIDATION_SERVED)
         .with_context(|| format!("cannot restore the state machine from {}", data_dir.raft_path().display()))?;
     let node = start(&config, db.log_store(), state_machine, transport, system_clock()).await?;
     tracing::info!(
