@@ -46,8 +46,8 @@ def retryable(code: Optional[grpc.StatusCode], idempotent: bool) -> bool:
     if code is None:
         return False
     if idempotent:
-        return bool(code in _RETRYABLE)
-    return code == grpc.StatusCode.UNAVAILABLE
+        return code in _RETRYABLE
+    return bool(code == grpc.StatusCode.UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,11 @@ class Stubs:
     """The service stubs over one channel (sync or asyncio: the stubs are the same classes)."""
 
     def __init__(self, channel: Any) -> None:
-        self.tasks = tasks_pb2_grpc.TaskServiceStub(channel)
-        self.kv = kv_pb2_grpc.KvServiceStub(channel)
-        self.agents = agents_pb2_grpc.AgentServiceStub(channel)
-        self.workers = agents_pb2_grpc.WorkerServiceStub(channel)
-        self.cluster = cluster_pb2_grpc.ClusterServiceStub(channel)
+        self.tasks = tasks_pb2_grpc.TaskServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.kv = kv_pb2_grpc.KvServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.agents = agents_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.workers = agents_pb2_grpc.WorkerServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.cluster = cluster_pb2_grpc.ClusterServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, List, Iterable, Iterator, Mapping, Optional, Sequence, T
 import grpc
 
 from . import _core
-from ._core import Call, Options, Plan, Stubs, TlsOptions, Workflow
+from ._core import Call, Plan, Stubs, TlsOptions, Workflow
 from .errors import MaosError, Unavailable, from_rpc_error
 from .v1 import kv_pb2, tasks_pb2
 from .views import (

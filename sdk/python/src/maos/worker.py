@@ -433,15 +433,24 @@ class Worker:
             del self._held[lease.assignment.task_id]
 
     async def _heartbeats(self) -> None:
+        """Renew every held lease once per interval. A renewal sent at `t` proves the leases until
+        `t + lease` at best, so past that (less a margin) without one, every attempt is stopped."""
+        assert self._client is not None
         loop = asyncio.get_running_loop()
+        margin_s = self.lease_s * 0.02 + 0.1
         renewed_at = loop.time()
         while not self._stopping.is_set():
-            leases = [agents_pb2.LeaseRef(task_id=t, fencing_token=lease.token) for t, lease in self._held.items()]
-            sent = {t: lease for t, lease in self._held.items()}
+            if loop.time() - renewed_at > self.lease_s - margin_s:
+                for lease in list(self._held.values()):
+                    self._drop(lease, f"not renewed for {self.lease_s:.1f} s")
+            sent = dict(self._held)
+            leases = [agents_pb2.LeaseRef(task_id=t, fencing_token=lease.token) for t, lease in sent.items()]
             request = agents_pb2.HeartbeatRequest(worker_id=self.worker_id, leases=leases)
+            sent_at = loop.time()
             try:
-                answer = await self._run(Call("workers", "Heartbeat", request, lambda r: r))
-                renewed_at = loop.time()
+                call = Call("workers", "Heartbeat", request, lambda r: r)
+                answer = await self._client._run(call, deadline=min(self._options.deadline_s, self.lease_s))
+                renewed_at = sent_at
                 for task_id in answer.lost:
                     if task_id in sent:
                         self._drop(sent[task_id], "the heartbeat reported it lost")
@@ -449,9 +458,6 @@ class Worker:
                 raise
             except MaosError as e:
                 log.warning("heartbeat failed (%s); retrying next interval", e)
-                if loop.time() - renewed_at > self.lease_s:
-                    for lease in list(self._held.values()):
-                        self._drop(lease, f"not renewed for {self.lease_s:.1f} s")
             await asyncio.sleep(self.heartbeat_interval_s)
 
 
