@@ -2,7 +2,7 @@
 //! (`sdk/python/tests`) submits and watches a planned workflow, runs Python workers (one is
 //! `kill -9`ed mid-task and its successor resumes from the checkpoint), checks refusals name the
 //! field, runs 200 concurrent async submits, fails over past a dead endpoint and uses the
-//! key-value space.
+//! key-value space; then a watch from Python outlives the node serving it (killed here).
 //!
 //! The venv (pinned pytest, grpcio, …, and the SDK installed from `./sdk/python`) is made by
 //! `scripts/setup.sh`'s `setup_python_sdk`; the test finds it through `MAOS_TEST_PYTHON_SDK` or at
@@ -83,5 +83,44 @@ async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Res
     }
     anyhow::ensure!(output.status.success(), "pytest exited {:?}; its output is above", output.status);
     anyhow::ensure!(stdout.contains(" passed"), "pytest ran no test:\n{stdout}");
+
+    // Last, since it kills a node: a watch outlives the node that serves it.
+    watch_through_a_node_kill(&python, &repo, &mut cluster).await
+}
+
+/// `sdk/python/tests/watch_through_kill.py` watches a task through node 1; node 1 is killed once
+/// the watch has its first event; the watch must reopen elsewhere and see the task complete.
+async fn watch_through_a_node_kill(python: &Path, repo: &Path, cluster: &mut LocalCluster) -> anyhow::Result<()> {
+    let endpoints: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+    let mut child = tokio::process::Command::new(python)
+        .arg("sdk/python/tests/watch_through_kill.py")
+        .arg(endpoints.join(","))
+        .current_dir(repo)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = tokio::time::timeout(STEP, lines.next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("the watcher printed nothing within {} s", STEP.as_secs()))??
+        .unwrap_or_default();
+    let first: serde_json::Value = serde_json::from_str(&first)?;
+    anyhow::ensure!(first["via"] == endpoints[0].as_str(), "the watcher did not start on node 1: {first}");
+    cluster.kill(1)?;
+    let last = tokio::time::timeout(PYTEST_TIMEOUT, lines.next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("the watch did not end within {} s of the kill", PYTEST_TIMEOUT.as_secs()))??
+        .unwrap_or_default();
+    let status = tokio::time::timeout(STEP, child.wait()).await??;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut stderr).await?;
+    }
+    anyhow::ensure!(status.success(), "the watcher exited {status:?} after node 1 was killed: {last}\n{stderr}");
+    let last: serde_json::Value = serde_json::from_str(&last)?;
+    assert_eq!((last["task_id"].as_str(), last["state"].as_str()), (first["watching"].as_str(), Some("COMPLETED")));
     Ok(())
 }

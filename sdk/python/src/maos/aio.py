@@ -156,7 +156,8 @@ class AsyncClient:
                 stream.cancel()
             reconnects += 1
             if reconnects > reconnects_max:
-                raise Unavailable(f"the watch of {task_id} broke {reconnects} times; last: {error or 'ended early'}",
+                raise Unavailable(f"the watch of {task_id} broke {reconnects} times; last: "
+                                  f"{error.message if error else 'the stream ended early'}",
                                   code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
             index = (index + 1) % len(self._stubs)
             await asyncio.sleep(_core.STREAM_RETRY_S)
@@ -233,7 +234,8 @@ class AsyncKvClient:
                 stream.cancel()
             reconnects += 1
             if reconnects > reconnects_max:
-                raise Unavailable(f"the key watch of {prefix!r} broke {reconnects} times; last: {error}",
+                raise Unavailable(f"the key watch of {prefix!r} broke {reconnects} times; last: "
+                                  f"{error.message if error else 'the stream ended'}",
                                   code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
             index = (index + 1) % len(client._stubs)
             await asyncio.sleep(_core.STREAM_RETRY_S)

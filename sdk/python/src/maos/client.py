@@ -174,7 +174,8 @@ class Client:
                 stream.cancel()
             reconnects += 1
             if reconnects > reconnects_max:
-                raise Unavailable(f"the watch of {task_id} broke {reconnects} times; last: {error or 'ended early'}",
+                raise Unavailable(f"the watch of {task_id} broke {reconnects} times; last: "
+                                  f"{error.message if error else 'the stream ended early'}",
                                   code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
             index = (index + 1) % len(self._stubs)
             time.sleep(_core.STREAM_RETRY_S)
@@ -274,7 +275,8 @@ class KvClient:
                 stream.cancel()
             reconnects += 1
             if reconnects > reconnects_max:
-                raise Unavailable(f"the key watch of {prefix!r} broke {reconnects} times; last: {error}",
+                raise Unavailable(f"the key watch of {prefix!r} broke {reconnects} times; last: "
+                                  f"{error.message if error else 'the stream ended'}",
                                   code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
             index = (index + 1) % len(client._stubs)
             time.sleep(_core.STREAM_RETRY_S)

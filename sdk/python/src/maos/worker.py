@@ -193,7 +193,8 @@ class Worker:
         #: Set once registered and the assignment stream is first open.
         self.ready = threading.Event()
 
-    def agent(self, agent_type: str, *, capabilities: Sequence[str] = (), slots: int = 1) -> Callable[[Handler], Handler]:
+    def agent(self, agent_type: str, *, capabilities: Sequence[str] = (),
+              slots: int = 1) -> Callable[[Handler], Handler]:
         """Serve `agent_type` with the decorated function: `fn(ctx) -> str` (or `async def`).
         Its answer completes the task (a dict or list is sent as JSON; for a planning attempt,
         the plan: a `maos.Plan` or `{"subtasks": [...]}`); raising fails the attempt retryably
