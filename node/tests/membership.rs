@@ -81,3 +81,57 @@ async fn a_node_joins_as_learner_then_voter_and_leaves() -> anyhow::Result<()> {
     fourth.wait().ok();
     result
 }
+
+/// Issue 16: removing the leader (as a new user did, `DELETE /api/v1/cluster/nodes/<leader>`)
+/// left it reporting itself as a learner under itself and answering calls after 10 s with "no
+/// leader known". A removed node now says at once, on `/ready` and on every call, that it was
+/// removed and by which membership change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_leader_knows_it_and_says_so_at_once() -> anyhow::Result<()> {
+    use maos_client::proto::v1::kv_service_client::KvServiceClient;
+    use maos_client::proto::v1::PutRequest;
+
+    let root = tempfile::tempdir()?;
+    let mut cluster =
+        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), LocalClusterOptions::default())?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let endpoint = cluster.nodes[&leader].api_addr.clone();
+    let http = reqwest::Client::builder().timeout(STEP).build()?;
+    let answer = http.delete(format!("http://{endpoint}/api/v1/cluster/nodes/{leader}")).send().await?;
+    let status = answer.status();
+    anyhow::ensure!(status.is_success(), "removing the leader: {status} {}", answer.text().await?);
+
+    // The others go on under a new leader.
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let (new_leader, _) = cluster.wait_for_leader(&others, STEP).await?;
+    assert_ne!(new_leader, leader);
+    cluster.client_of(new_leader)?.put("after-the-removal", "written").await?;
+
+    // The removed node says so on /ready.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let ready = http.get(format!("http://{endpoint}/ready")).send().await?;
+        let (status, text) = (ready.status(), ready.text().await?);
+        if text.contains("was removed from the cluster by the membership change at log index") {
+            assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{text}");
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let view = cluster.client_of(leader)?.status_of(0, true).await;
+            anyhow::bail!("/ready never said node {leader} was removed: {status} {text}\nits view: {view:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And a call to it is refused at once, naming the removal, so a client moves on.
+    let channel = cluster.client_of(leader)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
+    let started = tokio::time::Instant::now();
+    let refused = KvServiceClient::new(channel)
+        .put(PutRequest { key: "to-the-removed-node".into(), value: "x".into(), ttl_ms: 0 })
+        .await
+        .expect_err("a removed node serves no write");
+    assert!(started.elapsed() < Duration::from_secs(3), "the refusal took {:?}", started.elapsed());
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("was removed from the cluster"), "{}", refused.message());
+    Ok(())
+}

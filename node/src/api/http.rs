@@ -45,10 +45,16 @@ async fn ready(State(shared): State<Shared>) -> (StatusCode, String) {
             }
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: node {}: {why}\n", core.id)),
         },
-        (false, _) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: node {} is not a member of a cluster yet (forming, or waiting to be added)\n", core.id),
-        ),
+        (false, _) => match core.removal() {
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not ready: node {} is not a member of a cluster yet (forming, or waiting to be added)\n",
+                    core.id
+                ),
+            ),
+        },
         (true, None) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: node {} knows no leader (election under way)\n", core.id),

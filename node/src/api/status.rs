@@ -11,7 +11,9 @@ use crate::storage::StorageError;
 pub fn status_from(error: CoreError) -> Status {
     match error {
         CoreError::Rejected(rejection) => status_of_rejection(rejection),
-        CoreError::Unavailable { .. } | CoreError::Stopped(_) => Status::unavailable(error.to_string()),
+        CoreError::Unavailable { .. } | CoreError::Stopped(_) | CoreError::Removed(_) => {
+            Status::unavailable(error.to_string())
+        }
     }
 }
 

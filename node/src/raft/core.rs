@@ -29,6 +29,9 @@ pub enum CoreError {
     Unavailable { timeout_ms: u64, last: String },
     #[error("this node has stopped: {0}")]
     Stopped(String),
+    /// This node is no longer a member: calls go to another node.
+    #[error("{0}; send requests to another node")]
+    Removed(String),
 }
 
 /// Everything the APIs and the Raft service share.
@@ -56,6 +59,28 @@ impl NodeCore {
         let leader = metrics.current_leader?;
         let node = metrics.membership_config.membership().get_node(&leader).cloned()?;
         Some((leader, node))
+    }
+
+    /// Why this node no longer belongs to the cluster, if it was removed: it applied a membership
+    /// that leaves it out. Only a member (or a learner) receives memberships, so that is a
+    /// removal; a node waiting to join has none yet. Checked on the slow paths only (no leader
+    /// known), not per write.
+    pub fn removal(&self) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&self.id).is_some() {
+            return None;
+        }
+        let index = metrics.membership_config.log_id().as_ref()?.index;
+        if Some(index) > metrics.last_applied.map(|id| id.index) {
+            return None;
+        }
+        let members: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        Some(format!(
+            "node {} was removed from the cluster by the membership change at log index {index} (members now {members:?}); it serves nothing until it is added again (maos cluster add-node)",
+            self.id
+        ))
     }
 
     pub fn is_leader(&self) -> bool {
@@ -105,7 +130,10 @@ impl NodeCore {
                         Err(_) => ProposeOutcome::Failed(format!("leader {leader} did not answer before the deadline")),
                     }
                 }
-                None => ProposeOutcome::NotLeader { leader_id: None },
+                None => match self.removal() {
+                    Some(why) => return Err(CoreError::Removed(why)),
+                    None => ProposeOutcome::NotLeader { leader_id: None },
+                },
             };
             let last = match outcome {
                 ProposeOutcome::Applied(Response::Rejected(rejection)) => return Err(rejection.into()),
@@ -136,7 +164,10 @@ impl NodeCore {
                     .forward_read_index(&node.raft_addr, deadline)
                     .await
                     .map_err(|e| format!("leader {leader} at {}: {e}", node.raft_addr)),
-                None => Err("no leader known".to_string()),
+                None => match self.removal() {
+                    Some(why) => return Err(CoreError::Removed(why)),
+                    None => Err("no leader known".to_string()),
+                },
             };
             let last = match read_index {
                 Ok(index) => {
