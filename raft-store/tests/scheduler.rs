@@ -208,3 +208,64 @@ fn a_parent_s_own_max_agents_narrows_the_cluster_limit() {
     let plan = plan_assignments(&table, 10, 100, 10_000);
     assert_eq!(plan.len(), 2, "two of five children at once: {plan:?}");
 }
+
+/// Two coder slots on each of `nodes` nodes, named `n<node>-<slot>`.
+fn spread_slots(nodes: u64) -> Vec<(String, Slot)> {
+    (1..=nodes).flat_map(|node| (0..2).map(move |i| (format!("n{node}-{i}"), slot(node, "coder", &[])))).collect()
+}
+
+fn node_of_plan(table: &TaskTable, plan: &[TaskCommand]) -> Vec<u64> {
+    plan.iter()
+        .map(|c| match c {
+            TaskCommand::Assign { slot, .. } => table.slots[slot].node_id,
+            other => panic!("the scheduler only assigns: {other:?}"),
+        })
+        .collect()
+}
+
+/// Issue 17: 720 short tasks on three nodes ran 627 on node 1, because a lone ready task always
+/// took the first free slot in id order. Tasks planned one at a time over equal nodes spread.
+#[test]
+fn one_task_at_a_time_over_equal_nodes_spreads_evenly() {
+    let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for i in 0..300 {
+        let slots = spread_slots(3);
+        let slots: Vec<(&str, Slot)> = slots.iter().map(|(id, s)| (id.as_str(), s.clone())).collect();
+        let table =
+            table_with(slots, vec![spec(&format!("01936f0e-{i:04}-7000-8000-00000000{i:04}"), "a", Priority::Normal)]);
+        let plan = plan_assignments(&table, 10, 100, 10_000);
+        assert_eq!(plan.len(), 1);
+        *per_node.entry(node_of_plan(&table, &plan)[0]).or_default() += 1;
+    }
+    for node in 1..=3 {
+        let count = per_node.get(&node).copied().unwrap_or(0);
+        assert!((70..=130).contains(&count), "node {node} got {count} of 300 tasks: {per_node:?}");
+    }
+}
+
+/// The least-loaded eligible node goes first: most free slots, then fewest running attempts.
+#[test]
+fn the_node_with_the_most_free_slots_goes_first() {
+    let slots = spread_slots(2);
+    let slots: Vec<(&str, Slot)> = slots.iter().map(|(id, s)| (id.as_str(), s.clone())).collect();
+    let mut table = table_with(slots, vec![spec("busy", "a", Priority::Normal)]);
+    // Node 1 runs one attempt: one free slot against node 2's two.
+    let assign = TaskCommand::Assign { task_id: "busy".into(), slot: "n1-0".into(), node_id: 1, lease_ms: 10_000 };
+    table.apply(5, 100, &assign).expect("assign");
+    for (i, id) in ["t1", "t2", "t3"].into_iter().enumerate() {
+        table
+            .apply(
+                6 + i as u64,
+                101 + i as u64,
+                &TaskCommand::Submit { spec: Box::new(spec(id, "a", Priority::Normal)) },
+            )
+            .expect("submit");
+    }
+    let plan = plan_assignments(&table, 10, 100, 10_000);
+    // Node 2 (two free) first; then both nodes have one free slot and one attempt.
+    let nodes = node_of_plan(&table, &plan);
+    assert_eq!(nodes.len(), 3, "{plan:?}");
+    assert_eq!(nodes[0], 2, "the node with two free slots takes the first task: {nodes:?}");
+    let on = |node| nodes.iter().filter(|n| **n == node).count();
+    assert_eq!((on(1), on(2)), (1, 2), "every free slot is used: {nodes:?}");
+}
