@@ -2,7 +2,8 @@
 //! (`sdk/python/tests`) submits and watches a planned workflow, runs Python workers (one is
 //! `kill -9`ed mid-task and its successor resumes from the checkpoint), checks refusals name the
 //! field, runs 200 concurrent async submits, fails over past a dead endpoint and uses the
-//! key-value space; then a watch from Python outlives the node serving it (killed here).
+//! key-value space; then a watch and a worker from Python outlive the node serving them (killed
+//! here).
 //!
 //! The venv (pinned pytest, grpcio, …, and the SDK installed from `./sdk/python`) is made by
 //! `scripts/setup.sh`'s `setup_python_sdk`; the test finds it through `MAOS_TEST_PYTHON_SDK` or at
@@ -88,8 +89,9 @@ async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Res
     watch_through_a_node_kill(&python, &repo, &mut cluster).await
 }
 
-/// `sdk/python/tests/watch_through_kill.py` watches a task through node 1; node 1 is killed once
-/// the watch has its first event; the watch must reopen elsewhere and see the task complete.
+/// `sdk/python/tests/watch_through_kill.py` watches a task, and runs a worker, through node 1;
+/// node 1 is killed once the watch has its first event; the watch must reopen elsewhere and see
+/// the task complete, and the worker must take a task submitted after the kill.
 async fn watch_through_a_node_kill(python: &Path, repo: &Path, cluster: &mut LocalCluster) -> anyhow::Result<()> {
     let endpoints: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
     let mut child = tokio::process::Command::new(python)
@@ -122,5 +124,7 @@ async fn watch_through_a_node_kill(python: &Path, repo: &Path, cluster: &mut Loc
     anyhow::ensure!(status.success(), "the watcher exited {status:?} after node 1 was killed: {last}\n{stderr}");
     let last: serde_json::Value = serde_json::from_str(&last)?;
     assert_eq!((last["task_id"].as_str(), last["state"].as_str()), (first["watching"].as_str(), Some("COMPLETED")));
+    assert_eq!(last["worker_task"], "COMPLETED", "a worker's stream moves off the killed node: {last}");
+    assert_eq!(last["worker_result"], "served after the kill: ping");
     Ok(())
 }
