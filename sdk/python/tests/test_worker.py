@@ -41,8 +41,12 @@ def test_a_killed_workers_checkpoint_is_handed_to_its_successor(client: maos.Cli
         second.expect("ready")
         final = client.wait(task.task_id, timeout=STEP_S)
         assert final.state == maos.TaskState.COMPLETED, final
-        assert json.loads(final.result) == {"resumed_from": "phase-1 of topic-42", "attempt": 2,
-                                            "worker": second_name}
+        answer = json.loads(final.result)
+        assert answer["resumed_from"] == "phase-1 of topic-42", answer
+        assert answer["worker"] == second_name, answer
+        # Attempt 2, unless the scheduler leased it once more to the dead worker in the instant
+        # its liveness window closed (that lease expires too, and then the successor's is 3).
+        assert answer["attempt"] >= 2 and answer["attempt"] == final.attempt, (answer, final)
 
 
 def test_a_cancelled_task_stops_a_sync_function_and_refuses_its_reports(
