@@ -225,6 +225,26 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Send signal `signal` (`libc::SIGTERM`, ...) to node `id`'s process; it is not reaped.
+    pub fn signal(&self, id: u64, signal: i32) -> anyhow::Result<()> {
+        let pid = self.pid(id).ok_or_else(|| anyhow!("node {id} is not running"))?;
+        let pid = i32::try_from(pid).map_err(|_| anyhow!("node {id}'s pid {pid} does not fit a pid_t"))?;
+        // SAFETY: kill(2) takes plain integers and touches no memory of this process.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            bail!("signal {signal} to node {id} (pid {pid}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// How node `id`'s process ended, if it has (reaping it); `None` while it runs.
+    pub fn exit_status(&mut self, id: u64) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
+        match node.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("node {id} was not started"),
+        }
+    }
+
     /// Kill every node.
     pub fn stop(&mut self) {
         let ids: Vec<u64> = self.nodes.keys().copied().collect();

@@ -356,6 +356,9 @@ pub struct SystemSection {
     pub agent_spawn_rate: u32,
     /// Seconds between checkpoints an agent is asked for (passed in its envelope).
     pub checkpoint_interval: u64,
+    /// Seconds a stop (SIGTERM, SIGINT) may take: the servers and Raft stop gracefully within it,
+    /// then the rest is dropped, open client connections and streams included, and the node exits.
+    pub shutdown_grace: u64,
 }
 
 impl Default for NodeSection {
@@ -395,6 +398,13 @@ impl Default for RaftSection {
     }
 }
 
+impl SystemSection {
+    /// The longest a stop may take.
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.shutdown_grace)
+    }
+}
+
 impl Default for SystemSection {
     fn default() -> Self {
         Self {
@@ -403,6 +413,7 @@ impl Default for SystemSection {
             max_agents: 20,
             agent_spawn_rate: 10,
             checkpoint_interval: 300,
+            shutdown_grace: 5,
         }
     }
 }

@@ -5,6 +5,9 @@ use std::fmt;
 
 use super::schema::{parse_bytes, BackendKind, Config, PEERS_MAX};
 
+/// The longest `system.shutdown_grace`, in seconds: past this an orchestrator kills the node anyway.
+const SHUTDOWN_GRACE_MAX: u64 = 300;
+
 /// One problem with the configuration, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -114,6 +117,12 @@ impl Config {
         }
         if system.checkpoint_interval == 0 {
             bad("system.checkpoint_interval", "must be at least 1 (seconds)".into());
+        }
+        if system.shutdown_grace == 0 || system.shutdown_grace > SHUTDOWN_GRACE_MAX {
+            bad(
+                "system.shutdown_grace",
+                format!("{} must be in 1..={SHUTDOWN_GRACE_MAX} (seconds a stop may take)", system.shutdown_grace),
+            );
         }
         let agents = &self.agents;
         if let Err(e) = parse_bytes(&agents.defaults.max_memory) {

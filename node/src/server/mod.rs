@@ -68,15 +68,52 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Stop Raft and the servers and wait for them.
-    pub async fn shutdown(mut self) {
+    /// Stop Raft, the servers and the node's loops, within `grace` (`system.shutdown_grace`).
+    ///
+    /// Graceful first: every loop and server is told to stop, Raft shuts down and the servers
+    /// drain. A graceful HTTP/2 stop waits for clients to close their connections and streams,
+    /// which a client that holds a connection open (a health watch, a connection that never sent
+    /// its preface, a frozen peer) never does; so when `grace` runs out whatever still runs is
+    /// aborted, which drops the servers with their connections, and the stop returns.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let started = tokio::time::Instant::now();
+        let node_id = self.core.id;
         let _ = self.stop.send(true);
-        if let Err(error) = self.core.raft.shutdown().await {
-            tracing::warn!(%error, "Raft did not stop cleanly");
+        let core = self.core.clone();
+        let tasks = &mut self.tasks;
+        let graceful = async move {
+            if let Err(error) = core.raft.shutdown().await {
+                tracing::warn!(node_id, %error, "Raft did not stop cleanly");
+            }
+            while tasks.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(grace, graceful).await.is_ok() {
+            tracing::info!(node_id, elapsed_ms = started.elapsed().as_millis() as u64, "stopped gracefully");
+            return;
         }
-        while self.tasks.join_next().await.is_some() {}
+        tracing::warn!(
+            node_id,
+            grace_ms = grace.as_millis() as u64,
+            still_running = self.tasks.len(),
+            "the graceful stop did not finish within system.shutdown_grace; dropping the servers, their connections and the node's loops"
+        );
+        self.tasks.abort_all();
+        // Aborted tasks end at their next poll; a task stuck outside the runtime's reach is left
+        // to the process's exit.
+        let aborted = tokio::time::timeout(ABORT_WAIT, async { while self.tasks.join_next().await.is_some() {} });
+        if aborted.await.is_err() {
+            tracing::warn!(
+                node_id,
+                still_running = self.tasks.len(),
+                "some tasks did not end when aborted; exiting anyway"
+            );
+        }
+        tracing::info!(node_id, elapsed_ms = started.elapsed().as_millis() as u64, "stopped by force");
     }
 }
+
+/// How long a forced stop waits for aborted tasks to end.
+const ABORT_WAIT: Duration = Duration::from_millis(500);
 
 /// openraft settings from the node configuration.
 #[allow(clippy::result_large_err)] // openraft's own error type, returned once at start
@@ -131,6 +168,8 @@ where
         forwarder,
         request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
         peers_digest: peers_digest(&peers),
+        session: Default::default(),
+        session_opening: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();

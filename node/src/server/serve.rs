@@ -56,6 +56,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!(node_id = config.node.id, "stopping");
-    node.shutdown().await;
+    node.shutdown(config.system.shutdown_grace()).await;
     Ok(())
 }
