@@ -142,6 +142,13 @@ async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -
     )?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    // The nodes register their pools after a leader is known: wait for them before submitting.
+    let client = std::sync::Arc::new(cluster.client()?);
+    wait_until("the sharer agents to register", || {
+        let client = client.clone();
+        async move { Ok(client.agents(0).await?.total >= 3) }
+    })
+    .await?;
     let mut tasks = tasks_client(&cluster, leader)?;
     let request = SubmitTaskRequest { task_type: "sharer".into(), description: "share".into(), ..Default::default() };
     let task_id = tasks.submit(request).await?.into_inner().task_id;

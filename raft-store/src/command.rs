@@ -30,6 +30,14 @@ pub const CLUSTER_NAME_BYTES_MAX: usize = 64;
 /// Upper bound on a network address string, in bytes.
 pub const ADDRESS_BYTES_MAX: usize = 256;
 
+/// Upper bound on open client sessions; opening one more is refused, retryably.
+pub const SESSIONS_MAX: usize = 4_096;
+/// Upper bound on one session's answers not yet acknowledged (commands in flight).
+pub const SESSION_ANSWERS_MAX: usize = 32_768;
+/// Bounds on a session's time to live without a command.
+pub const SESSION_TTL_MS_MIN: u64 = 1_000;
+pub const SESSION_TTL_MS_MAX: u64 = 24 * 3_600_000;
+
 /// Upper bound on commands in one log entry.
 pub const BATCH_COMMANDS_MAX: usize = 1024;
 /// Upper bound on the key and value bytes of the commands in one log entry (one command may
@@ -97,6 +105,14 @@ pub enum Command {
     /// A key-value write made on behalf of a lease (an agent's shared state): it applies only
     /// while `token` is `task_id`'s current lease, so a stale agent's write changes nothing.
     Fenced { task_id: String, token: u64, command: Box<Command> },
+    /// Open a client session (Raft dissertation §6.3): its id is this command's fencing token,
+    /// so no two sessions share one. It expires `ttl_ms` after its last command, by leader time.
+    OpenSession { ttl_ms: u64 },
+    /// `command` sent by session `client` as its `sequence`-th command (from 1). It applies once:
+    /// a repeat of a sequence whose answer the session holds gets that answer again, without
+    /// applying. Every sequence at or below `acknowledged` has its answer at the client, so the
+    /// state forgets those answers. A refused command is not remembered (nothing applied).
+    Session { client: u64, sequence: u64, acknowledged: u64, command: Box<Command> },
 }
 
 impl Command {
@@ -111,6 +127,8 @@ impl Command {
             }
             Command::KvDelete { key } => key.len(),
             Command::Fenced { task_id, command, .. } => task_id.len() + command.payload_bytes(),
+            Command::OpenSession { .. } => 16,
+            Command::Session { command, .. } => 24 + command.payload_bytes(),
             Command::Task(TaskCommand::Submit { spec }) => spec.description.len() + spec.input.len(),
             Command::Task(TaskCommand::Complete { result, .. }) => result.len(),
             Command::Task(TaskCommand::Fail { error, .. }) => error.len(),
@@ -143,6 +161,8 @@ pub enum Response {
     KvCompareFailed { current: Option<String> },
     /// A task command's result.
     Task(TaskResponse),
+    /// A client session was opened with this id.
+    SessionOpened { client: u64 },
     /// The command was refused; nothing changed.
     Rejected(Rejection),
 }
@@ -163,4 +183,12 @@ pub enum Rejection {
     Task(#[from] TaskRejection),
     #[error("this cluster is already initialised as {existing_id}; refusing identity {proposed_id}")]
     ClusterIdentityConflict { existing_id: String, proposed_id: String },
+    #[error("client session {client} is unknown or expired (no command within its time to live); open a new session; a command already sent on it may or may not have applied")]
+    SessionExpired { client: u64 },
+    #[error("{limit} client sessions are open, the most the cluster keeps; retry when one expires")]
+    SessionsFull { limit: usize },
+    #[error("client session {client} has {limit} commands without an acknowledged answer; wait for answers before sending more")]
+    SessionWindowFull { client: u64, limit: usize },
+    #[error("client session {client} already acknowledged the answer to command {sequence}; it cannot be sent again")]
+    SessionSequenceAcknowledged { client: u64, sequence: u64 },
 }

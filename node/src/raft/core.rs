@@ -5,8 +5,16 @@
 //! forwards it to the leader's Raft port (`Propose`). Reads: linearizable by ReadIndex (the
 //! leader confirms it still leads and names an index; the reader waits until it has applied that
 //! index), or stale from local state when the caller asks.
+//!
+//! Exactly once: every write goes on this node's client session (opened through the log on the
+//! first write) as `(client, sequence)`, and a write that is sent again, because a forward or a
+//! local proposal failed without an answer, keeps its sequence, so the state machine applies it
+//! once and answers the resend from memory. A session that expired is reopened only for a write
+//! that was never sent ambiguously; otherwise the caller gets `SessionExpired` (it may have
+//! applied), never a second apply.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use maos_raft_store::state::check_command;
@@ -19,6 +27,34 @@ use crate::raft::proposer::{Batcher, Clock, ProposeOutcome};
 
 /// Pause between attempts while a leader is unknown or changing.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// A node's session expires this long after its last write. Every node writes a renewal per
+/// `scheduler.lease_renew_interval_ms`, so only a node that is down or cut off loses it.
+pub const SESSION_TTL: Duration = Duration::from_secs(600);
+
+/// This node's client session and its sequence numbers.
+#[derive(Debug, Default)]
+pub struct ClientSession {
+    client: Option<u64>,
+    /// The last sequence handed out; one counter across sessions, so a reopened session never
+    /// reuses a number.
+    last_sequence: u64,
+    /// Sequences sent and not yet answered.
+    outstanding: BTreeSet<u64>,
+}
+
+impl ClientSession {
+    /// The next sequence, and the highest sequence below which every answer is in.
+    fn begin(&mut self) -> (u64, u64) {
+        self.last_sequence += 1;
+        self.outstanding.insert(self.last_sequence);
+        let acknowledged = self.outstanding.first().map_or(self.last_sequence, |first| first - 1);
+        (self.last_sequence, acknowledged)
+    }
+
+    fn end(&mut self, sequence: u64) {
+        self.outstanding.remove(&sequence);
+    }
+}
 
 /// Why a write or read did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +85,10 @@ pub struct NodeCore {
     pub request_timeout: Duration,
     /// The static peer list as `id=raft_addr,...` (sorted); see `Hello.peers_digest`.
     pub peers_digest: String,
+    /// This node's client session (see the module doc).
+    pub session: Mutex<ClientSession>,
+    /// Held while a session is being opened, so concurrent first writes open one.
+    pub session_opening: tokio::sync::Mutex<()>,
 }
 
 impl NodeCore {
@@ -113,6 +153,67 @@ impl NodeCore {
     pub async fn write_within(&self, command: Command, timeout: Duration) -> Result<Response, CoreError> {
         check_command(&command)?;
         let deadline = tokio::time::Instant::now() + timeout;
+        // At most one reopen: a session can expire once while a write waits for it.
+        for _ in 0..2 {
+            let client = self.session_client(deadline, timeout).await?;
+            let (sequence, acknowledged) = self.lock_session().begin();
+            let tagged = Command::Session { client, sequence, acknowledged, command: Box::new(command.clone()) };
+            let sent = self.send(tagged, deadline, timeout).await;
+            self.lock_session().end(sequence);
+            match sent {
+                Err((CoreError::Rejected(Rejection::SessionExpired { .. }), false)) => self.forget_session(client),
+                other => return other.map_err(|(error, _)| error),
+            }
+        }
+        Err(CoreError::Unavailable {
+            timeout_ms: timeout.as_millis() as u64,
+            last: "this node's client session expired twice in one write".into(),
+        })
+    }
+
+    fn lock_session(&self) -> std::sync::MutexGuard<'_, ClientSession> {
+        // Plain counters, consistent after any panic: a poisoned lock holds usable data.
+        self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn forget_session(&self, client: u64) {
+        let mut session = self.lock_session();
+        if session.client == Some(client) {
+            session.client = None;
+        }
+    }
+
+    /// This node's session, opened through the log if it has none yet.
+    async fn session_client(&self, deadline: tokio::time::Instant, timeout: Duration) -> Result<u64, CoreError> {
+        if let Some(client) = self.lock_session().client {
+            return Ok(client);
+        }
+        let _opening = self.session_opening.lock().await;
+        if let Some(client) = self.lock_session().client {
+            return Ok(client);
+        }
+        let open = Command::OpenSession { ttl_ms: SESSION_TTL.as_millis() as u64 };
+        match self.send(open, deadline, timeout).await.map_err(|(error, _)| error)? {
+            Response::SessionOpened { client } => {
+                self.lock_session().client = Some(client);
+                Ok(client)
+            }
+            other => Err(CoreError::Unavailable {
+                timeout_ms: timeout.as_millis() as u64,
+                last: format!("opening a client session answered {other:?}"),
+            }),
+        }
+    }
+
+    /// Send `command` until it is answered or `deadline`; the flag says whether an attempt failed
+    /// without an answer (so the command may have applied).
+    async fn send(
+        &self,
+        command: Command,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Response, (CoreError, bool)> {
+        let mut ambiguous = false;
         loop {
             let outcome = match self.leader() {
                 // A leader cut off from its majority keeps its role until it learns of a newer
@@ -131,18 +232,21 @@ impl NodeCore {
                     }
                 }
                 None => match self.removal() {
-                    Some(why) => return Err(CoreError::Removed(why)),
+                    Some(why) => return Err((CoreError::Removed(why), ambiguous)),
                     None => ProposeOutcome::NotLeader { leader_id: None },
                 },
             };
             let last = match outcome {
-                ProposeOutcome::Applied(Response::Rejected(rejection)) => return Err(rejection.into()),
+                ProposeOutcome::Applied(Response::Rejected(rejection)) => return Err((rejection.into(), ambiguous)),
                 ProposeOutcome::Applied(response) => return Ok(response),
                 ProposeOutcome::NotLeader { leader_id } => format!("leader changing (hint: {leader_id:?})"),
-                ProposeOutcome::Failed(message) => message,
+                ProposeOutcome::Failed(message) => {
+                    ambiguous = true;
+                    message
+                }
             };
             if tokio::time::Instant::now() + LEADER_RETRY_PAUSE >= deadline {
-                return Err(CoreError::Unavailable { timeout_ms: timeout.as_millis() as u64, last });
+                return Err((CoreError::Unavailable { timeout_ms: timeout.as_millis() as u64, last }, ambiguous));
             }
             tokio::time::sleep(LEADER_RETRY_PAUSE).await;
         }

@@ -12,10 +12,14 @@ use sha2::{Digest, Sha256};
 
 use crate::command::{
     Command, Rejection, Request, Response, Responses, ADDRESS_BYTES_MAX, BATCH_COMMANDS_MAX, CLUSTER_NAME_BYTES_MAX,
-    KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, VALUE_BYTES_MAX,
+    KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, SESSION_TTL_MS_MAX, SESSION_TTL_MS_MIN, VALUE_BYTES_MAX,
 };
+
+mod sessions;
+
 use crate::tasks::{check_plan, check_spec, TaskCommand, TaskRejection, TaskTable, SLOTS_PER_NODE_MAX};
 use crate::{Entry, MaosNode, NodeId};
+pub use sessions::ClientSession;
 
 /// The identity recorded by the node that initialised the group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,12 @@ pub struct AppState {
     /// Highest leader stamp applied so far. Stamps from a new leader whose clock is behind are
     /// raised to this, so replicated time never goes backwards.
     pub clock_ms: u64,
+    /// Open client sessions by id (`sessions.rs`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sessions: BTreeMap<u64, ClientSession>,
+    /// Sessions by expiry time.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub session_expiries: BTreeSet<(u64, u64)>,
 }
 
 /// Everything the state machine holds, including Raft's own bookkeeping.
@@ -168,6 +178,7 @@ impl StateMachineData {
             return Err(InvariantViolation(format!("{} keys exceed the bound {KEYS_MAX}", self.app.kv.len())));
         }
         self.app.tasks.validate().map_err(InvariantViolation)?;
+        sessions::validate(&self.app).map_err(InvariantViolation)?;
         for (node_id, record) in &self.app.nodes {
             if *node_id == 0 || record.raft_addr.is_empty() || record.api_addr.is_empty() {
                 return Err(InvariantViolation(format!("node record {node_id} is incomplete")));
@@ -254,6 +265,32 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
             })
         }
         Command::Task(_) => Ok(()),
+        Command::OpenSession { ttl_ms } => {
+            if !(SESSION_TTL_MS_MIN..=SESSION_TTL_MS_MAX).contains(ttl_ms) {
+                return Err(Rejection::InvalidField {
+                    field: "ttl_ms".into(),
+                    message: format!(
+                        "a session's time to live must be in {SESSION_TTL_MS_MIN}..={SESSION_TTL_MS_MAX} ms"
+                    ),
+                });
+            }
+            Ok(())
+        }
+        Command::Session { sequence, acknowledged, command, .. } => {
+            if *sequence == 0 || acknowledged >= sequence {
+                return Err(Rejection::InvalidField {
+                    field: "sequence".into(),
+                    message: "sequences start at 1 and exceed the acknowledged one".into(),
+                });
+            }
+            match command.as_ref() {
+                Command::Session { .. } | Command::OpenSession { .. } => Err(Rejection::InvalidField {
+                    field: "command".into(),
+                    message: "a session command does not carry another session command".into(),
+                }),
+                _ => check_command(command),
+            }
+        }
         Command::Fenced { task_id, command, .. } => {
             check_non_empty("task_id", task_id)?;
             match command.as_ref() {
@@ -381,6 +418,10 @@ fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command)
                 }));
             }
             apply_command(app, now_ms, token, command)
+        }
+        Command::OpenSession { ttl_ms } => sessions::open(app, now_ms, token, *ttl_ms),
+        Command::Session { client, sequence, acknowledged, command } => {
+            sessions::apply(app, now_ms, token, (*client, *sequence, *acknowledged), command)
         }
         Command::Task(command) => {
             if matches!(command, TaskCommand::Tick) {

@@ -278,3 +278,93 @@ fn a_fenced_write_applies_only_while_its_lease_is_current() {
     assert!(matches!(&refused[0], Response::Rejected(Rejection::InvalidField { field, .. }) if field == "command"));
     state.validate().expect("valid");
 }
+
+fn on_session(client: u64, sequence: u64, acknowledged: u64, command: Command) -> Command {
+    Command::Session { client, sequence, acknowledged, command: Box::new(command) }
+}
+
+fn open_session(state: &mut StateMachineData, index: u64, at_ms: u64) -> u64 {
+    match state.apply(&entry(index, at_ms, Command::OpenSession { ttl_ms: 60_000 })).expect("format").as_slice() {
+        [Response::SessionOpened { client }] => *client,
+        other => panic!("no session opened: {other:?}"),
+    }
+}
+
+/// Issue 16, break 1: a forwarded write whose answer was lost after it committed is sent again;
+/// without sessions a compare-and-set that succeeded was then reported as failed and a submit
+/// without an idempotency key made a second task. On a session the repeat applies nothing and
+/// gets the first answer.
+#[test]
+fn a_command_sent_twice_on_a_session_applies_once_and_the_repeat_gets_the_first_answer() {
+    use crate::tasks::{Priority, TaskSpec};
+    let mut state = StateMachineData::default();
+    let client = open_session(&mut state, 1, 1);
+    state.apply(&entry(2, 2, put("counter", "0"))).expect("format");
+    let set = on_session(client, 1, 0, cas("counter", Some("0"), "1"));
+    let first = state.apply(&entry(3, 3, set.clone())).expect("format");
+    assert_eq!(first, vec![Response::KvWritten { revision: 2 }]);
+    let again = state.apply(&entry(4, 4, set)).expect("format");
+    assert_eq!(again, first, "the repeat is answered from memory, not reported as a failed compare");
+    assert_eq!(state.app.kv_revision, 2, "applied once");
+
+    let spec = TaskSpec {
+        id: "t1".into(),
+        task_type: "coder".into(),
+        priority: Priority::Normal,
+        description: "no idempotency key".into(),
+        input: String::new(),
+        depends_on: vec![],
+        parent: None,
+        max_retries: 0,
+        timeout_ms: 60_000,
+        idempotency_key: None,
+        submitter: "s".into(),
+        labels: Default::default(),
+        capabilities: Default::default(),
+        planner_type: None,
+        max_agents: None,
+        input_stored: false,
+    };
+    let submit = |id: &str| {
+        let spec = TaskSpec { id: id.into(), ..spec.clone() };
+        on_session(client, 2, 1, Command::Task(TaskCommand::Submit { spec: Box::new(spec) }))
+    };
+    let first = state.apply(&entry(5, 5, submit("t1"))).expect("format");
+    // The resend carries a new id (a node picks ids before proposing) but the same sequence.
+    let again = state.apply(&entry(6, 6, submit("t1-resent"))).expect("format");
+    assert_eq!(again, first);
+    assert_eq!(state.app.tasks.tasks.len(), 1, "one task, not two: {:?}", state.app.tasks.tasks.keys());
+    state.validate().expect("invariants");
+}
+
+#[test]
+fn a_command_on_an_unknown_or_expired_session_is_refused_and_not_applied() {
+    let mut state = StateMachineData::default();
+    let unknown = state.apply(&entry(1, 1, on_session(77, 1, 0, put("k", "v")))).expect("format");
+    assert_eq!(unknown, vec![Response::Rejected(Rejection::SessionExpired { client: 77 })]);
+    let client = open_session(&mut state, 2, 1_000);
+    assert_eq!(state.apply(&entry(3, 2_000, on_session(client, 1, 0, put("k", "v")))).expect("format").len(), 1);
+    // A minute without a command: the session is gone, and a resend is refused, not applied.
+    let late = state.apply(&entry(4, 2_000 + 60_001, on_session(client, 2, 1, put("k", "w")))).expect("format");
+    assert_eq!(late, vec![Response::Rejected(Rejection::SessionExpired { client })]);
+    assert_eq!(state.app.kv["k"].value, "v");
+    assert!(state.app.sessions.is_empty() && state.app.session_expiries.is_empty());
+    state.validate().expect("invariants");
+}
+
+#[test]
+fn a_session_forgets_acknowledged_answers_and_refuses_them_again() {
+    let mut state = StateMachineData::default();
+    let client = open_session(&mut state, 1, 1);
+    for sequence in 1..=3 {
+        state.apply(&entry(1 + sequence, 2, on_session(client, sequence, 0, put("k", "v")))).expect("format");
+    }
+    assert_eq!(state.app.sessions[&client].answers.len(), 3);
+    // The client has the answers up to 2: they are forgotten, and 2 cannot be sent again.
+    state.apply(&entry(5, 3, on_session(client, 4, 2, put("k", "v")))).expect("format");
+    assert_eq!(state.app.sessions[&client].answers.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
+    let stale = state.apply(&entry(6, 4, on_session(client, 2, 0, put("k", "x")))).expect("format");
+    assert_eq!(stale, vec![Response::Rejected(Rejection::SessionSequenceAcknowledged { client, sequence: 2 })]);
+    assert_eq!(state.app.kv["k"].value, "v");
+    state.validate().expect("invariants");
+}
