@@ -43,7 +43,12 @@ pub fn status_of_rejection(rejection: Rejection) -> Status {
         }
         Rejection::TooLarge { .. }
         | Rejection::KeySpaceFull { .. }
+        | Rejection::SessionsFull { .. }
+        | Rejection::SessionWindowFull { .. }
         | Rejection::Task(T::QueueFull { .. } | T::AgentLimit { .. }) => Status::resource_exhausted(message),
+        // The write may or may not have applied: the caller decides at a higher level.
+        Rejection::SessionExpired { .. } => Status::aborted(message),
+        Rejection::SessionSequenceAcknowledged { .. } => Status::failed_precondition(message),
         Rejection::Task(T::UnknownTask { .. } | T::UnknownAgent { .. }) => Status::not_found(message),
         Rejection::Task(
             T::StaleToken { .. }
