@@ -20,6 +20,9 @@ use crate::raft::core::NodeCore;
 /// Header marking a request already forwarded once, so forwarding never loops.
 const FORWARDED_HEADER: &str = "x-maos-forwarded";
 
+/// Header on the leader's request asking the transfer's target to stand for election now.
+const ELECT_HEADER: &str = "x-maos-transfer-elect";
+
 /// The cluster service.
 pub struct ClusterApi {
     pub core: Arc<NodeCore>,
@@ -62,6 +65,120 @@ impl ClusterApi {
             .map_err(|e| Status::unavailable(format!("leader {leader} at {}: {e}", node.api_addr)))?;
         remote(ClusterServiceClient::new(channel)).await
     }
+}
+
+impl ClusterApi {
+    /// On the transfer's target: start an election and wait until it is decided.
+    async fn stand_for_election(&self) -> Result<Response<TransferLeaderResponse>, Status> {
+        let start_term = self.core.raft.metrics().borrow().current_term;
+        if !self.core.is_leader() {
+            self.core
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| Status::unavailable(format!("the election could not start: {e}")))?;
+        }
+        let deadline = tokio::time::Instant::now() + self.core.request_timeout;
+        let mut metrics = self.core.raft.metrics();
+        loop {
+            let (leader, term) = {
+                let m = metrics.borrow();
+                (m.current_leader, m.current_term)
+            };
+            match leader {
+                Some(leader) if leader == self.core.id => {
+                    tracing::info!(node_id = self.core.id, term, "took over leadership by transfer");
+                    return Ok(Response::new(TransferLeaderResponse { leader_id: leader, term }));
+                }
+                Some(other) if term > start_term || tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {other} won the election for term {term} (this node, {}, stood in term {}); try again",
+                        self.core.id,
+                        start_term + 1
+                    )))
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::deadline_exceeded("no leader emerged in time; try again"))
+                }
+                _ => {}
+            }
+            if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+                return Err(Status::unavailable("the node is stopping"));
+            }
+        }
+    }
+}
+
+/// On the leader: hand leadership to `target` once it can win.
+///
+/// openraft 0.9 has no transfer of its own, and a member refuses to vote while it holds a lease
+/// on the current leader (the leader's own lease runs `election_timeout_max` from its election,
+/// a follower's from the last message it heard), and refuses a candidate whose log is shorter
+/// than its own. A candidate that is refused has already raised its term, which deposes the
+/// leader and costs several terms. So the target stands only when the leader will vote for it:
+/// its lease has run out and the target holds every entry the leader has. With three voters
+/// the leader's vote and the target's own are a majority.
+async fn transfer_from_leader(core: &NodeCore, target: u64) -> Result<Response<TransferLeaderResponse>, Status> {
+    let (term, leader) = {
+        let m = core.raft.metrics();
+        let m = m.borrow();
+        (m.current_term, m.current_leader)
+    };
+    if target == core.id {
+        return Ok(Response::new(TransferLeaderResponse { leader_id: core.id, term }));
+    }
+    let members = core.members();
+    let Some((node, _)) = members.get(&target) else {
+        return Err(Status::not_found(format!("node_id: {target} is not a member")));
+    };
+    let started = tokio::time::Instant::now();
+    let deadline = started + core.request_timeout;
+    // The leader's lease on its own vote: it runs from its election, which may be just now.
+    let lease = std::time::Duration::from_millis(core.raft.config().election_timeout_max);
+    tokio::time::sleep(lease.min(core.request_timeout)).await;
+    let mut metrics = core.raft.metrics();
+    let caught_up_at = loop {
+        let (last, matched, still_leader) = {
+            let m = metrics.borrow();
+            let matched = m.replication.as_ref().and_then(|r| r.get(&target).cloned());
+            (m.last_log_index.unwrap_or(0), matched, m.current_leader == Some(core.id))
+        };
+        if !still_leader {
+            return Err(Status::unavailable(format!(
+                "this node lost the leadership of term {term} while preparing the transfer; retry"
+            )));
+        }
+        let matched_index = matched.flatten().map(|id| id.index);
+        if matched_index.is_some_and(|index| index >= last) {
+            break last;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(match matched_index {
+                None => Status::unavailable(format!(
+                    "node {target} at {} has acknowledged no entry from leader {}; check that it runs and is reachable",
+                    node.raft_addr,
+                    leader.unwrap_or(core.id)
+                )),
+                Some(index) => Status::failed_precondition(format!(
+                    "node {target} is behind by {} entries (it holds up to {index}, the leader {last}) after {} ms; retry when it has caught up",
+                    last.saturating_sub(index),
+                    core.request_timeout.as_millis()
+                )),
+            });
+        }
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+            return Err(Status::unavailable("the node is stopping"));
+        }
+    };
+    tracing::info!(node_id = core.id, term, target, caught_up_at, "transferring leadership");
+    let channel = core
+        .channels
+        .get(&node.api_addr)
+        .map_err(|e| Status::unavailable(format!("node {target} at {}: {e}", node.api_addr)))?;
+    let mut request = mark_forwarded(TransferLeaderRequest { node_id: target });
+    request.metadata_mut().insert(ELECT_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    ClusterServiceClient::new(channel).transfer_leader(request).await
 }
 
 fn forwarded<T>(request: &Request<T>) -> bool {
@@ -157,6 +274,7 @@ impl ClusterService for ClusterApi {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let forwarded = forwarded(&request);
+        let elect = request.metadata().contains_key(ELECT_HEADER);
         let target = request.into_inner().node_id;
         let members = self.core.members();
         match members.get(&target) {
@@ -164,57 +282,21 @@ impl ClusterService for ClusterApi {
             Some((_, false)) => return Err(invalid(format!("node_id: {target} is a learner; only a voter can lead"))),
             Some(_) => {}
         }
-        if target != self.core.id {
-            if forwarded {
-                return Err(Status::unavailable("the transfer was forwarded to the wrong node; retry"));
-            }
-            let (node, _) = &members[&target];
-            let channel = self
-                .core
-                .channels
-                .get(&node.api_addr)
-                .map_err(|e| Status::unavailable(format!("node {target} at {}: {e}", node.api_addr)))?;
-            let answer = ClusterServiceClient::new(channel)
-                .transfer_leader(mark_forwarded(TransferLeaderRequest { node_id: target }))
-                .await?;
-            return Ok(answer);
+        if elect {
+            // The leader prepared the transfer and asks this node (the target) to stand.
+            return self.stand_for_election().await;
         }
-        let start_term = self.core.raft.metrics().borrow().current_term;
-        if !self.core.is_leader() {
-            self.core
-                .raft
-                .trigger()
-                .elect()
-                .await
-                .map_err(|e| Status::unavailable(format!("the election could not start: {e}")))?;
-        }
-        let deadline = tokio::time::Instant::now() + self.core.request_timeout;
-        let mut metrics = self.core.raft.metrics();
-        loop {
-            let (leader, term) = {
-                let m = metrics.borrow();
-                (m.current_leader, m.current_term)
-            };
-            match leader {
-                Some(leader) if leader == self.core.id => {
-                    return Ok(Response::new(TransferLeaderResponse { leader_id: leader, term }))
-                }
-                Some(other) if term > start_term || tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::failed_precondition(format!(
-                        "node {other} won the election for term {term}; try again"
-                    )))
-                }
-                _ if tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::deadline_exceeded("no leader emerged in time; try again"))
-                }
-                _ => {}
-            }
-            if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
-                return Err(Status::unavailable("the node is stopping"));
-            }
-        }
+        // The leader prepares every transfer: only it knows how far the target has caught up.
+        let core = self.core.clone();
+        self.on_leader(
+            forwarded,
+            || async move { transfer_from_leader(&core, target).await },
+            |mut client| async move {
+                client.transfer_leader(mark_forwarded(TransferLeaderRequest { node_id: target })).await
+            },
+        )
+        .await
     }
-
     async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<AddNodeResponse>, Status> {
         let forwarded = forwarded(&request);
         let add = request.into_inner();
