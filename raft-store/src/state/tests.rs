@@ -17,6 +17,28 @@ fn cas(key: &str, expected: Option<&str>, value: &str) -> Command {
     Command::KvCompareAndSet { key: key.into(), expected: expected.map(Into::into), value: value.into(), ttl_ms: None }
 }
 
+/// A coder task with no idempotency key.
+fn task_spec(id: &str) -> crate::tasks::TaskSpec {
+    crate::tasks::TaskSpec {
+        id: id.into(),
+        task_type: "coder".into(),
+        priority: crate::tasks::Priority::Normal,
+        description: "d".into(),
+        input: String::new(),
+        depends_on: vec![],
+        parent: None,
+        max_retries: 0,
+        timeout_ms: 60_000,
+        idempotency_key: None,
+        submitter: "s".into(),
+        labels: Default::default(),
+        capabilities: Default::default(),
+        planner_type: None,
+        max_agents: None,
+        input_stored: false,
+    }
+}
+
 fn too_large(field: &str, actual: usize, limit: usize) -> Response {
     Response::Rejected(Rejection::TooLarge { field: field.into(), actual, limit })
 }
@@ -238,29 +260,12 @@ fn keys_with_a_ttl_expire_for_reads_and_compare_and_set_and_tick_removes_them() 
 
 #[test]
 fn a_fenced_write_applies_only_while_its_lease_is_current() {
-    use crate::tasks::{Priority, Slot, TaskSpec};
+    use crate::tasks::Slot;
     let mut state = StateMachineData::default();
     let slot = Slot { node_id: 1, agent_type: "coder".into(), ..Slot::default() };
     let register = TaskCommand::RegisterSlots { node_id: 1, slots: [("n1/coder/0".to_string(), slot)].into() };
     state.apply(&entry(1, 1, Command::Task(register))).expect("current format");
-    let spec = TaskSpec {
-        id: "t".into(),
-        task_type: "coder".into(),
-        priority: Priority::Normal,
-        description: "d".into(),
-        input: String::new(),
-        depends_on: vec![],
-        parent: None,
-        max_retries: 0,
-        timeout_ms: 60_000,
-        idempotency_key: None,
-        submitter: "s".into(),
-        labels: Default::default(),
-        capabilities: Default::default(),
-        planner_type: None,
-        max_agents: None,
-        input_stored: false,
-    };
+    let spec = task_spec("t");
     state.apply(&entry(2, 2, Command::Task(TaskCommand::Submit { spec: Box::new(spec) }))).expect("format");
     let assign = TaskCommand::Assign { task_id: "t".into(), slot: "n1/coder/0".into(), node_id: 1, lease_ms: 10_000 };
     state.apply(&entry(3, 3, Command::Task(assign))).expect("format");
@@ -296,7 +301,6 @@ fn open_session(state: &mut StateMachineData, index: u64, at_ms: u64) -> u64 {
 /// gets the first answer.
 #[test]
 fn a_command_sent_twice_on_a_session_applies_once_and_the_repeat_gets_the_first_answer() {
-    use crate::tasks::{Priority, TaskSpec};
     let mut state = StateMachineData::default();
     let client = open_session(&mut state, 1, 1);
     state.apply(&entry(2, 2, put("counter", "0"))).expect("format");
@@ -307,28 +311,9 @@ fn a_command_sent_twice_on_a_session_applies_once_and_the_repeat_gets_the_first_
     assert_eq!(again, first, "the repeat is answered from memory, not reported as a failed compare");
     assert_eq!(state.app.kv_revision, 2, "applied once");
 
-    let spec = TaskSpec {
-        id: "t1".into(),
-        task_type: "coder".into(),
-        priority: Priority::Normal,
-        description: "no idempotency key".into(),
-        input: String::new(),
-        depends_on: vec![],
-        parent: None,
-        max_retries: 0,
-        timeout_ms: 60_000,
-        idempotency_key: None,
-        submitter: "s".into(),
-        labels: Default::default(),
-        capabilities: Default::default(),
-        planner_type: None,
-        max_agents: None,
-        input_stored: false,
-    };
-    let submit = |id: &str| {
-        let spec = TaskSpec { id: id.into(), ..spec.clone() };
-        on_session(client, 2, 1, Command::Task(TaskCommand::Submit { spec: Box::new(spec) }))
-    };
+    // No idempotency key: only the session can tell the resend from a new submit.
+    let submit =
+        |id: &str| on_session(client, 2, 1, Command::Task(TaskCommand::Submit { spec: Box::new(task_spec(id)) }));
     let first = state.apply(&entry(5, 5, submit("t1"))).expect("format");
     // The resend carries a new id (a node picks ids before proposing) but the same sequence.
     let again = state.apply(&entry(6, 6, submit("t1-resent"))).expect("format");
