@@ -28,6 +28,33 @@ pub struct ClusterApi {
     pub core: Arc<NodeCore>,
     /// The members a new cluster forms with (`cluster.peers`, or this node alone).
     pub formation_peers: BTreeMap<u64, MaosNode>,
+    /// The term this node last led and when it saw itself elected (by [`track_leadership`]): a
+    /// transfer waits until the leader's lease on its own vote, which runs from its election, is over.
+    pub leader_since: std::sync::Mutex<Option<(u64, tokio::time::Instant)>>,
+}
+
+/// Record when this node becomes leader, until `stopped`.
+///
+/// The instant is when the metrics showed the election, at or after openraft's own record of it,
+/// so a lease computed from it ends no earlier than openraft's.
+pub async fn track_leadership(api: Arc<ClusterApi>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut metrics = api.core.raft.metrics();
+    loop {
+        let led = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader).then_some(m.current_term)
+        };
+        if let Some(term) = led {
+            let mut since = api.leader_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if since.map(|(seen, _)| seen) != Some(term) {
+                *since = Some((term, tokio::time::Instant::now()));
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 fn member_list(core: &NodeCore) -> Vec<Member> {
@@ -68,6 +95,18 @@ impl ClusterApi {
 }
 
 impl ClusterApi {
+    /// When this leader's lease on its own vote ends: `election_timeout_max` after it was elected,
+    /// or after now when the election was not seen (it is at most that far off).
+    fn lease_ends(&self, core: &NodeCore) -> tokio::time::Instant {
+        let lease = std::time::Duration::from_millis(core.raft.config().election_timeout_max);
+        let term = core.raft.metrics().borrow().current_term;
+        let since = *self.leader_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match since {
+            Some((seen, at)) if seen == term => at + lease,
+            _ => tokio::time::Instant::now() + lease,
+        }
+    }
+
     /// On the transfer's target: start an election and wait until it is decided.
     async fn stand_for_election(&self) -> Result<Response<TransferLeaderResponse>, Status> {
         let start_term = self.core.raft.metrics().borrow().current_term;
@@ -119,7 +158,11 @@ impl ClusterApi {
 /// leader and costs several terms. So the target stands only when the leader will vote for it:
 /// its lease has run out and the target holds every entry the leader has. With three voters
 /// the leader's vote and the target's own are a majority.
-async fn transfer_from_leader(core: &NodeCore, target: u64) -> Result<Response<TransferLeaderResponse>, Status> {
+async fn transfer_from_leader(
+    core: &NodeCore,
+    lease_ends: tokio::time::Instant,
+    target: u64,
+) -> Result<Response<TransferLeaderResponse>, Status> {
     let (term, leader) = {
         let m = core.raft.metrics();
         let m = m.borrow();
@@ -135,8 +178,7 @@ async fn transfer_from_leader(core: &NodeCore, target: u64) -> Result<Response<T
     let started = tokio::time::Instant::now();
     let deadline = started + core.request_timeout;
     // The leader's lease on its own vote: it runs from its election, which may be just now.
-    let lease = std::time::Duration::from_millis(core.raft.config().election_timeout_max);
-    tokio::time::sleep(lease.min(core.request_timeout)).await;
+    tokio::time::sleep_until(lease_ends.min(deadline)).await;
     let mut metrics = core.raft.metrics();
     let caught_up_at = loop {
         let (last, matched, still_leader) = {
@@ -290,7 +332,7 @@ impl ClusterService for ClusterApi {
         let core = self.core.clone();
         self.on_leader(
             forwarded,
-            || async move { transfer_from_leader(&core, target).await },
+            || async move { transfer_from_leader(&core, self.lease_ends(&core), target).await },
             |mut client| async move {
                 client.transfer_leader(mark_forwarded(TransferLeaderRequest { node_id: target })).await
             },

@@ -210,7 +210,9 @@ where
         credentials: credentials.clone(),
         streams: streams.clone(),
     });
-    let cluster_api = Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone() });
+    let cluster_api =
+        Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone(), leader_since: Default::default() });
+    tasks.spawn(crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
