@@ -80,3 +80,41 @@ async fn the_first_transfer_to_a_caught_up_follower_succeeds_and_costs_one_term(
     anyhow::ensure!(status.message().contains("9 is not a member"), "transfer to a non-member: {status:?}");
     Ok(())
 }
+
+/// Under a steady stream of writes the leader's log outruns the target's while it stands, and
+/// the leader may not vote for a shorter log (proposals are not held during a transfer yet): the
+/// transfer either succeeds at one term or says that writes kept arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_under_writes_succeeds_or_names_the_writes() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut cluster =
+        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), LocalClusterOptions::default())?;
+    cluster.start_all()?;
+    let all: Vec<u64> = cluster.nodes.keys().copied().collect();
+    let (leader, term) = cluster.wait_for_leader(&all, STEP).await?;
+    let writer_client = cluster.client()?;
+    let writer = tokio::spawn(async move {
+        // Bounded: the test aborts it long before.
+        for i in 0..1_000_000u64 {
+            let _ = writer_client.put(&format!("load/{}", i % 100), "x").await;
+        }
+    });
+    let to = *all.iter().find(|id| **id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let channel = cluster.client_of(leader)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
+    let answer = ClusterServiceClient::new(channel).transfer_leader(TransferLeaderRequest { node_id: to }).await;
+    writer.abort();
+    match answer {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            println!("under writes: node {leader} -> node {to}: term {term} -> {}", answer.term);
+            anyhow::ensure!(answer.leader_id == to && answer.term == term + 1, "{answer:?} from term {term}");
+        }
+        Err(status) => {
+            println!("under writes: node {leader} -> node {to} refused: {}", status.message());
+            anyhow::ensure!(status.code() == tonic::Code::FailedPrecondition, "{status:?}");
+            anyhow::ensure!(status.message().contains("writes kept arriving"), "{status:?}");
+        }
+    }
+    cluster.wait_for_leader(&all, STEP).await?;
+    Ok(())
+}

@@ -220,7 +220,24 @@ async fn transfer_from_leader(
         .map_err(|e| Status::unavailable(format!("node {target} at {}: {e}", node.api_addr)))?;
     let mut request = mark_forwarded(TransferLeaderRequest { node_id: target });
     request.metadata_mut().insert(ELECT_HEADER, tonic::metadata::MetadataValue::from_static("1"));
-    ClusterServiceClient::new(channel).transfer_leader(request).await
+    let answer = ClusterServiceClient::new(channel).transfer_leader(request).await;
+    match answer {
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            // Proposals are not held during a transfer: under writes the leader's log outruns the
+            // target's while it stands, and this node may not vote for a shorter log.
+            let last = core.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            if last <= caught_up_at {
+                return Err(status);
+            }
+            Err(Status::failed_precondition(format!(
+                "{}: node {target} held every entry up to {caught_up_at} when it stood, but writes kept arriving (node {}'s log reached {last}), so node {} could not vote for it; transfer when writes pause",
+                status.message(),
+                core.id,
+                core.id
+            )))
+        }
+        answer => answer,
+    }
 }
 
 fn forwarded<T>(request: &Request<T>) -> bool {
