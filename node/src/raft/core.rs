@@ -6,8 +6,8 @@
 //! leader confirms it still leads and names an index; the reader waits until it has applied that
 //! index), or stale from local state when the caller asks.
 //!
-//! Exactly once: every write goes on this node's client session (opened through the log on the
-//! first write) as `(client, sequence)`, and a write that is sent again, because a forward or a
+//! Exactly once: every write whose repeat could change something goes on this node's client
+//! session (opened through the log on the first such write) as `(client, sequence)`, and a write that is sent again, because a forward or a
 //! local proposal failed without an answer, keeps its sequence, so the state machine applies it
 //! once and answers the resend from memory. A session that expired is reopened only for a write
 //! that was never sent ambiguously; otherwise the caller gets `SessionExpired` (it may have
@@ -30,6 +30,25 @@ const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// A node's session expires this long after its last write. Every node writes a renewal per
 /// `scheduler.lease_renew_interval_ms`, so only a node that is down or cut off loses it.
 pub const SESSION_TTL: Duration = Duration::from_secs(600);
+
+/// Whether a second apply of `command` could change anything: a node's own registrations,
+/// renewals, the leader's `Tick`, lease extension and limits do not (applied again they leave
+/// the same state, or extend what was just extended), so they skip the session. That keeps a
+/// new node's first writes (its identity, its agent pool) from waiting for a session to open,
+/// and the most frequent background write (the renewal) free of session bookkeeping.
+fn needs_session(command: &Command) -> bool {
+    use maos_raft_store::tasks::TaskCommand as T;
+    !matches!(
+        command,
+        Command::InitCluster { .. }
+            | Command::RegisterNode { .. }
+            | Command::OpenSession { .. }
+            | Command::Session { .. }
+            | Command::Task(
+                T::RegisterSlots { .. } | T::Renew { .. } | T::Tick | T::ExtendLeases { .. } | T::Configure { .. }
+            )
+    )
+}
 
 /// This node's client session and its sequence numbers.
 #[derive(Debug, Default)]
@@ -153,6 +172,9 @@ impl NodeCore {
     pub async fn write_within(&self, command: Command, timeout: Duration) -> Result<Response, CoreError> {
         check_command(&command)?;
         let deadline = tokio::time::Instant::now() + timeout;
+        if !needs_session(&command) {
+            return self.send(command, deadline, timeout).await.map_err(|(error, _)| error);
+        }
         // At most one reopen: a session can expire once while a write waits for it.
         for _ in 0..2 {
             let client = self.session_client(deadline, timeout).await?;
