@@ -341,6 +341,10 @@ pub struct RaftSection {
     pub max_payload_entries: u64,
     /// Deadline of a forwarded write or read, leader elections included.
     pub request_timeout_ms: u64,
+    /// How long this node's client session lives without a write; a write resent after it
+    /// expired is refused, never applied twice (every node writes a renewal per
+    /// `scheduler.lease_renew_interval_ms`, so only a node that is down or cut off loses it).
+    pub session_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -394,6 +398,7 @@ impl Default for RaftSection {
             logs_kept_after_snapshot: 1_000,
             max_payload_entries: 512,
             request_timeout_ms: 10_000,
+            session_ttl_ms: 600_000,
         }
     }
 }

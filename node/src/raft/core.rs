@@ -27,9 +27,6 @@ use crate::raft::proposer::{Batcher, Clock, ProposeOutcome};
 
 /// Pause between attempts while a leader is unknown or changing.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
-/// A node's session expires this long after its last write. Every node writes a renewal per
-/// `scheduler.lease_renew_interval_ms`, so only a node that is down or cut off loses it.
-pub const SESSION_TTL: Duration = Duration::from_secs(600);
 
 /// Whether a second apply of `command` could change anything: a node's own registrations,
 /// renewals, the leader's `Tick`, lease extension and limits do not (applied again they leave
@@ -106,6 +103,8 @@ pub struct NodeCore {
     pub peers_digest: String,
     /// This node's client session (see the module doc).
     pub session: Mutex<ClientSession>,
+    /// How long the session lives without a write (`raft.session_ttl_ms`).
+    pub session_ttl: Duration,
     /// Held while a session is being opened, so concurrent first writes open one.
     pub session_opening: tokio::sync::Mutex<()>,
 }
@@ -214,7 +213,7 @@ impl NodeCore {
         if let Some(client) = self.lock_session().client {
             return Ok(client);
         }
-        let open = Command::OpenSession { ttl_ms: SESSION_TTL.as_millis() as u64 };
+        let open = Command::OpenSession { ttl_ms: self.session_ttl.as_millis() as u64 };
         match self.send(open, deadline, timeout).await.map_err(|(error, _)| error)? {
             Response::SessionOpened { client } => {
                 self.lock_session().client = Some(client);

@@ -169,6 +169,7 @@ where
         request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
         peers_digest: peers_digest(&peers),
         session: Default::default(),
+        session_ttl: Duration::from_millis(config.raft.session_ttl_ms),
         session_opening: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);
