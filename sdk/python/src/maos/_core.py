@@ -12,7 +12,7 @@ from typing import Any, Callable, Generic, Iterable, Mapping, Optional, Sequence
 
 import grpc
 
-from .errors import InvalidArgument, MaosError, code_from_number, error_for
+from .errors import InvalidArgument, MaosError, Unavailable, code_from_number, error_for, from_rpc_error
 from .v1 import agents_pb2, agents_pb2_grpc, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from .views import (
     Agent, BatchItem, CasResult, KeyValue, Priority, Submitted, Task, TaskPage, TaskResults, TaskSpec, TaskState,
@@ -48,6 +48,27 @@ def retryable(code: Optional[grpc.StatusCode], idempotent: bool) -> bool:
     if idempotent:
         return code in _RETRYABLE
     return bool(code == grpc.StatusCode.UNAVAILABLE)
+
+
+def stream_error(e: grpc.RpcError, endpoint: str, deadline_set: bool) -> MaosError:
+    """The error a watch stream broke with, raised unless another endpoint may continue it: its
+    own deadline ran out, or the code is not one a stream is reopened for."""
+    error = from_rpc_error(e, endpoint)
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and deadline_set:
+        raise error from None
+    if not retryable(error.code, True):
+        raise error from None
+    return error
+
+
+def count_reconnect(reconnects: int, reconnects_max: int, what: str, error: Optional[MaosError],
+                    ended: str, endpoint: str) -> int:
+    """One more reconnect of a watch of `what`, or Unavailable when it broke too often."""
+    reconnects += 1
+    if reconnects > reconnects_max:
+        raise Unavailable(f"the {what} broke {reconnects} times; last: {error.message if error else ended}",
+                          code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
+    return reconnects
 
 
 @dataclass(frozen=True)

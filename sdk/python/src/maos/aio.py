@@ -147,18 +147,11 @@ class AsyncClient:
                     if event.finished and event.task_id == task_id:
                         return
             except grpc.RpcError as e:
-                error = from_rpc_error(e, endpoint)
-                if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None:
-                    raise error from None
-                if not _core.retryable(error.code, True):
-                    raise error from None
+                error = _core.stream_error(e, endpoint, remaining is not None)
             finally:
                 stream.cancel()
-            reconnects += 1
-            if reconnects > reconnects_max:
-                raise Unavailable(f"the watch of {task_id} broke {reconnects} times; last: "
-                                  f"{error.message if error else 'the stream ended early'}",
-                                  code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
+            reconnects = _core.count_reconnect(reconnects, reconnects_max, f"watch of {task_id}", error,
+                                               "the stream ended early", endpoint)
             index = (index + 1) % len(self._stubs)
             await asyncio.sleep(_core.STREAM_RETRY_S)
 
@@ -225,17 +218,10 @@ class AsyncKvClient:
                 async for message in stream:
                     yield KeyEvent.from_proto(message)
             except grpc.RpcError as e:
-                error = from_rpc_error(e, endpoint)
-                if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None:
-                    raise error from None
-                if not _core.retryable(error.code, True):
-                    raise error from None
+                error = _core.stream_error(e, endpoint, remaining is not None)
             finally:
                 stream.cancel()
-            reconnects += 1
-            if reconnects > reconnects_max:
-                raise Unavailable(f"the key watch of {prefix!r} broke {reconnects} times; last: "
-                                  f"{error.message if error else 'the stream ended'}",
-                                  code=grpc.StatusCode.UNAVAILABLE, endpoint=endpoint)
+            reconnects = _core.count_reconnect(reconnects, reconnects_max, f"key watch of {prefix!r}", error,
+                                               "the stream ended", endpoint)
             index = (index + 1) % len(client._stubs)
             await asyncio.sleep(_core.STREAM_RETRY_S)
