@@ -47,6 +47,23 @@ fn needs_session(command: &Command) -> bool {
     )
 }
 
+/// A sequence in flight; ends it when dropped, whether the write finished or was abandoned.
+struct Outstanding<'a> {
+    session: &'a Mutex<ClientSession>,
+    sequence: u64,
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        lock(self.session).end(self.sequence);
+    }
+}
+
+/// Plain counters, consistent after any panic: a poisoned lock holds usable data.
+fn lock(session: &Mutex<ClientSession>) -> std::sync::MutexGuard<'_, ClientSession> {
+    session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// This node's client session and its sequence numbers.
 #[derive(Debug, Default)]
 pub struct ClientSession {
@@ -178,9 +195,12 @@ impl NodeCore {
         for _ in 0..2 {
             let client = self.session_client(deadline, timeout).await?;
             let (sequence, acknowledged) = self.lock_session().begin();
+            // Ended on drop too: a caller that gives up mid-write (a cancelled request) must not
+            // hold the acknowledged sequence back, or the session's answers would pile up.
+            let _outstanding = Outstanding { session: &self.session, sequence };
             let tagged = Command::Session { client, sequence, acknowledged, command: Box::new(command.clone()) };
             let sent = self.send(tagged, deadline, timeout).await;
-            self.lock_session().end(sequence);
+            drop(_outstanding);
             match sent {
                 Err((CoreError::Rejected(Rejection::SessionExpired { .. }), false)) => self.forget_session(client),
                 other => return other.map_err(|(error, _)| error),
@@ -193,8 +213,7 @@ impl NodeCore {
     }
 
     fn lock_session(&self) -> std::sync::MutexGuard<'_, ClientSession> {
-        // Plain counters, consistent after any panic: a poisoned lock holds usable data.
-        self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.session)
     }
 
     fn forget_session(&self, client: u64) {
@@ -323,5 +342,26 @@ impl NodeCore {
             .map_err(|_| "no answer before the deadline".to_string())?
             .map_err(|status| status.message().to_string())?;
         Ok(reply.into_inner().read_index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn an_abandoned_write_does_not_hold_the_acknowledged_sequence_back() {
+        let session = Mutex::new(ClientSession::default());
+        let (first, _) = lock(&session).begin();
+        // A write that is cancelled while it waits (its caller went away): polled once, dropped.
+        let abandoned = async {
+            let _outstanding = Outstanding { session: &session, sequence: first };
+            std::future::pending::<()>().await
+        };
+        assert!(abandoned.now_or_never().is_none());
+        let (second, acknowledged) = lock(&session).begin();
+        assert_eq!((second, acknowledged), (2, 1), "the abandoned sequence counts as answered");
     }
 }
