@@ -341,9 +341,9 @@ pub struct RaftSection {
     pub max_payload_entries: u64,
     /// Deadline of a forwarded write or read, leader elections included.
     pub request_timeout_ms: u64,
-    /// How long this node's client session lives without a write; a write resent after it
-    /// expired is refused, never applied twice (every node writes a renewal per
-    /// `scheduler.lease_renew_interval_ms`, so only a node that is down or cut off loses it).
+    /// How long this node's client session lives without a write on it; an idle node's next
+    /// write opens a new one, and a write resent after its session expired is refused, never
+    /// applied twice.
     pub session_ttl_ms: u64,
 }
 

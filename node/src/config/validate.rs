@@ -266,11 +266,6 @@ impl Config {
             (maos_raft_store::command::SESSION_TTL_MS_MIN, maos_raft_store::command::SESSION_TTL_MS_MAX);
         if !(ttl_min..=ttl_max).contains(&raft.session_ttl_ms) {
             bad("raft.session_ttl_ms", format!("must be in {ttl_min}..={ttl_max} (1 s to 24 h)"));
-        } else if raft.session_ttl_ms < 2 * self.scheduler.lease_renew_interval_ms {
-            bad(
-                "raft.session_ttl_ms",
-                "must be at least twice scheduler.lease_renew_interval_ms, so renewals keep the session".into(),
-            );
         }
         if raft.request_timeout_ms < raft.election_timeout_max_ms {
             bad("raft.request_timeout_ms", "must be at least raft.election_timeout_max_ms".into());
