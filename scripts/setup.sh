@@ -71,3 +71,25 @@ setup_python_sdk() {
   # The build hook needs grpcio-tools and setuptools, already pinned in the venv: no isolated build.
   "$venv/bin/pip" install -q --force-reinstall --no-deps --no-build-isolation ./sdk/python
 }
+
+# For the tests only: promtool (node/tests/prometheus.rs checks a live node's /metrics, the alert
+# rules and their unit tests, and the Grafana dashboard's expressions). From Debian's prometheus
+# package, unpacked next to the build and never installed, so no Prometheus service starts.
+setup_promtool() {
+  local dir="$CARGO_TARGET_DIR/prometheus"
+  if [ ! -x "$dir/usr/bin/promtool" ]; then
+    echo "setup: unpacking Debian's prometheus package (for promtool) into $dir"
+    local download
+    download="$(mktemp -d)"
+    if ! (cd "$download" && apt-get download prometheus >/dev/null 2>&1); then
+      local sudo=""
+      [ "$(id -u)" -ne 0 ] && sudo="sudo"
+      $sudo apt-get update -qq
+      (cd "$download" && apt-get download prometheus >/dev/null)
+    fi
+    mkdir -p "$dir"
+    dpkg -x "$download"/prometheus_*.deb "$dir"
+    rm -rf "$download"
+  fi
+  export MAOS_PROMTOOL="$dir/usr/bin/promtool"
+}

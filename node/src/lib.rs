@@ -4,6 +4,7 @@
 //! - [`transport`]: TCP or simulated connections; the rest of the node only sees tonic channels.
 //! - `proto`: code generated from `node/proto/maos/raft/v1/raft.proto` (node-to-node API).
 //! - [`config`]: YAML + `MAOS_*` environment + flags, validated with every problem named.
+//! - [`telemetry`]: the metrics catalogue and recorder, rate-limited peer warnings, log format.
 //! - [`raft`]: Raft traffic on port 7000, the write path (leader stamps time, followers forward),
 //!   ReadIndex reads, proposal batching, cluster formation and housekeeping.
 //! - [`storage`]: task data (inputs, results, checkpoints) in the replicated state or in
@@ -27,6 +28,7 @@ pub mod raft;
 mod scheduling;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod transport;
 
 /// Code generated from `node/proto/maos/raft/v1/raft.proto` (internal node-to-node API).

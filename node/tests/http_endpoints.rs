@@ -101,8 +101,8 @@ async fn health_ready_and_metrics_are_served_beside_grpc() -> anyhow::Result<()>
     loop {
         let (status, text) = fetch(&leader_addr, "/metrics").await?;
         assert_eq!(status, 200);
-        let settled = sample(&text, "maos_tasks_completed_total") == Some(3.0)
-            && sample(&text, "maos_agents_total") == Some(10.0);
+        let settled =
+            sample(&text, "maos_tasks_completed_total") == Some(3.0) && sample(&text, "maos_agents") == Some(10.0);
         if settled {
             assert_eq!(sample(&text, "maos_raft_is_leader"), Some(1.0));
             assert!(sample(&text, "maos_raft_term").is_some_and(|t| t >= 1.0), "{text}");

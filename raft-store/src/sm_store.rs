@@ -173,6 +173,7 @@ impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineSto
         self.persistence.save_snapshot(&stored)?;
         *current = Some(stored);
         tracing::debug!(snapshot_id = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
+        metrics::counter!("maos_raft_snapshot_builds_total").increment(1);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -242,6 +243,7 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         self.data.replace(state);
         *current = Some(stored);
         tracing::info!(snapshot_id = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "installed a snapshot");
+        metrics::counter!("maos_raft_snapshot_installs_total").increment(1);
         Ok(())
     }
 

@@ -158,6 +158,7 @@ pub(super) async fn run_attempt(
     (mut envelope, needs): (Envelope, EnvelopeNeeds),
     metrics: Arc<AgentMetrics>,
 ) -> bool {
+    let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(envelope.timeout_ms);
     if let Err(error) = load_envelope(&storage, &mut envelope, &needs, deadline).await {
         // The attempt's time ran out waiting for its data; its lease expires and it retries.
@@ -172,6 +173,8 @@ pub(super) async fn run_attempt(
     }
     metrics.running.fetch_add(1, Ordering::Relaxed);
     metrics.spawns_total.fetch_add(1, Ordering::Relaxed);
+    metrics::histogram!("maos_agent_spawn_duration_seconds", "type" => envelope.task_type.clone())
+        .record(started.elapsed().as_secs_f64());
     let _running = Running(metrics.clone());
     let (events, mut received) = mpsc::channel(EVENTS_QUEUED_MAX);
     let (task_id, token) = (envelope.task_id.clone(), envelope.fencing_token);

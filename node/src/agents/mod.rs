@@ -71,34 +71,53 @@ pub struct AgentMetrics {
     /// Attempts this node stopped because no renewal proved their lease live
     /// (`maos_agent_self_fenced_total`).
     pub self_fenced_total: AtomicU64,
+    /// The `maos_agent_slots` series published so far, so a type that is gone reads 0.
+    published_slots: std::sync::Mutex<std::collections::BTreeSet<(String, &'static str)>>,
+}
+
+/// This node's agents as `/metrics` shows them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AgentCounts {
+    /// Agents running an attempt (`maos_agents_active`).
+    pub active: usize,
+    /// Agents not terminated (`maos_agents`).
+    pub agents: usize,
+    /// Slots by (type, busy or idle) (`maos_agent_slots`).
+    pub slots: BTreeMap<(String, &'static str), usize>,
 }
 
 impl AgentMetrics {
-    /// The agent metrics in Prometheus text format, for node `node_id` in `table`.
-    pub fn render(&self, table: &TaskTable, node_id: u64) -> String {
+    /// The agents of node `node_id` in `table`.
+    pub fn counts(table: &TaskTable, node_id: u64) -> AgentCounts {
         let mine = || table.slots.iter().filter(move |(_, slot)| slot.node_id == node_id);
-        let total = mine().filter(|(_, s)| s.state != AgentState::Terminated).count();
+        let agents = mine().filter(|(_, s)| s.state != AgentState::Terminated).count();
         let active = mine().filter(|(id, _)| table.slot_holder.contains_key(*id)).count();
-        let mut by_type: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        let mut slots: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
         for (id, slot) in mine().filter(|(_, s)| s.state != AgentState::Terminated) {
             let state = if table.slot_holder.contains_key(id) { "busy" } else { "idle" };
-            *by_type.entry((slot.agent_type.as_str(), state)).or_default() += 1;
+            *slots.entry((slot.agent_type.clone(), state)).or_default() += 1;
         }
-        let mut text = format!(
-            "# HELP maos_agents_active Agents running an attempt on this node.\n# TYPE maos_agents_active gauge\nmaos_agents_active {active}\n\
-             # HELP maos_agents_total Agents of this node that are not terminated.\n# TYPE maos_agents_total gauge\nmaos_agents_total {total}\n\
-             # HELP maos_agent_spawns_total Attempts started on this node.\n# TYPE maos_agent_spawns_total counter\nmaos_agent_spawns_total {}\n\
-             # HELP maos_agent_spawn_failures_total Attempts whose agent could not be started.\n# TYPE maos_agent_spawn_failures_total counter\nmaos_agent_spawn_failures_total {}\n\
-             # HELP maos_agent_self_fenced_total Attempts stopped because no lease renewal proved them live.\n# TYPE maos_agent_self_fenced_total counter\nmaos_agent_self_fenced_total {}\n\
-             # HELP maos_agent_slots Agent slots of this node by type and use.\n# TYPE maos_agent_slots gauge\n",
-            self.spawns_total.load(Ordering::Relaxed),
-            self.spawn_failures_total.load(Ordering::Relaxed),
-            self.self_fenced_total.load(Ordering::Relaxed),
-        );
-        for ((agent_type, state), count) in by_type {
-            text.push_str(&format!("maos_agent_slots{{type=\"{agent_type}\",state=\"{state}\"}} {count}\n"));
+        AgentCounts { active, agents, slots }
+    }
+
+    /// Record `counts` and the counters in the process's metrics registry.
+    pub fn publish(&self, counts: AgentCounts) {
+        metrics::gauge!("maos_agents_active").set(counts.active as f64);
+        metrics::gauge!("maos_agents").set(counts.agents as f64);
+        metrics::counter!("maos_agent_spawns_total").absolute(self.spawns_total.load(Ordering::Relaxed));
+        metrics::counter!("maos_agent_spawn_failures_total")
+            .absolute(self.spawn_failures_total.load(Ordering::Relaxed));
+        metrics::counter!("maos_agent_self_fenced_total").absolute(self.self_fenced_total.load(Ordering::Relaxed));
+        let mut published = self.published_slots.lock().unwrap_or_else(|p| p.into_inner());
+        for key in published.iter() {
+            if !counts.slots.contains_key(key) {
+                metrics::gauge!("maos_agent_slots", "type" => key.0.clone(), "state" => key.1).set(0.0);
+            }
         }
-        text
+        for ((agent_type, state), count) in counts.slots {
+            metrics::gauge!("maos_agent_slots", "type" => agent_type.clone(), "state" => state).set(count as f64);
+            published.insert((agent_type, state));
+        }
     }
 }
 
@@ -198,17 +217,8 @@ mod tests {
         table.slots.insert("n1/coder/2".into(), slot(1, "coder", AgentState::Terminated));
         table.slots.insert("n2/coder/0".into(), slot(2, "coder", AgentState::Active));
         table.slot_holder.insert("n1/coder/0".into(), "task".into());
-        let metrics = AgentMetrics::default();
-        metrics.spawn_failures_total.fetch_add(2, Ordering::Relaxed);
-        let text = metrics.render(&table, 1);
-        for line in [
-            "maos_agents_active 1\n",
-            "maos_agents_total 2\n",
-            "maos_agent_spawn_failures_total 2\n",
-            "maos_agent_slots{type=\"coder\",state=\"busy\"} 1\n",
-            "maos_agent_slots{type=\"coder\",state=\"idle\"} 1\n",
-        ] {
-            assert!(text.contains(line), "missing {line:?} in\n{text}");
-        }
+        let counts = AgentMetrics::counts(&table, 1);
+        let slots = BTreeMap::from([(("coder".to_string(), "busy"), 1), (("coder".to_string(), "idle"), 1)]);
+        assert_eq!(counts, AgentCounts { active: 1, agents: 2, slots });
     }
 }

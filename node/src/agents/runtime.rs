@@ -316,12 +316,21 @@ impl AgentRuntime {
                 tracing::debug!(node_id = self.core.id, task_id = %envelope.task_id, agent_id = %slot_id, attempt = envelope.attempt, "starting an attempt");
                 let task_id = envelope.task_id.clone();
                 let token = envelope.fencing_token;
-                let work = tokio::spawn(run_attempt(
-                    self.core.clone(),
-                    self.storage.clone(),
-                    backend,
-                    (envelope, needs),
-                    self.metrics.clone(),
+                let span = tracing::info_span!(
+                    "attempt",
+                    task_id = %envelope.task_id,
+                    agent_id = %slot_id,
+                    attempt = envelope.attempt
+                );
+                let work = tokio::spawn(tracing::Instrument::instrument(
+                    run_attempt(
+                        self.core.clone(),
+                        self.storage.clone(),
+                        backend,
+                        (envelope, needs),
+                        self.metrics.clone(),
+                    ),
+                    span,
                 ));
                 let live_until = tokio::time::Instant::now() + lease.min(lease_left).saturating_sub(margin);
                 running.insert(task_id, Attempt { token, slot: slot_id, work, live_until });

@@ -4,7 +4,9 @@
 //! - `/ready`: 200 when this node is a member of a cluster that has a leader it knows and its
 //!   task-data store answers; 503 with the reason otherwise (readiness: a load balancer sends it
 //!   no traffic until then). Redis is not part of readiness: the node works without it.
-//! - `/metrics`: Prometheus text format: Raft state, tasks by state, this node's agents.
+//! - `/metrics`: Prometheus text format, rendered by the exporter from the process's registry
+//!   (`telemetry::metrics`; every metric in `docs/METRICS.md`). Current-state gauges (Raft, tasks
+//!   by state, agents) are set here from this node's applied view just before rendering.
 
 use std::sync::Arc;
 
@@ -64,33 +66,39 @@ async fn ready(State(shared): State<Shared>) -> (StatusCode, String) {
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
     let core = &shared.core;
-    let (term, leader, last_log, applied, is_leader) = {
+    {
         let metrics = core.raft.metrics();
         let m = metrics.borrow();
-        (
-            m.current_term,
-            m.current_leader.unwrap_or(0),
-            m.last_log_index.unwrap_or(0),
-            m.last_applied.map(|id| id.index).unwrap_or(0),
-            u8::from(m.current_leader == Some(core.id)),
-        )
-    };
-    let mut text = String::new();
-    let mut gauge = |name: &str, help: &str, value: u64| {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
-    };
-    gauge("maos_raft_term", "The Raft term this node is in.", term);
-    gauge("maos_raft_leader_id", "The leader this node knows (0: none).", leader);
-    gauge("maos_raft_is_leader", "1 when this node leads.", u64::from(is_leader));
-    gauge("maos_raft_last_log_index", "The last log index this node holds.", last_log);
-    gauge("maos_raft_last_applied_index", "The last log index this node applied.", applied);
+        let last_log = m.last_log_index.unwrap_or(0);
+        let purged = m.purged.map(|id| id.index).unwrap_or(0);
+        metrics::gauge!("maos_raft_term").set(m.current_term as f64);
+        metrics::gauge!("maos_raft_leader_id").set(m.current_leader.unwrap_or(0) as f64);
+        metrics::gauge!("maos_raft_is_leader").set(f64::from(u8::from(m.current_leader == Some(core.id))));
+        metrics::gauge!("maos_raft_last_log_index").set(last_log as f64);
+        metrics::gauge!("maos_raft_last_applied_index").set(m.last_applied.map(|id| id.index).unwrap_or(0) as f64);
+        metrics::gauge!("maos_raft_log_entries").set(last_log.saturating_sub(purged) as f64);
+        // On the leader, what each member holds of its log and what a quorum holds (committed);
+        // elsewhere no series (openraft 0.9 does not report a follower's commit index).
+        if let Some(replication) = &m.replication {
+            let held = |peer: &u64| match *peer == core.id {
+                true => last_log,
+                false => replication.get(peer).copied().flatten().map(|id| id.index).unwrap_or(0),
+            };
+            for peer in replication.keys() {
+                let lag = last_log.saturating_sub(held(peer));
+                metrics::gauge!("maos_raft_replication_lag_entries", "peer" => peer.to_string()).set(lag as f64);
+            }
+            let mut voters: Vec<u64> = m.membership_config.membership().voter_ids().map(|v| held(&v)).collect();
+            voters.sort_unstable_by(|a, b| b.cmp(a));
+            if let Some(committed) = voters.get(voters.len() / 2) {
+                metrics::gauge!("maos_raft_committed_index").set(*committed as f64);
+            }
+        }
+    }
     let (counts, agents) = {
         let state = core.state.read();
-        (task_counts(&state.app.tasks), shared.agents.render(&state.app.tasks, core.id))
+        (task_counts(&state.app.tasks), AgentMetrics::counts(&state.app.tasks, core.id))
     };
-    text.push_str(
-        "# HELP maos_tasks Tasks in the cluster by state (this node's applied view).\n# TYPE maos_tasks gauge\n",
-    );
     for (state, count) in [
         ("pending", counts.pending),
         ("queued", counts.queued),
@@ -99,15 +107,10 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
         ("failed", counts.failed),
         ("cancelled", counts.cancelled),
     ] {
-        text.push_str(&format!("maos_tasks{{state=\"{state}\"}} {count}\n"));
+        metrics::gauge!("maos_tasks", "state" => state).set(count as f64);
     }
-    // Finished tasks stay in the table, so these only grow.
-    text.push_str(&format!(
-        "# HELP maos_tasks_completed_total Tasks completed.\n# TYPE maos_tasks_completed_total counter\nmaos_tasks_completed_total {}\n\
-         # HELP maos_tasks_failed_total Tasks failed for good.\n# TYPE maos_tasks_failed_total counter\nmaos_tasks_failed_total {}\n",
-        counts.completed, counts.failed
-    ));
-    text.push_str(&agents);
-    text.push_str(&shared.storage.metrics.render(shared.storage.backend_name()));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    metrics::gauge!("maos_task_queue_depth").set(counts.queued as f64);
+    shared.agents.publish(agents);
+    shared.storage.metrics.publish(shared.storage.backend_name());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::metrics::install().render())
 }

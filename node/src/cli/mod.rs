@@ -84,12 +84,6 @@ pub fn load_config(file: Option<&PathBuf>) -> anyhow::Result<(Config, Vec<String
     Ok((loaded.config, loaded.unknown_env))
 }
 
-fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},openraft=warn", level.to_lowercase())));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
-}
-
 pub fn client(target: &Target) -> anyhow::Result<Client> {
     Ok(Client::new(target.endpoints.clone())?)
 }
@@ -101,7 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (mut config, unknown_env) = load_config(args.config.as_ref())?;
             config.apply_flags(&args.flags).map_err(anyhow::Error::msg)?;
             config.validate()?;
-            init_tracing(&config.system.log_level);
+            maos_node::telemetry::logs::init(&config.system.log_level, &config.system.log_format);
             for name in unknown_env {
                 tracing::warn!(variable = %name, "environment variable names no configuration key; ignored");
             }

@@ -352,6 +352,9 @@ pub struct RaftSection {
 pub struct SystemSection {
     /// ERROR, WARN, INFO, DEBUG or TRACE (any case). `RUST_LOG`, when set, wins.
     pub log_level: String,
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line, with the
+    /// event's fields and its span's `node_id`, `term`, `task_id`, `agent_id` where they apply).
+    pub log_format: String,
     /// Open (not finished) tasks the cluster holds at most; more submits are refused, retryably.
     pub task_queue_size: usize,
     /// Agents this node runs at most (configured slots plus spawned ones).
@@ -414,6 +417,7 @@ impl Default for SystemSection {
     fn default() -> Self {
         Self {
             log_level: "INFO".into(),
+            log_format: "text".into(),
             task_queue_size: 100_000,
             max_agents: 20,
             agent_spawn_rate: 10,

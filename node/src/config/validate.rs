@@ -303,6 +303,9 @@ impl Config {
                 format!("{:?} is not one of ERROR, WARN, INFO, DEBUG, TRACE", self.system.log_level),
             );
         }
+        if !["text", "json"].contains(&self.system.log_format.to_lowercase().as_str()) {
+            bad("system.log_format", format!("{:?} is not one of text, json", self.system.log_format));
+        }
         if problems.is_empty() {
             Ok(())
         } else {

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::RaftPayload;
+use crate::telemetry::peers::PeerWarnings;
 use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
 
 /// The newest `RaftPayload` format this build writes.
@@ -51,11 +52,13 @@ pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, PayloadEr
 pub struct Channels {
     transport: SharedTransport,
     by_addr: Arc<Mutex<BTreeMap<String, Channel>>>,
+    /// Rate-limited warnings about peers that do not answer.
+    pub warnings: Arc<PeerWarnings>,
 }
 
 impl Channels {
     pub fn new(transport: SharedTransport) -> Self {
-        Self { transport, by_addr: Arc::new(Mutex::new(BTreeMap::new())) }
+        Self { transport, by_addr: Arc::new(Mutex::new(BTreeMap::new())), warnings: Arc::default() }
     }
 
     /// The channel to `addr`, made on first use.
@@ -108,8 +111,11 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client =
-            self.channels.raft_client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let warnings = &self.channels.warnings;
+        let mut client = self.channels.raft_client(&self.addr).map_err(|e| {
+            warnings.failed(self.target, &self.addr, rpc, &e);
+            RPCError::Unreachable(Unreachable::new(&e))
+        })?;
         let mut grpc_request = tonic::Request::new(payload);
         grpc_request.set_timeout(option.hard_ttl());
         // The grpc-timeout header only tells the server; the deadline is enforced here.
@@ -122,10 +128,17 @@ impl PeerClient {
         })
         .await;
         let reply = match response {
-            Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
-            Ok(Ok(reply)) => reply.into_inner(),
+            Err(elapsed) => {
+                warnings.failed(self.target, &self.addr, rpc, &elapsed);
+                return Err(RPCError::Network(NetworkError::new(&elapsed)));
+            }
+            Ok(Ok(reply)) => {
+                warnings.answered(self.target);
+                reply.into_inner()
+            }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                return Err(RPCError::Unreachable(Unreachable::new(&status)))
+                warnings.failed(self.target, &self.addr, rpc, &status);
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
         };

@@ -145,8 +145,13 @@ pub fn leader_proposer(raft: Raft, clock: Clock) -> Batcher {
         let stamped_at_ms = clock();
         async move {
             let count = commands.len();
+            metrics::histogram!("maos_raft_proposer_batch_commands", "path" => "leader").record(count as f64);
+            let started = std::time::Instant::now();
             match raft.client_write(Request::new(stamped_at_ms, commands)).await {
-                Ok(written) => written.data.into_iter().map(ProposeOutcome::Applied).collect(),
+                Ok(written) => {
+                    metrics::histogram!("maos_raft_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+                    written.data.into_iter().map(ProposeOutcome::Applied).collect()
+                }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                     vec![ProposeOutcome::NotLeader { leader_id: forward.leader_id }; count]
                 }
@@ -162,6 +167,7 @@ pub fn forwarder(channels: Channels, rpc_timeout: Duration) -> Batcher {
         let channels = channels.clone();
         async move {
             let count = commands.len();
+            metrics::histogram!("maos_raft_proposer_batch_commands", "path" => "forward").record(count as f64);
             match forward(&channels, &target, &commands, rpc_timeout).await {
                 Ok(outcomes) => outcomes,
                 Err(error) => vec![ProposeOutcome::Failed(format!("leader at {target}: {error}")); count],

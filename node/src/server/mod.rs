@@ -39,6 +39,7 @@ use maos_client::proto::v1::task_service_server::TaskServiceServer;
 use maos_client::proto::v1::worker_service_server::WorkerServiceServer;
 
 mod data_dir;
+mod observe;
 mod serve;
 
 pub use crate::raft::proposer::{system_clock, Clock};
@@ -134,6 +135,14 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::Config
 }
 
 /// Start a node over `log` and `state_machine`, serving on `transport`.
+fn spawn_in(
+    tasks: &mut JoinSet<()>,
+    span: &tracing::Span,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(tracing::Instrument::instrument(work, span.clone()));
+}
+
 pub async fn start<LS, P>(
     config: &Config,
     log: LS,
@@ -145,16 +154,19 @@ where
     LS: RaftLogStorage<TypeConfig>,
     P: SnapshotPersistence,
 {
+    // The process's metrics recorder, before anything records (a second node in this process
+    // shares it: see `telemetry::metrics`).
+    crate::telemetry::metrics::install();
     let raft_settings = Arc::new(raft_config(config)?);
     let agent_backends = backends(config)?;
     let storage = Arc::new(Storage::from_config(config)?);
     let peers = formation_peers(config);
     let channels = Channels::new(transport.clone());
     let state = state_machine.handle();
-    let raft =
-        Raft::new(config.node.id, raft_settings, NetworkFactory { channels: channels.clone() }, log, state_machine)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+    let network = NetworkFactory { channels: channels.clone() };
+    let raft = Raft::new(config.node.id, raft_settings, network, log, observe::TimedStateMachine(state_machine))
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
     let proposer = leader_proposer(raft.clone(), clock.clone());
     let forwarder = forwarder(channels.clone(), Duration::from_millis(config.raft.request_timeout_ms));
     let core = Arc::new(NodeCore {
@@ -174,6 +186,9 @@ where
     });
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    // Every task of this node runs in its span, so each log line carries `node_id`.
+    let node_span = tracing::info_span!("node", node_id = config.node.id);
+    spawn_in(&mut tasks, &node_span, observe::count_leader_changes(core.raft.metrics(), stopped.clone()));
 
     let raft_incoming = transport
         .listen(&config.network.raft_listen_addr)
@@ -189,7 +204,7 @@ where
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let mut until_stopped = stopped.clone();
-    tasks.spawn(async move {
+    spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()
             .add_service(raft_service)
             .serve_with_incoming_shutdown(raft_incoming, async move {
@@ -213,7 +228,7 @@ where
     });
     let cluster_api =
         Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone(), leader_since: Default::default() });
-    tasks.spawn(crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
+    spawn_in(&mut tasks, &node_span, crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
@@ -240,7 +255,7 @@ where
     });
     // The standard gRPC health service (SERVING while ready, as `/ready`) and server reflection.
     let (health, health_service) = tonic_health::server::health_reporter();
-    tasks.spawn(report_health(core.clone(), storage.clone(), health, stopped.clone()));
+    spawn_in(&mut tasks, &node_span, report_health(core.clone(), storage.clone(), health, stopped.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(maos_client::proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -248,7 +263,9 @@ where
         .map_err(|e| StartError::Raft(format!("the reflection service could not be built: {e}")))?;
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
     let routes = tonic::service::Routes::from(
-        crate::api::http::router(core.clone(), agent_metrics.clone(), storage.clone()).merge(rest),
+        crate::api::http::router(core.clone(), agent_metrics.clone(), storage.clone())
+            .merge(rest)
+            .layer(axum::middleware::from_fn(observe::record_http)),
     )
     .add_service(kv)
     .add_service(cluster)
@@ -257,9 +274,10 @@ where
     .add_service(workers_service)
     .add_service(health_service)
     .add_service(reflection);
-    tasks.spawn(async move {
+    spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
+            .layer(observe::GrpcMetricsLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(api_incoming, async move {
                 let _ = until_stopped.wait_for(|stop| *stop).await;
@@ -272,22 +290,26 @@ where
 
     match config.cluster.bootstrap {
         Bootstrap::Auto => {
-            tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
+            spawn_in(&mut tasks, &node_span, form_cluster(core.clone(), peers, stopped.clone()));
         }
         Bootstrap::Manual => {
             tracing::info!(node_id = core.id, "cluster.bootstrap is manual: a new cluster forms on `maos cluster init`")
         }
     }
-    tasks.spawn(leader_loop(core.clone(), config.clone(), stopped.clone()));
+    spawn_in(&mut tasks, &node_span, leader_loop(core.clone(), config.clone(), stopped.clone()));
     if let (Some(store), true) = (storage.postgres(), config.database.auto_migrate) {
-        tasks.spawn(migrate_until_done(store.name.clone(), storage.clone(), stopped.clone()));
+        spawn_in(&mut tasks, &node_span, migrate_until_done(store.name.clone(), storage.clone(), stopped.clone()));
     }
-    tasks.spawn(crate::storage::projector::run(
-        core.clone(),
-        storage.clone(),
-        Duration::from_secs(config.database.orphan_after),
-        stopped.clone(),
-    ));
+    spawn_in(
+        &mut tasks,
+        &node_span,
+        crate::storage::projector::run(
+            core.clone(),
+            storage.clone(),
+            Duration::from_secs(config.database.orphan_after),
+            stopped.clone(),
+        ),
+    );
     let runtime = AgentRuntime {
         core: core.clone(),
         storage,
@@ -296,12 +318,16 @@ where
         credentials,
         metrics: agent_metrics,
     };
-    tasks.spawn(runtime.run(stopped.clone()));
-    tasks.spawn(housekeeping(
-        core.clone(),
-        MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
-        stopped,
-    ));
+    spawn_in(&mut tasks, &node_span, runtime.run(stopped.clone()));
+    spawn_in(
+        &mut tasks,
+        &node_span,
+        housekeeping(
+            core.clone(),
+            MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
+            stopped,
+        ),
+    );
     Ok(RunningNode { core, stop, tasks })
 }
 

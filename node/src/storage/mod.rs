@@ -205,41 +205,20 @@ pub struct StorageMetrics {
 }
 
 impl StorageMetrics {
-    pub fn render(&self, backend: &str) -> String {
-        let mut text = format!(
-            "# HELP maos_storage_backend The task-data store in use (1 for the named one).\n# TYPE maos_storage_backend gauge\nmaos_storage_backend{{backend=\"{backend}\"}} 1\n"
-        );
-        for (name, help, value) in [
-            (
-                "maos_database_connection_errors_total",
-                "PostgreSQL operations that failed for want of a connection.",
-                &self.database_connection_errors_total,
-            ),
-            ("maos_database_queries_total", "PostgreSQL statements run.", &self.database_queries_total),
-            (
-                "maos_redis_errors_total",
-                "Redis commands that failed (reads then went to the source).",
-                &self.redis_errors_total,
-            ),
-            ("maos_cache_hits_total", "Payload reads served by the Redis cache.", &self.cache_hits_total),
-            ("maos_cache_misses_total", "Payload reads the Redis cache did not hold.", &self.cache_misses_total),
-            (
-                "maos_task_events_recorded_total",
-                "Task events this node wrote to the event history.",
-                &self.events_recorded_total,
-            ),
-            (
-                "maos_orphan_payloads_removed_total",
-                "Payloads removed because no committed task refers to them.",
-                &self.orphans_removed_total,
-            ),
+    /// Record the counters in the process's metrics registry (`/metrics`).
+    pub fn publish(&self, backend: &'static str) {
+        metrics::gauge!("maos_storage_backend", "backend" => backend).set(1.0);
+        for (name, value) in [
+            ("maos_database_connection_errors_total", &self.database_connection_errors_total),
+            ("maos_database_queries_total", &self.database_queries_total),
+            ("maos_redis_errors_total", &self.redis_errors_total),
+            ("maos_cache_hits_total", &self.cache_hits_total),
+            ("maos_cache_misses_total", &self.cache_misses_total),
+            ("maos_task_events_recorded_total", &self.events_recorded_total),
+            ("maos_orphan_payloads_removed_total", &self.orphans_removed_total),
         ] {
-            text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                value.load(Ordering::Relaxed)
-            ));
+            metrics::counter!(name).absolute(value.load(Ordering::Relaxed));
         }
-        text
     }
 }
 

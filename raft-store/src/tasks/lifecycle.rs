@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::check::{check_spec, check_text, check_token, expect_state, invalid};
+use super::events::{self, AttemptEnd, FailCause};
 use super::slots::{release, slot_fits};
 use super::types::{
     Checkpoint, Lease, Progress, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable, TokenUsage,
@@ -69,6 +70,12 @@ impl TaskTable {
                 expanded: false,
             }),
         );
+        if let Some(task) = self.tasks.get(&spec.id) {
+            events::submitted(task);
+            if state == TaskState::Failed {
+                events::failed(FailCause::Dependency);
+            }
+        }
         Ok(TaskResponse::Submitted { task_id: spec.id.clone(), duplicate: false })
     }
 
@@ -107,6 +114,8 @@ impl TaskTable {
         self.slot_holder.insert(slot.to_string(), task_id.clone());
         let task = self.get_mut(task_id)?;
         let expires_at_ms = now_ms.saturating_add(lease_ms);
+        // A QUEUED task's last update is when it became QUEUED (nothing touches it while it waits).
+        let queued_since_ms = task.updated_at_ms;
         task.attempt += 1;
         task.state = TaskState::Running;
         task.progress = None;
@@ -118,6 +127,7 @@ impl TaskTable {
             expires_at_ms,
             attempt_deadline_ms: now_ms.saturating_add(task.spec.timeout_ms),
         }));
+        events::attempt_started(task, queued_since_ms, now_ms);
         Ok(TaskResponse::Assigned { token, expires_at_ms })
     }
 
@@ -245,7 +255,7 @@ impl TaskTable {
     ) -> Result<TaskResponse, TaskRejection> {
         check_text("error", error, TASK_TEXT_BYTES_MAX)?;
         check_token(self.get_mut(task_id)?, presented)?;
-        let (will_retry, attempt) = self.fail_attempt(now_ms, task_id, error, retryable);
+        let (will_retry, attempt) = self.fail_attempt(now_ms, task_id, error, retryable, AttemptEnd::Failed);
         Ok(TaskResponse::AttemptFailed { will_retry, attempt })
     }
 
@@ -329,22 +339,26 @@ impl TaskTable {
     /// `TaskCommand::Tick`: expire leases, attempts and dependency waits past their time.
     pub(super) fn tick(&mut self, now_ms: u64) -> Result<TaskResponse, TaskRejection> {
         let mut failed_attempts = Vec::new();
-        let expired: Vec<(TaskId, String)> = self
+        let expired: Vec<(TaskId, String, AttemptEnd)> = self
             .tasks
             .iter()
             .filter_map(|(id, task)| {
                 let lease = task.lease.as_ref()?;
                 if lease.expires_at_ms <= now_ms {
-                    Some((id.clone(), "lease expired".to_string()))
+                    Some((id.clone(), "lease expired".to_string(), AttemptEnd::LeaseExpired))
                 } else if lease.attempt_deadline_ms <= now_ms {
-                    Some((id.clone(), format!("attempt timed out after {} ms", task.spec.timeout_ms)))
+                    Some((
+                        id.clone(),
+                        format!("attempt timed out after {} ms", task.spec.timeout_ms),
+                        AttemptEnd::TimedOut,
+                    ))
                 } else {
                     None
                 }
             })
             .collect();
-        for (task_id, why) in expired {
-            self.fail_attempt(now_ms, &task_id, &why, true);
+        for (task_id, why, end) in expired {
+            self.fail_attempt(now_ms, &task_id, &why, true, end);
             failed_attempts.push(task_id);
         }
         let timeout = self.limits.dependency_timeout_ms;
@@ -355,7 +369,8 @@ impl TaskTable {
             .map(|(id, _)| id.clone())
             .collect();
         for task_id in &waited_too_long {
-            self.finish_failed(now_ms, task_id, format!("dependencies not complete within {timeout} ms"));
+            let cause = format!("dependencies not complete within {timeout} ms");
+            self.finish_failed(now_ms, task_id, cause, FailCause::DependencyTimeout);
         }
         self.forget_gone_workers(now_ms);
         Ok(TaskResponse::Ticked { failed_attempts, failed_tasks: waited_too_long })
@@ -383,9 +398,17 @@ impl TaskTable {
 
     /// End the running attempt of `task_id`: back to QUEUED with backoff while attempts remain
     /// (and `retryable`), else FAILED. Returns (will retry, attempts so far).
-    pub(super) fn fail_attempt(&mut self, now_ms: u64, task_id: &TaskId, error: &str, retryable: bool) -> (bool, u32) {
+    pub(super) fn fail_attempt(
+        &mut self,
+        now_ms: u64,
+        task_id: &TaskId,
+        error: &str,
+        retryable: bool,
+        end: AttemptEnd,
+    ) -> (bool, u32) {
         let limits = self.limits.clone();
         let Some(task) = self.tasks.get_mut(task_id) else { return (false, 0) };
+        events::attempt_ended(task, end, now_ms);
         release(&mut self.slot_holder, task);
         task.cause = Some(error.to_string());
         task.updated_at_ms = now_ms;
@@ -396,9 +419,11 @@ impl TaskTable {
                 limits.retry_backoff_base_ms.saturating_mul(1u64 << exponent).min(limits.retry_backoff_max_ms);
             task.state = TaskState::Queued;
             task.not_before_ms = now_ms.saturating_add(backoff);
+            events::retried();
             (true, attempt)
         } else {
-            self.finish_failed(now_ms, task_id, error.to_string());
+            let cause = if retryable { FailCause::RetriesExhausted } else { FailCause::Error };
+            self.finish_failed(now_ms, task_id, error.to_string(), cause);
             (false, attempt)
         }
     }
@@ -408,6 +433,14 @@ impl TaskTable {
     pub(super) fn close(&mut self, task_id: &TaskId, state: TaskState, cause: Option<String>, now_ms: u64) -> bool {
         debug_assert!(state.is_terminal());
         let Some(task) = self.tasks.get_mut(task_id).filter(|t| !t.state.is_terminal()) else { return false };
+        let end = if state == TaskState::Completed { AttemptEnd::Completed } else { AttemptEnd::Cancelled };
+        events::attempt_ended(task, end, now_ms);
+        match state {
+            TaskState::Completed => events::completed(),
+            TaskState::Cancelled => events::cancelled(),
+            // Counted by the caller, which knows the cause.
+            _ => {}
+        }
         release(&mut self.slot_holder, task);
         self.open = self.open.saturating_sub(1);
         self.closed.push(task.spec.id.clone());
@@ -419,8 +452,10 @@ impl TaskTable {
         true
     }
 
-    pub(super) fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String) {
-        self.close(task_id, TaskState::Failed, Some(cause), now_ms);
+    pub(super) fn finish_failed(&mut self, now_ms: u64, task_id: &TaskId, cause: String, kind: FailCause) {
+        if self.close(task_id, TaskState::Failed, Some(cause), now_ms) {
+            events::failed(kind);
+        }
         self.fail_dependents(now_ms, task_id, &format!("dependency {task_id} failed"));
     }
 
@@ -432,6 +467,7 @@ impl TaskTable {
             if !self.close(&next, TaskState::Failed, Some(cause.to_string()), now_ms) {
                 continue;
             }
+            events::failed(FailCause::Dependency);
             if let Some(more) = self.dependents.get(&next) {
                 stack.extend(more.iter().cloned());
             }

@@ -12,9 +12,10 @@
 //! Layout: `types` (records, limits, commands, responses, refusals, the table), `check`
 //! (state-free checks of specs and plans), `lifecycle` (submit to completion, retries, the tick),
 //! `plan` (expansion into subtasks and the parent's settlement), `slots` (agents, holders,
-//! liveness), `validate` (invariants). This file applies a command by dispatching it.
+//! liveness), `validate` (invariants), `events` (task events counted as metrics as they apply). This file applies a command by dispatching it.
 
 mod check;
+mod events;
 mod lifecycle;
 mod plan;
 mod slots;

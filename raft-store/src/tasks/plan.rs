@@ -77,6 +77,7 @@ impl TaskTable {
         }
         // Everything is checked; from here nothing can be refused.
         if let Some(parent) = self.tasks.get_mut(task_id) {
+            super::events::attempt_ended(parent, super::events::AttemptEnd::Planned, now_ms);
             release(&mut self.slot_holder, parent);
             parent.state = TaskState::Pending;
             parent.expanded = true;
@@ -116,7 +117,7 @@ impl TaskTable {
                         let why = Some(format!("cancelled: sibling subtask {child_id} did not complete"));
                         self.close(sibling, TaskState::Cancelled, why, now_ms);
                     }
-                    self.finish_failed(now_ms, parent_id, cause);
+                    self.finish_failed(now_ms, parent_id, cause, super::events::FailCause::Subtask);
                     return;
                 }
                 _ => all_completed = false,

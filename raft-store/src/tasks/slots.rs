@@ -73,7 +73,8 @@ impl TaskTable {
         slot.state = state;
         if state == AgentState::Terminated {
             if let Some(task_id) = self.slot_holder.get(agent_id).cloned() {
-                self.fail_attempt(now_ms, &task_id, &format!("agent {agent_id} was terminated"), true);
+                let why = format!("agent {agent_id} was terminated");
+                self.fail_attempt(now_ms, &task_id, &why, true, super::events::AttemptEnd::AgentTerminated);
             }
         }
         Ok(TaskResponse::AgentStateSet { previous })

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{map_error, WRITE_BATCH_MAX};
 use crate::storage::{Payload, StorageError, StorageMetrics};
+use crate::telemetry::metrics::Timed;
 
 /// One payload on its way to the database, and where its outcome goes. `token` is 0 for an
 /// input (inputs are not fenced).
@@ -77,6 +78,7 @@ pub(super) async fn write_batches(
             .bind(&ids)
             .bind(&values)
             .execute(&pool)
+            .timed("write_inputs")
             .await
             .map(|_| rows.iter().map(|(id, (t, _))| (id.to_string(), *t)).collect()),
             WriteKind::Results => {
@@ -92,6 +94,7 @@ pub(super) async fn write_batches(
                 .bind(&tokens)
                 .bind(&values)
                 .fetch_all(&pool)
+                .timed("write_results")
                 .await
             }
         }
@@ -140,6 +143,7 @@ pub(super) async fn query_payloads(
         let rows = sqlx::query("SELECT task_id, input FROM task_inputs WHERE task_id = ANY($1)")
             .bind(&inputs)
             .fetch_all(pool)
+            .timed("read_inputs")
             .await
             .map_err(error)?;
         for row in rows {
@@ -153,6 +157,7 @@ pub(super) async fn query_payloads(
         let rows = sqlx::query("SELECT task_id, fencing_token, result FROM task_results WHERE task_id = ANY($1)")
             .bind(&ids)
             .fetch_all(pool)
+            .timed("read_results")
             .await
             .map_err(error)?;
         for row in rows {
@@ -169,6 +174,7 @@ pub(super) async fn query_payloads(
         let rows = sqlx::query("SELECT task_id, data FROM task_checkpoints WHERE task_id = ANY($1)")
             .bind(&checkpoints)
             .fetch_all(pool)
+            .timed("read_checkpoints")
             .await
             .map_err(error)?;
         for row in rows {

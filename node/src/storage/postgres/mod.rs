@@ -33,6 +33,7 @@ use self::audit::{write_audit, AuditEntry, AUDIT_QUEUE_MAX};
 use self::batch::{read_batches, write_batches, PayloadRead, PayloadWrite, WriteKind, READERS, READ_QUEUE_MAX};
 use super::{Payload, StorageError, StorageMetrics};
 use crate::config::DatabaseSection;
+use crate::telemetry::metrics::Timed;
 
 /// The schema, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -163,7 +164,12 @@ impl PgStore {
 
     pub async fn ping(&self) -> Result<(), String> {
         self.counted();
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(|e| self.error(e).to_string())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .timed("ping")
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(e).to_string())
     }
 
     /// Apply pending migrations (concurrent callers wait on the migrator's advisory lock).
