@@ -17,7 +17,9 @@ use maos_client::proto::v1::{
     CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest, ListTasksRequest, ListTasksResponse, RetryTaskRequest,
     SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults, TaskView, WatchTaskRequest,
 };
-use maos_raft_store::tasks::{check_spec, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, PLAN_KEY_LABEL};
+use maos_raft_store::tasks::{
+    check_spec, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, TaskTable, PLAN_KEY_LABEL,
+};
 use maos_raft_store::{Command, Response as Applied};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -165,13 +167,44 @@ impl TaskApi {
         Status::not_found(format!("task_id: task {task_id:?} does not exist"))
     }
 
-    /// The view of `task_id` as this node has applied it, with its stored payloads.
+    /// NOT_FOUND for a task this node does not hold: where finished tasks may have been evicted
+    /// (`tasks.retention`) the message says so, and how to keep them readable.
+    fn missing(&self, table: &TaskTable, task_id: &str) -> Status {
+        if !table.may_have_evicted(task_id) {
+            return Self::not_found(task_id);
+        }
+        let keep = if self.storage.is_embedded() {
+            "configure database.primary_url to keep finished tasks readable after that"
+        } else {
+            "PostgreSQL holds no finished record of it either"
+        };
+        Status::not_found(format!(
+            "task_id: task {task_id:?} is not held: finished tasks are evicted from the replicated state after tasks.retention (or once more than tasks.retained_max are held), and this one was evicted or never existed; {keep}"
+        ))
+    }
+
+    /// The table to read `task_id` from: the applied state when it holds the task, else (with
+    /// PostgreSQL) the evicted task's record and its children's read back from the mirror.
+    async fn evicted(&self, task_id: &str) -> Result<TaskTable, Status> {
+        let missing = self.missing(&self.core.state.read().app.tasks, task_id);
+        self.storage.evicted_table(task_id).await.map_err(|e| storage_status(&e))?.ok_or(missing)
+    }
+
+    /// The view of `task_id` as this node has applied it (or, evicted, as PostgreSQL kept it),
+    /// with its stored payloads.
     async fn view_of(&self, task_id: &str) -> Result<TaskView, Status> {
-        let mut one = {
+        let held = {
             let state = self.core.state.read();
             let table = &state.app.tasks;
-            let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
-            [(task_view(table, task), TaskPayloads::of(table, task))]
+            table.tasks.get(task_id).map(|task| [(task_view(table, task), TaskPayloads::of(table, task))])
+        };
+        let mut one = match held {
+            Some(one) => one,
+            None => {
+                let table = self.evicted(task_id).await?;
+                let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
+                [(task_view(&table, task), TaskPayloads::of(&table, task))]
+            }
         };
         self.fill_views(&mut one).await?;
         let [(view, _)] = one;
@@ -276,36 +309,13 @@ impl TaskService for TaskApi {
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
-        let (mut results, mut children, refs) = {
-            let state = self.core.state.read();
-            let table = &state.app.tasks;
-            let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
-            let mut refs = vec![ResultRef::of(table, task)];
-            let children: Vec<ChildResult> = table
-                .children
-                .get(&task_id)
-                .into_iter()
-                .flatten()
-                .filter_map(|id| table.tasks.get(id))
-                .map(|child| {
-                    refs.push(ResultRef::of(table, child));
-                    ChildResult {
-                        task_id: child.spec.id.clone(),
-                        plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
-                        state: state_to(child.state) as i32,
-                        result: String::new(),
-                        cause: child.cause.clone().unwrap_or_default(),
-                    }
-                })
-                .collect();
-            let results = TaskResults {
-                task_id: task_id.clone(),
-                state: state_to(task.state) as i32,
-                result: String::new(),
-                cause: task.cause.clone().unwrap_or_default(),
-                children: Vec::new(),
-            };
-            (results, children, refs)
+        let held = results_of(&self.core.state.read().app.tasks, &task_id);
+        let (mut results, mut children, refs) = match held {
+            Some(held) => held,
+            None => {
+                let table = self.evicted(&task_id).await?;
+                results_of(&table, &task_id).ok_or_else(|| Self::not_found(&task_id))?
+            }
         };
         let mut wanted = Vec::new();
         refs.iter().for_each(|r| r.wanted(&mut wanted));
@@ -325,7 +335,16 @@ impl TaskService for TaskApi {
         let WatchTaskRequest { task_id, include_children } = request.into_inner();
         self.core.read_barrier().await.map_err(status_from)?;
         if !self.core.state.read().app.tasks.tasks.contains_key(&task_id) {
-            return Err(Self::not_found(&task_id));
+            // Evicted: with PostgreSQL its final state is its only event left.
+            let table = self.evicted(&task_id).await?;
+            let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
+            let applied = self.core.state.read().last_applied.map(|id| id.index).unwrap_or(0);
+            let (mut last, result) = (event(task, applied, true), ResultRef::of(&table, task));
+            let mut wanted = Vec::new();
+            result.wanted(&mut wanted);
+            last.result =
+                result.resolve(&self.storage.fetch(wanted).await.map_err(|e| storage_status(&e))?).unwrap_or_default();
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(last)]))));
         }
         let permit = stream_permit(&self.streams)?;
         let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
@@ -431,4 +450,36 @@ impl TaskService for TaskApi {
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),
         }
     }
+}
+
+/// What `Results` answers for `task_id` from `table` (results not yet fetched), and where each
+/// result comes from: the task's first, then its children's in order. `None`: not in `table`.
+fn results_of(table: &TaskTable, task_id: &str) -> Option<(TaskResults, Vec<ChildResult>, Vec<ResultRef>)> {
+    let task = table.tasks.get(task_id)?;
+    let mut refs = vec![ResultRef::of(table, task)];
+    let children: Vec<ChildResult> = table
+        .children
+        .get(task_id)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| table.tasks.get(id))
+        .map(|child| {
+            refs.push(ResultRef::of(table, child));
+            ChildResult {
+                task_id: child.spec.id.clone(),
+                plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
+                state: state_to(child.state) as i32,
+                result: String::new(),
+                cause: child.cause.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    let results = TaskResults {
+        task_id: task_id.to_string(),
+        state: state_to(task.state) as i32,
+        result: String::new(),
+        cause: task.cause.clone().unwrap_or_default(),
+        children: Vec::new(),
+    };
+    Some((results, children, refs))
 }

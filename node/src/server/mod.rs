@@ -25,7 +25,7 @@ use crate::config::{Bootstrap, Config};
 use crate::proto::raft_service_server::RaftServiceServer;
 use crate::raft::core::NodeCore;
 use crate::raft::formation::{form_cluster, formation_peers, peers_digest};
-use crate::raft::housekeeping::{housekeeping, HOUSEKEEPING_INTERVAL};
+use crate::raft::housekeeping::{evict_finished, housekeeping, MirrorProgress, HOUSEKEEPING_INTERVAL};
 use crate::raft::network::{Channels, NetworkFactory};
 use crate::raft::proposer::{forwarder, leader_proposer};
 use crate::raft::service::RaftServer;
@@ -282,12 +282,16 @@ where
     if let (Some(store), true) = (storage.postgres(), config.database.auto_migrate) {
         tasks.spawn(migrate_until_done(store.name.clone(), storage.clone(), stopped.clone()));
     }
+    // With PostgreSQL, finished tasks are evicted only once the mirror holds their final state.
+    let mirror = storage.postgres().map(|_| Arc::new(MirrorProgress::default()));
     tasks.spawn(crate::storage::projector::run(
         core.clone(),
         storage.clone(),
         Duration::from_secs(config.database.orphan_after),
+        mirror.clone(),
         stopped.clone(),
     ));
+    tasks.spawn(evict_finished(core.clone(), mirror, stopped.clone()));
     let runtime = AgentRuntime {
         core: core.clone(),
         storage,

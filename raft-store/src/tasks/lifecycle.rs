@@ -6,16 +6,20 @@ use std::collections::BTreeMap;
 use super::check::{check_spec, check_text, check_token, expect_state, invalid};
 use super::slots::{release, slot_fits};
 use super::types::{
-    Checkpoint, Lease, Progress, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable, TokenUsage,
-    CHECKPOINT_BYTES_MAX, PROGRESS_MESSAGE_BYTES_MAX, TASK_TEXT_BYTES_MAX, WORKER_FORGET_MS, WORKER_ID_MIN,
+    set_state, Checkpoint, Lease, Progress, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable,
+    TokenUsage, CHECKPOINT_BYTES_MAX, PROGRESS_MESSAGE_BYTES_MAX, TASK_TEXT_BYTES_MAX, WORKER_FORGET_MS, WORKER_ID_MIN,
 };
 
 impl TaskTable {
     /// `TaskCommand::Submit`: add a task (PENDING, QUEUED, or FAILED after a failed dependency).
     pub(super) fn submit(&mut self, now_ms: u64, spec: &TaskSpec) -> Result<TaskResponse, TaskRejection> {
         check_spec(spec)?;
-        if let Some(existing) = spec.idempotency_key.as_ref().and_then(|k| self.by_idempotency_key.get(k)) {
-            return Ok(TaskResponse::Submitted { task_id: existing.clone(), duplicate: true });
+        if let Some(key) = &spec.idempotency_key {
+            // A key outlives its task's eviction for the idempotency window.
+            let existing = self.by_idempotency_key.get(key).or_else(|| self.retired_keys.get(key).map(|r| &r.task_id));
+            if let Some(existing) = existing {
+                return Ok(TaskResponse::Submitted { task_id: existing.clone(), duplicate: true });
+            }
         }
         if self.tasks.contains_key(&spec.id) {
             return Err(TaskRejection::DuplicateId { task_id: spec.id.clone() });
@@ -49,7 +53,10 @@ impl TaskTable {
         }
         if !state.is_terminal() {
             self.open += 1;
+        } else {
+            self.finished.insert((now_ms, spec.id.clone()));
         }
+        self.counts.moved(None, Some(state));
         self.tasks.insert(
             spec.id.clone(),
             Box::new(Task {
@@ -105,10 +112,11 @@ impl TaskTable {
             return Err(TaskRejection::SlotUnavailable { task_id: task_id.clone(), slot: slot.to_string() });
         }
         self.slot_holder.insert(slot.to_string(), task_id.clone());
-        let task = self.get_mut(task_id)?;
+        let task =
+            self.tasks.get_mut(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
         let expires_at_ms = now_ms.saturating_add(lease_ms);
         task.attempt += 1;
-        task.state = TaskState::Running;
+        set_state(&mut self.counts, task, TaskState::Running);
         task.progress = None;
         task.updated_at_ms = now_ms;
         task.lease = Some(Box::new(Lease {
@@ -295,10 +303,22 @@ impl TaskTable {
                 format!("task {task_id} was planned into subtasks; retry the subtasks that failed"),
             ));
         }
+        if let Some(parent) = task.spec.parent.as_ref().filter(|p| !self.tasks.contains_key(*p)) {
+            return Err(invalid(
+                "task_id",
+                format!("its parent {parent} was evicted after tasks.retention; submit this task anew"),
+            ));
+        }
         if let Some(parent) =
             task.spec.parent.as_ref().filter(|p| self.tasks.get(*p).is_some_and(|p| p.state.is_terminal()))
         {
             return Err(invalid("task_id", format!("its parent {parent} has finished; retry the parent instead")));
+        }
+        if let Some(dependency) = task.spec.depends_on.iter().find(|d| !self.tasks.contains_key(*d)) {
+            return Err(invalid(
+                "depends_on",
+                format!("dependency {dependency} was evicted after tasks.retention; submit this task anew"),
+            ));
         }
         if let Some(dependency) = task
             .spec
@@ -312,8 +332,10 @@ impl TaskTable {
             return Err(TaskRejection::QueueFull { limit: self.limits.queue_size });
         }
         let ready = task.spec.depends_on.iter().all(|d| self.tasks[d].state == TaskState::Completed);
-        let task = self.get_mut(task_id)?;
-        task.state = if ready { TaskState::Queued } else { TaskState::Pending };
+        self.finished.remove(&(task.updated_at_ms, task_id.clone()));
+        let task =
+            self.tasks.get_mut(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
+        set_state(&mut self.counts, task, if ready { TaskState::Queued } else { TaskState::Pending });
         task.attempt = 0;
         task.not_before_ms = 0;
         task.cause = None;
@@ -394,7 +416,7 @@ impl TaskTable {
             let exponent = attempt.saturating_sub(1).min(30);
             let backoff =
                 limits.retry_backoff_base_ms.saturating_mul(1u64 << exponent).min(limits.retry_backoff_max_ms);
-            task.state = TaskState::Queued;
+            set_state(&mut self.counts, task, TaskState::Queued);
             task.not_before_ms = now_ms.saturating_add(backoff);
             (true, attempt)
         } else {
@@ -411,11 +433,12 @@ impl TaskTable {
         release(&mut self.slot_holder, task);
         self.open = self.open.saturating_sub(1);
         self.closed.push(task.spec.id.clone());
-        task.state = state;
+        set_state(&mut self.counts, task, state);
         if cause.is_some() {
             task.cause = cause;
         }
         task.updated_at_ms = now_ms;
+        self.finished.insert((now_ms, task_id.clone()));
         true
     }
 
@@ -451,7 +474,7 @@ impl TaskTable {
                         .all(|d| self.tasks.get(d).is_some_and(|d| d.state == TaskState::Completed))
             });
             if let (true, Some(task)) = (ready, self.tasks.get_mut(&candidate)) {
-                task.state = TaskState::Queued;
+                set_state(&mut self.counts, task, TaskState::Queued);
                 task.updated_at_ms = now_ms;
             }
         }
