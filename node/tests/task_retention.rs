@@ -27,6 +27,27 @@ fn echo(input: &str, key: &str) -> SubmitTaskRequest {
     }
 }
 
+/// Submit once the cluster serves the type and the store is ready (agents register and the
+/// schema is migrated just after the leader is elected).
+async fn submit_when_ready(
+    client: &mut TaskServiceClient<Channel>,
+    request: SubmitTaskRequest,
+) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match client.submit(request.clone()).await {
+            Ok(answer) => return Ok(answer.into_inner().task_id),
+            Err(status) if tokio::time::Instant::now() < deadline => {
+                let starting =
+                    status.code() == tonic::Code::Unavailable || status.message().contains("no agent serves");
+                anyhow::ensure!(starting, "submit refused: {status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => anyhow::bail!("the cluster did not accept a submit within {STEP:?}: {status:?}"),
+        }
+    }
+}
+
 /// Start the cluster, run one task to completion and keep one running; wait until the finished
 /// one has left every node's state. Returns the cluster, a client, and (finished, running) ids.
 async fn evict_one(
@@ -41,8 +62,8 @@ async fn evict_one(
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
-    let finished = client.submit(echo("kept after eviction", "retention-1")).await?.into_inner().task_id;
-    let running = client.submit(echo("sleep:120000", "retention-2")).await?.into_inner().task_id;
+    let finished = submit_when_ready(&mut client, echo("kept after eviction", "retention-1")).await?;
+    let running = submit_when_ready(&mut client, echo("sleep:120000", "retention-2")).await?;
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
         let view = get(&mut client, &finished).await;
