@@ -63,7 +63,7 @@ fn render(dash: &Dashboard) -> Markup {
             tbody {
                 @for ((node, agent_type), p) in &pools {
                     @let working = p.idle + p.busy + p.draining;
-                    @let percent = if working == 0 { 0 } else { p.busy * 100 / working };
+                    @let percent = (p.busy * 100).checked_div(working).unwrap_or(0);
                     tr data-node=(node) data-type=(agent_type) {
                         td.num { (node) } td { (agent_type) }
                         td.num { (p.idle) } td.num { (p.busy) } td.num { (p.draining) } td.num { (p.failed) } td.num { (p.terminated) }

@@ -332,6 +332,26 @@ fn record_change(
             outcome: None,
         });
     }
+    // An attempt that started and ended between two samples: its lease was never seen, so its
+    // node and agent are unknown, but its end and outcome are not.
+    let ran_unseen = transition.attempt > 0
+        && transition.state != TaskState::Running
+        && before.is_none_or(|(_, attempt, _)| attempt < transition.attempt)
+        && !history.attempts.iter().any(|a| a.attempt == transition.attempt);
+    if ran_unseen {
+        if history.attempts.len() == ATTEMPTS_MAX {
+            history.attempts.pop_front();
+        }
+        history.attempts.push_back(AttemptRecord {
+            attempt: transition.attempt,
+            node_id: 0,
+            agent: String::new(),
+            token: 0,
+            started_ms: 0,
+            ended_ms: Some(transition.at_ms),
+            outcome: Some((transition.state, transition.cause.clone())),
+        });
+    }
     if history.transitions.len() == TRANSITIONS_MAX {
         history.transitions.pop_front();
     }
@@ -346,5 +366,63 @@ fn record_change(
         if recorded.history.get(&oldest).is_some_and(|h| h.changed == at) {
             recorded.history.remove(&oldest);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(state: TaskState, attempt: u32, at_ms: u64, node_id: u64) -> Transition {
+        Transition { at_ms, state, attempt, node_id, cause: None }
+    }
+
+    #[test]
+    fn an_attempt_opens_with_its_lease_and_closes_with_its_outcome() {
+        let mut recorded = Recorded::default();
+        let id = "t".to_string();
+        record_change(&mut recorded, id.clone(), None, change(TaskState::Queued, 0, 10, 0), None);
+        let running = change(TaskState::Running, 1, 20, 2);
+        record_change(
+            &mut recorded,
+            id.clone(),
+            Some((TaskState::Queued, 0, 0)),
+            running,
+            Some(("n2/coder/0".into(), 7)),
+        );
+        let retry = change(TaskState::Queued, 1, 30, 0);
+        record_change(&mut recorded, id.clone(), Some((TaskState::Running, 1, 7)), retry, None);
+        let done = change(TaskState::Completed, 2, 50, 0);
+        record_change(&mut recorded, id.clone(), Some((TaskState::Queued, 1, 0)), done, None);
+        let history = &recorded.history[&id];
+        assert_eq!(history.transitions.len(), 4);
+        let attempts: Vec<_> = history
+            .attempts
+            .iter()
+            .map(|a| (a.attempt, a.node_id, a.started_ms, a.ended_ms, a.outcome.clone().map(|o| o.0)))
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![
+                (1, 2, 20, Some(30), Some(TaskState::Queued)),
+                // Attempt 2 ran between two samples: no node, no start, but its end and outcome.
+                (2, 0, 0, Some(50), Some(TaskState::Completed)),
+            ]
+        );
+    }
+
+    #[test]
+    fn histories_are_bounded_and_the_least_recently_changed_go_first() {
+        let mut recorded = Recorded::default();
+        for i in 0..HISTORY_TASKS_MAX + 10 {
+            record_change(&mut recorded, format!("t{i}"), None, change(TaskState::Queued, 0, 1, 0), None);
+        }
+        assert_eq!(recorded.history.len(), HISTORY_TASKS_MAX);
+        assert!(!recorded.history.contains_key("t0") && recorded.history.contains_key("t10"));
+        for _ in 0..TRANSITIONS_MAX + 5 {
+            let key = format!("t{}", HISTORY_TASKS_MAX + 9);
+            record_change(&mut recorded, key, None, change(TaskState::Queued, 0, 1, 0), None);
+        }
+        assert_eq!(recorded.history[&format!("t{}", HISTORY_TASKS_MAX + 9)].transitions.len(), TRANSITIONS_MAX);
     }
 }

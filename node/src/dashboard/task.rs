@@ -140,7 +140,9 @@ fn attempts(history: Option<&TaskHistory>) -> Markup {
                 tbody {
                     @for a in &h.attempts {
                         tr {
-                            td.num { (a.attempt) } td.num { (a.node_id) } td.mono { (a.agent) }
+                            td.num { (a.attempt) }
+                            td.num { @if a.node_id == 0 { "-" } @else { (a.node_id) } }
+                            td.mono { @if a.agent.is_empty() { "(ran between two samples)" } @else { (a.agent) } }
                             td.mono { (time_of(a.started_ms)) }
                             td.mono { @match a.ended_ms { Some(ms) => (time_of(ms)), None => "running" } }
                             td { @match &a.outcome {

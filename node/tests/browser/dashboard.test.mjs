@@ -168,6 +168,13 @@ test('a planned workflow\'s DAG reaches COMPLETED without a reload', async () =>
   assert.deepEqual(states, Array(branches + 1).fill('COMPLETED'));
   await assertNoReload(page);
   await shot(page, 'workflow');
+  // A subtask's page shows its attempt (node, agent, start, end, outcome) and its history.
+  await page.click('#dag g.dag-node[data-key="aggregate"]');
+  await page.locator('#attempts tbody tr').first().waitFor();
+  assert.match(await page.locator('#attempts tbody tr').last().textContent(), /completed/);
+  assert.ok(await page.locator('#history tbody tr[data-state="COMPLETED"]').count() >= 1);
+  assert.notEqual((await page.locator('#task-result').textContent()).trim(), '(none yet)');
+  await shot(page, 'task-completed');
   await page.close();
 });
 
