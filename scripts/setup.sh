@@ -11,6 +11,11 @@ if [ "${MAOS_SETUP_SERVICES:-0}" = 1 ]; then
   # The task-data tests start their own PostgreSQL and Redis servers on loopback.
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  # The dashboard's browser tests: Node.js runs `node --test` with playwright-core, which drives
+  # Debian's chromium (no browser download).
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
+  [ -x /usr/bin/chromium ] || need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -70,4 +75,18 @@ setup_python_sdk() {
   "$venv/bin/pip" install -q "${pins[@]}"
   # The build hook needs grpcio-tools and setuptools, already pinned in the venv: no isolated build.
   "$venv/bin/pip" install -q --force-reinstall --no-deps --no-build-isolation ./sdk/python
+}
+
+# For the tests only: the dashboard's browser tests (node/tests/dashboard_browser.rs) use
+# playwright-core, pinned by node/tests/browser/package-lock.json, installed next to the build
+# with `npm ci` (no browser download: the tests launch /usr/bin/chromium).
+setup_browser_tests() {
+  local dir="$CARGO_TARGET_DIR/browser-tests"
+  local lock=node/tests/browser/package-lock.json
+  mkdir -p "$dir"
+  if ! cmp -s "$lock" "$dir/package-lock.json" || [ ! -f "$dir/node_modules/playwright-core/package.json" ]; then
+    echo "setup: installing playwright-core for the browser tests in $dir"
+    cp node/tests/browser/package.json "$lock" "$dir/"
+    (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  fi
 }

@@ -20,7 +20,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("agents", &["config", "raft", "storage"]),
     ("scheduling", &["config", "raft"]),
     ("api", &["config", "raft", "storage", "agents"]),
-    ("server", &["transport", "proto", "config", "raft", "storage", "agents", "scheduling", "api"]),
+    ("dashboard", &["transport", "config", "raft", "storage", "agents", "api"]),
+    ("server", &["transport", "proto", "config", "raft", "storage", "agents", "scheduling", "api", "dashboard"]),
 ];
 
 /// What the `maos` binary (`main.rs`, `cli/`) may use of the server library: its declared

@@ -25,6 +25,23 @@ pub struct Config {
     pub system: SystemSection,
     pub database: DatabaseSection,
     pub redis: RedisSection,
+    pub dashboard: DashboardSection,
+}
+
+/// The dashboard: read-only HTML pages with live updates, served by every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardSection {
+    /// Serve the dashboard (`false` turns it off; the port is then not opened).
+    pub enabled: bool,
+    /// The dashboard's listen address (the operators' guide routes port 3001 to it).
+    pub listen: String,
+}
+
+impl Default for DashboardSection {
+    fn default() -> Self {
+        Self { enabled: true, listen: "0.0.0.0:3001".into() }
+    }
 }
 
 /// Where task data (inputs, results, checkpoints, the event history, the audit log) lives.

@@ -244,6 +244,7 @@ impl Config {
             ("network.raft_listen_addr", Some(&self.network.raft_listen_addr)),
             ("network.advertise_addr", self.network.advertise_addr.as_ref()),
             ("network.raft_advertise_addr", self.network.raft_advertise_addr.as_ref()),
+            ("dashboard.listen", self.dashboard.enabled.then_some(&self.dashboard.listen)),
         ] {
             if let Some(Err(e)) = addr.map(|a| check_address(a)) {
                 bad(key, e);

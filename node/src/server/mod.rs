@@ -270,6 +270,35 @@ where
         }
     });
 
+    if config.dashboard.enabled {
+        let dashboard_incoming = transport
+            .listen(&config.dashboard.listen)
+            .await
+            .map_err(|error| StartError::Listen { addr: config.dashboard.listen.clone(), what: "dashboard", error })?;
+        let recorder = Arc::new(crate::dashboard::recorder::Recorder::new());
+        tasks.spawn(recorder.clone().run(core.clone(), transport.clone(), stopped.clone()));
+        let dashboard = crate::dashboard::router(Arc::new(crate::dashboard::Dashboard {
+            core: core.clone(),
+            storage: storage.clone(),
+            recorder,
+            streams: Arc::new(tokio::sync::Semaphore::new(crate::dashboard::SSE_STREAMS_MAX)),
+            stopped: stopped.clone(),
+        }));
+        let mut until_stopped = stopped.clone();
+        tasks.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(dashboard))
+                .serve_with_incoming_shutdown(dashboard_incoming, async move {
+                    let _ = until_stopped.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "the dashboard server stopped");
+            }
+        });
+    }
+
     match config.cluster.bootstrap {
         Bootstrap::Auto => {
             tasks.spawn(form_cluster(core.clone(), peers, stopped.clone()));
