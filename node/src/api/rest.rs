@@ -38,6 +38,32 @@ pub const BODY_BYTES_MAX: usize = 1024 * 1024;
 /// largest a JSON number carries exactly in every client.
 pub const JSON_INTEGER_MAX: u64 = (1 << 53) - 1;
 
+/// JSON Schema counts `5.0` as an integer; serde does not. Integer fields of bodies take either.
+pub(crate) mod integer {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let number = serde_json::Number::deserialize(d)?;
+        if let Some(n) = number.as_u64() {
+            return Ok(n);
+        }
+        match number.as_f64() {
+            Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= super::JSON_INTEGER_MAX as f64 => Ok(f as u64),
+            _ => Err(D::Error::custom(format!("{number} is not a whole number >= 0"))),
+        }
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        whole(d)
+    }
+
+    pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let n = whole(d)?;
+        u32::try_from(n).map_err(|_| D::Error::custom(format!("{n} is over {}", u32::MAX)))
+    }
+}
+
 #[derive(Clone)]
 pub struct Services {
     pub tasks: Arc<TaskApi>,

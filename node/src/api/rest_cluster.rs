@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Request;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::rest::{ok, Answer, ApiError, ErrorBody, Services};
+use crate::api::rest::{integer, ok, Answer, ApiError, ErrorBody, Services};
 
 /// An agent's state.
 #[derive(ToSchema)]
@@ -105,7 +105,7 @@ pub struct SpawnBody {
     #[schema(min_length = 1, example = "coder")]
     agent_type: String,
     /// The node (absent or 0: the node that answers).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer::u64")]
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     node_id: u64,
 }
@@ -264,6 +264,7 @@ pub(crate) async fn cluster_status(State(s): State<Services>) -> Answer {
 #[serde(deny_unknown_fields)]
 #[schema(as = TransferLeader)]
 pub struct LeaderBody {
+    #[serde(deserialize_with = "integer::u64")]
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     node_id: u64,
 }
@@ -302,6 +303,7 @@ pub(crate) async fn transfer_leader(
 #[serde(deny_unknown_fields)]
 #[schema(as = AddNode)]
 pub struct AddNodeBody {
+    #[serde(deserialize_with = "integer::u64")]
     #[schema(minimum = 1, maximum = 9007199254740991_u64)]
     id: u64,
     /// `host:port` of its Raft listener: a DNS name or IPv4 address, or an IPv6 one in brackets;

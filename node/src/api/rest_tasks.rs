@@ -22,7 +22,7 @@ use tonic::Request;
 use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::rest::{ok, Answer, ApiError, ErrorBody, Services};
+use crate::api::rest::{integer, ok, Answer, ApiError, ErrorBody, Services};
 use crate::api::tasks::PAGE_SIZE_MAX;
 
 /// A task's priority.
@@ -82,11 +82,11 @@ pub struct SubmitBody {
     /// The parent task (empty: none); it must exist (404 otherwise).
     #[serde(default)]
     parent: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer::u32")]
     #[schema(minimum = 0, maximum = 100)]
     max_retries: u32,
     /// An attempt's time limit (0: one hour).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer::u64")]
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     timeout_ms: u64,
     /// A second submit with the same key answers the first task (200, `duplicate`); empty:
@@ -108,7 +108,7 @@ pub struct SubmitBody {
     #[serde(default)]
     plan: bool,
     /// Subtasks running at once, at most (0: `task_planner.max_parallel_branches`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer::u32")]
     #[schema(minimum = 0, maximum = 4294967295_u64)]
     max_agents: u32,
 }
