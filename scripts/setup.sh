@@ -90,3 +90,22 @@ setup_browser_tests() {
     (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
   fi
 }
+
+# For the tests only: schemathesis (node/tests/openapi_schemathesis.rs) checks a live node against
+# its OpenAPI document, from its own venv next to the build, every package pinned.
+setup_schemathesis() {
+  local venv="$CARGO_TARGET_DIR/schemathesis"
+  local pins=(
+    "schemathesis==4.32.5" "hypothesis==6.170.17" "hypothesis-graphql==0.13.5" "graphql-core==3.3.2"
+    "jsonschema_rs==0.60.3" "requests==2.34.2" "urllib3==2.8.0" "certifi==2026.10.19.post1" "idna==3.20"
+    "charset-normalizer==3.5.3" "click==8.5.1" "rich==15.0.0" "markdown-it-py==4.3.0" "mdurl==0.1.2"
+    "Pygments==2.21.0" "PyYAML==6.0.4" "Werkzeug==3.1.9" "MarkupSafe==3.0.4" "harfile==0.6.0" "anyio==4.16.0"
+    "pyrate-limiter==4.5.1" "sortedcontainers==2.4.0" "typing_extensions==4.16.0" "pytest==9.2.0"
+    "pluggy==1.7.0" "iniconfig==2.3.1" "packaging==26.4"
+  )
+  if [ ! -x "$venv/bin/schemathesis" ] || [ "$("$venv/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, version 4.32.5" ]; then
+    echo "setup: making a Python venv with schemathesis in $venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "${pins[@]}"
+  fi
+}

@@ -37,7 +37,7 @@ const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
 pub const BATCH_SUBMIT_MAX: usize = 1_000;
 /// Tasks in one list page: the default and the most.
 const PAGE_SIZE_DEFAULT: usize = 100;
-const PAGE_SIZE_MAX: usize = 1_000;
+pub const PAGE_SIZE_MAX: usize = 1_000;
 /// Events queued on one watch before the server waits for the client to read.
 const WATCH_QUEUE: usize = 64;
 /// How long a watch waits for the task-data store to return before it ends with UNAVAILABLE.
@@ -65,6 +65,27 @@ pub fn principal_of<T>(request: &Request<T>) -> String {
     request.remote_addr().map(|a| format!("peer {a}")).unwrap_or_else(|| "peer unknown".into())
 }
 
+/// A name of an agent type: 1..=64 characters of A-Z a-z 0-9 - _ . (what workers register and
+/// `agents.types` accept), so a task of another type could never be served.
+pub fn valid_type_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Identifiers a person types (idempotency keys, submitters): at most 128 printable ASCII
+/// characters, so a length in characters is one in bytes.
+fn check_identifier(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > 128 || !value.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(format!("{field}: at most 128 printable ASCII characters (space to ~)")));
+    }
+    Ok(())
+}
+
+/// A refusal of `code` that names `field`, with the `google.rpc.BadRequest` detail programs read.
+fn refused_field(code: tonic::Code, field: &str, message: String) -> Status {
+    let details = tonic_types::ErrorDetails::with_bad_request_violation(field, message.clone());
+    <Status as tonic_types::StatusExt>::with_error_details(code, format!("{field}: {message}"), details)
+}
+
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
@@ -73,6 +94,11 @@ impl TaskApi {
     /// A submit request as a spec, checked without the state, and the input to stage in the
     /// task-data store (empty when the spec carries it).
     fn spec_from(&self, r: SubmitTaskRequest) -> Result<(TaskSpec, String), Status> {
+        if !valid_type_name(&r.task_type) {
+            return Err(invalid("task_type: 1..=64 characters of A-Z a-z 0-9 - _ . (an agent type's name)"));
+        }
+        check_identifier("idempotency_key", &r.idempotency_key)?;
+        check_identifier("submitter", &r.submitter)?;
         let planner_type = (r.plan || r.task_type == MIXED_TYPE).then(|| self.planner_type.clone());
         let spec = TaskSpec {
             id: uuid::Uuid::now_v7().to_string(),
@@ -96,9 +122,6 @@ impl TaskApi {
         self.storage.check_payload("input", &spec.input).map_err(|e| storage_status(&e))?;
         let staged = if self.storage.is_embedded() { String::new() } else { std::mem::take(&mut spec.input) };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
-        if spec.submitter.len() > 128 {
-            return Err(invalid("submitter: must be at most 128 bytes"));
-        }
         let state = self.core.state.read();
         let table = &state.app.tasks;
         let routing = spec.routing_type();
@@ -112,13 +135,26 @@ impl TaskApi {
             } else {
                 "task_type"
             };
-            return Err(invalid(format!(
-                "{field}: no agent serves type {routing:?} (served: {}); configure agents.types on a node or register a worker for it",
-                known.join(", ")
-            )));
+            // The state, not the request, is at fault: FAILED_PRECONDITION (REST 409).
+            return Err(refused_field(
+                tonic::Code::FailedPrecondition,
+                field,
+                format!(
+                    "no agent serves type {routing:?} (served: {}); configure agents.types on a node or register a worker for it",
+                    known.join(", ")
+                ),
+            ));
         }
+        // Tasks a submit names must exist: NOT_FOUND (REST 404), as for any unknown task.
         if let Some(missing) = spec.depends_on.iter().find(|d| !table.tasks.contains_key(*d)) {
-            return Err(invalid(format!("depends_on: task {missing:?} does not exist; submit it first")));
+            return Err(refused_field(
+                tonic::Code::NotFound,
+                "depends_on",
+                format!("task {missing:?} does not exist; submit it first"),
+            ));
+        }
+        if let Some(parent) = spec.parent.as_ref().filter(|p| !table.tasks.contains_key(*p)) {
+            return Err(refused_field(tonic::Code::NotFound, "parent", format!("task {parent:?} does not exist")));
         }
         Ok((spec, staged))
     }
