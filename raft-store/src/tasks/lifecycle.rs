@@ -119,13 +119,15 @@ impl TaskTable {
         set_state(&mut self.counts, task, TaskState::Running);
         task.progress = None;
         task.updated_at_ms = now_ms;
-        task.lease = Some(Box::new(Lease {
+        let lease = Lease {
             slot: slot.to_string(),
             node_id,
             token,
             expires_at_ms,
             attempt_deadline_ms: now_ms.saturating_add(task.spec.timeout_ms),
-        }));
+        };
+        self.lease_deadlines.insert((lease.deadline_ms(), task_id.clone()));
+        task.lease = Some(Box::new(lease));
         Ok(TaskResponse::Assigned { token, expires_at_ms })
     }
 
@@ -142,7 +144,9 @@ impl TaskTable {
         for (task_id, presented) in leases {
             match self.tasks.get_mut(task_id).and_then(|t| t.lease.as_mut()) {
                 Some(lease) if lease.token == *presented && lease.node_id == node_id => {
+                    self.lease_deadlines.remove(&(lease.deadline_ms(), task_id.clone()));
                     lease.expires_at_ms = lease.expires_at_ms.max(now_ms.saturating_add(lease_ms));
+                    self.lease_deadlines.insert((lease.deadline_ms(), task_id.clone()));
                     renewed.push(task_id.clone());
                 }
                 _ => lost.push(task_id.clone()),
@@ -153,12 +157,15 @@ impl TaskTable {
 
     /// `TaskCommand::ExtendLeases`: a new leader extends every live lease.
     pub(super) fn extend_leases(&mut self, now_ms: u64, by_ms: u64) -> Result<TaskResponse, TaskRejection> {
-        let mut leases = 0;
-        for lease in self.tasks.values_mut().filter_map(|t| t.lease.as_mut()) {
-            lease.expires_at_ms = lease.expires_at_ms.max(now_ms).saturating_add(by_ms);
-            leases += 1;
+        // Only the leased tasks, through the deadline index (every entry moves, so rebuild it).
+        let leased = std::mem::take(&mut self.lease_deadlines);
+        for (_, task_id) in leased {
+            if let Some(lease) = self.tasks.get_mut(&task_id).and_then(|t| t.lease.as_mut()) {
+                lease.expires_at_ms = lease.expires_at_ms.max(now_ms).saturating_add(by_ms);
+                self.lease_deadlines.insert((lease.deadline_ms(), task_id));
+            }
         }
-        Ok(TaskResponse::Extended { leases })
+        Ok(TaskResponse::Extended { leases: self.lease_deadlines.len() })
     }
 
     /// `TaskCommand::SaveCheckpoint`: the running attempt's checkpoint.
@@ -351,20 +358,21 @@ impl TaskTable {
     /// `TaskCommand::Tick`: expire leases, attempts and dependency waits past their time.
     pub(super) fn tick(&mut self, now_ms: u64) -> Result<TaskResponse, TaskRejection> {
         let mut failed_attempts = Vec::new();
-        let expired: Vec<(TaskId, String)> = self
-            .tasks
-            .iter()
-            .filter_map(|(id, task)| {
+        // Only the due leases, from the deadline index; failed in id order, as a scan would.
+        let mut expired: Vec<(TaskId, String)> = self
+            .lease_deadlines
+            .range(..(now_ms.saturating_add(1), TaskId::new()))
+            .filter_map(|(_, id)| {
+                let task = self.tasks.get(id)?;
                 let lease = task.lease.as_ref()?;
                 if lease.expires_at_ms <= now_ms {
                     Some((id.clone(), "lease expired".to_string()))
-                } else if lease.attempt_deadline_ms <= now_ms {
-                    Some((id.clone(), format!("attempt timed out after {} ms", task.spec.timeout_ms)))
                 } else {
-                    None
+                    Some((id.clone(), format!("attempt timed out after {} ms", task.spec.timeout_ms)))
                 }
             })
             .collect();
+        expired.sort_unstable();
         for (task_id, why) in expired {
             self.fail_attempt(now_ms, &task_id, &why, true);
             failed_attempts.push(task_id);
@@ -387,13 +395,15 @@ impl TaskTable {
     /// anything: a lease or attempt has run out, or a task has waited too long on its dependencies.
     pub fn tick_due(&self, now_ms: u64) -> bool {
         let timeout = self.limits.dependency_timeout_ms;
-        self.tasks.values().any(|t| match &t.lease {
-            Some(lease) => lease.expires_at_ms <= now_ms || lease.attempt_deadline_ms <= now_ms,
-            None => waits_on_dependencies(&self.tasks, t) && t.created_at_ms.saturating_add(timeout) <= now_ms,
-        }) || self
-            .node_seen_ms
-            .iter()
-            .any(|(holder, seen)| *holder >= WORKER_ID_MIN && seen.saturating_add(WORKER_FORGET_MS) <= now_ms)
+        self.lease_deadlines.first().is_some_and(|(deadline, _)| *deadline <= now_ms)
+            || self
+                .tasks
+                .values()
+                .any(|t| waits_on_dependencies(&self.tasks, t) && t.created_at_ms.saturating_add(timeout) <= now_ms)
+            || self
+                .node_seen_ms
+                .iter()
+                .any(|(holder, seen)| *holder >= WORKER_ID_MIN && seen.saturating_add(WORKER_FORGET_MS) <= now_ms)
     }
 
     fn get_mut(&mut self, task_id: &TaskId) -> Result<&mut Task, TaskRejection> {
@@ -408,7 +418,7 @@ impl TaskTable {
     pub(super) fn fail_attempt(&mut self, now_ms: u64, task_id: &TaskId, error: &str, retryable: bool) -> (bool, u32) {
         let limits = self.limits.clone();
         let Some(task) = self.tasks.get_mut(task_id) else { return (false, 0) };
-        release(&mut self.slot_holder, task);
+        release(&mut self.slot_holder, &mut self.lease_deadlines, task);
         task.cause = Some(error.to_string());
         task.updated_at_ms = now_ms;
         let attempt = task.attempt;
@@ -430,7 +440,7 @@ impl TaskTable {
     pub(super) fn close(&mut self, task_id: &TaskId, state: TaskState, cause: Option<String>, now_ms: u64) -> bool {
         debug_assert!(state.is_terminal());
         let Some(task) = self.tasks.get_mut(task_id).filter(|t| !t.state.is_terminal()) else { return false };
-        release(&mut self.slot_holder, task);
+        release(&mut self.slot_holder, &mut self.lease_deadlines, task);
         self.open = self.open.saturating_sub(1);
         self.closed.push(task.spec.id.clone());
         set_state(&mut self.counts, task, state);

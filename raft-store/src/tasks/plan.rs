@@ -77,7 +77,7 @@ impl TaskTable {
         }
         // Everything is checked; from here nothing can be refused.
         if let Some(parent) = self.tasks.get_mut(task_id) {
-            release(&mut self.slot_holder, parent);
+            release(&mut self.slot_holder, &mut self.lease_deadlines, parent);
             set_state(&mut self.counts, parent, TaskState::Pending);
             parent.expanded = true;
             parent.updated_at_ms = now_ms;

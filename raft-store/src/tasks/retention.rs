@@ -160,13 +160,18 @@ impl TaskTable {
         self.evicted_id_max.as_deref().is_some_and(|max| task_id <= max)
     }
 
-    /// Rebuild the derived indexes (counts by state, finished tasks, retired keys by expiry)
+    /// Rebuild the derived indexes (counts by state, finished tasks, retired keys by expiry,
+    /// lease deadlines)
     /// from the records, after the table was read from a snapshot.
     pub fn rebuild_indexes(&mut self) {
         self.counts = StateCounts::default();
         self.finished.clear();
+        self.lease_deadlines.clear();
         for (id, task) in &self.tasks {
             self.counts.moved(None, Some(task.state));
+            if let Some(lease) = &task.lease {
+                self.lease_deadlines.insert((lease.deadline_ms(), id.clone()));
+            }
             if task.state.is_terminal() {
                 self.finished.insert((task.updated_at_ms, id.clone()));
             }

@@ -204,6 +204,14 @@ pub struct Lease {
     pub attempt_deadline_ms: u64,
 }
 
+impl Lease {
+    /// When `Tick` ends this attempt unless renewed: the lease's expiry or the attempt's
+    /// deadline, whichever comes first.
+    pub fn deadline_ms(&self) -> u64 {
+        self.expires_at_ms.min(self.attempt_deadline_ms)
+    }
+}
+
 /// A task as the state machine holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
@@ -555,13 +563,17 @@ pub struct TaskTable {
     pub evicted_id_max: Option<TaskId>,
     /// Derived indexes, maintained by apply and rebuilt when a snapshot is read
     /// ([`TaskTable::rebuild_indexes`]): tasks by state, finished tasks by (finish time, id)
-    /// (the eviction order), retired keys by expiry.
+    /// (the eviction order), retired keys by expiry, leased tasks by their lease deadline.
     #[serde(skip)]
     pub counts: StateCounts,
     #[serde(skip)]
     pub finished: BTreeSet<(u64, TaskId)>,
     #[serde(skip)]
     pub retired_key_expiries: BTreeSet<(u64, String)>,
+    /// Every task holding a lease, by ([`Lease::deadline_ms`], id): `Tick` and `tick_due` read
+    /// only the entries that are due, `ExtendLeases` only the leased tasks.
+    #[serde(skip)]
+    pub lease_deadlines: BTreeSet<(u64, TaskId)>,
     /// Tasks closed by the command being applied; their parents are settled before the command
     /// returns. Always empty between commands.
     #[serde(skip)]

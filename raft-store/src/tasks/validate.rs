@@ -83,6 +83,15 @@ impl TaskTable {
         if held.len() != leases {
             return Err("two live leases hold one slot".into());
         }
+        let deadlines: BTreeSet<(u64, TaskId)> =
+            self.tasks.iter().filter_map(|(id, t)| t.lease.as_ref().map(|l| (l.deadline_ms(), id.clone()))).collect();
+        if deadlines != self.lease_deadlines {
+            return Err(format!(
+                "the lease deadline index ({} entries) disagrees with the leases ({} held)",
+                self.lease_deadlines.len(),
+                deadlines.len()
+            ));
+        }
         if held.len() != self.slot_holder.len()
             || held.iter().any(|(slot, id)| self.slot_holder.get(*slot) != Some(*id))
         {
