@@ -11,6 +11,11 @@ if [ "${MAOS_SETUP_SERVICES:-0}" = 1 ]; then
   # The task-data tests start their own PostgreSQL and Redis servers on loopback.
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  # The dashboard's browser tests: Node.js runs `node --test` with playwright-core, which drives
+  # Debian's chromium (no browser download).
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
+  [ -x /usr/bin/chromium ] || need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -92,4 +97,37 @@ setup_promtool() {
     rm -rf "$download"
   fi
   export MAOS_PROMTOOL="$dir/usr/bin/promtool"
+}
+
+# For the tests only: the dashboard's browser tests (node/tests/dashboard_browser.rs) use
+# playwright-core, pinned by node/tests/browser/package-lock.json, installed next to the build
+# with `npm ci` (no browser download: the tests launch /usr/bin/chromium).
+setup_browser_tests() {
+  local dir="$CARGO_TARGET_DIR/browser-tests"
+  local lock=node/tests/browser/package-lock.json
+  mkdir -p "$dir"
+  if ! cmp -s "$lock" "$dir/package-lock.json" || [ ! -f "$dir/node_modules/playwright-core/package.json" ]; then
+    echo "setup: installing playwright-core for the browser tests in $dir"
+    cp node/tests/browser/package.json "$lock" "$dir/"
+    (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  fi
+}
+
+# For the tests only: schemathesis (node/tests/openapi_schemathesis.rs) checks a live node against
+# its OpenAPI document, from its own venv next to the build, every package pinned.
+setup_schemathesis() {
+  local venv="$CARGO_TARGET_DIR/schemathesis"
+  local pins=(
+    "schemathesis==4.32.5" "hypothesis==6.170.17" "hypothesis-graphql==0.13.5" "graphql-core==3.3.2"
+    "jsonschema_rs==0.60.3" "requests==2.34.2" "urllib3==2.8.0" "certifi==2026.10.19.post1" "idna==3.20"
+    "charset-normalizer==3.5.3" "click==8.5.1" "rich==15.0.0" "markdown-it-py==4.3.0" "mdurl==0.1.2"
+    "Pygments==2.21.0" "PyYAML==6.0.4" "Werkzeug==3.1.9" "MarkupSafe==3.0.4" "harfile==0.6.0" "anyio==4.16.0"
+    "pyrate-limiter==4.5.1" "sortedcontainers==2.4.0" "typing_extensions==4.16.0" "pytest==9.2.0"
+    "pluggy==1.7.0" "iniconfig==2.3.1" "packaging==26.4"
+  )
+  if [ ! -x "$venv/bin/schemathesis" ] || [ "$("$venv/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, version 4.32.5" ]; then
+    echo "setup: making a Python venv with schemathesis in $venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "${pins[@]}"
+  fi
 }

@@ -2,7 +2,9 @@
 //!
 //! Applies `--tasks` submits (typical fields, idempotency keys) to a `StateMachineData` in this
 //! process and counts the heap bytes live before and after with a counting allocator, so the
-//! figure is the state machine's alone: no Raft log, no allocator slack, no runtime.
+//! figure is the state machine's alone: no Raft log, no allocator slack, no runtime. Then runs
+//! every task to completion on one agent slot (an assignment and a completion each) and counts
+//! again: the cost per retained finished task, which `tasks.retained_max` bounds.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, BTreeSet};
@@ -89,6 +91,49 @@ fn main() -> anyhow::Result<()> {
         "{tasks} queued tasks: {} bytes of live heap, {:.0} bytes per queued task (state machine only)",
         after - before,
         (after - before) as f64 / tasks as f64
+    );
+    let slot = maos_raft_store::tasks::Slot { node_id: 1, agent_type: "coder".into(), ..Default::default() };
+    let slots = BTreeMap::from([("n1/coder/0".to_string(), slot)]);
+    let mut index = (tasks / 1_000 + 2) as u64;
+    let register = Command::Task(TaskCommand::RegisterSlots { node_id: 1, slots });
+    state.apply(&Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Request::new(1_000, vec![register])),
+    })?;
+    let ids: Vec<String> = state.app.tasks.tasks.keys().cloned().collect();
+    let with_slot = LIVE_BYTES.load(Ordering::Relaxed);
+    for chunk in ids.chunks(500) {
+        index += 1;
+        let commands = chunk
+            .iter()
+            .enumerate()
+            .flat_map(|(i, id)| {
+                let token = maos_raft_store::state::fencing_token(index, 2 * i);
+                [
+                    TaskCommand::Assign {
+                        task_id: id.clone(),
+                        slot: "n1/coder/0".into(),
+                        node_id: 1,
+                        lease_ms: 10_000,
+                    },
+                    TaskCommand::Complete { task_id: id.clone(), token, result: String::new(), stored: true },
+                ]
+            })
+            .map(Command::Task)
+            .collect();
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request::new(2_000, commands)),
+        };
+        drop(state.apply(&entry)?);
+    }
+    let finished_heap = LIVE_BYTES.load(Ordering::Relaxed);
+    let completed = state.app.tasks.counts.completed as usize;
+    anyhow::ensure!(completed == tasks, "expected {tasks} completed tasks, found {completed}");
+    let bytes = finished_heap.saturating_sub(with_slot) + (after - before);
+    println!(
+        "{tasks} retained finished tasks (results stored, as with PostgreSQL): {bytes} bytes of live heap, {:.0} bytes per retained finished task (state machine only)",
+        bytes as f64 / tasks as f64
     );
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Display names of the API's enums and the JSON view of a task: one rendering shared by the
 //! server's REST surface, the `maos` command line and the demo, so they never disagree.
 
-use crate::proto::v1::{AgentState, TaskState, TaskView};
+use crate::proto::v1::{AgentState, Priority, TaskState, TaskView};
 
 /// A task state's name as the API documents it (`COMPLETED`); `UNKNOWN` for a value this build
 /// does not know.
@@ -31,6 +31,16 @@ pub fn parse_state(text: &str) -> Result<i32, String> {
     Ok(state as i32)
 }
 
+/// A priority's name as REST and the command line show it (`high`); `normal` for unset.
+pub fn priority_name(priority: i32) -> &'static str {
+    match Priority::try_from(priority) {
+        Ok(Priority::Low) => "low",
+        Ok(Priority::High) => "high",
+        Ok(Priority::Critical) => "critical",
+        _ => "normal",
+    }
+}
+
 /// An agent state's name (`BUSY`); `UNKNOWN` for a value this build does not know.
 pub fn agent_state_name(state: i32) -> &'static str {
     match AgentState::try_from(state) {
@@ -43,15 +53,19 @@ pub fn agent_state_name(state: i32) -> &'static str {
     }
 }
 
-/// A task as JSON: the REST view and the command line's `--json`.
+/// A task as JSON: the command line's `--json`, the same as the REST view (every field of
+/// `TaskView`, with `priority` and `state` as words; a server test holds the two equal).
 pub fn task_json(view: &TaskView) -> serde_json::Value {
     serde_json::json!({
-        "task_id": view.task_id, "task_type": view.task_type, "state": state_name(view.state),
-        "attempt": view.attempt, "max_retries": view.max_retries, "priority": view.priority,
-        "node_id": view.node_id, "parent": view.parent, "children": view.children,
-        "depends_on": view.depends_on, "submitter": view.submitter, "result": view.result,
-        "cause": view.cause, "progress_percent": view.progress_percent,
+        "task_id": view.task_id, "task_type": view.task_type, "priority": priority_name(view.priority),
+        "state": state_name(view.state), "attempt": view.attempt, "result": view.result,
+        "cause": view.cause, "slot": view.slot, "node_id": view.node_id,
+        "fencing_token": view.fencing_token, "depends_on": view.depends_on, "parent": view.parent,
+        "submitter": view.submitter, "children": view.children, "planning": view.planning,
+        "expanded": view.expanded, "checkpoint": view.checkpoint,
+        "checkpoint_attempt": view.checkpoint_attempt, "progress_percent": view.progress_percent,
         "progress_message": view.progress_message, "input_tokens": view.input_tokens,
-        "output_tokens": view.output_tokens, "planning": view.planning, "expanded": view.expanded,
+        "output_tokens": view.output_tokens, "max_retries": view.max_retries,
+        "description": view.description, "idempotency_key": view.idempotency_key, "input": view.input,
     })
 }

@@ -14,6 +14,7 @@
 //! - `scheduling`: the leader's scheduling loop.
 //! - [`api`]: the client API on port 8000: gRPC services, REST, `/health`, `/ready`, `/metrics`;
 //!   every error becomes a wire status here and nowhere else.
+//! - `dashboard`: the read-only HTML dashboard on port 3001 with live updates over SSE.
 //! - [`server`]: the composition root: `start()` wires every layer; `serve()` runs it on RocksDB.
 //!
 //! `node/tests/layering.rs` keeps the order true: a module that imports a later one fails it.
@@ -24,6 +25,7 @@
 pub mod agents;
 mod api;
 pub mod config;
+mod dashboard;
 pub mod raft;
 mod scheduling;
 pub mod server;

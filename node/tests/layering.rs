@@ -21,7 +21,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("agents", &["config", "raft", "storage", "telemetry"]),
     ("scheduling", &["config", "raft", "telemetry"]),
     ("api", &["config", "raft", "storage", "agents", "telemetry"]),
-    ("server", &["transport", "proto", "config", "telemetry", "raft", "storage", "agents", "scheduling", "api"]),
+    ("dashboard", &["transport", "config", "telemetry", "raft", "storage", "agents", "api"]),
+    ("server", &["transport", "proto", "config", "telemetry", "raft", "storage", "agents", "scheduling", "api", "dashboard"]),
 ];
 
 /// What the `maos` binary (`main.rs`, `cli/`) may use of the server library: its declared

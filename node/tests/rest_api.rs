@@ -87,6 +87,18 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     let (status, page) = api.get("/api/v1/tasks?state=completed&page_size=10").await?;
     assert_eq!(status, 200);
     assert!(page["tasks"].as_array().is_some_and(|t| t.iter().any(|t| t["task_id"] == task_id.as_str())), "{page}");
+    // The REST task carries what gRPC's TaskView does.
+    let (_, task) = api.get(&format!("/api/v1/tasks/{task_id}")).await?;
+    assert_eq!(
+        (
+            task["description"].as_str(),
+            task["input"].as_str(),
+            task["idempotency_key"].as_str(),
+            task["priority"].as_str()
+        ),
+        (Some("rest"), Some("hi"), Some("rest-1"), Some("high")),
+        "{task}"
+    );
     let (status, results) = api.get(&format!("/api/v1/tasks/{task_id}/results")).await?;
     assert_eq!((status, results["state"].as_str()), (200, Some("COMPLETED")));
 
@@ -99,7 +111,21 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
         400,
         "description",
     );
-    assert_error(&submit(json!({"task_type": "poet", "description": "x"})).await?, 400, "task_type");
+    // A type nothing serves is the cluster's state, not bad input: 409; a name no agent type can
+    // have is bad input.
+    assert_error(&submit(json!({"task_type": "poet", "description": "x"})).await?, 409, "task_type");
+    assert_error(&submit(json!({"task_type": "po et", "description": "x"})).await?, 400, "task_type");
+    assert_error(&submit(json!({"task_type": "x".repeat(65), "description": "x"})).await?, 400, "task_type");
+    assert_error(
+        &submit(json!({"task_type": "coder", "description": "x", "idempotency_key": "clé"})).await?,
+        400,
+        "idempotency_key",
+    );
+    assert_error(
+        &submit(json!({"task_type": "coder", "description": "x", "timeout_ms": 1u64 << 53})).await?,
+        400,
+        "timeout_ms",
+    );
     assert_error(
         &submit(json!({"task_type": "coder", "description": "x", "priority": "urgent"})).await?,
         400,
@@ -107,9 +133,10 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     );
     assert_error(
         &submit(json!({"task_type": "coder", "description": "x", "depends_on": ["nope"]})).await?,
-        400,
+        404,
         "depends_on",
     );
+    assert_error(&submit(json!({"task_type": "coder", "description": "x", "parent": "nope"})).await?, 404, "parent");
     assert_error(
         &submit(json!({"task_type": "coder", "description": "x", "depends_on": [task_id, task_id]})).await?,
         400,
@@ -139,6 +166,9 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     assert_error(&api.post(&format!("/api/v1/tasks/{task_id}/retry"), &json!({})).await?, 409, task_id.as_str());
     assert_error(&api.get("/api/v1/tasks?state=sleeping").await?, 400, "state");
     assert_error(&api.get("/api/v1/tasks?page_size=5000").await?, 400, "page_size");
+    // 0 is gRPC's "the default"; REST has absence for that, and the document says 1..=1000.
+    assert_error(&api.get("/api/v1/tasks?page_size=0").await?, 400, "page_size");
+    assert_error(&api.get("/api/v1/tasks?state=completed,,queued").await?, 400, "state");
     assert_eq!(api.get("/api/v1/nothing-here").await?.0, 404);
 
     // The queue bound answers 429.
@@ -157,7 +187,7 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     assert_eq!((status, agent["state"].as_str()), (200, Some("DRAINING")), "{agent}");
     assert_error(&api.post("/api/v1/agents/n1/coder/0/dance", &json!({})).await?, 400, "dance");
     assert_error(&api.post("/api/v1/agents/n9/coder/0/pause", &json!({})).await?, 404, "n9/coder/0");
-    assert_error(&api.post("/api/v1/agents", &json!({"agent_type": "poet"})).await?, 400, "agent_type");
+    assert_error(&api.post("/api/v1/agents", &json!({"agent_type": "poet"})).await?, 409, "agent_type");
     let (status, cluster_view) = api.get("/api/v1/cluster").await?;
     assert_eq!((status, cluster_view["members"].as_array().map(Vec::len)), (200, Some(3)));
     assert_error(&api.post("/api/v1/cluster/leader", &json!({"node_id": 9})).await?, 404, "node_id");
@@ -194,7 +224,6 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
         "/api/v1/cluster",
         "/health",
         "/ready",
-        "/metrics",
     ] {
         assert!(document["paths"].get(path).is_some(), "{path} is documented");
     }

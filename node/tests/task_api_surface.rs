@@ -61,7 +61,7 @@ async fn every_bad_input_is_refused_by_name_and_the_surface_works() -> anyhow::R
         (
             "unknown type",
             SubmitTaskRequest { task_type: "poet".into(), ..task("x") },
-            Code::InvalidArgument,
+            Code::FailedPrecondition,
             "task_type",
         ),
         ("empty type", SubmitTaskRequest { task_type: String::new(), ..task("x") }, Code::InvalidArgument, "task_type"),
@@ -69,7 +69,7 @@ async fn every_bad_input_is_refused_by_name_and_the_surface_works() -> anyhow::R
         (
             "unknown dependency",
             SubmitTaskRequest { depends_on: vec!["no-such-task".into()], ..task("x") },
-            Code::InvalidArgument,
+            Code::NotFound,
             "depends_on",
         ),
         (
@@ -78,12 +78,7 @@ async fn every_bad_input_is_refused_by_name_and_the_surface_works() -> anyhow::R
             Code::InvalidArgument,
             "depends_on",
         ),
-        (
-            "unknown parent",
-            SubmitTaskRequest { parent: "no-such-task".into(), ..task("x") },
-            Code::InvalidArgument,
-            "parent",
-        ),
+        ("unknown parent", SubmitTaskRequest { parent: "no-such-task".into(), ..task("x") }, Code::NotFound, "parent"),
         (
             "too many retries",
             SubmitTaskRequest { max_retries: 1_000, ..task("x") },

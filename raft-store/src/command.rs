@@ -14,10 +14,11 @@ use crate::NodeId;
 /// Version 1 is the first. Version 2 adds the agent runtime's commands (agents, checkpoints,
 /// progress, usage, plans, retry, fenced key-value writes), key TTLs and a task's `max_agents`,
 /// which changes what `Assign` accepts: a version-1 node must stop rather than apply them
-/// differently. Version-1 entries read and apply unchanged. A node stops applying (a storage error, never a panic or a silent
+/// differently. Version 3 adds retention (`TaskCommand::Evict`, and the retention limits
+/// `Configure` carries). Older entries read and apply unchanged. A node stops applying (a storage error, never a panic or a silent
 /// difference) at a request whose version is newer than it understands, so a mixed-version
 /// cluster cannot diverge; upgrading the node lets it continue from that entry.
-pub const REQUEST_FORMAT_VERSION: u16 = 2;
+pub const REQUEST_FORMAT_VERSION: u16 = 3;
 
 /// Upper bound on a coordination key, in bytes.
 pub const KEY_BYTES_MAX: usize = 256;
@@ -141,6 +142,9 @@ impl Command {
                 .sum(),
             Command::Task(TaskCommand::Renew { leases, .. }) => {
                 64 + leases.iter().map(|(id, _)| id.len() + 16).sum::<usize>()
+            }
+            Command::Task(TaskCommand::Evict { tasks }) => {
+                64 + tasks.iter().map(|(id, _)| id.len() + 16).sum::<usize>()
             }
             Command::Task(_) => 64,
         }

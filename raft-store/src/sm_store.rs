@@ -107,7 +107,10 @@ fn decode_snapshot(bytes: &[u8]) -> Result<StateMachineData, StorageError> {
             std::io::Error::new(std::io::ErrorKind::InvalidData, message),
         ));
     }
-    Ok(body.state)
+    let mut state = body.state;
+    // Counts and orders derived from the records are not in the snapshot.
+    state.app.tasks.rebuild_indexes();
+    Ok(state)
 }
 
 fn invariant_error(error: crate::InvariantViolation) -> StorageError {

@@ -1,11 +1,16 @@
 //! `maos demo`: the main job. A local 3-node cluster on the embedded default runs a multi-agent
 //! workflow (a planner fans out to parallel builtin agents, then an aggregating step), the
 //! leader is killed mid-way, and the workflow still completes: every step once, nothing lost.
+//! Every node serves its dashboard on a free port, printed at the start; with `keep` the cluster
+//! stays up after the summary until Ctrl-C, to look at it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use std::io::IsTerminal;
+
 use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
 
 use crate::local_cluster::{LocalCluster, LocalClusterOptions};
@@ -32,26 +37,84 @@ fn options() -> LocalClusterOptions {
     }
 }
 
-/// Run the demo with the `maos` binary at `binary`; data lives under `root` while it runs.
-pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Result<()> {
+/// Lines above a progress bar on a terminal (a spinner while waiting, a bar counting the
+/// workflow's subtasks), plain lines when stdout is not a terminal.
+struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        });
+        Self(bar)
+    }
+    fn println(&self, line: String) {
+        match &self.0 {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+    fn waiting(&self, what: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(what.to_string());
+        }
+    }
+    /// Count `done` of `total` subtasks ended.
+    fn subtasks(&self, done: u64, total: u64) {
+        if let Some(bar) = &self.0 {
+            if bar.length() != Some(total) {
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} subtasks completed ({elapsed})")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("#>-"),
+                );
+                bar.set_length(total);
+            }
+            bar.set_position(done);
+        }
+    }
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Run the demo with the `maos` binary at `binary`; data lives under `root` while it runs. With
+/// `keep`, the cluster stays up after the summary until Ctrl-C.
+pub async fn run(binary: &std::path::Path, root: &std::path::Path, keep: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let elapsed = move || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
     let mut cluster = LocalCluster::new(binary, root, options())?;
     let all: Vec<u64> = cluster.nodes.keys().copied().collect();
     println!("== Starting a local {}-node MAOS cluster (embedded storage, data in {})", all.len(), root.display());
     for node in cluster.nodes.values() {
-        println!("   node {}: api {}  raft {}", node.id, node.api_addr, node.raft_addr);
+        println!(
+            "   node {}: api {}  raft {}  dashboard http://{}",
+            node.id, node.api_addr, node.raft_addr, node.dashboard_addr
+        );
     }
+    let dashboard = cluster.nodes.values().next().map(|n| n.dashboard_addr.clone()).unwrap_or_default();
+    println!("== Dashboard: http://{dashboard} (every node serves one; open it to watch the run)");
     cluster.start_all()?;
+    let progress = Progress::new();
+    progress.waiting("waiting for a leader");
     let (leader, term) = cluster.wait_for_leader(&all, STEP_TIMEOUT).await?;
-    println!("{} leader elected: node {leader} (term {term})", elapsed());
+    progress.println(format!("{} leader elected: node {leader} (term {term})", elapsed()));
+    progress.waiting("waiting for the agent pools to register");
     let client = cluster.client()?;
     let deadline = Instant::now() + STEP_TIMEOUT;
     while client.agents(0).await?.total < 30 {
         anyhow::ensure!(Instant::now() < deadline, "the agent pools did not register");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("{} 30 builtin agents registered (5 types x 2 per node)", elapsed());
+    progress.println(format!("{} 30 builtin agents registered (5 types x 2 per node)", elapsed()));
 
     let input = serde_json::json!({
         "branches": BRANCHES, "branch_type": "researcher",
@@ -66,7 +129,9 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Re
         ..Default::default()
     };
     let workflow = client.submit(request.clone()).await?.task_id;
-    println!("{} submitted workflow {workflow} (type mixed: a coordinator plans it)", elapsed());
+    progress.println(format!("{} submitted workflow {workflow} (type mixed: a coordinator plans it)", elapsed()));
+    progress.println(format!("   watch it live: http://{dashboard}/workflows/{workflow}"));
+    progress.waiting("waiting for the coordinator's plan");
 
     // Watch from a node that survives the failover.
     let watcher_node = *all.iter().find(|id| **id != leader).context("a follower")?;
@@ -95,8 +160,15 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Re
             } else {
                 String::new()
             };
-            println!("{} {name:<10} {}{place}{attempt}{cause}", elapsed(), state_name(event.state));
+            progress.println(format!("{} {name:<10} {}{place}{attempt}{cause}", elapsed(), state_name(event.state)));
             last_state.insert(event.task_id.clone(), event.state);
+            let subtasks = last_state.keys().filter(|id| **id != workflow).count() as u64;
+            let done =
+                last_state.iter().filter(|(id, s)| **id != workflow && **s == TaskState::Completed as i32).count()
+                    as u64;
+            if subtasks > 0 {
+                progress.subtasks(done, subtasks);
+            }
         }
         let running = last_state.iter().filter(|(id, s)| **s == TaskState::Running as i32 && **id != workflow).count();
         if killed.is_none() && running as u64 >= BRANCHES / 2 {
@@ -106,19 +178,24 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Re
                 let other = *all.iter().find(|id| **id != leader).context("another node")?;
                 events = cluster.client_of(other)?.watch(&workflow, true).await?;
             }
-            println!("{} == kill -9 the leader, node {leader}, while {running} branches run", elapsed());
+            progress
+                .println(format!("{} == kill -9 the leader, node {leader}, while {running} branches run", elapsed()));
             cluster.kill(leader)?;
             killed = Some((leader, Instant::now()));
             let survivors: Vec<u64> = all.iter().copied().filter(|id| *id != leader).collect();
             let (new_leader, new_term) = cluster.wait_for_leader(&survivors, STEP_TIMEOUT).await?;
             let took = killed.map(|(_, at)| at.elapsed().as_millis()).unwrap_or(0);
             failover_ms = Some(took);
-            println!("{} == new leader: node {new_leader} (term {new_term}), {took} ms after the kill", elapsed());
+            progress.println(format!(
+                "{} == new leader: node {new_leader} (term {new_term}), {took} ms after the kill",
+                elapsed()
+            ));
         }
         if event.finished {
             break event;
         }
     };
+    progress.finish();
     let (victim, _) = killed.context("the workflow finished before the failover; nothing was shown")?;
     if finished.state != TaskState::Completed as i32 {
         bail!("the workflow ended {}: {}", state_name(finished.state), finished.cause);
@@ -158,10 +235,21 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path) -> anyhow::Re
     println!("   aggregate:       combined the results of {combined} branches");
     println!("   duplicates:      {duplicates} (the resubmitted workflow returned the original; one task per step)");
     println!("   replicas:        all {} nodes applied the same state (hash {})", all.len(), &hash[..16]);
-    cluster.stop();
     if duplicates > 0 || combined != BRANCHES as usize {
         bail!("the workflow ran with {duplicates} duplicates and combined {combined} of {BRANCHES} branches");
     }
+    if keep {
+        println!(
+            "== The cluster keeps running (--keep): dashboard http://{dashboard}, API {}",
+            client.endpoints().join(",")
+        );
+        println!("   press Ctrl-C to stop it");
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        cluster.stop();
+        println!("== Cluster stopped.");
+        return Ok(());
+    }
+    cluster.stop();
     println!("== Demo finished; cluster stopped and its data removed.");
     Ok(())
 }

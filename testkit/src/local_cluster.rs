@@ -49,6 +49,9 @@ pub struct LocalNode {
     pub id: u64,
     pub api_addr: String,
     pub raft_addr: String,
+    /// Where the node serves its dashboard (`MAOS_DASHBOARD_LISTEN`): a free port of its own,
+    /// so clusters of parallel tests never collide on 3001.
+    pub dashboard_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -128,6 +131,7 @@ impl LocalCluster {
                     id,
                     api_addr: free_loopback_addr()?,
                     raft_addr: free_loopback_addr()?,
+                    dashboard_addr: free_loopback_addr()?,
                     data_dir: dir.join("data"),
                     log_path: dir.join("maos.log"),
                     child: None,
@@ -188,6 +192,7 @@ impl LocalCluster {
             .env("MAOS_RAFT_SNAPSHOT_AFTER_LOGS", self.options.snapshot_after_logs.to_string())
             .env("MAOS_RAFT_LOGS_KEPT_AFTER_SNAPSHOT", self.options.logs_kept_after_snapshot.to_string())
             .env("MAOS_SYSTEM_LOG_LEVEL", &self.options.log_level)
+            .env("MAOS_DASHBOARD_LISTEN", &node.dashboard_addr)
             .envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         Ok(command)

@@ -70,6 +70,15 @@ impl AgentService for AgentApi {
         if agent_type.is_empty() {
             return Err(invalid("agent_type: must name a type the node runs"));
         }
+        // The node's configuration, not the request, is at fault: FAILED_PRECONDITION (REST 409).
+        // The state machine checks again when it applies the command.
+        let runs =
+            self.core.state.read().app.tasks.slots.values().any(|s| s.node_id == node_id && s.agent_type == agent_type);
+        if !runs {
+            return Err(Status::failed_precondition(format!(
+                "agent_type: node {node_id} runs no agent of type {agent_type:?}; spawn a type it is configured for"
+            )));
+        }
         let command = TaskCommand::AddAgent { node_id, agent_type, agents_max: self.config.system.max_agents };
         match self.core.write(Command::Task(command)).await.map_err(status_from)? {
             Applied::Task(TaskResponse::AgentAdded { agent_id }) => self.agent_view(&agent_id).await,

@@ -6,7 +6,8 @@
 //! - `views.rs`: replicated records as API messages, and enum conversions.
 //! - `streams.rs`: the bound on open streams and the watches' polling.
 //! - `kv.rs`, `cluster.rs`, `tasks.rs`, `agents.rs`, `workers.rs`: the gRPC services.
-//! - `rest.rs` (routes and the HTTP mapping of statuses) and `openapi.rs` (its document).
+//! - `rest.rs` (the router and the HTTP mapping of statuses), `rest_tasks.rs` and `rest_cluster.rs`
+//!   (the handlers and their JSON bodies), `openapi.rs` (the document, generated from those).
 //! - `http.rs`: `/health`, `/ready`, `/metrics`.
 //!
 //! The REST handlers call the gRPC service structs, so both surfaces share validation.
@@ -17,6 +18,8 @@ pub(crate) mod http;
 pub(crate) mod kv;
 pub(crate) mod openapi;
 pub(crate) mod rest;
+pub(crate) mod rest_cluster;
+pub(crate) mod rest_tasks;
 pub(crate) mod status;
 pub(crate) mod streams;
 pub(crate) mod tasks;

@@ -1,42 +1,68 @@
 //! REST on port 8000 under `/api/v1`, mirroring the task, agent and cluster calls of the gRPC
-//! API (the same service code answers both), with an OpenAPI document at `/api/v1/openapi.json`.
+//! API (the same service code answers both), with an OpenAPI document at `/api/v1/openapi.json`
+//! generated from the handlers and their types (`openapi.rs`), so the two cannot drift: a route
+//! is registered by the same `routes!` that documents it.
+//!
+//! - `rest.rs`: errors and their HTTP statuses, the extractors' refusals, the router.
+//! - `rest_tasks.rs`: the task routes and their bodies; `rest_cluster.rs`: agents and cluster.
 //!
 //! Errors are JSON: `{"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}`
-//! with HTTP 400 (bad input, malformed JSON), 404 (unknown id), 409 (wrong state, stale token),
-//! 413 (body over [`BODY_BYTES_MAX`]), 429 (queue full: retry later), 503 (no leader reachable).
+//! with HTTP 400 (bad input, malformed JSON), 404 (unknown id, or a task a submit names that does
+//! not exist), 409 (wrong state, stale token, a type nothing serves), 413 (body over
+//! [`BODY_BYTES_MAX`]), 429 (queue full: retry later), 503 (no leader reachable), 504 (a
+//! leadership change that did not finish in time), 500 (a bug: please report it).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::StreamExt;
-use maos_client::proto::v1::agent_service_server::AgentService;
-use maos_client::proto::v1::cluster_service_server::ClusterService;
-use maos_client::proto::v1::task_service_server::TaskService;
-use maos_client::proto::v1::{
-    AddNodeRequest, AgentRequest, AgentView, CancelTaskRequest, GetTaskRequest, InitializeRequest, ListAgentsRequest,
-    ListTasksRequest, RemoveNodeRequest, RetryTaskRequest, SpawnAgentRequest, StatusRequest, SubmitTaskRequest,
-    TransferLeaderRequest, WatchTaskRequest,
-};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use tonic::{Code, Request};
-
-use maos_client::views::{parse_state, state_name, task_json};
+use serde::Serialize;
+use tonic::Code;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::agents::AgentApi;
 use crate::api::cluster::ClusterApi;
-use crate::api::openapi::openapi;
 use crate::api::tasks::TaskApi;
+use crate::api::{openapi, rest_cluster, rest_tasks};
 
 /// Upper bound on a request body.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// The largest integer the document allows where the gRPC field is a `uint64`: 2^53 - 1, the
+/// largest a JSON number carries exactly in every client.
+pub const JSON_INTEGER_MAX: u64 = (1 << 53) - 1;
+
+/// JSON Schema counts `5.0` as an integer; serde does not. Integer fields of bodies take either.
+pub(crate) mod integer {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let number = serde_json::Number::deserialize(d)?;
+        if let Some(n) = number.as_u64() {
+            return Ok(n);
+        }
+        match number.as_f64() {
+            Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= super::JSON_INTEGER_MAX as f64 => Ok(f as u64),
+            _ => Err(D::Error::custom(format!("{number} is not a whole number >= 0"))),
+        }
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        whole(d)
+    }
+
+    pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let n = whole(d)?;
+        u32::try_from(n).map_err(|_| D::Error::custom(format!("{n} is over {}", u32::MAX)))
+    }
+}
 
 #[derive(Clone)]
 pub struct Services {
@@ -46,15 +72,41 @@ pub struct Services {
 }
 
 /// A JSON error answer.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
 }
 
+/// The body of every error answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The gRPC status code's name: `INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION`, ...
+    code: &'static str,
+    /// What is wrong and how to fix it; starts with the field when one is at fault.
+    message: String,
+    /// The field at fault (`description`, `page_size`), when there is one.
+    field: Option<String>,
+}
+
 impl ApiError {
-    fn bad_request(message: String) -> Self {
+    pub(crate) fn bad_request(message: String) -> Self {
         Self { status: StatusCode::BAD_REQUEST, code: "INVALID_ARGUMENT", message }
+    }
+
+    /// `field` over [`JSON_INTEGER_MAX`] is refused, as the document says.
+    pub(crate) fn check_integer(field: &str, value: u64) -> Result<u64, Self> {
+        if value > JSON_INTEGER_MAX {
+            return Err(Self::bad_request(format!("{field}: at most {JSON_INTEGER_MAX}")));
+        }
+        Ok(value)
     }
 }
 
@@ -65,6 +117,8 @@ impl From<tonic::Status> for ApiError {
             Code::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             Code::AlreadyExists => (StatusCode::CONFLICT, "ALREADY_EXISTS"),
             Code::FailedPrecondition => (StatusCode::CONFLICT, "FAILED_PRECONDITION"),
+            // An expired client session: the write may not have applied; read, then retry.
+            Code::Aborted => (StatusCode::CONFLICT, "ABORTED"),
             Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
             Code::PermissionDenied => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
             Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
@@ -76,18 +130,39 @@ impl From<tonic::Status> for ApiError {
     }
 }
 
+/// 413 for a body over the limit, 400 for anything else a body extractor refuses.
+fn body_refused(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError {
+            status,
+            code: "RESOURCE_EXHAUSTED",
+            message: format!("body: over {BODY_BYTES_MAX} bytes; send less, or pass a reference"),
+        };
+    }
+    ApiError::bad_request(format!("body: {text}"))
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "RESOURCE_EXHAUSTED" } else { "INVALID_ARGUMENT" };
-        let status = if status == StatusCode::PAYLOAD_TOO_LARGE { status } else { StatusCode::BAD_REQUEST };
-        Self { status, code, message: format!("body: {}", rejection.body_text()) }
+        body_refused(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        body_refused(rejection.status(), rejection.body_text())
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         Self::bad_request(format!("query: {}", rejection.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(format!("path: {}", rejection.body_text()))
     }
 }
 
@@ -100,321 +175,15 @@ impl IntoResponse for ApiError {
             .map(|(head, _)| head.trim())
             .filter(|head| !head.is_empty() && !head.contains(' '))
             .map(String::from);
-        let body = json!({"error": {"code": self.code, "message": self.message, "field": field}});
+        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message, field } };
         (self.status, Json(body)).into_response()
     }
 }
 
-type Answer = Result<Response, ApiError>;
+pub(crate) type Answer = Result<Response, ApiError>;
 
-fn ok(value: Value) -> Answer {
+pub(crate) fn ok<T: Serialize>(value: T) -> Answer {
     Ok(Json(value).into_response())
-}
-
-fn agent_json(view: &AgentView) -> Value {
-    let state = match maos_client::proto::v1::AgentState::try_from(view.state) {
-        Ok(state) => state.as_str_name().trim_start_matches("AGENT_STATE_").to_string(),
-        Err(_) => "UNKNOWN".into(),
-    };
-    json!({"agent_id": view.agent_id, "node_id": view.node_id, "agent_type": view.agent_type,
-        "backend": view.backend, "capabilities": view.capabilities, "state": state, "task_id": view.task_id})
-}
-
-/// A submit in JSON: the gRPC message's fields, with `priority` as a word.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubmitBody {
-    task_type: String,
-    description: String,
-    #[serde(default)]
-    input: String,
-    #[serde(default)]
-    priority: Option<String>,
-    #[serde(default)]
-    depends_on: Vec<String>,
-    #[serde(default)]
-    parent: String,
-    #[serde(default)]
-    max_retries: u32,
-    #[serde(default)]
-    timeout_ms: u64,
-    #[serde(default)]
-    idempotency_key: String,
-    #[serde(default)]
-    submitter: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    capabilities: Vec<String>,
-    #[serde(default)]
-    plan: bool,
-    #[serde(default)]
-    max_agents: u32,
-}
-
-impl SubmitBody {
-    fn into_request(self) -> Result<SubmitTaskRequest, ApiError> {
-        let priority = match self.priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("normal") => 2,
-            Some("low") => 1,
-            Some("high") => 3,
-            Some("critical") => 4,
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "priority: {other:?} is not one of low, normal, high, critical"
-                )))
-            }
-        };
-        Ok(SubmitTaskRequest {
-            task_type: self.task_type,
-            priority,
-            description: self.description,
-            input: self.input,
-            depends_on: self.depends_on,
-            parent: self.parent,
-            max_retries: self.max_retries,
-            timeout_ms: self.timeout_ms,
-            idempotency_key: self.idempotency_key,
-            submitter: self.submitter,
-            labels: self.labels.into_iter().collect(),
-            capabilities: self.capabilities,
-            plan: self.plan,
-            max_agents: self.max_agents,
-        })
-    }
-}
-
-async fn submit(State(s): State<Services>, body: Result<Json<SubmitBody>, JsonRejection>) -> Answer {
-    let Json(body) = body?;
-    let answer = s.tasks.submit(Request::new(body.into_request()?)).await?.into_inner();
-    let status = if answer.duplicate { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(json!({"task_id": answer.task_id, "duplicate": answer.duplicate}))).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    /// Comma-separated states.
-    state: Option<String>,
-    #[serde(rename = "type")]
-    task_type: Option<String>,
-    parent: Option<String>,
-    submitter: Option<String>,
-    page_size: Option<u32>,
-    page_token: Option<String>,
-}
-
-async fn list(State(s): State<Services>, query: Result<Query<ListQuery>, QueryRejection>) -> Answer {
-    let Query(q) = query?;
-    let states = match q.state.as_deref() {
-        Some(text) => text
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(parse_state)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ApiError::bad_request(format!("state: {e}")))?,
-        None => Vec::new(),
-    };
-    let request = ListTasksRequest {
-        states,
-        task_type: q.task_type.unwrap_or_default(),
-        parent: q.parent.unwrap_or_default(),
-        submitter: q.submitter.unwrap_or_default(),
-        page_size: q.page_size.unwrap_or(0),
-        page_token: q.page_token.unwrap_or_default(),
-        stale: false,
-    };
-    let page = s.tasks.list(Request::new(request)).await?.into_inner();
-    ok(json!({"tasks": page.tasks.iter().map(task_json).collect::<Vec<_>>(), "next_page_token": page.next_page_token}))
-}
-
-async fn get_task(State(s): State<Services>, Path(task_id): Path<String>) -> Answer {
-    let view = s.tasks.get(Request::new(GetTaskRequest { task_id, stale: false })).await?.into_inner();
-    ok(task_json(&view))
-}
-
-async fn results(State(s): State<Services>, Path(task_id): Path<String>) -> Answer {
-    let r = s.tasks.results(Request::new(GetTaskRequest { task_id, stale: false })).await?.into_inner();
-    let children: Vec<Value> = r
-        .children
-        .iter()
-        .map(|c| json!({"task_id": c.task_id, "plan_key": c.plan_key, "state": state_name(c.state), "result": c.result, "cause": c.cause}))
-        .collect();
-    ok(
-        json!({"task_id": r.task_id, "state": state_name(r.state), "result": r.result, "cause": r.cause, "children": children}),
-    )
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct CancelBody {
-    #[serde(default)]
-    reason: String,
-}
-
-async fn cancel(State(s): State<Services>, Path(task_id): Path<String>, body: axum::body::Bytes) -> Answer {
-    // The body is optional; when present it must be the JSON object documented.
-    let reason = if body.iter().all(u8::is_ascii_whitespace) {
-        String::new()
-    } else {
-        serde_json::from_slice::<CancelBody>(&body).map_err(|e| ApiError::bad_request(format!("body: {e}")))?.reason
-    };
-    let answer = s.tasks.cancel(Request::new(CancelTaskRequest { task_id, reason })).await?.into_inner();
-    ok(json!({"cancelled": answer.cancelled}))
-}
-
-async fn retry(State(s): State<Services>, Path(task_id): Path<String>) -> Answer {
-    let view = s.tasks.retry(Request::new(RetryTaskRequest { task_id })).await?.into_inner();
-    ok(task_json(&view))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AgentsQuery {
-    node_id: Option<u64>,
-}
-
-async fn list_agents(State(s): State<Services>, query: Result<Query<AgentsQuery>, QueryRejection>) -> Answer {
-    let Query(q) = query?;
-    let list = s.agents.list(Request::new(ListAgentsRequest { node_id: q.node_id.unwrap_or(0) })).await?.into_inner();
-    ok(
-        json!({"agents": list.agents.iter().map(agent_json).collect::<Vec<_>>(), "active": list.active, "total": list.total}),
-    )
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpawnBody {
-    agent_type: String,
-    #[serde(default)]
-    node_id: u64,
-}
-
-async fn spawn_agent(State(s): State<Services>, body: Result<Json<SpawnBody>, JsonRejection>) -> Answer {
-    let Json(body) = body?;
-    let request = SpawnAgentRequest { node_id: body.node_id, agent_type: body.agent_type };
-    let view = s.agents.spawn(Request::new(request)).await?.into_inner();
-    Ok((StatusCode::CREATED, Json(agent_json(&view))).into_response())
-}
-
-/// `POST /api/v1/agents/{agent id}/{pause|resume|terminate}`: agent ids hold slashes.
-async fn change_agent(State(s): State<Services>, Path(rest): Path<String>) -> Answer {
-    let Some((agent_id, action)) = rest.rsplit_once('/') else {
-        return Err(ApiError::bad_request("path: expected /api/v1/agents/<agent id>/pause|resume|terminate".into()));
-    };
-    let request = Request::new(AgentRequest { agent_id: agent_id.to_string() });
-    let view = match action {
-        "pause" => s.agents.pause(request).await?,
-        "resume" => s.agents.resume(request).await?,
-        "terminate" => s.agents.terminate(request).await?,
-        other => return Err(ApiError::bad_request(format!("action: {other:?} is not pause, resume or terminate"))),
-    };
-    ok(agent_json(&view.into_inner()))
-}
-
-async fn initialize(State(s): State<Services>) -> Answer {
-    let answer = s.cluster.initialize(Request::new(InitializeRequest {})).await?.into_inner();
-    let members: Vec<Value> = answer
-        .members
-        .iter()
-        .map(|m| json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr, "voter": m.voter}))
-        .collect();
-    ok(json!({"already_initialized": answer.already_initialized, "members": members}))
-}
-
-async fn cluster_status(State(s): State<Services>) -> Answer {
-    let status = s.cluster.status(Request::new(StatusRequest { with_state_hash: false })).await?.into_inner();
-    let members: Vec<Value> = status
-        .members
-        .iter()
-        .map(|m| json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr, "voter": m.voter}))
-        .collect();
-    let tasks = status.tasks.unwrap_or_default();
-    ok(json!({"node_id": status.node_id, "role": status.role, "term": status.current_term,
-        "leader_id": status.leader_id, "leader_api_addr": status.leader_api_addr,
-        "last_log_index": status.last_log_index, "last_applied_index": status.last_applied_index,
-        "cluster_id": status.cluster_id, "cluster_name": status.cluster_name, "members": members,
-        "tasks": {"pending": tasks.pending, "queued": tasks.queued, "running": tasks.running,
-            "completed": tasks.completed, "failed": tasks.failed, "cancelled": tasks.cancelled,
-            "queue_limit": tasks.queue_limit}}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LeaderBody {
-    node_id: u64,
-}
-
-async fn transfer_leader(State(s): State<Services>, body: Result<Json<LeaderBody>, JsonRejection>) -> Answer {
-    let Json(body) = body?;
-    let answer =
-        s.cluster.transfer_leader(Request::new(TransferLeaderRequest { node_id: body.node_id })).await?.into_inner();
-    ok(json!({"leader_id": answer.leader_id, "term": answer.term}))
-}
-
-/// `GET /api/v1/tasks/{id}/events`: the task's events as server-sent events (`event: task`,
-/// `data:` the event as JSON) until it finishes.
-async fn events(
-    State(s): State<Services>,
-    Path(task_id): Path<String>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
-) -> Answer {
-    let Query(q) = query?;
-    let request = WatchTaskRequest { task_id, include_children: q.children.unwrap_or(false) };
-    let stream = s.tasks.watch(Request::new(request)).await?.into_inner();
-    let events = stream.map(|item| {
-        let event = match item {
-            Ok(e) => Event::default().event("task").data(
-                json!({"task_id": e.task_id, "state": state_name(e.state), "attempt": e.attempt, "node_id": e.node_id,
-                    "progress_percent": e.progress_percent, "progress_message": e.progress_message, "cause": e.cause,
-                    "result": e.result, "finished": e.finished})
-                .to_string(),
-            ),
-            Err(status) => Event::default()
-                .event("error")
-                .data(json!({"code": status.code() as i32, "message": status.message()}).to_string()),
-        };
-        Ok::<_, std::convert::Infallible>(event)
-    });
-    Ok(Sse::new(events).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventsQuery {
-    children: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddNodeBody {
-    id: u64,
-    raft_addr: String,
-    api_addr: String,
-    #[serde(default)]
-    learner_only: bool,
-}
-
-fn members_json(members: &[maos_client::proto::v1::Member]) -> Value {
-    Value::Array(
-        members
-            .iter()
-            .map(|m| json!({"id": m.id, "raft_addr": m.raft_addr, "api_addr": m.api_addr, "voter": m.voter}))
-            .collect(),
-    )
-}
-
-async fn add_node(State(s): State<Services>, body: Result<Json<AddNodeBody>, JsonRejection>) -> Answer {
-    let Json(b) = body?;
-    let request =
-        AddNodeRequest { id: b.id, raft_addr: b.raft_addr, api_addr: b.api_addr, learner_only: b.learner_only };
-    let answer = s.cluster.add_node(Request::new(request)).await?.into_inner();
-    ok(json!({"members": members_json(&answer.members)}))
-}
-
-async fn remove_node(State(s): State<Services>, Path(id): Path<u64>) -> Answer {
-    let answer = s.cluster.remove_node(Request::new(RemoveNodeRequest { id })).await?.into_inner();
-    ok(json!({"members": members_json(&answer.members)}))
 }
 
 async fn not_found() -> ApiError {
@@ -425,23 +194,38 @@ async fn not_found() -> ApiError {
     }
 }
 
-/// The REST routes.
+/// The documented routes: each `routes!` registers handlers and adds their `#[utoipa::path]`
+/// to the document. Agent ids hold slashes, so the agent actions take a wildcard route (plain
+/// axum) and their documentation comes from `openapi::ApiDoc`.
+fn documented() -> OpenApiRouter<Services> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(rest_tasks::submit, rest_tasks::list))
+        .routes(routes!(rest_tasks::get_task))
+        .routes(routes!(rest_tasks::results))
+        .routes(routes!(rest_tasks::cancel))
+        .routes(routes!(rest_tasks::retry))
+        .routes(routes!(rest_tasks::events))
+        .routes(routes!(rest_cluster::list_agents, rest_cluster::spawn_agent))
+        .route("/api/v1/agents/{*rest}", post(rest_cluster::change_agent))
+        .routes(routes!(rest_cluster::cluster_status))
+        .routes(routes!(rest_cluster::transfer_leader))
+        .routes(routes!(rest_cluster::initialize))
+        .routes(routes!(rest_cluster::add_node))
+        .routes(routes!(rest_cluster::remove_node))
+}
+
+/// The OpenAPI document of the REST API as this build serves it.
+#[cfg(test)]
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    openapi::finish(documented().into_openapi())
+}
+
+/// The REST routes, with the document at `/api/v1/openapi.json`.
 pub fn router(services: Services) -> Router {
-    Router::new()
-        .route("/api/v1/tasks", post(submit).get(list))
-        .route("/api/v1/tasks/{task_id}", get(get_task))
-        .route("/api/v1/tasks/{task_id}/results", get(results))
-        .route("/api/v1/tasks/{task_id}/cancel", post(cancel))
-        .route("/api/v1/tasks/{task_id}/retry", post(retry))
-        .route("/api/v1/tasks/{task_id}/events", get(events))
-        .route("/api/v1/agents", get(list_agents).post(spawn_agent))
-        .route("/api/v1/agents/{*rest}", post(change_agent))
-        .route("/api/v1/cluster", get(cluster_status))
-        .route("/api/v1/cluster/leader", post(transfer_leader))
-        .route("/api/v1/cluster/init", post(initialize))
-        .route("/api/v1/cluster/nodes", post(add_node))
-        .route("/api/v1/cluster/nodes/{id}", axum::routing::delete(remove_node))
-        .route("/api/v1/openapi.json", get(openapi))
+    let (routes, document) = documented().split_for_parts();
+    let document = Arc::new(openapi::finish(document));
+    routes
+        .route("/api/v1/openapi.json", get(move || openapi::serve(document.clone())))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(services)

@@ -17,7 +17,9 @@ use maos_client::proto::v1::{
     CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest, ListTasksRequest, ListTasksResponse, RetryTaskRequest,
     SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults, TaskView, WatchTaskRequest,
 };
-use maos_raft_store::tasks::{check_spec, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, PLAN_KEY_LABEL};
+use maos_raft_store::tasks::{
+    check_spec, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, TaskTable, PLAN_KEY_LABEL,
+};
 use maos_raft_store::{Command, Response as Applied};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,7 +37,7 @@ const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
 pub const BATCH_SUBMIT_MAX: usize = 1_000;
 /// Tasks in one list page: the default and the most.
 const PAGE_SIZE_DEFAULT: usize = 100;
-const PAGE_SIZE_MAX: usize = 1_000;
+pub const PAGE_SIZE_MAX: usize = 1_000;
 /// Events queued on one watch before the server waits for the client to read.
 const WATCH_QUEUE: usize = 64;
 /// How long a watch waits for the task-data store to return before it ends with UNAVAILABLE.
@@ -63,6 +65,27 @@ pub fn principal_of<T>(request: &Request<T>) -> String {
     request.remote_addr().map(|a| format!("peer {a}")).unwrap_or_else(|| "peer unknown".into())
 }
 
+/// A name of an agent type: 1..=64 characters of A-Z a-z 0-9 - _ . (what workers register and
+/// `agents.types` accept), so a task of another type could never be served.
+pub fn valid_type_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Identifiers a person types (idempotency keys, submitters): at most 128 printable ASCII
+/// characters, so a length in characters is one in bytes.
+fn check_identifier(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > 128 || !value.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(format!("{field}: at most 128 printable ASCII characters (space to ~)")));
+    }
+    Ok(())
+}
+
+/// A refusal of `code` that names `field`, with the `google.rpc.BadRequest` detail programs read.
+fn refused_field(code: tonic::Code, field: &str, message: String) -> Status {
+    let details = tonic_types::ErrorDetails::with_bad_request_violation(field, message.clone());
+    <Status as tonic_types::StatusExt>::with_error_details(code, format!("{field}: {message}"), details)
+}
+
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
@@ -71,6 +94,11 @@ impl TaskApi {
     /// A submit request as a spec, checked without the state, and the input to stage in the
     /// task-data store (empty when the spec carries it).
     fn spec_from(&self, r: SubmitTaskRequest) -> Result<(TaskSpec, String), Status> {
+        if !valid_type_name(&r.task_type) {
+            return Err(invalid("task_type: 1..=64 characters of A-Z a-z 0-9 - _ . (an agent type's name)"));
+        }
+        check_identifier("idempotency_key", &r.idempotency_key)?;
+        check_identifier("submitter", &r.submitter)?;
         let planner_type = (r.plan || r.task_type == MIXED_TYPE).then(|| self.planner_type.clone());
         let spec = TaskSpec {
             id: uuid::Uuid::now_v7().to_string(),
@@ -94,9 +122,6 @@ impl TaskApi {
         self.storage.check_payload("input", &spec.input).map_err(|e| storage_status(&e))?;
         let staged = if self.storage.is_embedded() { String::new() } else { std::mem::take(&mut spec.input) };
         check_spec(&spec).map_err(|rejection| status_of_rejection(rejection.into()))?;
-        if spec.submitter.len() > 128 {
-            return Err(invalid("submitter: must be at most 128 bytes"));
-        }
         let state = self.core.state.read();
         let table = &state.app.tasks;
         let routing = spec.routing_type();
@@ -110,13 +135,26 @@ impl TaskApi {
             } else {
                 "task_type"
             };
-            return Err(invalid(format!(
-                "{field}: no agent serves type {routing:?} (served: {}); configure agents.types on a node or register a worker for it",
-                known.join(", ")
-            )));
+            // The state, not the request, is at fault: FAILED_PRECONDITION (REST 409).
+            return Err(refused_field(
+                tonic::Code::FailedPrecondition,
+                field,
+                format!(
+                    "no agent serves type {routing:?} (served: {}); configure agents.types on a node or register a worker for it",
+                    known.join(", ")
+                ),
+            ));
         }
+        // Tasks a submit names must exist: NOT_FOUND (REST 404), as for any unknown task.
         if let Some(missing) = spec.depends_on.iter().find(|d| !table.tasks.contains_key(*d)) {
-            return Err(invalid(format!("depends_on: task {missing:?} does not exist; submit it first")));
+            return Err(refused_field(
+                tonic::Code::NotFound,
+                "depends_on",
+                format!("task {missing:?} does not exist; submit it first"),
+            ));
+        }
+        if let Some(parent) = spec.parent.as_ref().filter(|p| !table.tasks.contains_key(*p)) {
+            return Err(refused_field(tonic::Code::NotFound, "parent", format!("task {parent:?} does not exist")));
         }
         Ok((spec, staged))
     }
@@ -165,13 +203,44 @@ impl TaskApi {
         Status::not_found(format!("task_id: task {task_id:?} does not exist"))
     }
 
-    /// The view of `task_id` as this node has applied it, with its stored payloads.
+    /// NOT_FOUND for a task this node does not hold: where finished tasks may have been evicted
+    /// (`tasks.retention`) the message says so, and how to keep them readable.
+    fn missing(&self, table: &TaskTable, task_id: &str) -> Status {
+        if !table.may_have_evicted(task_id) {
+            return Self::not_found(task_id);
+        }
+        let keep = if self.storage.is_embedded() {
+            "configure database.primary_url to keep finished tasks readable after that"
+        } else {
+            "PostgreSQL holds no finished record of it either"
+        };
+        Status::not_found(format!(
+            "task_id: task {task_id:?} is not held: finished tasks are evicted from the replicated state after tasks.retention (or once more than tasks.retained_max are held), and this one was evicted or never existed; {keep}"
+        ))
+    }
+
+    /// The table to read `task_id` from: the applied state when it holds the task, else (with
+    /// PostgreSQL) the evicted task's record and its children's read back from the mirror.
+    async fn evicted(&self, task_id: &str) -> Result<TaskTable, Status> {
+        let missing = self.missing(&self.core.state.read().app.tasks, task_id);
+        self.storage.evicted_table(task_id).await.map_err(|e| storage_status(&e))?.ok_or(missing)
+    }
+
+    /// The view of `task_id` as this node has applied it (or, evicted, as PostgreSQL kept it),
+    /// with its stored payloads.
     async fn view_of(&self, task_id: &str) -> Result<TaskView, Status> {
-        let mut one = {
+        let held = {
             let state = self.core.state.read();
             let table = &state.app.tasks;
-            let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
-            [(task_view(table, task), TaskPayloads::of(table, task))]
+            table.tasks.get(task_id).map(|task| [(task_view(table, task), TaskPayloads::of(table, task))])
+        };
+        let mut one = match held {
+            Some(one) => one,
+            None => {
+                let table = self.evicted(task_id).await?;
+                let task = table.tasks.get(task_id).ok_or_else(|| Self::not_found(task_id))?;
+                [(task_view(&table, task), TaskPayloads::of(&table, task))]
+            }
         };
         self.fill_views(&mut one).await?;
         let [(view, _)] = one;
@@ -276,36 +345,13 @@ impl TaskService for TaskApi {
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
-        let (mut results, mut children, refs) = {
-            let state = self.core.state.read();
-            let table = &state.app.tasks;
-            let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
-            let mut refs = vec![ResultRef::of(table, task)];
-            let children: Vec<ChildResult> = table
-                .children
-                .get(&task_id)
-                .into_iter()
-                .flatten()
-                .filter_map(|id| table.tasks.get(id))
-                .map(|child| {
-                    refs.push(ResultRef::of(table, child));
-                    ChildResult {
-                        task_id: child.spec.id.clone(),
-                        plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
-                        state: state_to(child.state) as i32,
-                        result: String::new(),
-                        cause: child.cause.clone().unwrap_or_default(),
-                    }
-                })
-                .collect();
-            let results = TaskResults {
-                task_id: task_id.clone(),
-                state: state_to(task.state) as i32,
-                result: String::new(),
-                cause: task.cause.clone().unwrap_or_default(),
-                children: Vec::new(),
-            };
-            (results, children, refs)
+        let held = results_of(&self.core.state.read().app.tasks, &task_id);
+        let (mut results, mut children, refs) = match held {
+            Some(held) => held,
+            None => {
+                let table = self.evicted(&task_id).await?;
+                results_of(&table, &task_id).ok_or_else(|| Self::not_found(&task_id))?
+            }
         };
         let mut wanted = Vec::new();
         refs.iter().for_each(|r| r.wanted(&mut wanted));
@@ -325,7 +371,16 @@ impl TaskService for TaskApi {
         let WatchTaskRequest { task_id, include_children } = request.into_inner();
         self.core.read_barrier().await.map_err(status_from)?;
         if !self.core.state.read().app.tasks.tasks.contains_key(&task_id) {
-            return Err(Self::not_found(&task_id));
+            // Evicted: with PostgreSQL its final state is its only event left.
+            let table = self.evicted(&task_id).await?;
+            let task = table.tasks.get(&task_id).ok_or_else(|| Self::not_found(&task_id))?;
+            let applied = self.core.state.read().last_applied.map(|id| id.index).unwrap_or(0);
+            let (mut last, result) = (event(task, applied, true), ResultRef::of(&table, task));
+            let mut wanted = Vec::new();
+            result.wanted(&mut wanted);
+            last.result =
+                result.resolve(&self.storage.fetch(wanted).await.map_err(|e| storage_status(&e))?).unwrap_or_default();
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(last)]))));
         }
         let permit = stream_permit(&self.streams)?;
         let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
@@ -431,4 +486,36 @@ impl TaskService for TaskApi {
             other => Err(Status::internal(format!("unexpected result: {other:?}"))),
         }
     }
+}
+
+/// What `Results` answers for `task_id` from `table` (results not yet fetched), and where each
+/// result comes from: the task's first, then its children's in order. `None`: not in `table`.
+fn results_of(table: &TaskTable, task_id: &str) -> Option<(TaskResults, Vec<ChildResult>, Vec<ResultRef>)> {
+    let task = table.tasks.get(task_id)?;
+    let mut refs = vec![ResultRef::of(table, task)];
+    let children: Vec<ChildResult> = table
+        .children
+        .get(task_id)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| table.tasks.get(id))
+        .map(|child| {
+            refs.push(ResultRef::of(table, child));
+            ChildResult {
+                task_id: child.spec.id.clone(),
+                plan_key: child.spec.labels.get(PLAN_KEY_LABEL).cloned().unwrap_or_default(),
+                state: state_to(child.state) as i32,
+                result: String::new(),
+                cause: child.cause.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    let results = TaskResults {
+        task_id: task_id.to_string(),
+        state: state_to(task.state) as i32,
+        result: String::new(),
+        cause: task.cause.clone().unwrap_or_default(),
+        children: Vec::new(),
+    };
+    Some((results, children, refs))
 }

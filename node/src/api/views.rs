@@ -12,21 +12,18 @@ use tonic::Status;
 use crate::api::status::invalid;
 use crate::storage::{Payload, TaskPayloads};
 
-/// Tasks by state, and the queue bound.
+/// Tasks by state (counts apply maintains: no scan), and the queue bound.
 pub fn task_counts(table: &maos_raft_store::tasks::TaskTable) -> TaskCounts {
-    let mut counts = TaskCounts { queue_limit: table.limits.queue_size as u64, ..Default::default() };
-    for task in table.tasks.values() {
-        use maos_raft_store::tasks::TaskState::*;
-        match task.state {
-            Pending => counts.pending += 1,
-            Queued => counts.queued += 1,
-            Running => counts.running += 1,
-            Completed => counts.completed += 1,
-            Failed => counts.failed += 1,
-            Cancelled => counts.cancelled += 1,
-        }
+    let counts = &table.counts;
+    TaskCounts {
+        queue_limit: table.limits.queue_size as u64,
+        pending: counts.pending,
+        queued: counts.queued,
+        running: counts.running,
+        completed: counts.completed,
+        failed: counts.failed,
+        cancelled: counts.cancelled,
     }
-    counts
 }
 
 pub fn priority_from(wire: i32) -> Result<Priority, Status> {

@@ -58,7 +58,7 @@ pub fn worker_id(name: &str) -> u64 {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    crate::api::tasks::valid_type_name(name)
 }
 
 fn check_worker(table: &TaskTable, worker_id: u64) -> Result<(), Status> {

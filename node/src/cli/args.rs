@@ -21,6 +21,9 @@ pub enum Commands {
         /// Keep the cluster's data directory instead of deleting it.
         #[arg(long)]
         keep_data: bool,
+        /// Leave the cluster (and its dashboards) running after the summary, until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
     },
     /// Check each node's /health and /ready (exit code 5 when one is not).
     Health {

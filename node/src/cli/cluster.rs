@@ -9,7 +9,8 @@ use maos_client::proto::v1::{AddNodeRequest, RemoveNodeRequest, TransferLeaderRe
 use maos_client::Client;
 
 use super::args::{ClusterCommand, Target};
-use super::output::print_members;
+use super::output::{print_members, print_table, table};
+use super::progress::Progress;
 use super::Unhealthy;
 
 /// Deadline of a membership change from the CLI; the server bounds its own part tighter.
@@ -41,11 +42,14 @@ async fn cluster_init(target: &Target) -> anyhow::Result<()> {
     let (client, mut cluster) = cluster_client(target).await?;
     let answer = admin_call(cluster.initialize(maos_client::proto::v1::InitializeRequest {})).await?;
     let deadline = tokio::time::Instant::now() + ADMIN_CALL_TIMEOUT;
-    let spinner = ['|', '/', '-', '\\'];
-    let mut turn = 0;
+    let progress = Progress::new(target.json);
+    progress.set_message("waiting for the new cluster to elect a leader");
     let status = loop {
         match client.status_of(0, false).await {
-            Ok(status) if status.leader_id.is_some() => break status,
+            Ok(status) if status.leader_id.is_some() => {
+                progress.finish();
+                break status;
+            }
             _ if tokio::time::Instant::now() >= deadline => {
                 return Err(Unhealthy(format!(
                     "the cluster formed but elected no leader within {} s; check `maos status`",
@@ -54,10 +58,6 @@ async fn cluster_init(target: &Target) -> anyhow::Result<()> {
                 .into());
             }
             _ => {}
-        }
-        if !target.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprint!("\r{} waiting for a leader", spinner[turn % spinner.len()]);
-            turn += 1;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
@@ -69,9 +69,6 @@ async fn cluster_init(target: &Target) -> anyhow::Result<()> {
                 "leader_id": status.leader_id, "term": status.current_term})
         );
     } else {
-        if turn > 0 {
-            eprintln!("\r                       \r");
-        }
         let what = if answer.already_initialized { "was already formed" } else { "formed" };
         println!(
             "cluster {} {what}: leader node {} (term {})",
@@ -138,30 +135,30 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
     if target.json {
         println!("{}", serde_json::Value::Array(rows));
     } else {
-        println!(
-            "{:<22} {:<5} {:<10} {:<6} {:<7} {:<9} {:<17}",
-            "ENDPOINT", "NODE", "ROLE", "TERM", "LEADER", "APPLIED", "STATE HASH"
-        );
+        let mut table = table(&["ENDPOINT", "NODE", "ROLE", "TERM", "LEADER", "APPLIED", "STATE HASH"], &[1, 3, 4, 5]);
         for row in rows {
+            let text = |key: &str| match &row[key] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            };
             if let Some(error) = row.get("error") {
-                println!(
-                    "{:<22} unreachable: {}",
-                    row["endpoint"].as_str().unwrap_or(""),
-                    error.as_str().unwrap_or("")
-                );
+                let error = format!("unreachable: {}", error.as_str().unwrap_or(""));
+                table.add_row(vec![text("endpoint"), "-".into(), error, "".into(), "".into(), "".into(), "".into()]);
                 continue;
             }
-            println!(
-                "{:<22} {:<5} {:<10} {:<6} {:<7} {:<9} {:<17}",
-                row["endpoint"].as_str().unwrap_or(""),
-                row["node_id"],
-                row["role"].as_str().unwrap_or(""),
-                row["term"],
-                row["leader_id"],
-                row["last_applied_index"],
-                row["state_hash"].as_str().unwrap_or("").get(..16).unwrap_or(""),
-            );
+            let hash = text("state_hash").get(..16).unwrap_or("").to_string();
+            table.add_row(vec![
+                text("endpoint"),
+                text("node_id"),
+                text("role"),
+                text("term"),
+                text("leader_id"),
+                text("last_applied_index"),
+                hash,
+            ]);
         }
+        print_table(&table);
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod cluster;
 mod db;
 mod kv;
 mod output;
+mod progress;
 mod task;
 
 use std::collections::BTreeMap;
@@ -101,10 +102,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             maos_node::server::serve(config).await
         }
-        Commands::Demo { keep_data } => {
+        Commands::Demo { keep_data, keep } => {
             let binary = std::env::current_exe().context("cannot find the maos binary")?;
             let root = tempfile::Builder::new().prefix("maos-demo-").tempdir()?;
-            let result = maos_testkit::demo::run(&binary, root.path()).await;
+            let result = maos_testkit::demo::run(&binary, root.path(), keep).await;
             if keep_data || result.is_err() {
                 let kept = root.keep();
                 println!("data and node logs kept in {}", kept.display());

@@ -1,8 +1,29 @@
 //! Tables for people and JSON for scripts: how the command line prints tasks, agents, events
 //! and members.
 
+use comfy_table::{presets, CellAlignment, Table};
 use maos_client::proto::v1::{AgentView, Member, TaskEvent, TaskState, TaskView};
 use maos_client::views::{agent_state_name, state_name, task_json};
+
+/// A table for people: a heading row, columns padded to their widest value (comfy-table), no
+/// borders, so a value always sits under its heading; `right` names the numeric columns.
+pub fn table(headings: &[&str], right: &[usize]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_header(headings.iter().copied());
+    for index in right {
+        if let Some(column) = table.column_mut(*index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
+/// Print `table` without the padding comfy-table puts before the first column.
+pub fn print_table(table: &Table) {
+    for line in table.lines() {
+        println!("{}", line.strip_prefix(' ').unwrap_or(&line).trim_end());
+    }
+}
 
 pub fn short(text: &str, width: usize) -> String {
     let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
@@ -19,20 +40,20 @@ pub fn print_tasks(views: &[TaskView], json: bool) {
         println!("{}", serde_json::Value::Array(views.iter().map(task_json).collect()));
         return;
     }
-    println!("{:<38} {:<12} {:<10} {:>7} {:>5}  RESULT / CAUSE", "TASK", "TYPE", "STATE", "ATTEMPT", "NODE");
+    let mut rows = table(&["TASK", "TYPE", "STATE", "ATTEMPT", "NODE", "RESULT / CAUSE"], &[3, 4]);
     for v in views {
         let note = if v.cause.is_empty() || v.state == TaskState::Completed as i32 { &v.result } else { &v.cause };
         let node = if v.node_id > 0 { v.node_id.to_string() } else { "-".into() };
-        println!(
-            "{:<38} {:<12} {:<10} {:>7} {:>5}  {}",
-            v.task_id,
-            short(&v.task_type, 12),
-            state_name(v.state),
-            v.attempt,
+        rows.add_row(vec![
+            v.task_id.clone(),
+            short(&v.task_type, 24),
+            state_name(v.state).to_string(),
+            v.attempt.to_string(),
             node,
-            short(note, 60)
-        );
+            short(note, 60),
+        ]);
     }
+    print_table(&rows);
 }
 
 pub fn print_task(view: &TaskView, json: bool) {
@@ -80,42 +101,44 @@ pub fn print_agents(agents: &[AgentView], json: bool) {
         println!("{}", serde_json::Value::Array(rows));
         return;
     }
-    println!("{:<28} {:<12} {:<9} {:<11} TASK", "AGENT", "TYPE", "BACKEND", "STATE");
+    let mut rows = table(&["AGENT", "NODE", "TYPE", "BACKEND", "STATE", "TASK"], &[1]);
     for a in agents {
-        println!(
-            "{:<28} {:<12} {:<9} {:<11} {}",
-            short(&a.agent_id, 28),
-            short(&a.agent_type, 12),
-            a.backend,
-            agent_state_name(a.state),
-            a.task_id
-        );
+        rows.add_row(vec![
+            a.agent_id.clone(),
+            a.node_id.to_string(),
+            short(&a.agent_type, 24),
+            a.backend.clone(),
+            agent_state_name(a.state).to_string(),
+            a.task_id.clone(),
+        ]);
     }
+    print_table(&rows);
 }
 
-/// A one-line progress display of a task's events, redrawn in place on a terminal.
-pub fn print_event(event: &TaskEvent, root: &str, json: bool) {
-    if json {
-        let line = serde_json::json!({"task_id": event.task_id, "state": state_name(event.state),
-            "attempt": event.attempt, "node_id": event.node_id, "progress_percent": event.progress_percent,
-            "progress_message": event.progress_message, "cause": event.cause, "finished": event.finished});
-        println!("{line}");
-        return;
-    }
+/// A task event as one JSON line (`--json`).
+pub fn event_json(event: &TaskEvent) -> String {
+    serde_json::json!({"task_id": event.task_id, "state": state_name(event.state),
+        "attempt": event.attempt, "node_id": event.node_id, "progress_percent": event.progress_percent,
+        "progress_message": event.progress_message, "cause": event.cause, "finished": event.finished})
+    .to_string()
+}
+
+/// A task event as one line for people: which task (`task` for the watched one, the plan key's
+/// tail for a subtask), its state, progress, attempt and node.
+pub fn event_line(event: &TaskEvent, root: &str) -> String {
     let name = if event.task_id == root {
         "task".to_string()
     } else {
         event.task_id.rsplit('.').next().unwrap_or("").to_string()
     };
-    let filled = (event.progress_percent.min(100) / 5) as usize;
-    let bar = format!("[{}{}] {:>3}%", "#".repeat(filled), ".".repeat(20 - filled), event.progress_percent.min(100));
     let place = if event.node_id > 0 { format!(" node {}", event.node_id) } else { String::new() };
-    println!(
-        "{name:<14} {:<10} {bar} attempt {}{place} {}",
+    format!(
+        "{name:<14} {:<10} {:>3}% attempt {}{place} {}",
         state_name(event.state),
+        event.progress_percent.min(100),
         event.attempt,
         short(&event.progress_message, 40)
-    );
+    )
 }
 
 pub fn print_members(members: &[Member], json: bool) {
@@ -129,8 +152,14 @@ pub fn print_members(members: &[Member], json: bool) {
         println!("{}", serde_json::Value::Array(rows));
         return;
     }
-    println!("{:<6} {:<8} {:<24} {:<24}", "ID", "ROLE", "RAFT", "API");
+    let mut rows = table(&["ID", "ROLE", "RAFT", "API"], &[0]);
     for m in members {
-        println!("{:<6} {:<8} {:<24} {:<24}", m.id, if m.voter { "voter" } else { "learner" }, m.raft_addr, m.api_addr);
+        rows.add_row(vec![
+            m.id.to_string(),
+            if m.voter { "voter" } else { "learner" }.to_string(),
+            m.raft_addr.clone(),
+            m.api_addr.clone(),
+        ]);
     }
+    print_table(&rows);
 }

@@ -8,7 +8,8 @@ use maos_client::views::state_name;
 use maos_client::{Client, ClientError};
 
 use super::args::TaskCommand;
-use super::output::{print_event, print_task, print_tasks};
+use super::output::{event_json, event_line, print_task, print_tasks};
+use super::progress::Progress;
 use super::{client, TaskEnded};
 
 /// `maos task …`.
@@ -122,11 +123,33 @@ pub async fn watch(client: &Client, task_id: &str, children: bool, json: bool) -
     const RECONNECTS_MAX: usize = 30;
     let mut reconnects = 0;
     let mut stream = client.watch(task_id, children).await?;
+    let progress = Progress::new(json);
+    progress.set_message(format!("watching task {task_id}"));
+    // A workflow's bar counts its subtasks: each one seen, and whether it has ended.
+    let mut subtasks: std::collections::BTreeMap<String, bool> = Default::default();
     loop {
         match stream.message().await {
             Ok(Some(event)) => {
-                print_event(&event, task_id, json);
+                if json {
+                    println!("{}", event_json(&event));
+                } else {
+                    progress.println(event_line(&event, task_id));
+                }
+                let ended = [TaskState::Completed, TaskState::Failed, TaskState::Cancelled]
+                    .iter()
+                    .any(|s| *s as i32 == event.state);
+                if event.task_id == task_id {
+                    progress.set_message(format!("task {}", state_name(event.state)));
+                    if subtasks.is_empty() {
+                        progress.set_progress(u64::from(event.progress_percent.min(100)), 100, "%");
+                    }
+                } else {
+                    subtasks.insert(event.task_id.clone(), ended);
+                    let done = subtasks.values().filter(|ended| **ended).count() as u64;
+                    progress.set_progress(done, subtasks.len() as u64, "subtasks ended");
+                }
                 if event.finished {
+                    progress.finish();
                     if event.state != TaskState::Completed as i32 {
                         return Err(TaskEnded {
                             task_id: task_id.into(),

@@ -130,6 +130,16 @@ mod tests {
             ("orphan age", |c| c.database.orphan_after = 1, "database.orphan_after"),
             ("redis url", |c| c.redis.url = Some("http://cache:6379".into()), "redis.url"),
             ("redis pool", |c| c.redis.pool_size = 0, "redis.pool_size"),
+            ("no retention", |c| c.tasks.retention = 0, "tasks.retention"),
+            ("no retained tasks", |c| c.tasks.retained_max = 0, "tasks.retained_max"),
+            (
+                "idempotency window shorter than the retention",
+                |c| {
+                    c.tasks.retention = 3_600;
+                    c.tasks.idempotency_window = 60;
+                },
+                "tasks.idempotency_window",
+            ),
         ];
         for (name, mutate, key) in cases {
             let mut config = Config::default();

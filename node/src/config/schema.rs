@@ -21,9 +21,27 @@ pub struct Config {
     pub scheduler: SchedulerSection,
     pub agents: AgentsSection,
     pub task_planner: TaskPlannerSection,
+    pub tasks: TasksSection,
     pub system: SystemSection,
     pub database: DatabaseSection,
     pub redis: RedisSection,
+    pub dashboard: DashboardSection,
+}
+
+/// The dashboard: read-only HTML pages with live updates, served by every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardSection {
+    /// Serve the dashboard (`false` turns it off; the port is then not opened).
+    pub enabled: bool,
+    /// The dashboard's listen address (the operators' guide routes port 3001 to it).
+    pub listen: String,
+}
+
+impl Default for DashboardSection {
+    fn default() -> Self {
+        Self { enabled: true, listen: "0.0.0.0:3001".into() }
+    }
 }
 
 /// Where task data (inputs, results, checkpoints, the event history, the audit log) lives.
@@ -103,6 +121,31 @@ impl Default for TaskPlannerSection {
             parallelization_threshold: 2,
             planner_type: "coordinator".into(),
         }
+    }
+}
+
+/// How long finished tasks stay in the replicated state (with PostgreSQL their record, history
+/// and result stay there after), and how long an idempotency key outlives its task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksSection {
+    /// Seconds a finished (COMPLETED, FAILED, CANCELLED) task stays in the replicated state.
+    pub retention: u64,
+    /// Finished tasks the replicated state holds at most; past it the oldest leave early.
+    pub retained_max: usize,
+    /// Seconds after a task finished that its idempotency key still answers a resubmit with
+    /// that task (at least `retention`); a resubmit after it creates a new task.
+    pub idempotency_window: u64,
+}
+
+/// Bounds of the `tasks` section's keys.
+pub const RETENTION_SECONDS_MAX: u64 = 30 * 24 * 3_600;
+pub const RETAINED_MAX_MAX: usize = 10_000_000;
+pub const IDEMPOTENCY_WINDOW_SECONDS_MAX: u64 = 90 * 24 * 3_600;
+
+impl Default for TasksSection {
+    fn default() -> Self {
+        Self { retention: 86_400, retained_max: 100_000, idempotency_window: 86_400 }
     }
 }
 
@@ -479,6 +522,9 @@ impl Config {
             dependency_timeout_ms: self.task_planner.dependency_timeout.saturating_mul(1_000),
             max_parallel_branches: self.task_planner.max_parallel_branches,
             parallelization_threshold: self.task_planner.parallelization_threshold,
+            retention_ms: self.tasks.retention.saturating_mul(1_000),
+            retained_max: self.tasks.retained_max,
+            idempotency_window_ms: self.tasks.idempotency_window.saturating_mul(1_000),
             ..Default::default()
         }
     }

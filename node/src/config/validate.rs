@@ -3,7 +3,10 @@
 
 use std::fmt;
 
-use super::schema::{parse_bytes, BackendKind, Config, PEERS_MAX};
+use super::schema::{
+    parse_bytes, BackendKind, Config, IDEMPOTENCY_WINDOW_SECONDS_MAX, PEERS_MAX, RETAINED_MAX_MAX,
+    RETENTION_SECONDS_MAX,
+};
 
 /// The longest `system.shutdown_grace`, in seconds: past this an orchestrator kills the node anyway.
 const SHUTDOWN_GRACE_MAX: u64 = 300;
@@ -241,6 +244,7 @@ impl Config {
             ("network.raft_listen_addr", Some(&self.network.raft_listen_addr)),
             ("network.advertise_addr", self.network.advertise_addr.as_ref()),
             ("network.raft_advertise_addr", self.network.raft_advertise_addr.as_ref()),
+            ("dashboard.listen", self.dashboard.enabled.then_some(&self.dashboard.listen)),
         ] {
             if let Some(Err(e)) = addr.map(|a| check_address(a)) {
                 bad(key, e);
@@ -278,6 +282,28 @@ impl Config {
         }
         if self.task_planner.dependency_timeout == 0 {
             bad("task_planner.dependency_timeout", "must be at least 1 (seconds)".into());
+        }
+        let tasks = &self.tasks;
+        if !(1..=RETENTION_SECONDS_MAX).contains(&tasks.retention) {
+            bad("tasks.retention", format!("must be in 1..={RETENTION_SECONDS_MAX} seconds (30 days)"));
+        }
+        if !(1..=RETAINED_MAX_MAX).contains(&tasks.retained_max) {
+            bad("tasks.retained_max", format!("must be in 1..={RETAINED_MAX_MAX}"));
+        }
+        if tasks.idempotency_window < tasks.retention {
+            bad(
+                "tasks.idempotency_window",
+                format!(
+                    "{} s is shorter than tasks.retention ({} s); set it to at least tasks.retention",
+                    tasks.idempotency_window, tasks.retention
+                ),
+            );
+        }
+        if tasks.idempotency_window > IDEMPOTENCY_WINDOW_SECONDS_MAX {
+            bad(
+                "tasks.idempotency_window",
+                format!("must be at most {IDEMPOTENCY_WINDOW_SECONDS_MAX} seconds (90 days)"),
+            );
         }
         let scheduler = &self.scheduler;
         if scheduler.lease_ms < 2 * scheduler.lease_renew_interval_ms.max(1) {

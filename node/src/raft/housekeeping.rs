@@ -1,10 +1,13 @@
-//! Housekeeping: the cluster's identity recorded once by a leader, and this node's addresses
-//! registered in the replicated state.
+//! Housekeeping: the cluster's identity recorded once by a leader, this node's addresses
+//! registered in the replicated state, and the leader's eviction of finished tasks past their
+//! retention (`tasks.retention`, `tasks.retained_max`) in bounded batches through the log.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use maos_raft_store::runtime::MaosRuntime;
+use maos_raft_store::tasks::{TaskCommand, TaskId, EVICT_BATCH_MAX};
 use maos_raft_store::{Command, MaosNode};
 use openraft::AsyncRuntime;
 use tokio::sync::watch;
@@ -48,5 +51,89 @@ pub(crate) async fn housekeeping(core: Arc<NodeCore>, me: MaosNode, mut stopped:
                 tracing::debug!(node_id = core.id, %error, "registering this node failed; will retry");
             }
         }
+    }
+}
+
+/// Between eviction rounds, when the last one had less than a full batch.
+pub(crate) const EVICTION_INTERVAL: Duration = Duration::from_millis(500);
+/// Finished tasks one eviction round looks at, at most (tasks still needed are passed over).
+const EVICTION_SCAN_MAX: usize = 50_000;
+
+/// How far the PostgreSQL mirror has caught up: the applied index of the projector's last
+/// complete round, at which every task's state was in PostgreSQL. With PostgreSQL the leader
+/// evicts only tasks whose final state the mirror holds, so `Get` can answer from it after.
+#[derive(Debug, Default)]
+pub struct MirrorProgress(AtomicU64);
+
+impl MirrorProgress {
+    pub fn mirrored_through(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn record(&self, applied_index: u64) {
+        self.0.fetch_max(applied_index, Ordering::AcqRel);
+    }
+}
+
+/// On the leader, evict finished tasks past their retention (or over `tasks.retained_max`), at
+/// most [`EVICT_BATCH_MAX`] per command. With a mirror (`mirror`), the tasks chosen at applied
+/// index `i` are proposed only once the mirror has caught up with `i`; apply checks again that
+/// each still finished when chosen, so a task changed since is kept.
+pub(crate) async fn evict_finished(
+    core: Arc<NodeCore>,
+    mirror: Option<Arc<MirrorProgress>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    // Chosen at an applied index, waiting for the mirror to reach it.
+    let mut waiting: Option<(u64, Vec<(TaskId, u64)>)> = None;
+    let mut full = false;
+    loop {
+        let pause = if full { Duration::ZERO } else { EVICTION_INTERVAL };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        full = false;
+        if !core.is_leader() {
+            waiting = None;
+            continue;
+        }
+        if let Some((chosen_at, tasks)) = waiting.take() {
+            if mirror.as_ref().is_some_and(|m| m.mirrored_through() < chosen_at) {
+                waiting = Some((chosen_at, tasks));
+                continue;
+            }
+            full = tasks.len() == EVICT_BATCH_MAX;
+            propose_eviction(&core, tasks).await;
+            continue;
+        }
+        let now_ms = (core.clock)();
+        let (applied, tasks, keys_due) = {
+            let state = core.state.read();
+            let table = &state.app.tasks;
+            if !table.eviction_due(now_ms) {
+                continue;
+            }
+            let tasks = table.eviction_candidates(now_ms, EVICT_BATCH_MAX, EVICTION_SCAN_MAX);
+            let keys_due = table.retired_key_expiries.first().is_some_and(|(at, _)| *at <= now_ms);
+            (state.last_applied.map(|id| id.index).unwrap_or(0), tasks, keys_due)
+        };
+        match (&mirror, tasks.is_empty()) {
+            (_, true) if keys_due => propose_eviction(&core, tasks).await,
+            (_, true) => {}
+            (Some(_), false) => waiting = Some((applied, tasks)),
+            (None, false) => {
+                full = tasks.len() == EVICT_BATCH_MAX;
+                propose_eviction(&core, tasks).await;
+            }
+        }
+    }
+}
+
+async fn propose_eviction(core: &NodeCore, tasks: Vec<(TaskId, u64)>) {
+    let named = tasks.len();
+    match core.write(Command::Task(TaskCommand::Evict { tasks })).await {
+        Ok(response) => tracing::debug!(node_id = core.id, named, ?response, "evicted finished tasks"),
+        Err(error) => tracing::debug!(node_id = core.id, %error, "evicting finished tasks failed; next round"),
     }
 }

@@ -25,7 +25,7 @@ use crate::config::{Bootstrap, Config};
 use crate::proto::raft_service_server::RaftServiceServer;
 use crate::raft::core::NodeCore;
 use crate::raft::formation::{form_cluster, formation_peers, peers_digest};
-use crate::raft::housekeeping::{housekeeping, HOUSEKEEPING_INTERVAL};
+use crate::raft::housekeeping::{evict_finished, housekeeping, MirrorProgress, HOUSEKEEPING_INTERVAL};
 use crate::raft::network::{Channels, NetworkFactory};
 use crate::raft::proposer::{forwarder, leader_proposer};
 use crate::raft::service::RaftServer;
@@ -288,6 +288,35 @@ where
         }
     });
 
+    if config.dashboard.enabled {
+        let dashboard_incoming = transport
+            .listen(&config.dashboard.listen)
+            .await
+            .map_err(|error| StartError::Listen { addr: config.dashboard.listen.clone(), what: "dashboard", error })?;
+        let recorder = Arc::new(crate::dashboard::recorder::Recorder::new());
+        tasks.spawn(recorder.clone().run(core.clone(), transport.clone(), stopped.clone()));
+        let dashboard = crate::dashboard::router(Arc::new(crate::dashboard::Dashboard {
+            core: core.clone(),
+            storage: storage.clone(),
+            recorder,
+            streams: Arc::new(tokio::sync::Semaphore::new(crate::dashboard::SSE_STREAMS_MAX)),
+            stopped: stopped.clone(),
+        }));
+        let mut until_stopped = stopped.clone();
+        tasks.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(dashboard))
+                .serve_with_incoming_shutdown(dashboard_incoming, async move {
+                    let _ = until_stopped.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "the dashboard server stopped");
+            }
+        });
+    }
+
     match config.cluster.bootstrap {
         Bootstrap::Auto => {
             spawn_in(&mut tasks, &node_span, form_cluster(core.clone(), peers, stopped.clone()));
@@ -300,6 +329,8 @@ where
     if let (Some(store), true) = (storage.postgres(), config.database.auto_migrate) {
         spawn_in(&mut tasks, &node_span, migrate_until_done(store.name.clone(), storage.clone(), stopped.clone()));
     }
+    // With PostgreSQL, finished tasks are evicted only once the mirror holds their final state.
+    let mirror = storage.postgres().map(|_| Arc::new(MirrorProgress::default()));
     spawn_in(
         &mut tasks,
         &node_span,
@@ -307,9 +338,11 @@ where
             core.clone(),
             storage.clone(),
             Duration::from_secs(config.database.orphan_after),
+            mirror.clone(),
             stopped.clone(),
         ),
     );
+    spawn_in(&mut tasks, &node_span, evict_finished(core.clone(), mirror, stopped.clone()));
     let runtime = AgentRuntime {
         core: core.clone(),
         storage,

@@ -23,6 +23,7 @@
 //! committed is unreachable (nothing refers to it) and is swept (`projector.rs`).
 
 pub(crate) mod cache;
+mod evicted;
 pub mod postgres;
 pub(crate) mod projector;
 

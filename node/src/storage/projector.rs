@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use super::postgres::{pg_text, PgStore, SharedStateRow, TaskRow};
 use super::Storage;
 use crate::raft::core::NodeCore;
+use crate::raft::housekeeping::MirrorProgress;
 
 /// Between rounds.
 const ROUND_INTERVAL: Duration = Duration::from_millis(250);
@@ -36,6 +37,7 @@ pub async fn run(
     core: Arc<NodeCore>,
     storage: Arc<Storage>,
     orphan_after: Duration,
+    mirror: Option<Arc<MirrorProgress>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let (store, cache) = (storage.postgres(), storage.cache());
@@ -75,6 +77,10 @@ pub async fn run(
             let mut rows = Vec::new();
             let mut marks = Vec::new();
             if applied != projected_index {
+                // Evicted tasks are mirrored already: forget them.
+                if written.len() > state.app.tasks.tasks.len() {
+                    written.retain(|id, _| state.app.tasks.tasks.contains_key(id));
+                }
                 for task in state.app.tasks.tasks.values() {
                     if written.get(&task.spec.id) == Some(&(task.state, task.attempt)) {
                         continue;
@@ -94,6 +100,8 @@ pub async fn run(
                         updated_at_ms: i64::try_from(task.updated_at_ms).unwrap_or(i64::MAX),
                         node_id: lease.and_then(|l| i64::try_from(l.node_id).ok()),
                         fencing_token: lease.and_then(|l| i64::try_from(l.token).ok()),
+                        // A finished task's whole record, so it can be served after eviction.
+                        record: task.state.is_terminal().then(|| serde_json::to_string(&**task).unwrap_or_default()),
                     });
                     if rows.len() == ROWS_PER_ROUND_MAX {
                         break;
@@ -123,6 +131,9 @@ pub async fn run(
                 written.extend(marks);
                 if complete {
                     projected_index = applied;
+                    if let (Some(mirror), Some(_)) = (&mirror, store) {
+                        mirror.record(applied);
+                    }
                 }
                 if failing {
                     tracing::info!("the task mirror caught up");

@@ -17,7 +17,9 @@ use crate::command::{
 
 mod sessions;
 
-use crate::tasks::{check_plan, check_spec, TaskCommand, TaskRejection, TaskTable, SLOTS_PER_NODE_MAX};
+use crate::tasks::{
+    check_plan, check_spec, TaskCommand, TaskRejection, TaskTable, EVICT_BATCH_MAX, SLOTS_PER_NODE_MAX,
+};
 use crate::{Entry, MaosNode, NodeId};
 pub use sessions::ClientSession;
 
@@ -264,6 +266,10 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
                 message: format!("{} leases in one renewal, over the limit of {SLOTS_PER_NODE_MAX}", leases.len()),
             })
         }
+        Command::Task(TaskCommand::Evict { tasks }) if tasks.len() > EVICT_BATCH_MAX => Err(Rejection::InvalidField {
+            field: "tasks".into(),
+            message: format!("{} tasks in one eviction, over the limit of {EVICT_BATCH_MAX}", tasks.len()),
+        }),
         Command::Task(_) => Ok(()),
         Command::OpenSession { ttl_ms } => {
             if !(SESSION_TTL_MS_MIN..=SESSION_TTL_MS_MAX).contains(ttl_ms) {

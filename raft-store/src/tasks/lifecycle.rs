@@ -7,16 +7,20 @@ use super::check::{check_spec, check_text, check_token, expect_state, invalid};
 use super::events::{self, AttemptEnd, FailCause};
 use super::slots::{release, slot_fits};
 use super::types::{
-    Checkpoint, Lease, Progress, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable, TokenUsage,
-    CHECKPOINT_BYTES_MAX, PROGRESS_MESSAGE_BYTES_MAX, TASK_TEXT_BYTES_MAX, WORKER_FORGET_MS, WORKER_ID_MIN,
+    set_state, Checkpoint, Lease, Progress, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable,
+    TokenUsage, CHECKPOINT_BYTES_MAX, PROGRESS_MESSAGE_BYTES_MAX, TASK_TEXT_BYTES_MAX, WORKER_FORGET_MS, WORKER_ID_MIN,
 };
 
 impl TaskTable {
     /// `TaskCommand::Submit`: add a task (PENDING, QUEUED, or FAILED after a failed dependency).
     pub(super) fn submit(&mut self, now_ms: u64, spec: &TaskSpec) -> Result<TaskResponse, TaskRejection> {
         check_spec(spec)?;
-        if let Some(existing) = spec.idempotency_key.as_ref().and_then(|k| self.by_idempotency_key.get(k)) {
-            return Ok(TaskResponse::Submitted { task_id: existing.clone(), duplicate: true });
+        if let Some(key) = &spec.idempotency_key {
+            // A key outlives its task's eviction for the idempotency window.
+            let existing = self.by_idempotency_key.get(key).or_else(|| self.retired_keys.get(key).map(|r| &r.task_id));
+            if let Some(existing) = existing {
+                return Ok(TaskResponse::Submitted { task_id: existing.clone(), duplicate: true });
+            }
         }
         if self.tasks.contains_key(&spec.id) {
             return Err(TaskRejection::DuplicateId { task_id: spec.id.clone() });
@@ -50,7 +54,10 @@ impl TaskTable {
         }
         if !state.is_terminal() {
             self.open += 1;
+        } else {
+            self.finished.insert((now_ms, spec.id.clone()));
         }
+        self.counts.moved(None, Some(state));
         self.tasks.insert(
             spec.id.clone(),
             Box::new(Task {
@@ -112,21 +119,24 @@ impl TaskTable {
             return Err(TaskRejection::SlotUnavailable { task_id: task_id.clone(), slot: slot.to_string() });
         }
         self.slot_holder.insert(slot.to_string(), task_id.clone());
-        let task = self.get_mut(task_id)?;
+        let task =
+            self.tasks.get_mut(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
         let expires_at_ms = now_ms.saturating_add(lease_ms);
         // A QUEUED task's last update is when it became QUEUED (nothing touches it while it waits).
         let queued_since_ms = task.updated_at_ms;
         task.attempt += 1;
-        task.state = TaskState::Running;
+        set_state(&mut self.counts, task, TaskState::Running);
         task.progress = None;
         task.updated_at_ms = now_ms;
-        task.lease = Some(Box::new(Lease {
+        let lease = Lease {
             slot: slot.to_string(),
             node_id,
             token,
             expires_at_ms,
             attempt_deadline_ms: now_ms.saturating_add(task.spec.timeout_ms),
-        }));
+        };
+        self.lease_deadlines.insert((lease.deadline_ms(), task_id.clone()));
+        task.lease = Some(Box::new(lease));
         events::attempt_started(task, queued_since_ms, now_ms);
         Ok(TaskResponse::Assigned { token, expires_at_ms })
     }
@@ -144,7 +154,9 @@ impl TaskTable {
         for (task_id, presented) in leases {
             match self.tasks.get_mut(task_id).and_then(|t| t.lease.as_mut()) {
                 Some(lease) if lease.token == *presented && lease.node_id == node_id => {
+                    self.lease_deadlines.remove(&(lease.deadline_ms(), task_id.clone()));
                     lease.expires_at_ms = lease.expires_at_ms.max(now_ms.saturating_add(lease_ms));
+                    self.lease_deadlines.insert((lease.deadline_ms(), task_id.clone()));
                     renewed.push(task_id.clone());
                 }
                 _ => lost.push(task_id.clone()),
@@ -155,12 +167,15 @@ impl TaskTable {
 
     /// `TaskCommand::ExtendLeases`: a new leader extends every live lease.
     pub(super) fn extend_leases(&mut self, now_ms: u64, by_ms: u64) -> Result<TaskResponse, TaskRejection> {
-        let mut leases = 0;
-        for lease in self.tasks.values_mut().filter_map(|t| t.lease.as_mut()) {
-            lease.expires_at_ms = lease.expires_at_ms.max(now_ms).saturating_add(by_ms);
-            leases += 1;
+        // Only the leased tasks, through the deadline index (every entry moves, so rebuild it).
+        let leased = std::mem::take(&mut self.lease_deadlines);
+        for (_, task_id) in leased {
+            if let Some(lease) = self.tasks.get_mut(&task_id).and_then(|t| t.lease.as_mut()) {
+                lease.expires_at_ms = lease.expires_at_ms.max(now_ms).saturating_add(by_ms);
+                self.lease_deadlines.insert((lease.deadline_ms(), task_id));
+            }
         }
-        Ok(TaskResponse::Extended { leases })
+        Ok(TaskResponse::Extended { leases: self.lease_deadlines.len() })
     }
 
     /// `TaskCommand::SaveCheckpoint`: the running attempt's checkpoint.
@@ -305,10 +320,22 @@ impl TaskTable {
                 format!("task {task_id} was planned into subtasks; retry the subtasks that failed"),
             ));
         }
+        if let Some(parent) = task.spec.parent.as_ref().filter(|p| !self.tasks.contains_key(*p)) {
+            return Err(invalid(
+                "task_id",
+                format!("its parent {parent} was evicted after tasks.retention; submit this task anew"),
+            ));
+        }
         if let Some(parent) =
             task.spec.parent.as_ref().filter(|p| self.tasks.get(*p).is_some_and(|p| p.state.is_terminal()))
         {
             return Err(invalid("task_id", format!("its parent {parent} has finished; retry the parent instead")));
+        }
+        if let Some(dependency) = task.spec.depends_on.iter().find(|d| !self.tasks.contains_key(*d)) {
+            return Err(invalid(
+                "depends_on",
+                format!("dependency {dependency} was evicted after tasks.retention; submit this task anew"),
+            ));
         }
         if let Some(dependency) = task
             .spec
@@ -322,8 +349,10 @@ impl TaskTable {
             return Err(TaskRejection::QueueFull { limit: self.limits.queue_size });
         }
         let ready = task.spec.depends_on.iter().all(|d| self.tasks[d].state == TaskState::Completed);
-        let task = self.get_mut(task_id)?;
-        task.state = if ready { TaskState::Queued } else { TaskState::Pending };
+        self.finished.remove(&(task.updated_at_ms, task_id.clone()));
+        let task =
+            self.tasks.get_mut(task_id).ok_or_else(|| TaskRejection::UnknownTask { task_id: task_id.clone() })?;
+        set_state(&mut self.counts, task, if ready { TaskState::Queued } else { TaskState::Pending });
         task.attempt = 0;
         task.not_before_ms = 0;
         task.cause = None;
@@ -339,24 +368,25 @@ impl TaskTable {
     /// `TaskCommand::Tick`: expire leases, attempts and dependency waits past their time.
     pub(super) fn tick(&mut self, now_ms: u64) -> Result<TaskResponse, TaskRejection> {
         let mut failed_attempts = Vec::new();
-        let expired: Vec<(TaskId, String, AttemptEnd)> = self
-            .tasks
-            .iter()
-            .filter_map(|(id, task)| {
+        // Only the due leases, from the deadline index; failed in id order, as a scan would.
+        let mut expired: Vec<(TaskId, String, AttemptEnd)> = self
+            .lease_deadlines
+            .range(..(now_ms.saturating_add(1), TaskId::new()))
+            .filter_map(|(_, id)| {
+                let task = self.tasks.get(id)?;
                 let lease = task.lease.as_ref()?;
                 if lease.expires_at_ms <= now_ms {
                     Some((id.clone(), "lease expired".to_string(), AttemptEnd::LeaseExpired))
-                } else if lease.attempt_deadline_ms <= now_ms {
+                } else {
                     Some((
                         id.clone(),
                         format!("attempt timed out after {} ms", task.spec.timeout_ms),
                         AttemptEnd::TimedOut,
                     ))
-                } else {
-                    None
                 }
             })
             .collect();
+        expired.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (task_id, why, end) in expired {
             self.fail_attempt(now_ms, &task_id, &why, true, end);
             failed_attempts.push(task_id);
@@ -380,13 +410,15 @@ impl TaskTable {
     /// anything: a lease or attempt has run out, or a task has waited too long on its dependencies.
     pub fn tick_due(&self, now_ms: u64) -> bool {
         let timeout = self.limits.dependency_timeout_ms;
-        self.tasks.values().any(|t| match &t.lease {
-            Some(lease) => lease.expires_at_ms <= now_ms || lease.attempt_deadline_ms <= now_ms,
-            None => waits_on_dependencies(&self.tasks, t) && t.created_at_ms.saturating_add(timeout) <= now_ms,
-        }) || self
-            .node_seen_ms
-            .iter()
-            .any(|(holder, seen)| *holder >= WORKER_ID_MIN && seen.saturating_add(WORKER_FORGET_MS) <= now_ms)
+        self.lease_deadlines.first().is_some_and(|(deadline, _)| *deadline <= now_ms)
+            || self
+                .tasks
+                .values()
+                .any(|t| waits_on_dependencies(&self.tasks, t) && t.created_at_ms.saturating_add(timeout) <= now_ms)
+            || self
+                .node_seen_ms
+                .iter()
+                .any(|(holder, seen)| *holder >= WORKER_ID_MIN && seen.saturating_add(WORKER_FORGET_MS) <= now_ms)
     }
 
     fn get_mut(&mut self, task_id: &TaskId) -> Result<&mut Task, TaskRejection> {
@@ -409,7 +441,7 @@ impl TaskTable {
         let limits = self.limits.clone();
         let Some(task) = self.tasks.get_mut(task_id) else { return (false, 0) };
         events::attempt_ended(task, end, now_ms);
-        release(&mut self.slot_holder, task);
+        release(&mut self.slot_holder, &mut self.lease_deadlines, task);
         task.cause = Some(error.to_string());
         task.updated_at_ms = now_ms;
         let attempt = task.attempt;
@@ -417,7 +449,7 @@ impl TaskTable {
             let exponent = attempt.saturating_sub(1).min(30);
             let backoff =
                 limits.retry_backoff_base_ms.saturating_mul(1u64 << exponent).min(limits.retry_backoff_max_ms);
-            task.state = TaskState::Queued;
+            set_state(&mut self.counts, task, TaskState::Queued);
             task.not_before_ms = now_ms.saturating_add(backoff);
             events::retried();
             (true, attempt)
@@ -441,14 +473,15 @@ impl TaskTable {
             // Counted by the caller, which knows the cause.
             _ => {}
         }
-        release(&mut self.slot_holder, task);
+        release(&mut self.slot_holder, &mut self.lease_deadlines, task);
         self.open = self.open.saturating_sub(1);
         self.closed.push(task.spec.id.clone());
-        task.state = state;
+        set_state(&mut self.counts, task, state);
         if cause.is_some() {
             task.cause = cause;
         }
         task.updated_at_ms = now_ms;
+        self.finished.insert((now_ms, task_id.clone()));
         true
     }
 
@@ -487,7 +520,7 @@ impl TaskTable {
                         .all(|d| self.tasks.get(d).is_some_and(|d| d.state == TaskState::Completed))
             });
             if let (true, Some(task)) = (ready, self.tasks.get_mut(&candidate)) {
-                task.state = TaskState::Queued;
+                set_state(&mut self.counts, task, TaskState::Queued);
                 task.updated_at_ms = now_ms;
             }
         }

@@ -12,12 +12,15 @@
 //! Layout: `types` (records, limits, commands, responses, refusals, the table), `check`
 //! (state-free checks of specs and plans), `lifecycle` (submit to completion, retries, the tick),
 //! `plan` (expansion into subtasks and the parent's settlement), `slots` (agents, holders,
-//! liveness), `validate` (invariants), `events` (task events counted as metrics as they apply). This file applies a command by dispatching it.
+//! liveness), `retention` (eviction of finished tasks, retired idempotency keys, the derived
+//! indexes), `validate` (invariants), `events` (task events counted as metrics as they apply). This
+//! file applies a command by dispatching it.
 
 mod check;
 mod events;
 mod lifecycle;
 mod plan;
+mod retention;
 mod slots;
 mod types;
 mod validate;
@@ -28,10 +31,11 @@ pub use check::{check_plan, check_spec};
 pub use plan::{aggregate_results, plan_key};
 pub use slots::slot_fits;
 pub use types::{
-    AgentState, Checkpoint, Lease, PlannedTask, Priority, Progress, Slot, Task, TaskCommand, TaskId, TaskLimits,
-    TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable, TokenUsage, AGGREGATE_BYTES_MAX, CHECKPOINT_BYTES_MAX,
-    DEPENDENCIES_MAX, LABELS_MAX, PLAN_KEY_BYTES_MAX, PLAN_KEY_LABEL, PLAN_SUBTASKS_MAX, PROGRESS_MESSAGE_BYTES_MAX,
-    RETRIES_MAX, SLOTS_PER_NODE_MAX, TASK_TEXT_BYTES_MAX, WORKER_FORGET_MS, WORKER_ID_MIN,
+    AgentState, Checkpoint, Lease, PlannedTask, Priority, Progress, RetiredKey, Slot, StateCounts, Task, TaskCommand,
+    TaskId, TaskLimits, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable, TokenUsage, AGGREGATE_BYTES_MAX,
+    CHECKPOINT_BYTES_MAX, DEPENDENCIES_MAX, EVICT_BATCH_MAX, KEY_EXPIRIES_PER_EVICT_MAX, LABELS_MAX,
+    PLAN_KEY_BYTES_MAX, PLAN_KEY_LABEL, PLAN_SUBTASKS_MAX, PROGRESS_MESSAGE_BYTES_MAX, RETIRED_KEYS_MAX, RETRIES_MAX,
+    SLOTS_PER_NODE_MAX, TASK_TEXT_BYTES_MAX, WORKER_FORGET_MS, WORKER_ID_MIN,
 };
 
 impl TaskTable {
@@ -88,6 +92,7 @@ impl TaskTable {
             TaskCommand::AddAgent { node_id, agent_type, agents_max } => {
                 self.add_agent(*node_id, agent_type, *agents_max)
             }
+            TaskCommand::Evict { tasks } => Ok(self.evict(now_ms, tasks)),
         }
     }
 
@@ -98,6 +103,18 @@ impl TaskTable {
         }
         if limits.max_parallel_branches == 0 {
             return Err(invalid("max_parallel_branches", "must be at least 1"));
+        }
+        if limits.retention_ms == 0 {
+            return Err(invalid("retention_ms", "must be at least 1 (tasks.retention)"));
+        }
+        if limits.retained_max == 0 {
+            return Err(invalid("retained_max", "must be at least 1 (tasks.retained_max)"));
+        }
+        if limits.idempotency_window_ms < limits.retention_ms {
+            return Err(invalid(
+                "idempotency_window_ms",
+                "must be at least retention_ms (tasks.idempotency_window >= tasks.retention)",
+            ));
         }
         self.limits = limits.clone();
         Ok(TaskResponse::Configured)

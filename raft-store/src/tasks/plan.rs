@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use super::check::{check_plan, check_spec, check_token, invalid};
 use super::slots::release;
 use super::types::{
-    PlannedTask, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable, AGGREGATE_BYTES_MAX,
-    PLAN_KEY_LABEL,
+    set_state, PlannedTask, Task, TaskId, TaskRejection, TaskResponse, TaskSpec, TaskState, TaskTable,
+    AGGREGATE_BYTES_MAX, PLAN_KEY_LABEL,
 };
 
 impl TaskTable {
@@ -78,8 +78,8 @@ impl TaskTable {
         // Everything is checked; from here nothing can be refused.
         if let Some(parent) = self.tasks.get_mut(task_id) {
             super::events::attempt_ended(parent, super::events::AttemptEnd::Planned, now_ms);
-            release(&mut self.slot_holder, parent);
-            parent.state = TaskState::Pending;
+            release(&mut self.slot_holder, &mut self.lease_deadlines, parent);
+            set_state(&mut self.counts, parent, TaskState::Pending);
             parent.expanded = true;
             parent.updated_at_ms = now_ms;
         }

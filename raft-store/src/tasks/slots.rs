@@ -137,9 +137,14 @@ impl TaskTable {
 }
 
 /// End `task`'s lease, if any, and free its slot.
-pub(super) fn release(slot_holder: &mut BTreeMap<String, TaskId>, task: &mut Task) {
+pub(super) fn release(
+    slot_holder: &mut BTreeMap<String, TaskId>,
+    lease_deadlines: &mut BTreeSet<(u64, TaskId)>,
+    task: &mut Task,
+) {
     if let Some(lease) = task.lease.take() {
         slot_holder.remove(&lease.slot);
+        lease_deadlines.remove(&(lease.deadline_ms(), task.spec.id.clone()));
     }
 }
 

@@ -204,6 +204,14 @@ pub struct Lease {
     pub attempt_deadline_ms: u64,
 }
 
+impl Lease {
+    /// When `Tick` ends this attempt unless renewed: the lease's expiry or the attempt's
+    /// deadline, whichever comes first.
+    pub fn deadline_ms(&self) -> u64 {
+        self.expires_at_ms.min(self.attempt_deadline_ms)
+    }
+}
+
 /// A task as the state machine holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
@@ -251,6 +259,30 @@ pub struct TaskLimits {
     /// A plan with fewer subtasks than this is not run in parallel: its subtasks are chained.
     #[serde(default = "default_parallelization_threshold")]
     pub parallelization_threshold: usize,
+    /// A finished task (COMPLETED, FAILED, CANCELLED) leaves the replicated state this long
+    /// after it finished (`tasks.retention`), through [`TaskCommand::Evict`].
+    #[serde(default = "default_retention_ms")]
+    pub retention_ms: u64,
+    /// Finished tasks held at most (`tasks.retained_max`); past it the oldest are evicted
+    /// before their retention ends.
+    #[serde(default = "default_retained_max")]
+    pub retained_max: usize,
+    /// An evicted task's idempotency key is kept this long after the task finished
+    /// (`tasks.idempotency_window`, at least `retention_ms`); a resubmit after it creates a new task.
+    #[serde(default = "default_idempotency_window_ms")]
+    pub idempotency_window_ms: u64,
+}
+
+fn default_retention_ms() -> u64 {
+    24 * 3_600_000
+}
+
+fn default_retained_max() -> usize {
+    100_000
+}
+
+fn default_idempotency_window_ms() -> u64 {
+    24 * 3_600_000
 }
 
 fn default_parallelization_threshold() -> usize {
@@ -266,8 +298,66 @@ impl Default for TaskLimits {
             retry_backoff_max_ms: 300_000,
             max_parallel_branches: 10,
             parallelization_threshold: default_parallelization_threshold(),
+            retention_ms: default_retention_ms(),
+            retained_max: default_retained_max(),
+            idempotency_window_ms: default_idempotency_window_ms(),
         }
     }
+}
+
+/// Upper bound on the tasks one [`TaskCommand::Evict`] names.
+pub const EVICT_BATCH_MAX: usize = 1_000;
+/// Upper bound on idempotency keys one [`TaskCommand::Evict`] forgets because their window ran out.
+pub const KEY_EXPIRIES_PER_EVICT_MAX: usize = 1_000;
+/// Upper bound on idempotency keys kept for evicted tasks; past it the soonest to expire go first.
+pub const RETIRED_KEYS_MAX: usize = 1_000_000;
+
+/// Tasks by state, maintained by apply so that counting them costs nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCounts {
+    pub pending: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl StateCounts {
+    fn slot(&mut self, state: TaskState) -> &mut u64 {
+        match state {
+            TaskState::Pending => &mut self.pending,
+            TaskState::Queued => &mut self.queued,
+            TaskState::Running => &mut self.running,
+            TaskState::Completed => &mut self.completed,
+            TaskState::Failed => &mut self.failed,
+            TaskState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Count a task entering `to` (from `from`, or new when `None`).
+    pub(super) fn moved(&mut self, from: Option<TaskState>, to: Option<TaskState>) {
+        if let Some(from) = from {
+            let count = self.slot(from);
+            *count = count.saturating_sub(1);
+        }
+        if let Some(to) = to {
+            *self.slot(to) += 1;
+        }
+    }
+}
+
+/// Move `task` to `state`, counting it.
+pub(super) fn set_state(counts: &mut StateCounts, task: &mut Task, state: TaskState) {
+    counts.moved(Some(task.state), Some(state));
+    task.state = state;
+}
+
+/// The idempotency key of an evicted task, kept until its window runs out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredKey {
+    pub task_id: TaskId,
+    pub expires_at_ms: u64,
 }
 
 /// Upper bound on slots one node registers.
@@ -365,6 +455,16 @@ pub enum TaskCommand {
         agent_id: String,
         state: AgentState,
     },
+    /// Remove finished tasks from the state (proposed by the leader's housekeeping). Each entry
+    /// is a task and the time it finished as the leader saw it; a task is removed only if it
+    /// still finished then (so a task retried and finished again since is kept for a later
+    /// round), it is due (its retention ran out, or more than `retained_max` finished tasks are
+    /// held), no open task needs it (an open child, an open dependent) and its parent is gone.
+    /// Tasks that do not qualify are skipped, never refused. Idempotency keys whose window ran
+    /// out are forgotten too. At most [`EVICT_BATCH_MAX`] tasks.
+    Evict {
+        tasks: Vec<(TaskId, u64)>,
+    },
     /// Add one agent to `node_id`'s pool, like its existing agents of `agent_type`, while the
     /// node has fewer than `agents_max` agents that are not terminated.
     AddAgent {
@@ -395,6 +495,7 @@ pub enum TaskResponse {
     Expanded { children: Vec<TaskId>, chained: bool },
     AgentStateSet { previous: AgentState },
     AgentAdded { agent_id: String },
+    Evicted { evicted: usize, skipped: usize, keys_expired: usize },
 }
 
 /// Why a task command was refused. Nothing changed.
@@ -450,6 +551,29 @@ pub struct TaskTable {
     #[serde(default)]
     pub open: usize,
     pub limits: TaskLimits,
+    /// Idempotency keys of evicted tasks, until their window runs out: a resubmit with one
+    /// still answers with the evicted task.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub retired_keys: BTreeMap<String, RetiredKey>,
+    /// Tasks evicted so far, and the greatest evicted id: a missing id at or below it may have
+    /// been evicted, one above it never existed (ids are time-ordered).
+    #[serde(default)]
+    pub evicted: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted_id_max: Option<TaskId>,
+    /// Derived indexes, maintained by apply and rebuilt when a snapshot is read
+    /// ([`TaskTable::rebuild_indexes`]): tasks by state, finished tasks by (finish time, id)
+    /// (the eviction order), retired keys by expiry, leased tasks by their lease deadline.
+    #[serde(skip)]
+    pub counts: StateCounts,
+    #[serde(skip)]
+    pub finished: BTreeSet<(u64, TaskId)>,
+    #[serde(skip)]
+    pub retired_key_expiries: BTreeSet<(u64, String)>,
+    /// Every task holding a lease, by ([`Lease::deadline_ms`], id): `Tick` and `tick_due` read
+    /// only the entries that are due, `ExtendLeases` only the leased tasks.
+    #[serde(skip)]
+    pub lease_deadlines: BTreeSet<(u64, TaskId)>,
     /// Tasks closed by the command being applied; their parents are settled before the command
     /// returns. Always empty between commands.
     #[serde(skip)]

@@ -21,6 +21,8 @@ pub struct TaskRow {
     pub updated_at_ms: i64,
     pub node_id: Option<i64>,
     pub fencing_token: Option<i64>,
+    /// A finished task's record (JSON), served after the task leaves the replicated state.
+    pub record: Option<String>,
 }
 
 /// One key of the leader's mirror of the replicated key-value space (`shared_state`).
@@ -68,15 +70,16 @@ impl PgStore {
         let updated: Vec<i64> = rows.iter().map(|r| r.updated_at_ms).collect();
         let nodes: Vec<Option<i64>> = rows.iter().map(|r| r.node_id).collect();
         let tokens: Vec<Option<i64>> = rows.iter().map(|r| r.fencing_token).collect();
+        let records: Vec<Option<&str>> = rows.iter().map(|r| r.record.as_deref()).collect();
         let mut transaction = self.pool.begin().await.map_err(|e| self.error(e))?;
         self.counted();
         sqlx::query(
-            "INSERT INTO tasks (task_id, task_type, priority, state, attempt, submitter, parent, cause, created_at, updated_at) \
-             SELECT t.id, t.ty, t.pr, t.st, t.at, t.su, t.pa, t.ca, to_timestamp(t.cr / 1000.0), to_timestamp(t.up / 1000.0) \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) \
-                  AS t(id, ty, pr, st, at, su, pa, ca, cr, up) \
+            "INSERT INTO tasks (task_id, task_type, priority, state, attempt, submitter, parent, cause, created_at, updated_at, record) \
+             SELECT t.id, t.ty, t.pr, t.st, t.at, t.su, t.pa, t.ca, to_timestamp(t.cr / 1000.0), to_timestamp(t.up / 1000.0), t.re \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[]) \
+                  AS t(id, ty, pr, st, at, su, pa, ca, cr, up, re) \
              ON CONFLICT (task_id) DO UPDATE SET state = EXCLUDED.state, attempt = EXCLUDED.attempt, \
-                  cause = EXCLUDED.cause, updated_at = EXCLUDED.updated_at",
+                  cause = EXCLUDED.cause, updated_at = EXCLUDED.updated_at, record = EXCLUDED.record",
         )
         .bind(&ids)
         .bind(&types)
@@ -88,6 +91,7 @@ impl PgStore {
         .bind(&causes)
         .bind(&created)
         .bind(&updated)
+        .bind(&records)
         .execute(&mut *transaction)
         .await
         .map_err(|e| self.error(e))?;
@@ -179,5 +183,33 @@ impl PgStore {
             .map_err(|e| self.error(e))?;
         }
         transaction.commit().await.map_err(|e| self.error(e))
+    }
+}
+
+/// Children of one finished task read back from the mirror, at most.
+pub const MIRRORED_CHILDREN_MAX: i64 = 1_000;
+
+impl PgStore {
+    /// The mirrored record of finished task `task_id` and those of its finished children (at most
+    /// [`MIRRORED_CHILDREN_MAX`]), as JSON; `None` when the mirror holds no finished record of it.
+    pub async fn finished_records(&self, task_id: &str) -> Result<Option<(String, Vec<String>)>, StorageError> {
+        self.counted();
+        let record: Option<String> =
+            sqlx::query_scalar("SELECT record FROM tasks WHERE task_id = $1 AND record IS NOT NULL")
+                .bind(task_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+        let Some(record) = record else { return Ok(None) };
+        self.counted();
+        let children: Vec<String> = sqlx::query_scalar(
+            "SELECT record FROM tasks WHERE parent = $1 AND record IS NOT NULL ORDER BY task_id LIMIT $2",
+        )
+        .bind(task_id)
+        .bind(MIRRORED_CHILDREN_MAX)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(Some((record, children)))
     }
 }
