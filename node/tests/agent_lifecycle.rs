@@ -71,7 +71,7 @@ async fn agents_are_spawned_paused_terminated_and_resumed_through_the_api() -> a
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("system.max_agents"), "{}", refused.message());
     let unknown = agents.spawn(SpawnAgentRequest { node_id: 2, agent_type: "poet".into() }).await.expect_err("type");
-    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert_eq!(unknown.code(), Code::FailedPrecondition, "a type the node does not run: {unknown:?}");
     let missing = agents.pause(AgentRequest { agent_id: "n9/coder/0".into() }).await.expect_err("unknown agent");
     assert_eq!(missing.code(), Code::NotFound);
 

@@ -377,6 +377,7 @@ impl ClusterService for ClusterApi {
         self.on_leader(
             forwarded,
             || async move {
+                still_leading(&core)?;
                 let node = MaosNode { raft_addr: add.raft_addr.clone(), api_addr: add.api_addr.clone() };
                 // Blocking: returns once the learner has caught up, or not at all if it is
                 // unreachable, hence the deadline. A learner that timed out stays a learner.
@@ -394,6 +395,7 @@ impl ClusterService for ClusterApi {
                     .map_err(membership_status)?;
                 if !add.learner_only {
                     let voters = BTreeSet::from([add.id]);
+                    still_leading(&core)?;
                     core.raft
                         .change_membership(ChangeMembers::AddVoterIds(voters), false)
                         .await
@@ -420,11 +422,25 @@ impl ClusterService for ClusterApi {
             || async move {
                 let ids = BTreeSet::from([id]);
                 let change = if voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
+                still_leading(&core)?;
                 core.raft.change_membership(change, false).await.map_err(membership_status)?;
                 Ok(Response::new(RemoveNodeResponse { members: member_list(&core) }))
             },
             |mut client| async move { client.remove_node(mark_forwarded(RemoveNodeRequest { id })).await },
         )
         .await
+    }
+}
+
+/// A membership change starts only on a node that leads right now. openraft 0.9 asserts that only
+/// a leader appends a membership entry, and a change that reaches a leader while it steps down
+/// (after a transfer, or a removal of itself) trips that assertion in its core; such a change is
+/// refused here as retryable instead (UNAVAILABLE, REST 503). It narrows the window, it does not
+/// close it: the step-down can still land between this check and the change.
+fn still_leading(core: &NodeCore) -> Result<(), Status> {
+    if core.is_leader() {
+        Ok(())
+    } else {
+        Err(Status::unavailable("membership: this node is no longer the leader (leadership is moving); retry"))
     }
 }

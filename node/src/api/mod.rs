@@ -19,6 +19,7 @@ pub(crate) mod kv;
 pub(crate) mod openapi;
 pub(crate) mod rest;
 pub(crate) mod rest_cluster;
+pub(crate) mod rest_error;
 pub(crate) mod rest_tasks;
 pub(crate) mod status;
 pub(crate) mod streams;

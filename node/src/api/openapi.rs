@@ -12,7 +12,7 @@ use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, OpenApi, ResponseBuilder, Type};
 use utoipa::OpenApi as _;
 
-use crate::api::rest::ErrorBody;
+use crate::api::rest_error::ErrorBody;
 use crate::api::{rest_cluster, rest_tasks};
 
 #[derive(utoipa::OpenApi)]

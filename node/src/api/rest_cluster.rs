@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Request;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::rest::{integer, ok, Answer, ApiError, ErrorBody, Services};
+use crate::api::rest_error::{integer, ok, Answer, ApiError, ErrorBody, Services};
 
 /// An agent's state.
 #[derive(ToSchema)]

@@ -22,7 +22,7 @@ use tonic::Request;
 use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::rest::{integer, ok, Answer, ApiError, ErrorBody, Services};
+use crate::api::rest_error::{integer, ok, Answer, ApiError, ErrorBody, Services};
 use crate::api::tasks::PAGE_SIZE_MAX;
 
 /// A task's priority.
@@ -565,25 +565,6 @@ pub(crate) async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_document_states_the_bounds_validation_enforces() {
-        let document = serde_json::to_value(crate::api::rest::openapi_document()).expect("serialises");
-        let submit = &document["components"]["schemas"]["Submit"]["properties"];
-        assert_eq!(submit["task_type"]["maxLength"], 64, "{submit}");
-        assert_eq!(submit["task_type"]["pattern"], "^[A-Za-z0-9._-]{1,64}$");
-        assert_eq!(submit["max_retries"]["maximum"].as_f64(), Some(100.0));
-        assert_eq!(submit["depends_on"]["maxItems"], 256);
-        assert_eq!(submit["labels"]["maxProperties"], 32);
-        let list = &document["paths"]["/api/v1/tasks"]["get"]["parameters"];
-        let page_size = list.as_array().and_then(|p| p.iter().find(|p| p["name"] == "page_size")).expect("page_size");
-        assert_eq!(page_size["schema"]["minimum"].as_f64(), Some(1.0), "{page_size}");
-        let codes = &document["paths"]["/api/v1/tasks"]["post"]["responses"];
-        for code in ["200", "201", "400", "404", "409", "413", "429", "500", "503"] {
-            assert!(codes.get(code).is_some(), "submit documents {code}: {codes}");
-        }
-        assert!(document["paths"].get("/api/v1/agents/{agent_id}/{action}").is_some());
-    }
 
     #[test]
     fn the_rest_task_is_the_command_lines_json_and_carries_every_grpc_field() {
