@@ -22,7 +22,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("scheduling", &["config", "raft", "telemetry"]),
     ("api", &["config", "raft", "storage", "agents", "telemetry"]),
     ("dashboard", &["transport", "config", "telemetry", "raft", "storage", "agents", "api"]),
-    ("server", &["transport", "proto", "config", "telemetry", "raft", "storage", "agents", "scheduling", "api", "dashboard"]),
+    (
+        "server",
+        &["transport", "proto", "config", "telemetry", "raft", "storage", "agents", "scheduling", "api", "dashboard"],
+    ),
 ];
 
 /// What the `maos` binary (`main.rs`, `cli/`) may use of the server library: its declared

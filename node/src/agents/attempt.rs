@@ -220,6 +220,13 @@ pub(super) async fn run_attempt(
     if spawn_failed {
         metrics.spawn_failures_total.fetch_add(1, Ordering::Relaxed);
     }
+    // One line per attempt, inside its span (task and agent ids), as Celery's workers log each task.
+    tracing::info!(
+        token,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        spawn_failed,
+        "the agent ended; reporting"
+    );
     report(&core, &storage, &envelope, outcome, deadline).await;
     spawn_failed
 }

@@ -84,6 +84,11 @@ pub fn is_openraft_peer_noise(metadata: &tracing::Metadata<'_>) -> bool {
         // `error!(err = display(&err), "RPCError")`.
         return (*metadata.level() == tracing::Level::WARN && has("error")) || has("err");
     }
+    if target.starts_with("openraft::engine::handler::replication_handler") {
+        // `warn!(request_id, result, "update progress error")` and `warn!("heartbeat error: …")`
+        // after every failed replication call; its ERROR (`update_matching`) stays.
+        return *metadata.level() == tracing::Level::WARN;
+    }
     if target.starts_with("openraft::core") {
         // `error!(target = .., error = .., "timeout" | "while requesting vote" |
         // "timeout while confirming leadership for read request")`.
