@@ -233,10 +233,14 @@ test('killing the leader shows the new one without a reload', async () => {
   await markNoReload(page);
   process.kill(pids[old], 'SIGKILL');
   killed.add(old);
+  // The leader field is the watcher's view and each row is that node's own status, sampled
+  // apart: wait until both show the new leader (a sample can land between its election and its
+  // own status saying so).
   await page.waitForFunction((id) => {
     const leader = document.querySelector('#leader')?.dataset.leaderId;
     const row = document.querySelector(`#node-table tr[data-node-id="${id}"]`);
-    return leader && leader !== id && row?.dataset.role === 'unreachable';
+    const leaderRow = document.querySelector(`#node-table tr[data-node-id="${leader}"]`);
+    return leader && leader !== id && row?.dataset.role === 'unreachable' && leaderRow?.dataset.role === 'leader';
   }, old, { timeout: 30_000 });
   const now = await page.locator('#leader').getAttribute('data-leader-id');
   assert.notEqual(now, old);
