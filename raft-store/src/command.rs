@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{AuthCommand, AuthRejection};
 use crate::tasks::{TaskCommand, TaskRejection, TaskResponse};
 use crate::NodeId;
 
@@ -15,10 +16,10 @@ use crate::NodeId;
 /// progress, usage, plans, retry, fenced key-value writes), key TTLs and a task's `max_agents`,
 /// which changes what `Assign` accepts: a version-1 node must stop rather than apply them
 /// differently. Version 3 adds retention (`TaskCommand::Evict`, and the retention limits
-/// `Configure` carries). Older entries read and apply unchanged. A node stops applying (a storage error, never a panic or a silent
+/// `Configure` carries). Version 4 adds auth (`Command::Auth`). Older entries read and apply unchanged. A node stops applying (a storage error, never a panic or a silent
 /// difference) at a request whose version is newer than it understands, so a mixed-version
 /// cluster cannot diverge; upgrading the node lets it continue from that entry.
-pub const REQUEST_FORMAT_VERSION: u16 = 3;
+pub const REQUEST_FORMAT_VERSION: u16 = 4;
 
 /// Upper bound on a coordination key, in bytes.
 pub const KEY_BYTES_MAX: usize = 256;
@@ -114,6 +115,8 @@ pub enum Command {
     /// applying. Every sequence at or below `acknowledged` has its answer at the client, so the
     /// state forgets those answers. A refused command is not remembered (nothing applied).
     Session { client: u64, sequence: u64, acknowledged: u64, command: Box<Command> },
+    /// API keys and the auth secret (`auth.rs`).
+    Auth(AuthCommand),
 }
 
 impl Command {
@@ -147,6 +150,7 @@ impl Command {
                 64 + tasks.iter().map(|(id, _)| id.len() + 16).sum::<usize>()
             }
             Command::Task(_) => 64,
+            Command::Auth(_) => 256,
         }
     }
 }
@@ -185,6 +189,8 @@ pub enum Rejection {
     BatchTooLarge { count: usize, limit: usize },
     #[error("{0}")]
     Task(#[from] TaskRejection),
+    #[error("{0}")]
+    Auth(#[from] AuthRejection),
     #[error("this cluster is already initialised as {existing_id}; refusing identity {proposed_id}")]
     ClusterIdentityConflict { existing_id: String, proposed_id: String },
     #[error("client session {client} is unknown or expired (no command within its time to live); open a new session; a command already sent on it may or may not have applied")]

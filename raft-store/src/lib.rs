@@ -6,6 +6,7 @@
 //! simulations. Both pass `openraft::testing`.
 //!
 //! Layout:
+//! - [`auth`]: API keys (hashed) and the cluster's auth secret.
 //! - [`command`]: versioned log payloads, results and typed refusals.
 //! - [`state`]: `StateMachineData::apply`, `validate`, `state_hash`: pure, no clock, no I/O.
 //! - [`tasks`]: tasks, leases with fencing tokens, retries, dependencies, cancellation, slots.
@@ -24,6 +25,7 @@
 // openraft's traits fix the error type to its `StorageError` (about 224 bytes); helpers return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod auth;
 pub mod command;
 pub mod mem;
 pub mod rocks;

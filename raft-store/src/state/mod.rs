@@ -17,6 +17,7 @@ use crate::command::{
 
 mod sessions;
 
+use crate::auth::AuthState;
 use crate::tasks::{
     check_plan, check_spec, TaskCommand, TaskRejection, TaskTable, EVICT_BATCH_MAX, SLOTS_PER_NODE_MAX,
 };
@@ -81,6 +82,9 @@ pub struct AppState {
     /// Sessions by expiry time.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub session_expiries: BTreeSet<(u64, u64)>,
+    /// API keys and the auth secret.
+    #[serde(default, skip_serializing_if = "AuthState::is_empty")]
+    pub auth: AuthState,
 }
 
 /// Everything the state machine holds, including Raft's own bookkeeping.
@@ -181,6 +185,7 @@ impl StateMachineData {
         }
         self.app.tasks.validate().map_err(InvariantViolation)?;
         sessions::validate(&self.app).map_err(InvariantViolation)?;
+        self.app.auth.validate().map_err(InvariantViolation)?;
         for (node_id, record) in &self.app.nodes {
             if *node_id == 0 || record.raft_addr.is_empty() || record.api_addr.is_empty() {
                 return Err(InvariantViolation(format!("node record {node_id} is incomplete")));
@@ -271,6 +276,7 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
             message: format!("{} tasks in one eviction, over the limit of {EVICT_BATCH_MAX}", tasks.len()),
         }),
         Command::Task(_) => Ok(()),
+        Command::Auth(command) => Ok(crate::auth::check(command)?),
         Command::OpenSession { ttl_ms } => {
             if !(SESSION_TTL_MS_MIN..=SESSION_TTL_MS_MAX).contains(ttl_ms) {
                 return Err(Rejection::InvalidField {
@@ -425,6 +431,10 @@ fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command)
             }
             apply_command(app, now_ms, token, command)
         }
+        Command::Auth(command) => {
+            app.auth.apply(now_ms, command)?;
+            Ok(Response::Applied)
+        }
         Command::OpenSession { ttl_ms } => sessions::open(app, now_ms, token, *ttl_ms),
         Command::Session { client, sequence, acknowledged, command } => {
             sessions::apply(app, now_ms, token, (*client, *sequence, *acknowledged), command)
@@ -432,6 +442,7 @@ fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command)
         Command::Task(command) => {
             if matches!(command, TaskCommand::Tick) {
                 app.purge_expired_kv(now_ms);
+                app.auth.purge_expired(now_ms);
             }
             Ok(Response::Task(app.tasks.apply(now_ms, token, command)?))
         }
