@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/maos/v1/cluster.proto",
             "proto/maos/v1/tasks.proto",
             "proto/maos/v1/agents.proto",
+            "proto/maos/v1/auth.proto",
         ],
         &["proto"],
     )?;

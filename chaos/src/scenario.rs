@@ -138,6 +138,9 @@ fn node_config(id: u64) -> Config {
     config.raft.snapshot_after_logs = 64;
     config.raft.logs_kept_after_snapshot = 16;
     config.raft.request_timeout_ms = 3_000;
+    // The simulated network has no strangers; the simulation is about faults, not auth.
+    config.security.auth.enabled = false;
+    config.security.allow_insecure = true;
     config
 }
 

@@ -115,6 +115,19 @@ pub fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
+/// Adds `authorization: Bearer <token>` to each request of a raw generated client.
+#[derive(Debug, Clone)]
+pub struct Authorization(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A client of a MAOS cluster.
 #[derive(Debug)]
 pub struct Client {
@@ -180,6 +193,11 @@ impl Client {
     /// Set the deadline and credentials on a request.
     fn prepare<T>(&self, request: &mut Request<T>, remaining: Duration) {
         request.set_timeout(remaining);
+        self.authorize(request);
+    }
+
+    /// Set the credentials on a request.
+    fn authorize<T>(&self, request: &mut Request<T>) {
         if let Some(value) = &self.authorization {
             request.metadata_mut().insert("authorization", value.clone());
         }
@@ -264,7 +282,7 @@ impl Client {
             .cloned()
             .ok_or_else(|| ClientError::InvalidArgument(format!("endpoint index {index} is out of range")))?;
         let mut request = Request::new(StatusRequest { with_state_hash });
-        request.set_timeout(self.deadline);
+        self.prepare(&mut request, self.deadline);
         let outcome =
             match tokio::time::timeout(self.deadline, ClusterServiceClient::new(channel).status(request)).await {
                 Ok(outcome) => outcome,
@@ -331,9 +349,7 @@ impl Client {
         let request = WatchTaskRequest { task_id: task_id.into(), include_children };
         self.with_failover(|channel, _| {
             let mut request = Request::new(request.clone());
-            if let Some(value) = &self.authorization {
-                request.metadata_mut().insert("authorization", value.clone());
-            }
+            self.authorize(&mut request);
             async move { Ok(TaskServiceClient::new(channel).watch(request).await?.into_inner()) }
         })
         .await
@@ -395,6 +411,12 @@ impl Client {
             async move { Ok(answer.await?.into_inner()) }
         })
         .await
+    }
+
+    /// An interceptor that adds this client's `authorization` to every call of a raw client
+    /// (`XServiceClient::with_interceptor(client.channel(0)?, client.authorization())`).
+    pub fn authorization(&self) -> Authorization {
+        Authorization(self.authorization.clone())
     }
 
     /// A raw channel to `endpoints()[index]`, for calls the SDK does not wrap yet.

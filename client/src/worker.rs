@@ -79,7 +79,7 @@ impl Worker {
         let response = client
             .with_failover(|channel, remaining| {
                 let mut request = Request::new(request.clone());
-                request.set_timeout(remaining);
+                client.prepare(&mut request, remaining);
                 async move { Ok(WorkerServiceClient::new(channel).register(request).await?.into_inner()) }
             })
             .await?;
@@ -119,7 +119,7 @@ impl Worker {
         self.client
             .with_failover(|channel, remaining| {
                 let mut request = Request::new(request.clone());
-                request.set_timeout(remaining);
+                self.client.prepare(&mut request, remaining);
                 async move { WorkerServiceClient::new(channel).report_progress(request).await.map(|_| ()) }
             })
             .await
@@ -131,7 +131,7 @@ impl Worker {
         self.client
             .with_failover(|channel, remaining| {
                 let mut request = Request::new(request.clone());
-                request.set_timeout(remaining);
+                self.client.prepare(&mut request, remaining);
                 async move { WorkerServiceClient::new(channel).save_checkpoint(request).await.map(|_| ()) }
             })
             .await
@@ -168,8 +168,9 @@ impl Worker {
         let mut index = 0usize;
         loop {
             let Some(channel) = self.client.channel(index % endpoints) else { return Err(ClientError::NoEndpoints) };
-            let stream =
-                WorkerServiceClient::new(channel).assignments(AssignmentsRequest { worker_id: self.worker_id }).await;
+            let mut request = Request::new(AssignmentsRequest { worker_id: self.worker_id });
+            self.client.authorize(&mut request);
+            let stream = WorkerServiceClient::new(channel).assignments(request).await;
             let mut stream = match stream {
                 Ok(stream) => stream.into_inner(),
                 Err(status) if status.code() == tonic::Code::NotFound => {
@@ -221,8 +222,9 @@ impl Worker {
                 .with_failover(|channel, remaining| {
                     let report = report.clone();
                     let id = id.clone();
+                    let auth = client.authorization();
                     async move {
-                        let mut service = WorkerServiceClient::new(channel);
+                        let mut service = WorkerServiceClient::with_interceptor(channel, auth);
                         match report {
                             Report::Complete(result) => {
                                 let complete = WorkerCompleteRequest {
@@ -309,7 +311,7 @@ async fn heartbeat(client: &Client, request: HeartbeatRequest) -> Result<Vec<Str
     client
         .with_failover(|channel, remaining| {
             let mut request = Request::new(request.clone());
-            request.set_timeout(remaining);
+            client.prepare(&mut request, remaining);
             async move { Ok(WorkerServiceClient::new(channel).heartbeat(request).await?.into_inner().lost) }
         })
         .await

@@ -116,7 +116,8 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
             let state = core.state.read();
             let table = &state.app.tasks;
             (
-                check_expiry && (table.tick_due(now_ms) || state.app.kv_expiry_due(now_ms)),
+                check_expiry
+                    && (table.tick_due(now_ms) || state.app.kv_expiry_due(now_ms) || state.app.auth.expiry_due(now_ms)),
                 plan_assignments(table, now_ms, settings.assignments_max, settings.lease_ms),
             )
         };

@@ -36,6 +36,7 @@ async fn a_node_joins_as_learner_then_voter_and_leaves() -> anyhow::Result<()> {
         .args(["serve", "--node-id", "4", "--listen", &api, "--raft-listen", &raft, "--peers", &peers])
         .arg("--data-dir")
         .arg(&data)
+        .env("MAOS_SECURITY_AUTH_ENABLED", "false")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;

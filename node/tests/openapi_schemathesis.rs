@@ -1,6 +1,8 @@
 //! schemathesis (PyPI, pinned; `scripts/setup.sh` puts it in `$CARGO_TARGET_DIR/schemathesis`)
 //! against live nodes with every check: status codes, content types and bodies as the OpenAPI
 //! document says, requests valid by the document accepted, requests it forbids refused, no 5xx.
+//! The cluster runs with auth on and schemathesis sends the bootstrap admin token (its
+//! `ignored_auth` check also calls without it and expects the documented 401).
 //! The routes that change the cluster (membership, leadership) run against a throwaway cluster
 //! of their own, so the main run keeps a stable three-node cluster. Every node must still run
 //! afterwards and none may have logged a panic.
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{options, STEP};
-use maos_testkit::local_cluster::LocalCluster;
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
 
 /// Examples per operation and phase: enough to reach every bound, small enough that a run
 /// stays within a minute or two on a loaded machine.
@@ -36,18 +38,23 @@ fn schemathesis() -> anyhow::Result<PathBuf> {
     Ok(tool)
 }
 
-async fn started(root: &Path) -> anyhow::Result<LocalCluster> {
-    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, options())?;
+/// A cluster with auth on (the document declares the bearer scheme, and schemathesis checks
+/// that a call without it is refused), and its bootstrap admin token.
+async fn started(root: &Path) -> anyhow::Result<(LocalCluster, String)> {
+    let options = LocalClusterOptions { auth: true, ..options() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, options)?;
     cluster.start_all()?;
+    let token = cluster.wait_for_bootstrap_token(STEP).await?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
     // Every node's agents registered, so the document's example type is served.
     let http = reqwest::Client::new();
     let base = format!("http://{}", cluster.nodes[&1].api_addr);
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        let agents: serde_json::Value = http.get(format!("{base}/api/v1/agents")).send().await?.json().await?;
+        let agents: serde_json::Value =
+            http.get(format!("{base}/api/v1/agents")).bearer_auth(&token).send().await?.json().await?;
         if agents["total"].as_u64() == Some(6) {
-            return Ok(cluster);
+            return Ok((cluster, token));
         }
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "agents never registered: {agents}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -56,11 +63,12 @@ async fn started(root: &Path) -> anyhow::Result<LocalCluster> {
 
 /// Run schemathesis against `api_addr` with `selection`; returns whether it passed, and prints
 /// its report.
-async fn run(tool: &Path, work: &Path, api_addr: &str, selection: &[&str]) -> anyhow::Result<bool> {
+async fn run(tool: &Path, work: &Path, api_addr: &str, token: &str, selection: &[&str]) -> anyhow::Result<bool> {
     let base = format!("http://{api_addr}");
     let mut command = tokio::process::Command::new(tool);
     command
         .args(["run", &format!("{base}/api/v1/openapi.json"), "--url", &base, "--checks", "all"])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--max-examples", MAX_EXAMPLES, "--seed", "18", "--workers", "1", "--request-timeout", "20"])
         .args(["--generation-database", "none", "--continue-on-failure", "--no-color", "--warnings", "off"])
         .args(selection)
@@ -98,11 +106,11 @@ async fn every_route_answers_as_the_openapi_document_says() -> anyhow::Result<()
 
     // The main run: every route but the cluster changes, through a follower (it forwards writes).
     let root = tempfile::tempdir()?;
-    let mut cluster = started(root.path()).await?;
+    let (mut cluster, token) = started(root.path()).await?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap_or(1);
     let api_addr = cluster.nodes[&follower].api_addr.clone();
-    if !run(&tool, work.path(), &api_addr, &["--exclude-path-regex", CLUSTER_CHANGES]).await? {
+    if !run(&tool, work.path(), &api_addr, &token, &["--exclude-path-regex", CLUSTER_CHANGES]).await? {
         problems.push("schemathesis found failures in the main run (report above)".to_string());
     }
     problems.extend(healthy(&mut cluster));
@@ -118,12 +126,12 @@ async fn every_route_answers_as_the_openapi_document_says() -> anyhow::Result<()
         "[checks.not_a_server_error]\nexpected-statuses = [\"2xx\", \"3xx\", \"4xx\", \"503\"]\n",
     )?;
     let root = tempfile::tempdir()?;
-    let mut throwaway = started(root.path()).await?;
+    let (mut throwaway, token) = started(root.path()).await?;
     let api_addr = throwaway.nodes[&1].api_addr.clone();
     // schemathesis reads `schemathesis.toml` from its working directory.
     // A transfer to a member that never answers waits out its bound (10 s) before its 503.
     let selection = ["--include-path-regex", CLUSTER_CHANGES, "--max-response-time", "30"];
-    if !run(&tool, work.path(), &api_addr, &selection).await? {
+    if !run(&tool, work.path(), &api_addr, &token, &selection).await? {
         problems.push("schemathesis found failures in the cluster-change run (report above)".to_string());
     }
     for line in healthy(&mut throwaway) {

@@ -33,6 +33,8 @@ fn options() -> LocalClusterOptions {
     LocalClusterOptions {
         log_level: "WARN".into(),
         env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        // Auth on, as in production: the demo calls as the bootstrap admin.
+        auth: true,
         ..Default::default()
     }
 }
@@ -107,6 +109,11 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path, keep: bool) -
     progress.waiting("waiting for a leader");
     let (leader, term) = cluster.wait_for_leader(&all, STEP_TIMEOUT).await?;
     progress.println(format!("{} leader elected: node {leader} (term {term})", elapsed()));
+    cluster.wait_for_bootstrap_token(STEP_TIMEOUT).await?;
+    if let Some(path) = cluster.bootstrap_token_path() {
+        progress.println(format!("   auth is on; the bootstrap admin token is in {}", path.display()));
+        progress.println(format!("   (for the CLI: export MAOS_TOKEN=$(cat {}))", path.display()));
+    }
     progress.waiting("waiting for the agent pools to register");
     let client = cluster.client()?;
     let deadline = Instant::now() + STEP_TIMEOUT;

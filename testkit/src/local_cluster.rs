@@ -15,6 +15,10 @@ use anyhow::{anyhow, bail, Context};
 use maos_client::proto::v1::StatusResponse;
 use maos_client::Client;
 
+/// The file in a node's data dir that holds the bootstrap admin token (`maos serve` writes it;
+/// the same name as the node's `raft::housekeeping::BOOTSTRAP_TOKEN_FILE`).
+pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
+
 /// Knobs for a local cluster.
 #[derive(Debug, Clone)]
 pub struct LocalClusterOptions {
@@ -28,6 +32,10 @@ pub struct LocalClusterOptions {
     pub log_level: String,
     /// More environment for every node (`MAOS_*` overrides).
     pub env: Vec<(String, String)>,
+    /// `security.auth.enabled`. Off by default here, so tests and benchmarks that are not about
+    /// auth call without tokens (every node listens on loopback only). On, the first leader
+    /// writes the bootstrap admin token to its data dir and [`LocalCluster::client`] uses it.
+    pub auth: bool,
 }
 
 impl Default for LocalClusterOptions {
@@ -39,6 +47,7 @@ impl Default for LocalClusterOptions {
             logs_kept_after_snapshot: 1_000,
             log_level: "INFO".into(),
             env: Vec::new(),
+            auth: false,
         }
     }
 }
@@ -193,6 +202,7 @@ impl LocalCluster {
             .env("MAOS_RAFT_LOGS_KEPT_AFTER_SNAPSHOT", self.options.logs_kept_after_snapshot.to_string())
             .env("MAOS_SYSTEM_LOG_LEVEL", &self.options.log_level)
             .env("MAOS_DASHBOARD_LISTEN", &node.dashboard_addr)
+            .env("MAOS_SECURITY_AUTH_ENABLED", self.options.auth.to_string())
             .envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         Ok(command)
@@ -258,15 +268,50 @@ impl LocalCluster {
         }
     }
 
-    /// A client of every node.
+    /// Where the bootstrap admin token is, once the first leader has written it.
+    pub fn bootstrap_token_path(&self) -> Option<PathBuf> {
+        self.nodes.values().map(|n| n.data_dir.join(BOOTSTRAP_TOKEN_FILE)).find(|path| path.exists())
+    }
+
+    /// The bootstrap admin token, once written.
+    pub fn bootstrap_token(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.bootstrap_token_path()?).ok()?;
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+    }
+
+    /// Wait for the bootstrap admin token (auth on).
+    pub async fn wait_for_bootstrap_token(&self, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(token) = self.bootstrap_token() {
+                return Ok(token);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("no node wrote {BOOTSTRAP_TOKEN_FILE} within {timeout:?} (is security.auth.enabled on?)");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `client` with the bootstrap token when auth is on and the token is written.
+    fn authorized(&self, client: Client) -> anyhow::Result<Client> {
+        match self.options.auth.then(|| self.bootstrap_token()).flatten() {
+            Some(token) => Ok(client.with_credentials(&token)?),
+            None => Ok(client),
+        }
+    }
+
+    /// A client of every node (with auth on, as the bootstrap admin once its token exists).
     pub fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::new(self.nodes.values().map(|n| n.api_addr.clone()))?.with_deadline(Duration::from_secs(15)))
+        let client =
+            Client::new(self.nodes.values().map(|n| n.api_addr.clone()))?.with_deadline(Duration::from_secs(15));
+        self.authorized(client)
     }
 
     /// A client of node `id` alone.
     pub fn client_of(&self, id: u64) -> anyhow::Result<Client> {
         let node = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
-        Ok(Client::new([node.api_addr.clone()])?.with_deadline(Duration::from_secs(15)))
+        self.authorized(Client::new([node.api_addr.clone()])?.with_deadline(Duration::from_secs(15)))
     }
 
     /// Node `id`'s status (without the state hash).

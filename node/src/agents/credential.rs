@@ -9,7 +9,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Prefix and version of the credential format.
-const PREFIX: &str = "maos1";
+pub const PREFIX: &str = "maos1";
 
 /// The node's credential key.
 pub struct Credentials {

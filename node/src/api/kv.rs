@@ -53,14 +53,18 @@ fn ttl(ttl_ms: u64) -> Option<u64> {
 }
 
 impl KvApi {
-    /// A call carrying an agent credential may only touch its workflow's keys, and only while its
-    /// lease is current. Calls without one are clients' (unrestricted until API principals exist).
+    /// A call carrying an agent credential (`maos1:…`) may only touch its workflow's keys, and
+    /// only while its lease is current. Other calls passed the auth layer (`auth.rs`) as a
+    /// principal with the key-value permission: unrestricted.
     fn check_scope<T>(&self, request: &Request<T>, key: &str) -> Result<Option<AgentScope>, Status> {
         let Some(header) = request.metadata().get("authorization") else { return Ok(None) };
-        let credential = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
-            Status::unauthenticated("authorization: expected `Bearer <credential>` from the task envelope")
-        })?;
-        let scope = self.credentials.verify(credential.trim()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let Some(credential) = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).map(str::trim) else {
+            return Ok(None);
+        };
+        if !credential.starts_with(crate::agents::credential::PREFIX) {
+            return Ok(None);
+        }
+        let scope = self.credentials.verify(credential).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let state = self.core.state.read();
         let table = &state.app.tasks;
         let current = table.tasks.get(&scope.task_id).and_then(|t| t.lease.as_ref()).map(|l| l.token);

@@ -8,15 +8,20 @@
 //! - `kv.rs`, `cluster.rs`, `tasks.rs`, `agents.rs`, `workers.rs`: the gRPC services.
 //! - `rest.rs` (the router and the HTTP mapping of statuses), `rest_tasks.rs` and `rest_cluster.rs`
 //!   (the handlers and their JSON bodies), `openapi.rs` (the document, generated from those).
+//! - `auth.rs`: the one authorization layer (tokens to principals, the method-to-permission
+//!   tables, default deny); `auth_service.rs`: API keys.
 //! - `http.rs`: `/health`, `/ready`, `/metrics`.
 //!
 //! The REST handlers call the gRPC service structs, so both surfaces share validation.
 
 pub(crate) mod agents;
+pub(crate) mod auth;
+pub(crate) mod auth_service;
 pub(crate) mod cluster;
 pub(crate) mod http;
 pub(crate) mod kv;
 pub(crate) mod openapi;
+pub(crate) mod principal;
 pub(crate) mod rest;
 pub(crate) mod rest_cluster;
 pub(crate) mod rest_error;

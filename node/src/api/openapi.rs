@@ -43,7 +43,41 @@ fn probe(summary: &str, answers: &[(&str, &str)]) -> PathItem {
     PathItem::new(HttpMethod::Get, operation)
 }
 
-/// The whole document: the routes' paths and the probes on the same port.
+/// An error answer of the auth layer (`auth.rs`), on every operation that needs a token.
+fn auth_error(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    let body = ContentBuilder::new().schema(Some(utoipa::openapi::Ref::from_schema_name("Error"))).build();
+    ResponseBuilder::new().description(description).content("application/json", body).build().into()
+}
+
+/// The bearer scheme on the whole document; the public routes (probes, this document) need
+/// none; every other operation lists the auth layer's 401 and 403.
+fn add_security(document: &mut OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    document
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    document.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+    for (path, item) in document.paths.paths.iter_mut() {
+        let public = matches!(path.as_str(), "/health" | "/ready" | "/metrics" | "/api/v1/openapi.json");
+        let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+        for operation in operations.into_iter().flatten() {
+            if public {
+                operation.security = Some(vec![SecurityRequirement::default()]);
+                continue;
+            }
+            let responses = &mut operation.responses.responses;
+            responses.entry("401".into()).or_insert_with(|| {
+                auth_error("no token, or an unknown, revoked or expired one (`authorization: Bearer <API key>`)")
+            });
+            responses.entry("403".into()).or_insert_with(|| {
+                auth_error("the token's role lacks the permission this route needs (docs/SECURITY.md)")
+            });
+        }
+    }
+}
+
+/// The whole document: the routes' paths, the probes on the same port, and the bearer scheme.
 pub(crate) fn finish(mut document: OpenApi) -> OpenApi {
     document.paths.paths.insert("/health".into(), probe("Liveness", &[("200", "ok")]));
     document.paths.paths.insert(
@@ -53,6 +87,7 @@ pub(crate) fn finish(mut document: OpenApi) -> OpenApi {
             &[("200", "ready"), ("503", "not ready, with the reason")],
         ),
     );
+    add_security(&mut document);
     document
 }
 

@@ -18,10 +18,10 @@ use maos_client::proto::v1::{
 };
 use maos_client::views::{priority_name, state_name};
 use serde::{Deserialize, Serialize};
-use tonic::Request;
 use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::api::principal::Principal;
 use crate::api::rest_error::{integer, ok, Answer, ApiError, ErrorBody, Services};
 use crate::api::tasks::PAGE_SIZE_MAX;
 
@@ -255,9 +255,13 @@ impl From<&TaskView> for TaskBody {
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable, or the task-data store is down; retry", body = ErrorBody),
     ))]
-pub(crate) async fn submit(State(s): State<Services>, body: Result<Json<SubmitBody>, JsonRejection>) -> Answer {
+pub(crate) async fn submit(
+    State(s): State<Services>,
+    who: Principal,
+    body: Result<Json<SubmitBody>, JsonRejection>,
+) -> Answer {
     let Json(body) = body?;
-    let answer = s.tasks.submit(Request::new(body.into_request()?)).await?.into_inner();
+    let answer = s.tasks.submit(who.request(body.into_request()?)).await?.into_inner();
     let status = if answer.duplicate { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(SubmittedBody { task_id: answer.task_id, duplicate: answer.duplicate })).into_response())
 }
@@ -320,7 +324,11 @@ fn parse_states(text: &str) -> Result<Vec<i32>, ApiError> {
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable, or the task-data store is down; retry", body = ErrorBody),
     ))]
-pub(crate) async fn list(State(s): State<Services>, query: Result<Query<ListQuery>, QueryRejection>) -> Answer {
+pub(crate) async fn list(
+    State(s): State<Services>,
+    who: Principal,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
     let Query(q) = query?;
     let states = parse_states(q.state.as_deref().unwrap_or_default())?;
     // gRPC's 0 means the default (proto3 cannot tell it from absent); here absent means that.
@@ -340,7 +348,7 @@ pub(crate) async fn list(State(s): State<Services>, query: Result<Query<ListQuer
         page_token: q.page_token.unwrap_or_default(),
         stale: false,
     };
-    let page = s.tasks.list(Request::new(request)).await?.into_inner();
+    let page = s.tasks.list(who.request(request)).await?.into_inner();
     ok(TaskPage { tasks: page.tasks.iter().map(TaskBody::from).collect(), next_page_token: page.next_page_token })
 }
 
@@ -353,9 +361,13 @@ pub(crate) async fn list(State(s): State<Services>, query: Result<Query<ListQuer
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable, or the task-data store is down; retry", body = ErrorBody),
     ))]
-pub(crate) async fn get_task(State(s): State<Services>, task_id: Result<Path<String>, PathRejection>) -> Answer {
+pub(crate) async fn get_task(
+    State(s): State<Services>,
+    who: Principal,
+    task_id: Result<Path<String>, PathRejection>,
+) -> Answer {
     let Path(task_id) = task_id?;
-    let view = s.tasks.get(Request::new(GetTaskRequest { task_id, stale: false })).await?.into_inner();
+    let view = s.tasks.get(who.request(GetTaskRequest { task_id, stale: false })).await?.into_inner();
     ok(TaskBody::from(&view))
 }
 
@@ -391,9 +403,13 @@ pub struct TaskResults {
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable, or the task-data store is down; retry", body = ErrorBody),
     ))]
-pub(crate) async fn results(State(s): State<Services>, task_id: Result<Path<String>, PathRejection>) -> Answer {
+pub(crate) async fn results(
+    State(s): State<Services>,
+    who: Principal,
+    task_id: Result<Path<String>, PathRejection>,
+) -> Answer {
     let Path(task_id) = task_id?;
-    let r = s.tasks.results(Request::new(GetTaskRequest { task_id, stale: false })).await?.into_inner();
+    let r = s.tasks.results(who.request(GetTaskRequest { task_id, stale: false })).await?.into_inner();
     let children = r
         .children
         .iter()
@@ -438,6 +454,7 @@ pub struct Cancelled {
     ))]
 pub(crate) async fn cancel(
     State(s): State<Services>,
+    who: Principal,
     task_id: Result<Path<String>, PathRejection>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Answer {
@@ -451,7 +468,7 @@ pub(crate) async fn cancel(
             .map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
         body.unwrap_or_default().reason
     };
-    let answer = s.tasks.cancel(Request::new(CancelTaskRequest { task_id, reason })).await?.into_inner();
+    let answer = s.tasks.cancel(who.request(CancelTaskRequest { task_id, reason })).await?.into_inner();
     ok(Cancelled { cancelled: answer.cancelled })
 }
 
@@ -466,9 +483,13 @@ pub(crate) async fn cancel(
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable; retry", body = ErrorBody),
     ))]
-pub(crate) async fn retry(State(s): State<Services>, task_id: Result<Path<String>, PathRejection>) -> Answer {
+pub(crate) async fn retry(
+    State(s): State<Services>,
+    who: Principal,
+    task_id: Result<Path<String>, PathRejection>,
+) -> Answer {
     let Path(task_id) = task_id?;
-    let view = s.tasks.retry(Request::new(RetryTaskRequest { task_id })).await?.into_inner();
+    let view = s.tasks.retry(who.request(RetryTaskRequest { task_id })).await?.into_inner();
     ok(TaskBody::from(&view))
 }
 
@@ -541,13 +562,14 @@ impl From<&TaskEvent> for TaskEventBody {
     ))]
 pub(crate) async fn events(
     State(s): State<Services>,
+    who: Principal,
     task_id: Result<Path<String>, PathRejection>,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Answer {
     let Path(task_id) = task_id?;
     let Query(q) = query?;
     let request = WatchTaskRequest { task_id, include_children: q.children.unwrap_or(false) };
-    let stream = s.tasks.watch(Request::new(request)).await?.into_inner();
+    let stream = s.tasks.watch(who.request(request)).await?.into_inner();
     let events = stream.map(|item| {
         let event = match item {
             Ok(e) => {

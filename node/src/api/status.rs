@@ -35,6 +35,7 @@ pub fn invalid(message: impl Into<String>) -> Status {
 
 /// The gRPC code of a refusal: the caller's fix differs by case.
 pub fn status_of_rejection(rejection: Rejection) -> Status {
+    use maos_raft_store::auth::AuthRejection as A;
     use maos_raft_store::tasks::TaskRejection as T;
     let message = rejection.to_string();
     match rejection {
@@ -57,6 +58,14 @@ pub fn status_of_rejection(rejection: Rejection) -> Status {
             | T::NotYet { .. }
             | T::SlotUnavailable { .. },
         ) => Status::failed_precondition(message),
+        Rejection::Auth(auth) => match auth {
+            A::AlreadyBootstrapped => Status::failed_precondition(message),
+            A::NotBootstrapped => Status::unavailable(message),
+            A::DuplicateKey { .. } => Status::already_exists(message),
+            A::UnknownKey { .. } => Status::not_found(message),
+            A::TooManyKeys { .. } => Status::resource_exhausted(message),
+            A::Invalid { .. } => invalid(message),
+        },
         _ => invalid(message),
     }
 }

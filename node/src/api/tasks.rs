@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::api::principal::{principal_in, Principal};
 use crate::api::status::{invalid, status_from, status_of_rejection, storage_status};
 use crate::api::streams::{next_poll, stream_permit};
 use crate::api::views::{event, fill_view, fingerprint, priority_from, state_from, state_to, task_view, Fingerprint};
@@ -60,9 +61,24 @@ pub struct TaskApi {
 /// The task type that is always planned.
 pub const MIXED_TYPE: &str = "mixed";
 
-/// Who made a request, for the audit log: its peer address (API principals are not in place yet).
+/// Who made a request, for the audit log: its principal, or with auth off its peer address.
 pub fn principal_of<T>(request: &Request<T>) -> String {
+    let principal = principal_in(request.extensions());
+    if principal != Principal::anonymous() {
+        return principal.id;
+    }
     request.remote_addr().map(|a| format!("peer {a}")).unwrap_or_else(|| "peer unknown".into())
+}
+
+/// The submitter a task records: the authenticated principal; with auth off what the client
+/// claims (or `anonymous`). Fairness across submitters uses it. The claimed value is checked
+/// (`spec_from`) either way, so a request the document forbids is refused with auth on too.
+fn submitter_for(principal: &Principal, claimed: String) -> String {
+    if *principal == Principal::anonymous() {
+        claimed
+    } else {
+        principal.id.clone()
+    }
 }
 
 /// A name of an agent type: 1..=64 characters of A-Z a-z 0-9 - _ . (what workers register and
@@ -91,6 +107,19 @@ fn non_empty(value: String) -> Option<String> {
 }
 
 impl TaskApi {
+    /// A principal that sees only its own tasks (a submitter) gets NOT_FOUND for another's, as
+    /// for a task that does not exist, so ids cannot be probed.
+    fn check_owner(&self, principal: &Principal, task_id: &str) -> Result<(), Status> {
+        if principal.sees_all_tasks() || *principal == Principal::anonymous() {
+            return Ok(());
+        }
+        let state = self.core.state.read();
+        match state.app.tasks.tasks.get(task_id) {
+            Some(task) if task.spec.submitter == principal.id => Ok(()),
+            _ => Err(Status::not_found(format!("no task {task_id} submitted by {}", principal.id))),
+        }
+    }
+
     /// A submit request as a spec, checked without the state, and the input to stage in the
     /// task-data store (empty when the spec carries it).
     fn spec_from(&self, r: SubmitTaskRequest) -> Result<(TaskSpec, String), Status> {
@@ -163,8 +192,14 @@ impl TaskApi {
     /// acknowledged task's data is durable. An input whose entry never commits is unreachable
     /// and swept (`storage::projector`); it is not deleted here, because a failed write may
     /// still commit.
-    async fn submit_one(&self, request: SubmitTaskRequest) -> Result<SubmitTaskResponse, Status> {
+    /// Submit one task as `principal` (the submitter it records; see [`submitter_for`]).
+    async fn submit_one(
+        &self,
+        request: SubmitTaskRequest,
+        principal: &Principal,
+    ) -> Result<SubmitTaskResponse, Status> {
         let (mut spec, staged) = self.spec_from(request)?;
+        spec.submitter = submitter_for(principal, std::mem::take(&mut spec.submitter));
         let our_id = spec.id.clone();
         if !staged.is_empty() {
             spec.input_stored = self.storage.stage_input(&spec.id, &staged).await.map_err(|e| storage_status(&e))?;
@@ -253,13 +288,15 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send>>
 #[tonic::async_trait]
 impl TaskService for TaskApi {
     async fn submit(&self, request: Request<SubmitTaskRequest>) -> Result<Response<SubmitTaskResponse>, Status> {
-        Ok(Response::new(self.submit_one(request.into_inner()).await?))
+        let principal = principal_in(request.extensions());
+        Ok(Response::new(self.submit_one(request.into_inner(), &principal).await?))
     }
 
     async fn batch_submit(
         &self,
         request: Request<BatchSubmitRequest>,
     ) -> Result<Response<BatchSubmitResponse>, Status> {
+        let principal = principal_in(request.extensions());
         let tasks = request.into_inner().tasks;
         if tasks.is_empty() {
             return Err(invalid("tasks: a batch holds 1..=1000 tasks"));
@@ -271,7 +308,7 @@ impl TaskService for TaskApi {
             )));
         }
         // Concurrent writes: the proposer batches them into few log entries.
-        let answers = futures::future::join_all(tasks.into_iter().map(|task| self.submit_one(task))).await;
+        let answers = futures::future::join_all(tasks.into_iter().map(|task| self.submit_one(task, &principal))).await;
         let results = answers
             .into_iter()
             .map(|answer| match answer {
@@ -289,15 +326,22 @@ impl TaskService for TaskApi {
     }
 
     async fn get(&self, request: Request<GetTaskRequest>) -> Result<Response<TaskView>, Status> {
+        let principal = principal_in(request.extensions());
         let GetTaskRequest { task_id, stale } = request.into_inner();
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
+        self.check_owner(&principal, &task_id)?;
         Ok(Response::new(self.view_of(&task_id).await?))
     }
 
     async fn list(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
-        let r = request.into_inner();
+        let principal = principal_in(request.extensions());
+        let mut r = request.into_inner();
+        if !principal.sees_all_tasks() {
+            // A submitter lists its own tasks only.
+            r.submitter = principal.id.clone();
+        }
         let states: Vec<TaskState> = r.states.iter().map(|s| state_from(*s)).collect::<Result<_, _>>()?;
         let page_size = match r.page_size as usize {
             0 => PAGE_SIZE_DEFAULT,
@@ -341,10 +385,12 @@ impl TaskService for TaskApi {
     }
 
     async fn results(&self, request: Request<GetTaskRequest>) -> Result<Response<TaskResults>, Status> {
+        let principal = principal_in(request.extensions());
         let GetTaskRequest { task_id, stale } = request.into_inner();
         if !stale {
             self.core.read_barrier().await.map_err(status_from)?;
         }
+        self.check_owner(&principal, &task_id)?;
         let held = results_of(&self.core.state.read().app.tasks, &task_id);
         let (mut results, mut children, refs) = match held {
             Some(held) => held,
@@ -368,8 +414,10 @@ impl TaskService for TaskApi {
     type WatchStream = EventStream;
 
     async fn watch(&self, request: Request<WatchTaskRequest>) -> Result<Response<EventStream>, Status> {
+        let principal = principal_in(request.extensions());
         let WatchTaskRequest { task_id, include_children } = request.into_inner();
         self.core.read_barrier().await.map_err(status_from)?;
+        self.check_owner(&principal, &task_id)?;
         if !self.core.state.read().app.tasks.tasks.contains_key(&task_id) {
             // Evicted: with PostgreSQL its final state is its only event left.
             let table = self.evicted(&task_id).await?;
@@ -474,6 +522,7 @@ impl TaskService for TaskApi {
 
     async fn cancel(&self, request: Request<CancelTaskRequest>) -> Result<Response<CancelTaskResponse>, Status> {
         let principal = principal_of(&request);
+        self.check_owner(&principal_in(request.extensions()), &request.get_ref().task_id)?;
         let CancelTaskRequest { task_id, reason } = request.into_inner();
         let reason = non_empty(reason).unwrap_or_else(|| "cancelled by a client".into());
         let command = TaskCommand::Cancel { task_id: task_id.clone(), reason: reason.clone() };

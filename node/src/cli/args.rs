@@ -58,6 +58,85 @@ pub enum Commands {
     /// The PostgreSQL task-data schema (`database.primary_url`).
     #[command(subcommand)]
     Db(DbCommand),
+    /// API keys and who a token authenticates as (docs/SECURITY.md).
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Check a running cluster and this node's configuration for security problems; each
+    /// finding with its severity and fix (exit code 8 when one is high).
+    SecurityScan {
+        /// Also probe every member's Raft port as a stranger would.
+        #[arg(long)]
+        comprehensive: bool,
+        /// The node configuration to inspect (else MAOS_CONFIG, else the defaults and MAOS_*).
+        #[arg(long, short, env = "MAOS_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The audit log: who changed what, and refused authentications.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+pub enum AuthCommand {
+    /// Create, list and revoke API keys (admin).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Show the principal and roles the token authenticates as.
+    Whoami {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// The newest audit records (admin): PostgreSQL's audit_log, or embedded the answering
+    /// node's audit.jsonl.
+    List {
+        /// Only records newer than this: 1h, 30m, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this principal's records (key:<id>, anonymous, unauthenticated).
+        #[arg(long)]
+        principal: Option<String>,
+        /// At most this many (1..=1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create a key and print its secret, once.
+    Create {
+        /// A name for people: ci, alice-laptop.
+        #[arg(long)]
+        name: String,
+        /// admin, operator, submitter, worker or viewer.
+        #[arg(long)]
+        role: String,
+        /// Lifetime: 90d, 12h, 30m or seconds (default: never expires).
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the keys (never their secrets).
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a key: every node refuses it once the revocation applies there.
+    Revoke {
+        /// The key's id (the 16 hex digits after `maos_`).
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +167,9 @@ pub struct Target {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// API key or token (`maos_…`); else `MAOS_TOKEN`, else the file `~/.config/maos/token`.
+    #[arg(long, env = "MAOS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand)]

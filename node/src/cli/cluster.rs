@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
 use maos_client::proto::v1::{AddNodeRequest, RemoveNodeRequest, TransferLeaderRequest};
-use maos_client::Client;
+use maos_client::{Authorization, Client};
+use tonic::service::interceptor::InterceptedService;
 
 use super::args::{ClusterCommand, Target};
 use super::output::{print_members, print_table, table};
@@ -31,10 +32,13 @@ async fn admin_call<T>(
     }
 }
 
-async fn cluster_client(target: &Target) -> anyhow::Result<(Client, ClusterServiceClient<tonic::transport::Channel>)> {
-    let client = Client::new(target.endpoints.clone())?;
+type RawCluster = ClusterServiceClient<InterceptedService<tonic::transport::Channel, Authorization>>;
+
+async fn cluster_client(target: &Target) -> anyhow::Result<(Client, RawCluster)> {
+    let client = super::client(target)?;
     let channel = client.channel(0).context("no endpoint")?;
-    Ok((client, ClusterServiceClient::new(channel)))
+    let raw = ClusterServiceClient::with_interceptor(channel, client.authorization());
+    Ok((client, raw))
 }
 
 /// `maos cluster init`: ask the first endpoint to form the cluster, then wait for a leader.
@@ -119,7 +123,7 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
 
 /// `maos status`: each endpoint's view of the cluster.
 pub async fn status(target: &Target) -> anyhow::Result<()> {
-    let client = Client::new(target.endpoints.clone())?;
+    let client = super::client(target)?;
     let mut rows = Vec::new();
     for (index, endpoint) in client.endpoints().iter().enumerate() {
         match client.status_of(index, true).await {
@@ -165,7 +169,8 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
 
 /// `/health` and `/ready` of every endpoint, and with `all_components` the cluster's status; an
 /// unhealthy answer is an error (exit code 5).
-pub async fn health(endpoints: &[String], all_components: bool, json: bool) -> anyhow::Result<()> {
+pub async fn health(target: &Target, all_components: bool) -> anyhow::Result<()> {
+    let (endpoints, json) = (&target.endpoints, target.json);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
     let mut rows = Vec::new();
     let mut unhealthy = Vec::new();
@@ -187,7 +192,7 @@ pub async fn health(endpoints: &[String], all_components: bool, json: bool) -> a
             row[probe] = serde_json::json!({"ok": ok, "detail": detail});
         }
         if all_components {
-            let client = Client::new([endpoint.clone()])?.with_deadline(Duration::from_secs(3));
+            let client = super::client_of(vec![endpoint.clone()], target)?.with_deadline(Duration::from_secs(3));
             match client.status_of(0, false).await {
                 Ok(status) => {
                     let tasks = status.tasks.unwrap_or_default();

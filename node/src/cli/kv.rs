@@ -1,19 +1,17 @@
 //! `maos kv put|get`: the coordination key-value space.
 
-use maos_client::Client;
-
 use super::args::KvCommand;
 
 /// `maos kv …`.
 pub async fn run(command: KvCommand) -> anyhow::Result<()> {
     match command {
         KvCommand::Put { key, value, target } => {
-            let revision = Client::new(target.endpoints)?.put(&key, &value).await?;
+            let revision = super::client(&target)?.put(&key, &value).await?;
             println!("revision {revision}");
             Ok(())
         }
         KvCommand::Get { key, stale, target } => {
-            match Client::new(target.endpoints)?.get(&key, stale).await? {
+            match super::client(&target)?.get(&key, stale).await? {
                 Some((value, revision)) if target.json => {
                     println!("{}", serde_json::json!({"key": key, "value": value, "revision": revision}))
                 }

@@ -10,11 +10,13 @@
 
 mod agent;
 pub mod args;
+mod auth;
 mod cluster;
 mod db;
 mod kv;
 mod output;
 mod progress;
+mod security_scan;
 mod task;
 
 use std::collections::BTreeMap;
@@ -32,6 +34,7 @@ pub const EXIT_NOT_FOUND: u8 = 4;
 pub const EXIT_UNAVAILABLE: u8 = 5;
 pub const EXIT_EXHAUSTED: u8 = 6;
 pub const EXIT_TASK_FAILED: u8 = 7;
+pub const EXIT_FINDINGS: u8 = 8;
 
 /// A task that ended FAILED or CANCELLED (exit code 7).
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,9 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     if error.downcast_ref::<TaskEnded>().is_some() {
         return EXIT_TASK_FAILED;
     }
+    if error.downcast_ref::<security_scan::HighFindings>().is_some() {
+        return EXIT_FINDINGS;
+    }
     if error.downcast_ref::<Unhealthy>().is_some() {
         return EXIT_UNAVAILABLE;
     }
@@ -85,8 +91,39 @@ pub fn load_config(file: Option<&PathBuf>) -> anyhow::Result<(Config, Vec<String
     Ok((loaded.config, loaded.unknown_env))
 }
 
+/// A client of `target` with its token: `--token`, `MAOS_TOKEN`, or the token file.
 pub fn client(target: &Target) -> anyhow::Result<Client> {
-    Ok(Client::new(target.endpoints.clone())?)
+    client_of(target.endpoints.clone(), target)
+}
+
+/// A client of `endpoints` with `target`'s token.
+pub fn client_of(endpoints: Vec<String>, target: &Target) -> anyhow::Result<Client> {
+    let client = Client::new(endpoints)?;
+    Ok(match token(target)? {
+        Some(token) => client.with_credentials(&token)?,
+        None => client,
+    })
+}
+
+/// `$XDG_CONFIG_HOME/maos/token`, else `~/.config/maos/token`.
+pub fn token_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+    Some(base.join("maos").join("token"))
+}
+
+fn token(target: &Target) -> anyhow::Result<Option<String>> {
+    if let Some(token) = target.token.as_ref().filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(token.trim().to_string()));
+    }
+    let Some(path) = token_file() else { return Ok(None) };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.trim().to_string()).filter(|t| !t.is_empty())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(anyhow::anyhow!("cannot read the token file {}: {error}", path.display())),
+    }
 }
 
 /// Run the command `cli` names.
@@ -112,9 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             result
         }
-        Commands::Health { all_components, target } => {
-            cluster::health(&target.endpoints, all_components, target.json).await
-        }
+        Commands::Health { all_components, target } => cluster::health(&target, all_components).await,
         Commands::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "maos", &mut std::io::stdout());
@@ -135,6 +170,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Db(command) => db::run(command).await,
+        Commands::Auth(command) => auth::run(command).await,
+        Commands::Audit(command) => auth::audit(command).await,
+        Commands::SecurityScan { comprehensive, config, target } => {
+            let raw = match &config {
+                Some(path) => {
+                    Some(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?)
+                }
+                None => None,
+            };
+            let (loaded, _) = load_config(config.as_ref())?;
+            let mut findings = security_scan::scan_config(&loaded, raw.as_deref());
+            findings.extend(security_scan::scan_cluster(&target, comprehensive).await?);
+            security_scan::report(findings, target.json)
+        }
         Commands::Config(ConfigCommand::Validate(args)) => {
             let (config, unknown_env) = load_config(args.config.as_ref())?;
             config.validate()?;

@@ -26,6 +26,67 @@ pub struct Config {
     pub database: DatabaseSection,
     pub redis: RedisSection,
     pub dashboard: DashboardSection,
+    pub security: SecuritySection,
+}
+
+/// Who may call the node (`docs/SECURITY.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecuritySection {
+    pub auth: AuthSection,
+    /// A file whose first line is a secret every node of the cluster shares (at least 32
+    /// characters; `openssl rand -hex 32`). Every call to the Raft port must carry it, so only
+    /// members can send Raft traffic or forward writes. Unset: the Raft port is open to anyone
+    /// who reaches it (the node warns when it listens beyond loopback).
+    pub cluster_secret_file: Option<PathBuf>,
+    /// With auth off, listen on addresses other than loopback anyway (reported in `/ready`'s
+    /// body and by `maos health --all-components`).
+    pub allow_insecure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// Every call on port 8000 but health, readiness, metrics and reflection needs a token.
+    /// `false` only explicitly, and then only on loopback unless `security.allow_insecure`.
+    pub enabled: bool,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// The shortest cluster secret accepted, in bytes (`openssl rand -hex 32` makes 64).
+pub const CLUSTER_SECRET_BYTES_MIN: usize = 32;
+
+/// Read `security.cluster_secret_file`: its first line, at least [`CLUSTER_SECRET_BYTES_MIN`]
+/// printable bytes.
+pub fn read_cluster_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim().to_string();
+    if secret.len() < CLUSTER_SECRET_BYTES_MIN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{}: the secret must be at least {CLUSTER_SECRET_BYTES_MIN} printable characters on the first line (make one with `openssl rand -hex 32`)",
+            path.display()
+        ));
+    }
+    Ok(secret)
+}
+
+impl Config {
+    /// The cluster secret from `security.cluster_secret_file`, if one is configured.
+    pub fn cluster_secret(&self) -> Result<Option<String>, String> {
+        self.security.cluster_secret_file.as_deref().map(read_cluster_secret).transpose()
+    }
+}
+
+/// Whether `addr` (host:port) can be reached only from this machine.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The dashboard: read-only HTML pages with live updates, served by every node.

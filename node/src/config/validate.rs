@@ -250,6 +250,19 @@ impl Config {
                 bad(key, e);
             }
         }
+        if let Err(e) = self.cluster_secret() {
+            bad("security.cluster_secret_file", e);
+        }
+        if !self.security.auth.enabled && !self.security.allow_insecure {
+            for (key, addr) in [
+                ("network.listen_addr", Some(&self.network.listen_addr)),
+                ("dashboard.listen", self.dashboard.enabled.then_some(&self.dashboard.listen)),
+            ] {
+                if let Some(addr) = addr.filter(|a| !super::schema::is_loopback(a)) {
+                    bad(key, format!("{addr} is not a loopback address, and security.auth.enabled is false: anyone who reaches it could do anything; turn auth on, listen on 127.0.0.1, or set security.allow_insecure: true"));
+                }
+            }
+        }
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0 {
             bad("raft.heartbeat_interval_ms", "must be at least 1".into());

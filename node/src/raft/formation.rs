@@ -39,6 +39,26 @@ pub async fn hello(
     }
 }
 
+/// What a stranger gets from a Raft port (`maos security-scan`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RaftPortProbe {
+    /// It answered `Hello` without the cluster secret.
+    Open,
+    /// It refused the call for want of the cluster secret.
+    Protected,
+    Unreachable(String),
+}
+
+/// Call `Hello` on `raft_addr` as a stranger (no cluster secret).
+pub async fn probe_raft_port(raft_addr: &str) -> RaftPortProbe {
+    let channels = Channels::new(std::sync::Arc::new(crate::transport::TcpTransport));
+    match hello(&channels, raft_addr, 0, "").await {
+        Ok(_) => RaftPortProbe::Open,
+        Err(message) if message.contains("cluster secret") => RaftPortProbe::Protected,
+        Err(message) => RaftPortProbe::Unreachable(message),
+    }
+}
+
 /// The members the cluster forms with: the static peers, or this node alone when none are listed.
 pub(crate) fn formation_peers(config: &Config) -> BTreeMap<NodeId, MaosNode> {
     if config.cluster.peers.is_empty() {

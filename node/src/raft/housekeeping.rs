@@ -2,10 +2,12 @@
 //! registered in the replicated state, and the leader's eviction of finished tasks past their
 //! retention (`tasks.retention`, `tasks.retained_max`) in bounded batches through the log.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use maos_raft_store::auth::{ApiKeyRecord, AuthCommand, Role};
 use maos_raft_store::runtime::MaosRuntime;
 use maos_raft_store::tasks::{TaskCommand, TaskId, EVICT_BATCH_MAX};
 use maos_raft_store::{Command, MaosNode};
@@ -16,8 +18,15 @@ use crate::raft::core::NodeCore;
 
 /// How often housekeeping checks the cluster identity and this node's registration.
 pub(crate) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
-/// Keep the cluster identity recorded and this node's addresses registered.
-pub(crate) async fn housekeeping(core: Arc<NodeCore>, me: MaosNode, mut stopped: watch::Receiver<bool>) {
+/// Keep the cluster identity recorded and this node's addresses registered; with
+/// `bootstrap_dir` (auth on), bootstrap auth as the first leader (see [`AuthBootstrap`]).
+pub(crate) async fn housekeeping(
+    core: Arc<NodeCore>,
+    me: MaosNode,
+    bootstrap_dir: Option<PathBuf>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut bootstrap = bootstrap_dir.map(AuthBootstrap::new);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
@@ -41,6 +50,11 @@ pub(crate) async fn housekeeping(core: Arc<NodeCore>, me: MaosNode, mut stopped:
                 tracing::debug!(node_id = core.id, %error, "recording the cluster identity failed; will retry");
             }
         }
+        if let Some(step) = bootstrap.as_mut() {
+            if step.run(&core).await {
+                bootstrap = None;
+            }
+        }
         if !registered && core.members().contains_key(&core.id) {
             let command = Command::RegisterNode {
                 node_id: core.id,
@@ -50,6 +64,99 @@ pub(crate) async fn housekeeping(core: Arc<NodeCore>, me: MaosNode, mut stopped:
             if let Err(error) = core.write(command).await {
                 tracing::debug!(node_id = core.id, %error, "registering this node failed; will retry");
             }
+        }
+    }
+}
+
+/// The name of the bootstrap admin token's file in the data dir.
+pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
+
+/// Auth's bootstrap: the first leader draws the cluster's auth secret and an admin key, proposes
+/// both, and once the state holds its key writes the key's token, once, mode 0600, to
+/// `<data dir>/bootstrap-token`. A node that finds auth bootstrapped by another is done.
+struct AuthBootstrap {
+    dir: PathBuf,
+    /// The key this node proposed (id, token), until the state shows what became of it.
+    proposed: Option<(String, String)>,
+}
+
+impl AuthBootstrap {
+    fn new(dir: PathBuf) -> Self {
+        Self { dir, proposed: None }
+    }
+
+    /// One round; true when there is nothing left to do on this node.
+    async fn run(&mut self, core: &NodeCore) -> bool {
+        let (bootstrapped, mine) = {
+            let state = core.state.read();
+            let auth = &state.app.auth;
+            (auth.bootstrapped(), self.proposed.as_ref().is_some_and(|(id, _)| auth.keys.contains_key(id)))
+        };
+        if mine {
+            if let Some((id, token)) = self.proposed.take() {
+                self.write_token(&id, &token);
+            }
+            return true;
+        }
+        if bootstrapped {
+            return true;
+        }
+        if !core.is_leader() {
+            return false;
+        }
+        let (id, token, command) = self.proposed.clone().map_or_else(
+            || {
+                let secret = maos_raft_store::auth::new_auth_secret();
+                let key = maos_raft_store::auth::new_key(&secret);
+                let admin = ApiKeyRecord {
+                    id: key.id.clone(),
+                    name: "bootstrap".into(),
+                    role: Role::Admin,
+                    hash: key.hash,
+                    created_by: "bootstrap".into(),
+                    created_at_ms: 0,
+                    expires_at_ms: None,
+                };
+                (key.id, key.token, Some(Command::Auth(AuthCommand::Bootstrap { secret, admin })))
+            },
+            |(id, token)| (id, token, None),
+        );
+        self.proposed = Some((id, token));
+        if let Some(command) = command {
+            match core.write(command).await {
+                Ok(_) => tracing::info!(node_id = core.id, "auth bootstrapped"),
+                Err(error) => tracing::debug!(node_id = core.id, %error, "bootstrapping auth failed; will retry"),
+            }
+        }
+        // A failed write may still have applied: the next round reads the state and decides.
+        if !core.state.read().app.auth.bootstrapped() {
+            self.proposed = None;
+        }
+        false
+    }
+
+    fn write_token(&self, id: &str, token: &str) {
+        let path = self.dir.join(BOOTSTRAP_TOKEN_FILE);
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(&self.dir)?;
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            file.write_all(format!("{token}\n").as_bytes())?;
+            file.sync_all()
+        })();
+        match written {
+            Ok(()) => tracing::info!(
+                key = id,
+                path = %path.display(),
+                "the bootstrap admin token is written (mode 0600); use it for `maos auth key create`, then keep it safe or revoke it"
+            ),
+            Err(error) => tracing::error!(
+                key = id,
+                path = %path.display(),
+                %error,
+                "could not write the bootstrap admin token; it is lost: restart with a fresh cluster or revoke key {id} from another admin key"
+            ),
         }
     }
 }

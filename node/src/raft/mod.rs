@@ -19,3 +19,5 @@ pub(crate) mod housekeeping;
 pub(crate) mod network;
 pub(crate) mod proposer;
 pub(crate) mod service;
+
+pub use formation::{probe_raft_port, RaftPortProbe};

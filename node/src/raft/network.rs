@@ -47,6 +47,54 @@ pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, PayloadEr
     Ok(serde_json::from_slice(&payload.json)?)
 }
 
+/// The header that carries the cluster secret on every call to the Raft port.
+pub const CLUSTER_SECRET_HEADER: &str = "x-maos-cluster-secret";
+
+/// Adds the cluster secret to each call (nothing without one).
+#[derive(Clone, Default)]
+pub struct PeerSecret(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for PeerSecret {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(secret) = &self.0 {
+            request.metadata_mut().insert(CLUSTER_SECRET_HEADER, secret.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The server side: refuses a call without the cluster secret (when one is configured).
+#[derive(Clone, Default)]
+pub struct PeerCheck(Option<Arc<[u8]>>);
+
+impl PeerCheck {
+    pub fn new(secret: Option<&str>) -> Self {
+        Self(secret.map(|s| Arc::from(s.as_bytes())))
+    }
+}
+
+impl tonic::service::Interceptor for PeerCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(secret) = &self.0 else { return Ok(request) };
+        let presented = request.metadata().get(CLUSTER_SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        // Constant time in the secret's length: compare digests.
+        use sha2::Digest;
+        let (want, have) = (sha2::Sha256::digest(secret), sha2::Sha256::digest(presented));
+        if want.iter().zip(have.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 {
+            return Ok(request);
+        }
+        tracing::warn!(
+            peer = ?request.remote_addr(),
+            "refused a Raft-port call without the cluster secret (security.cluster_secret_file)"
+        );
+        Err(tonic::Status::unauthenticated(
+            "the Raft port is for cluster members: this call lacks the cluster secret (security.cluster_secret_file must be the same on every node)",
+        ))
+    }
+}
+
+type RaftClient = RaftServiceClient<tonic::service::interceptor::InterceptedService<Channel, PeerSecret>>;
+
 /// Caches one lazily connecting channel per peer address.
 #[derive(Clone)]
 pub struct Channels {
@@ -54,11 +102,27 @@ pub struct Channels {
     by_addr: Arc<Mutex<BTreeMap<String, Channel>>>,
     /// Rate-limited warnings about peers that do not answer.
     pub warnings: Arc<PeerWarnings>,
+    secret: PeerSecret,
 }
 
 impl Channels {
     pub fn new(transport: SharedTransport) -> Self {
-        Self { transport, by_addr: Arc::new(Mutex::new(BTreeMap::new())), warnings: Arc::default() }
+        Self {
+            transport,
+            by_addr: Arc::new(Mutex::new(BTreeMap::new())),
+            warnings: Arc::default(),
+            secret: PeerSecret::default(),
+        }
+    }
+
+    /// Send `secret` (the cluster secret) with every call.
+    pub fn with_secret(mut self, secret: Option<&str>) -> Result<Self, String> {
+        self.secret = PeerSecret(
+            secret
+                .map(|s| s.parse().map_err(|_| "the cluster secret must be printable ASCII".to_string()))
+                .transpose()?,
+        );
+        Ok(self)
     }
 
     /// The channel to `addr`, made on first use.
@@ -73,8 +137,8 @@ impl Channels {
     }
 
     /// A Raft-port client for `addr`.
-    pub fn raft_client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, tonic::transport::Error> {
-        Ok(RaftServiceClient::new(self.get(addr)?)
+    pub fn raft_client(&self, addr: &str) -> Result<RaftClient, tonic::transport::Error> {
+        Ok(RaftServiceClient::with_interceptor(self.get(addr)?, self.secret.clone())
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX))
     }

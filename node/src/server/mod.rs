@@ -17,6 +17,8 @@ use tokio::task::JoinSet;
 use crate::agents::credential::Credentials;
 use crate::agents::{backends, AgentMetrics, AgentRuntime};
 use crate::api::agents::AgentApi;
+use crate::api::auth::{authorize, Authorizer};
+use crate::api::auth_service::AuthApi;
 use crate::api::cluster::ClusterApi;
 use crate::api::kv::KvApi;
 use crate::api::tasks::TaskApi;
@@ -33,6 +35,7 @@ use crate::scheduling::leader_loop;
 use crate::storage::Storage;
 use crate::transport::{SharedTransport, MESSAGE_BYTES_MAX};
 use maos_client::proto::v1::agent_service_server::AgentServiceServer;
+use maos_client::proto::v1::auth_service_server::AuthServiceServer;
 use maos_client::proto::v1::cluster_service_server::ClusterServiceServer;
 use maos_client::proto::v1::kv_service_server::KvServiceServer;
 use maos_client::proto::v1::task_service_server::TaskServiceServer;
@@ -43,6 +46,7 @@ mod observe;
 mod serve;
 
 pub use crate::raft::proposer::{system_clock, Clock};
+pub use crate::raft::{probe_raft_port, RaftPortProbe};
 pub use data_dir::{preflight, DataDir};
 pub use serve::serve;
 
@@ -57,6 +61,8 @@ pub enum StartError {
     Agents(#[from] crate::agents::RuntimeError),
     #[error("task-data store: {0}")]
     Storage(#[from] crate::storage::StorageError),
+    #[error("{0}")]
+    Security(String),
     #[error("cannot listen on {addr} ({what}): {error}; is another process using the port?")]
     Listen { addr: String, what: &'static str, error: std::io::Error },
 }
@@ -161,7 +167,15 @@ where
     let agent_backends = backends(config)?;
     let storage = Arc::new(Storage::from_config(config)?);
     let peers = formation_peers(config);
-    let channels = Channels::new(transport.clone());
+    let secret =
+        config.cluster_secret().map_err(|e| StartError::Security(format!("security.cluster_secret_file: {e}")))?;
+    let channels = Channels::new(transport.clone()).with_secret(secret.as_deref()).map_err(StartError::Security)?;
+    if secret.is_none() && !crate::config::is_loopback(&config.network.raft_listen_addr) {
+        tracing::warn!(
+            raft = %config.network.raft_listen_addr,
+            "the Raft port listens beyond loopback without security.cluster_secret_file: anyone who reaches it can send Raft traffic; set a cluster secret (docs/SECURITY.md)"
+        );
+    }
     let state = state_machine.handle();
     let network = NetworkFactory { channels: channels.clone() };
     let raft = Raft::new(config.node.id, raft_settings, network, log, observe::TimedStateMachine(state_machine))
@@ -203,6 +217,11 @@ where
     let raft_service = RaftServiceServer::new(RaftServer { core: core.clone() })
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    // Members only: every call carries the cluster secret when one is configured.
+    let raft_service = tonic::service::interceptor::InterceptedService::new(
+        raft_service,
+        crate::raft::network::PeerCheck::new(secret.as_deref()),
+    );
     let mut until_stopped = stopped.clone();
     spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()
@@ -273,7 +292,22 @@ where
     .add_service(agents_service)
     .add_service(workers_service)
     .add_service(health_service)
-    .add_service(reflection);
+    .add_service(reflection)
+    .add_service(AuthServiceServer::new(AuthApi {
+        core: core.clone(),
+        storage: storage.clone(),
+        enabled: config.security.auth.enabled,
+    }));
+    // One auth layer in front of every gRPC method and HTTP route (api/auth.rs).
+    let authorizer = Arc::new(Authorizer {
+        core: core.clone(),
+        credentials: credentials.clone(),
+        storage: storage.clone(),
+        enabled: config.security.auth.enabled,
+    });
+    let routes = tonic::service::Routes::from(
+        routes.into_axum_router().layer(axum::middleware::from_fn_with_state(authorizer, authorize)),
+    );
     spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -358,6 +392,7 @@ where
         housekeeping(
             core.clone(),
             MaosNode { raft_addr: config.advertised_raft_addr(), api_addr: config.advertised_api_addr() },
+            config.security.auth.enabled.then(|| config.node.data_dir.clone()),
             stopped,
         ),
     );

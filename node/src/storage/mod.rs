@@ -22,6 +22,7 @@
 //! so every reference a client can see points at durable data. A payload whose command never
 //! committed is unreachable (nothing refers to it) and is swept (`projector.rs`).
 
+pub mod audit_file;
 pub(crate) mod cache;
 mod evicted;
 pub mod postgres;
@@ -231,6 +232,8 @@ enum Backend {
 /// The node's task-data store, and the cache in front of it.
 pub struct Storage {
     backend: Backend,
+    /// Embedded: the audit log's JSON lines in the data dir.
+    audit_file: Option<audit_file::AuditFile>,
     cache: Option<cache::Cache>,
     pub metrics: Arc<StorageMetrics>,
 }
@@ -248,7 +251,26 @@ impl Storage {
             Some(url) => Some(cache::Cache::new(url, &config.redis, metrics.clone())?),
             None => None,
         };
-        Ok(Self { backend, cache, metrics })
+        let audit_file =
+            matches!(backend, Backend::Embedded).then(|| audit_file::AuditFile::start(&config.node.data_dir));
+        Ok(Self { backend, audit_file, cache, metrics })
+    }
+
+    /// The newest `limit` audit records at or after `since_ms` (of `principal`, if not empty):
+    /// from PostgreSQL's `audit_log` (every node's), else from this node's `audit.jsonl`.
+    pub async fn audit_list(
+        &self,
+        since_ms: u64,
+        principal: &str,
+        limit: usize,
+    ) -> Result<Vec<audit_file::AuditRecord>, StorageError> {
+        match (&self.backend, &self.audit_file) {
+            (Backend::Postgres(store), _) => store.audit_list(since_ms, principal, limit).await,
+            (Backend::Embedded, Some(file)) => file
+                .list(since_ms, principal, limit)
+                .map_err(|e| StorageError::Unavailable { store: "the audit file".into(), cause: e.to_string() }),
+            (Backend::Embedded, None) => Ok(Vec::new()),
+        }
     }
 
     pub fn is_embedded(&self) -> bool {
@@ -438,6 +460,19 @@ impl Storage {
     pub fn audit(&self, node_id: u64, principal: &str, action: &str, target: &str, detail: serde_json::Value) {
         if let Backend::Postgres(store) = &self.backend {
             store.audit(node_id, principal, action, target, detail);
+        } else if let Some(file) = &self.audit_file {
+            let at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            file.record(audit_file::AuditRecord {
+                at_ms,
+                node_id,
+                principal: principal.to_string(),
+                action: action.to_string(),
+                target: target.to_string(),
+                detail,
+            });
         }
     }
 }

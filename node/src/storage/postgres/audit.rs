@@ -40,6 +40,40 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// The newest `limit` audit records at or after `since_ms` (of `principal`, if not empty).
+    pub async fn audit_list(
+        &self,
+        since_ms: u64,
+        principal: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::audit_file::AuditRecord>, crate::storage::StorageError> {
+        self.counted();
+        let rows: Vec<(i64, i64, String, String, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT (extract(epoch FROM at) * 1000)::bigint, node_id, principal, action, target, detail FROM audit_log \
+             WHERE at >= to_timestamp($1::double precision / 1000) AND ($2 = '' OR principal = $2) \
+             ORDER BY at DESC, id DESC LIMIT $3",
+        )
+        .bind(i64::try_from(since_ms).unwrap_or(i64::MAX))
+        .bind(principal)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(at, node_id, principal, action, target, detail)| crate::storage::audit_file::AuditRecord {
+                at_ms: u64::try_from(at).unwrap_or(0),
+                node_id: u64::try_from(node_id).unwrap_or(0),
+                principal,
+                action,
+                target,
+                detail,
+            })
+            .collect())
+    }
+}
+
 pub(super) async fn write_audit(
     pool: PgPool,
     name: String,

@@ -143,9 +143,21 @@ def make_options(endpoints: Union[str, Iterable[str]], token: Optional[str], tls
         raise InvalidArgument("endpoints: give at least one host:port", field="endpoints")
     if deadline <= 0:
         raise InvalidArgument("deadline: must be positive (seconds)", field="deadline")
+    if token is None:
+        # As the CLI: MAOS_TOKEN, else the token file under the user's config dir.
+        token = os.environ.get("MAOS_TOKEN") or _token_file() or None
     if token is not None and (not token or not token.isascii() or not token.isprintable()):
         raise InvalidArgument("token: must be non-empty printable ASCII", field="token")
     return Options(targets, token, tls, float(deadline))
+
+
+def _token_file() -> Optional[str]:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    try:
+        with open(os.path.join(base, "maos", "token"), encoding="utf-8") as file:
+            return file.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def target(endpoint: str) -> str:

@@ -26,7 +26,8 @@ class Client:
     """A client of a MAOS cluster.
 
     `endpoints`: every node's `host:port` (or one load balancer); calls start at the endpoint that
-    answered last. `token`: sent as `authorization: Bearer <token>`. `tls`: TLS for every
+    answered last. `token`: sent as `authorization: Bearer <token>` (default: `MAOS_TOKEN`, else
+    `~/.config/maos/token`). `tls`: TLS for every
     endpoint. `deadline`: seconds one call may take, retries included.
     """
 

@@ -1,0 +1,429 @@
+//! Auth on port 8000 with a real 3-node cluster (auth on): the bootstrap token, API keys per
+//! role, every gRPC method (enumerated by server reflection) and every REST route (enumerated
+//! from the OpenAPI document) refused without a credential and allowed to an admin, the viewer's
+//! reach, submitters seeing only their own tasks, a revoked and an expired key refused on every
+//! node within a second, and no secret in any node's log.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut};
+use maos_client::proto::v1::auth_service_client::AuthServiceClient;
+use maos_client::proto::v1::{CreateKeyRequest, ListAuditRequest, RevokeKeyRequest, SubmitTaskRequest, WhoAmIRequest};
+use maos_client::{Client, ClientError};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+const STEP: Duration = Duration::from_secs(60);
+
+/// The gRPC methods a viewer may call (docs/SECURITY.md): reads only.
+const VIEWER_METHODS: &[&str] = &[
+    "maos.v1.TaskService/Get",
+    "maos.v1.TaskService/List",
+    "maos.v1.TaskService/Results",
+    "maos.v1.TaskService/Watch",
+    "maos.v1.AgentService/List",
+    "maos.v1.ClusterService/Status",
+    "maos.v1.KvService/Get",
+    "maos.v1.KvService/Watch",
+    "maos.v1.AuthService/WhoAmI",
+];
+
+/// Methods whose call with an empty request would change the cluster under the test (a
+/// leadership transfer): checked for refusals only.
+const DISRUPTIVE: &[&str] = &["maos.v1.ClusterService/TransferLeader"];
+
+/// A codec of raw message bytes, so any method can be called with an empty message.
+#[derive(Clone, Default)]
+struct Raw;
+struct RawCoder;
+
+impl Encoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let len = src.remaining();
+        Ok(Some(src.copy_to_bytes(len).to_vec()))
+    }
+}
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCoder;
+    type Decoder = RawCoder;
+    fn encoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+    fn decoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+}
+
+/// Call `method` with one empty message; the code it answered (OK when a stream opened).
+async fn call(channel: &Channel, method: &str, token: Option<&str>) -> anyhow::Result<Code> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
+    let mut request = tonic::Request::new(tokio_stream::once(Vec::<u8>::new()));
+    request.set_timeout(Duration::from_secs(10));
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    match grpc.streaming(request, PathAndQuery::from_str(&format!("/{method}"))?, Raw).await {
+        Err(status) => Ok(status.code()),
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Ok(Err(status)) => Ok(status.code()),
+                Ok(Ok(_)) | Err(_) => Ok(Code::Ok),
+            }
+        }
+    }
+}
+
+/// Every method of every service the node's reflection lists.
+async fn reflected_methods(channel: &Channel) -> anyhow::Result<Vec<String>> {
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let ask = |message| ServerReflectionRequest { host: String::new(), message_request: Some(message) };
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(String::new()))]))
+        .await?
+        .into_inner();
+    let answer = answers.message().await?.ok_or_else(|| anyhow::anyhow!("no reflection answer"))?;
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        anyhow::bail!("unexpected reflection answer")
+    };
+    let mut methods = Vec::new();
+    for service in list.service.into_iter().map(|s| s.name) {
+        let request = ask(MessageRequest::FileContainingSymbol(service.clone()));
+        let mut answers = reflection.server_reflection_info(futures::stream::iter([request])).await?.into_inner();
+        let answer = answers.message().await?.ok_or_else(|| anyhow::anyhow!("no answer for {service}"))?;
+        let Some(MessageResponse::FileDescriptorResponse(files)) = answer.message_response else {
+            anyhow::bail!("no descriptors for {service}")
+        };
+        let (package, name) = service.rsplit_once('.').unwrap_or(("", service.as_str()));
+        for bytes in files.file_descriptor_proto {
+            let file = prost_types::FileDescriptorProto::decode(bytes.as_slice())?;
+            if file.package() != package {
+                continue;
+            }
+            for described in file.service.iter().filter(|s| s.name() == name) {
+                methods.extend(described.method.iter().map(|m| format!("{service}/{}", m.name())));
+            }
+        }
+    }
+    methods.sort();
+    methods.dedup();
+    Ok(methods)
+}
+
+/// The REST routes of the OpenAPI document, with sample path parameters.
+async fn documented_routes(http: &reqwest::Client, base: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let document: serde_json::Value = http.get(format!("{base}/api/v1/openapi.json")).send().await?.json().await?;
+    let paths = document["paths"].as_object().ok_or_else(|| anyhow::anyhow!("no paths in the document"))?;
+    let mut routes = Vec::new();
+    for (template, operations) in paths {
+        let path = template
+            .replace("{task_id}", "0190-nope")
+            .replace("{agent_id}", "nope")
+            .replace("{action}", "pause")
+            .replace("{id}", "99");
+        for method in operations.as_object().into_iter().flat_map(|o| o.keys()) {
+            routes.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    anyhow::ensure!(routes.len() >= 15, "the document lists only {} operations", routes.len());
+    Ok(routes)
+}
+
+async fn rest(
+    http: &reqwest::Client,
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<u16> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let mut request = http.request(method.clone(), format!("{base}{path}")).timeout(Duration::from_secs(10));
+    if method != reqwest::Method::GET {
+        request = request.header("content-type", "application/json").body("{}");
+    }
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    // An event stream opens and stays open: its status is what counts.
+    Ok(request.send().await?.status().as_u16())
+}
+
+async fn create_key(channel: &Channel, admin: &str, role: &str, expires_in_s: u64) -> anyhow::Result<String> {
+    let client = Client::from_channels(vec![("node".into(), channel.clone())])?.with_credentials(admin)?;
+    let mut auth = AuthServiceClient::with_interceptor(channel.clone(), client.authorization());
+    let answer =
+        auth.create_key(CreateKeyRequest { name: format!("test-{role}"), role: role.into(), expires_in_s }).await?;
+    Ok(answer.into_inner().secret)
+}
+
+fn who(
+    channel: &Channel,
+    token: &str,
+) -> anyhow::Result<
+    AuthServiceClient<tonic::service::interceptor::InterceptedService<Channel, maos_client::Authorization>>,
+> {
+    let client = Client::from_channels(vec![("node".into(), channel.clone())])?.with_credentials(token)?;
+    Ok(AuthServiceClient::with_interceptor(channel.clone(), client.authorization()))
+}
+
+/// Wait until `token` is refused (UNAUTHENTICATED) by every node; how long that took.
+async fn refused_everywhere(channels: &[Channel], token: &str, since: Instant) -> anyhow::Result<Duration> {
+    for channel in channels {
+        loop {
+            match who(channel, token)?.who_am_i(WhoAmIRequest {}).await {
+                Err(status) if status.code() == Code::Unauthenticated => break,
+                _ if since.elapsed() > Duration::from_secs(10) => {
+                    anyhow::bail!("a node still accepts the key after 10 s")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    Ok(since.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_authenticated_and_checked_against_one_table() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let options = LocalClusterOptions { auth: true, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    let admin = cluster.wait_for_bootstrap_token(STEP).await?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+
+    // The bootstrap token: written once, readable by its owner only.
+    let path = cluster.bootstrap_token_path().ok_or_else(|| anyhow::anyhow!("no token file"))?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "{} has mode {mode:o}", path.display());
+    assert!(admin.starts_with("maos_"), "the token is recognisable in a leak scan");
+
+    let channels: Vec<Channel> = (1..=3)
+        .map(|id| cluster.client_of(id).and_then(|c| c.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))))
+        .collect::<Result<_, _>>()?;
+    let first = &channels[0];
+    let base = format!("http://{}", cluster.nodes[&1].api_addr);
+    let http = reqwest::Client::new();
+
+    // The ways in that were open before: no credential, and a garbage one.
+    let endpoints: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+    let anonymous = Client::new(endpoints.clone())?.with_deadline(Duration::from_secs(5));
+    let submit = SubmitTaskRequest { task_type: "coder".into(), description: "x".into(), ..Default::default() };
+    match anonymous.submit(submit.clone()).await {
+        Err(ClientError::Server(status)) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
+        other => panic!("an anonymous submit must be refused: {other:?}"),
+    }
+    assert_eq!(rest(&http, &base, "DELETE", "/api/v1/cluster/nodes/1", None).await?, 401);
+    assert_eq!(rest(&http, &base, "DELETE", "/api/v1/cluster/nodes/1", Some("garbage")).await?, 401);
+    assert_eq!(call(first, "maos.v1.TaskService/Submit", Some("garbage")).await?, Code::Unauthenticated);
+    assert_eq!(call(first, "maos.v1.KvService/Put", Some("garbage")).await?, Code::Unauthenticated);
+    for public in ["/health", "/ready", "/metrics", "/api/v1/openapi.json"] {
+        assert_eq!(rest(&http, &base, "GET", public, None).await?, 200, "{public} stays public");
+    }
+
+    let viewer = create_key(first, &admin, "viewer", 0).await?;
+    let submitter = create_key(first, &admin, "submitter", 0).await?;
+    let other_submitter = create_key(first, &admin, "submitter", 0).await?;
+    let worker = create_key(first, &admin, "worker", 0).await?;
+    let operator = create_key(first, &admin, "operator", 0).await?;
+
+    // Every gRPC method: refused without a credential, allowed to an admin, the viewer's
+    // reach exactly the read methods.
+    let methods = reflected_methods(first).await?;
+    assert!(methods.len() >= 35, "reflection listed only {methods:?}");
+    for method in &methods {
+        let public = method.starts_with("grpc.");
+        let none = call(first, method, None).await?;
+        if public {
+            assert_ne!(none, Code::Unauthenticated, "{method} is public");
+            continue;
+        }
+        assert_eq!(none, Code::Unauthenticated, "{method} without a credential");
+        if !DISRUPTIVE.contains(&method.as_str()) {
+            let as_admin = call(first, method, Some(&admin)).await?;
+            assert!(
+                !matches!(as_admin, Code::Unauthenticated | Code::PermissionDenied),
+                "{method} refused an admin ({as_admin:?}): does it have a row in api/auth.rs's table?"
+            );
+        }
+        let as_viewer = call(first, method, Some(&viewer)).await?;
+        if VIEWER_METHODS.contains(&method.as_str()) {
+            assert!(
+                !matches!(as_viewer, Code::Unauthenticated | Code::PermissionDenied),
+                "{method} as a viewer: {as_viewer:?}"
+            );
+        } else {
+            assert_eq!(as_viewer, Code::PermissionDenied, "{method} as a viewer");
+        }
+    }
+    // Some rows that matter most, role by role.
+    for (method, token, expected_refused) in [
+        ("maos.v1.ClusterService/RemoveNode", &operator, true),
+        ("maos.v1.AuthService/CreateKey", &operator, true),
+        ("maos.v1.AuthService/CreateKey", &submitter, true),
+        ("maos.v1.TaskService/Retry", &submitter, true),
+        ("maos.v1.AgentService/Terminate", &submitter, true),
+        ("maos.v1.TaskService/Get", &worker, true),
+        ("maos.v1.WorkerService/Heartbeat", &worker, false),
+        ("maos.v1.TaskService/Submit", &submitter, false),
+        ("maos.v1.AgentService/Pause", &operator, false),
+    ] {
+        let code = call(first, method, Some(token)).await?;
+        assert_eq!(code == Code::PermissionDenied, expected_refused, "{method}: {code:?}");
+    }
+
+    // Every REST route of the document: 401 without a credential, never refused to an admin;
+    // a viewer reads (GET) and changes nothing.
+    for (method, path) in documented_routes(&http, &base).await? {
+        let public = matches!(path.as_str(), "/health" | "/ready" | "/api/v1/openapi.json");
+        let none = rest(&http, &base, &method, &path, None).await?;
+        // /ready may answer 503 while a node catches up; never 401.
+        assert_eq!(none == 401, !public, "{method} {path} without a credential: {none}");
+        if path != "/api/v1/cluster/leader" {
+            let as_admin = rest(&http, &base, &method, &path, Some(&admin)).await?;
+            assert!(!matches!(as_admin, 401 | 403), "{method} {path} refused an admin ({as_admin})");
+        }
+        let as_viewer = rest(&http, &base, &method, &path, Some(&viewer)).await?;
+        assert_eq!(as_viewer == 403, method != "GET", "{method} {path} as a viewer: {as_viewer}");
+    }
+
+    // The audit: refused authentications, key changes and control-plane calls, with who and
+    // the outcome (embedded: node 1's audit.jsonl, where these calls went).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = ListAuditRequest { since_ms: 0, principal: String::new(), limit: 1_000 };
+        let entries = who(first, &admin)?.list_audit(request).await?.into_inner().entries;
+        let has = |action: &str, target: &str| entries.iter().any(|e| e.action == action && e.target.contains(target));
+        let complete = has("auth.refused", "DELETE /api/v1/cluster/nodes/1")
+            && has("auth.key.create", "")
+            && has("call", "maos.v1.ClusterService/RemoveNode");
+        if complete {
+            let created = entries.iter().find(|e| e.action == "auth.key.create").map(|e| e.principal.clone());
+            assert!(created.is_some_and(|p| p.starts_with("key:")), "keys are created by the bootstrap admin's key");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the audit lacks entries: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A task records who submitted it; another submitter cannot see or cancel it.
+    let mine = Client::new(endpoints.clone())?.with_credentials(&submitter)?;
+    let theirs = Client::new(endpoints.clone())?.with_credentials(&other_submitter)?;
+    let mut request = submit.clone();
+    request.submitter = "someone-else".into();
+    let task = mine.submit(request).await?.task_id;
+    let view = mine.task(&task).await?;
+    assert!(view.submitter.starts_with("key:"), "recorded submitter {:?}", view.submitter);
+    assert!(matches!(theirs.task(&task).await, Err(ClientError::NotFound(_))));
+    assert!(matches!(theirs.cancel(&task, "not mine").await, Err(ClientError::NotFound(_))));
+    let admin_client = cluster.client()?;
+    assert_eq!(admin_client.task(&task).await?.task_id, task, "an admin sees every task");
+
+    // A revoked key is refused by every node within a second.
+    let revoked = create_key(first, &admin, "viewer", 0).await?;
+    who(first, &revoked)?.who_am_i(WhoAmIRequest {}).await?;
+    let id = revoked.split('_').nth(1).unwrap_or_default().to_string();
+    let started = Instant::now();
+    who(first, &admin)?.revoke_key(RevokeKeyRequest { id }).await?;
+    let took = refused_everywhere(&channels, &revoked, started).await?;
+    println!("revoked key refused on all 3 nodes {} ms after the revoke was sent", took.as_millis());
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+
+    // An expired key too.
+    let short = create_key(first, &admin, "viewer", 1).await?;
+    who(first, &short)?.who_am_i(WhoAmIRequest {}).await?;
+    let created = Instant::now();
+    let took = refused_everywhere(&channels, &short, created).await?;
+    assert!(took < Duration::from_secs(2), "a 1 s key refused after {took:?}");
+
+    // No secret reached a log.
+    for (id, node) in &cluster.nodes {
+        let log = std::fs::read_to_string(&node.log_path)?;
+        for secret in [&admin, &viewer, &submitter, &other_submitter, &worker, &operator, &revoked, &short] {
+            let secret_part = secret.rsplit('_').next().unwrap_or(secret);
+            assert!(!log.contains(secret_part), "node {id}'s log holds a key's secret");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_off_is_explicit_and_loopback_only() -> anyhow::Result<()> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["config", "validate"])
+        .env("MAOS_SECURITY_AUTH_ENABLED", "false")
+        .env("MAOS_NETWORK_LISTEN_ADDR", "0.0.0.0:8000")
+        .env("MAOS_DASHBOARD_LISTEN", "127.0.0.1:3001")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "auth off on 0.0.0.0 must be refused");
+    assert!(stderr.contains("network.listen_addr") && stderr.contains("security.allow_insecure"), "{stderr}");
+    let allowed = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["config", "validate"])
+        .env("MAOS_SECURITY_AUTH_ENABLED", "false")
+        .env("MAOS_SECURITY_ALLOW_INSECURE", "true")
+        .env("MAOS_NETWORK_LISTEN_ADDR", "0.0.0.0:8000")
+        .output()?;
+    assert!(allowed.status.success(), "{}", String::from_utf8_lossy(&allowed.stderr));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_port_takes_only_calls_that_carry_the_cluster_secret() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let secret_file = root.path().join("cluster-secret");
+    let secret = "4f0c0a3e9b7d1c2e5a6b8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c";
+    std::fs::write(&secret_file, format!("{secret}\n"))?;
+    let env = vec![("MAOS_SECURITY_CLUSTER_SECRET_FILE".to_string(), secret_file.display().to_string())];
+    let options = LocalClusterOptions { env, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    // The members carry the secret: the cluster forms and replicates.
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.client()?.put("secret-test", "replicated").await?;
+    cluster.wait_for_same_state(&[1, 2, 3], STEP).await?;
+
+    // A stranger on the Raft port gets nothing, not even Hello.
+    let raft =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.nodes[&1].raft_addr))?.connect().await?;
+    for method in
+        ["maos.raft.v1.RaftService/Propose", "maos.raft.v1.RaftService/Hello", "maos.raft.v1.RaftService/AppendEntries"]
+    {
+        assert_eq!(call(&raft, method, None).await?, Code::Unauthenticated, "{method} without the secret");
+    }
+    let mut grpc = tonic::client::Grpc::new(raft.clone());
+    grpc.ready().await?;
+    let mut request = tonic::Request::new(tokio_stream::once(Vec::<u8>::new()));
+    request.metadata_mut().insert("x-maos-cluster-secret", secret.parse()?);
+    let path = PathAndQuery::from_str("/maos.raft.v1.RaftService/Hello")?;
+    let answered = grpc.streaming(request, path, Raw).await?.into_inner().message().await;
+    assert!(answered.is_ok(), "Hello with the secret: {answered:?}");
+
+    let log = cluster.log_tail(1, 400);
+    assert!(!log.contains(secret), "the secret is never logged");
+    Ok(())
+}
