@@ -36,7 +36,9 @@ async fn a_node_joins_as_learner_then_voter_and_leaves() -> anyhow::Result<()> {
         .args(["serve", "--node-id", "4", "--listen", &api, "--raft-listen", &raft, "--peers", &peers])
         .arg("--data-dir")
         .arg(&data)
+        // As the cluster: auth off, so nothing may listen beyond loopback (no dashboard here).
         .env("MAOS_SECURITY_AUTH_ENABLED", "false")
+        .env("MAOS_DASHBOARD_ENABLED", "false")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
