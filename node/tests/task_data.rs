@@ -67,8 +67,19 @@ fn coder(description: &str, input: &str) -> SubmitTaskRequest {
     }
 }
 
+/// Submit; UNAVAILABLE is retried for a while: with PostgreSQL, a node answers that (naming the
+/// missing schema) until its start-up migration is done, which can be after the leader is elected.
 async fn submit(client: &mut TaskServiceClient<Channel>, request: SubmitTaskRequest) -> anyhow::Result<String> {
-    Ok(client.submit(request).await?.into_inner().task_id)
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match client.submit(request.clone()).await {
+            Ok(answer) => return Ok(answer.into_inner().task_id),
+            Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
 }
 
 /// Wait until `task_id` is in `state`.
