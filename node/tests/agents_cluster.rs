@@ -60,8 +60,23 @@ async fn completed(
     }
 }
 
+/// Submit, once the type is served: a node registers its agent pool through the log shortly after
+/// the election, and until then a submit of its type is refused (FAILED_PRECONDITION, naming it).
 async fn submit(client: &mut TaskServiceClient<Channel>, request: SubmitTaskRequest) -> anyhow::Result<String> {
-    Ok(client.submit(request).await?.into_inner().task_id)
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match client.submit(request.clone()).await {
+            Ok(answer) => return Ok(answer.into_inner().task_id),
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().contains("no agent serves type")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
