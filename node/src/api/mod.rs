@@ -9,7 +9,8 @@
 //! - `rest.rs` (the router and the HTTP mapping of statuses), `rest_tasks.rs` and `rest_cluster.rs`
 //!   (the handlers and their JSON bodies), `openapi.rs` (the document, generated from those).
 //! - `auth.rs`: the one authorization layer (tokens to principals, the method-to-permission
-//!   tables, default deny); `auth_service.rs`: API keys.
+//!   tables, default deny); `principal.rs`: the principal handlers read and what each role
+//!   may do; `auth_service.rs`: API keys and the audit.
 //! - `http.rs`: `/health`, `/ready`, `/metrics`.
 //!
 //! The REST handlers call the gRPC service structs, so both surfaces share validation.
