@@ -99,6 +99,7 @@ async fn dispatch_latency(maos: &Path, tasks: usize, rate_per_s: u64) -> anyhow:
     cluster.start_all()?;
     let all: Vec<u64> = cluster.nodes.keys().copied().collect();
     let (leader, _) = cluster.wait_for_leader(&all, Duration::from_secs(30)).await?;
+    cluster.wait_ready(&all, Duration::from_secs(30)).await?;
     let channel = cluster.client_of(leader)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
     let mut client = TaskServiceClient::new(channel);
     // Slot registration and the first renewals settle.

@@ -49,6 +49,7 @@ async fn cluster(
     let mut cluster = LocalCluster::new(maos, root, options(env))?;
     cluster.start_all()?;
     cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(60)).await?;
+    cluster.wait_ready(&[1, 2, 3], Duration::from_secs(60)).await?;
     let mut clients = Vec::new();
     for id in 1..=3 {
         let channel = cluster.client_of(id)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel to node {id}"))?;

@@ -55,6 +55,7 @@ async fn agents_are_spawned_paused_terminated_and_resumed_through_the_api() -> a
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let channel = cluster.client_of(leader)?.channel(0).ok_or_else(|| anyhow::anyhow!("channel"))?;
     let mut agents = AgentServiceClient::new(channel);
     let mut tasks = tasks_client(&cluster, leader)?;
@@ -142,6 +143,7 @@ async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -
     )?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     // The nodes register their pools after a leader is known: wait for them before submitting.
     let client = std::sync::Arc::new(cluster.client()?);
     wait_until("the sharer agents to register", || {

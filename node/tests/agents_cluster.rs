@@ -35,6 +35,7 @@ async fn started(
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let client = tasks_client(&cluster, leader)?;
     Ok((cluster, client))
 }
@@ -60,23 +61,8 @@ async fn completed(
     }
 }
 
-/// Submit, once the type is served: a node registers its agent pool through the log shortly after
-/// the election, and until then a submit of its type is refused (FAILED_PRECONDITION, naming it).
 async fn submit(client: &mut TaskServiceClient<Channel>, request: SubmitTaskRequest) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        match client.submit(request.clone()).await {
-            Ok(answer) => return Ok(answer.into_inner().task_id),
-            Err(status)
-                if status.code() == tonic::Code::FailedPrecondition
-                    && status.message().contains("no agent serves type")
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await
-            }
-            Err(status) => return Err(status.into()),
-        }
-    }
+    Ok(client.submit(request).await?.into_inner().task_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

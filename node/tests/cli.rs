@@ -36,6 +36,7 @@ async fn the_command_line_drives_tasks_and_agents_with_reliable_exit_codes() -> 
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let endpoints = cluster.client()?.endpoints().join(",");
     let e = endpoints.as_str();
     // Agents register shortly after the leader is known.
@@ -123,6 +124,7 @@ async fn with_manual_bootstrap_the_cluster_forms_on_cluster_init() -> anyhow::Re
     let out = ok(maos(&endpoint, &["cluster", "init"])?)?;
     assert!(out.contains("formed: leader node"), "{out}");
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let again: serde_json::Value = serde_json::from_str(&ok(maos(&endpoint, &["cluster", "init", "--json"])?)?)?;
     assert_eq!(again["already_initialized"], true, "{again}");
     assert_eq!(again["members"].as_array().map(Vec::len), Some(3), "{again}");

@@ -68,6 +68,7 @@ async fn an_sdk_worker_runs_tasks_and_its_death_leads_to_re_lease() -> anyhow::R
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let endpoints = cluster.client()?.endpoints().join(",");
     let mut client = tasks_client(&cluster, leader)?;
 

@@ -63,6 +63,7 @@ async fn health_ready_and_metrics_are_served_beside_grpc() -> anyhow::Result<()>
     cluster.start_node(2)?;
     cluster.start_node(3)?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     for node in cluster.nodes.values() {
         let (status, body) = fetch(&node.api_addr, "/ready").await?;
         assert_eq!(status, 200, "{body}");

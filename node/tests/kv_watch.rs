@@ -25,6 +25,7 @@ async fn a_watch_on_one_node_sees_writes_deletes_and_expiry_made_through_another
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let [watcher_node, writer_node] = {
         let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
         [others[0], others[1]]

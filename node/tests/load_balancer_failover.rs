@@ -50,6 +50,7 @@ async fn submits_through_a_balancer_survive_a_leader_kill_without_loss_or_duplic
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let backends: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
     let front = balancer(backends).await?;
     let client = Client::new([front])?.with_deadline(Duration::from_secs(20));

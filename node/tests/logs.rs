@@ -29,6 +29,7 @@ async fn json_logs_parse_line_by_line_and_a_dead_peer_is_one_warning_per_interva
     let mut cluster = json_cluster(root.path())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     let ids = submit_sleepers(&mut client, 6, 50).await?;
     wait_all(&mut client, &ids, TaskState::Completed).await?;

@@ -26,6 +26,7 @@ async fn a_node_joins_as_learner_then_voter_and_leaves() -> anyhow::Result<()> {
     let mut cluster = LocalCluster::new(binary, root.path(), LocalClusterOptions::default())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     cluster.client()?.put("seen-by-the-new-node", "yes").await?;
 
     // A fourth node that knows the cluster but is not in it: it waits to be added.
@@ -99,6 +100,7 @@ async fn a_removed_leader_knows_it_and_says_so_at_once() -> anyhow::Result<()> {
         LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), LocalClusterOptions::default())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let endpoint = cluster.nodes[&leader].api_addr.clone();
     let http = reqwest::Client::builder().timeout(STEP).build()?;
     let answer = http.delete(format!("http://{endpoint}/api/v1/cluster/nodes/{leader}")).send().await?;

@@ -46,6 +46,7 @@ async fn started(root: &Path) -> anyhow::Result<(LocalCluster, String)> {
     cluster.start_all()?;
     let token = cluster.wait_for_bootstrap_token(STEP).await?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     // Every node's agents registered, so the document's example type is served.
     let http = reqwest::Client::new();
     let base = format!("http://{}", cluster.nodes[&1].api_addr);
@@ -108,6 +109,7 @@ async fn every_route_answers_as_the_openapi_document_says() -> anyhow::Result<()
     let root = tempfile::tempdir()?;
     let (mut cluster, token) = started(root.path()).await?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap_or(1);
     let api_addr = cluster.nodes[&follower].api_addr.clone();
     if !run(&tool, work.path(), &api_addr, &token, &["--exclude-path-regex", CLUSTER_CHANGES]).await? {

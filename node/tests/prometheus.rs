@@ -161,6 +161,7 @@ async fn live_metrics_pass_promtool_and_counters_never_go_down() -> anyhow::Resu
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     let submit = |task_type: &str, input: &str, max_retries: u32| SubmitTaskRequest {
         task_type: task_type.into(),

@@ -52,6 +52,7 @@ async fn a_python_client_generated_from_the_proto_submits_and_watches_a_task() -
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let deadline = tokio::time::Instant::now() + STEP;
     while cluster.client()?.agents(0).await?.total < 6 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "agents never registered");

@@ -55,6 +55,7 @@ async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Res
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let client = cluster.client()?;
     let deadline = tokio::time::Instant::now() + STEP;
     while client.agents(0).await?.total < BUILTIN_AGENTS {

@@ -110,6 +110,7 @@ async fn a_colliding_id_or_a_foreign_data_dir_is_refused_and_left_untouched() ->
     let mut cluster = LocalCluster::new(binary, &root.path().join("main"), LocalClusterOptions::default())?;
     cluster.start_all()?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     // The cluster id is recorded shortly after the first leader is elected.
     let deadline = tokio::time::Instant::now() + STEP;
     while cluster.status(1).await?.cluster_id.is_empty() {

@@ -51,6 +51,7 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
     let api = Api {
         http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?,

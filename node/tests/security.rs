@@ -215,6 +215,7 @@ async fn every_call_is_authenticated_and_checked_against_one_table() -> anyhow::
     cluster.start_all()?;
     let admin = cluster.wait_for_bootstrap_token(STEP).await?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
 
     // The bootstrap token: written once, readable by its owner only.
     let path = cluster.bootstrap_token_path().ok_or_else(|| anyhow::anyhow!("no token file"))?;
@@ -404,6 +405,7 @@ async fn the_raft_port_takes_only_calls_that_carry_the_cluster_secret() -> anyho
     cluster.start_all()?;
     // The members carry the secret: the cluster forms and replicates.
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     cluster.client()?.put("secret-test", "replicated").await?;
     cluster.wait_for_same_state(&[1, 2, 3], STEP).await?;
 

@@ -66,6 +66,7 @@ async fn a_cut_off_node_stops_its_agent_before_its_lease_can_expire() -> anyhow:
         LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), ticker_options(&script, &tick_dir))?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     let deadline = tokio::time::Instant::now() + STEP;
     while cluster.client()?.agents(0).await?.total < 3 {
@@ -127,6 +128,7 @@ async fn a_restarted_node_runs_its_old_leases_as_new_attempts_not_again_as_the_s
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     let ids = submit_sleepers(&mut client, 6, 4_000).await?;
     let running = wait_all(&mut client, &ids, TaskState::Running).await?;

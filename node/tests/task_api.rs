@@ -29,6 +29,7 @@ async fn submits_are_bounded_idempotent_validated_and_cancellable() -> anyhow::R
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
     let mut client = tasks_client(&cluster, follower)?;
 

@@ -32,6 +32,7 @@ async fn every_bad_input_is_refused_by_name_and_the_surface_works() -> anyhow::R
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
     let mut client = tasks_client(&cluster, follower)?;
     // Wait until agents serve `coder`.

@@ -67,19 +67,8 @@ fn coder(description: &str, input: &str) -> SubmitTaskRequest {
     }
 }
 
-/// Submit; UNAVAILABLE is retried for a while: with PostgreSQL, a node answers that (naming the
-/// missing schema) until its start-up migration is done, which can be after the leader is elected.
 async fn submit(client: &mut TaskServiceClient<Channel>, request: SubmitTaskRequest) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        match client.submit(request.clone()).await {
-            Ok(answer) => return Ok(answer.into_inner().task_id),
-            Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(status) => return Err(status.into()),
-        }
-    }
+    Ok(client.submit(request).await?.into_inner().task_id)
 }
 
 /// Wait until `task_id` is in `state`.
@@ -107,6 +96,7 @@ async fn suite(root: &Path, backend: &Backend) -> anyhow::Result<(LocalCluster, 
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, options(root, backend)?)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     let mut made = Made::default();
 
@@ -400,6 +390,7 @@ async fn redis_holds_scratch_state_and_carries_task_events() -> anyhow::Result<(
         LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options(root.path(), &backend)?)?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut events = redis::Client::open(redis.url())?.get_async_pubsub().await?;
     events.subscribe("maos:events").await?;
 

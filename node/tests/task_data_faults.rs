@@ -1,7 +1,8 @@
 //! Task data under faults, with real servers: PostgreSQL crashes and comes back during a load of
 //! submits and completions (nothing acknowledged is lost, nothing runs twice, every refusal is
 //! UNAVAILABLE); Redis is killed and comes back during a load of reads (no client sees an error,
-//! and the cache is correct after); a result written under a stale fencing token changes no row.
+//! and the cache is correct after); a result written under a stale fencing token changes no row;
+//! a node is not ready while its database lacks the schema.
 
 #[path = "support/tasks.rs"]
 mod common;
@@ -41,6 +42,7 @@ async fn started(
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, options)?;
     cluster.start_all()?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let clients = (1..=3).map(|id| tasks_client(&cluster, id)).collect::<anyhow::Result<Vec<_>>>()?;
     Ok((cluster, clients))
 }
@@ -408,5 +410,44 @@ async fn an_input_no_committed_task_refers_to_is_swept_and_the_others_kept() -> 
     let view = client.get(GetTaskRequest { task_id: kept.clone(), stale: false }).await?.into_inner();
     assert_eq!(view.input, "sleep:60000", "the committed task's input is kept");
     cluster.stop();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_not_ready_until_its_database_holds_the_schema() -> anyhow::Result<()> {
+    let postgres = Postgres::start()?;
+    let root = tempfile::tempdir()?;
+    let env = [("MAOS_DATABASE_PRIMARY_URL", postgres.url()), ("MAOS_DATABASE_AUTO_MIGRATE", "false".into())];
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options(&env))?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let mut clients = (1..=3).map(|id| tasks_client(&cluster, id)).collect::<anyhow::Result<Vec<_>>>()?;
+    let api = cluster.nodes[&1].api_addr.clone();
+    let ready = || async {
+        let response = reqwest::Client::new().get(format!("http://{api}/ready")).timeout(STEP).send().await?;
+        anyhow::Ok((response.status().as_u16(), response.text().await?))
+    };
+
+    // A leader, the database up, but no schema: not ready, and it says why.
+    let (code, text) = ready().await?;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("the schema is missing") && text.contains("maos db migrate"), "{text}");
+    let request = SubmitTaskRequest {
+        task_type: "coder".into(),
+        description: "after the migration".into(),
+        input: "x".into(),
+        ..Default::default()
+    };
+    let refused = clients[0].submit(request.clone()).await.expect_err("a submit without the schema is refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    // The operator migrates; every node becomes ready and takes the submit.
+    let migrate = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["db", "migrate", "--database-url", &postgres.url()])
+        .output()?;
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let task_id = clients[0].submit(request).await?.into_inner().task_id;
+    common::wait_all(&mut clients[0], &[task_id], TaskState::Completed).await?;
     Ok(())
 }

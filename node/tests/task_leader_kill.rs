@@ -16,6 +16,7 @@ async fn a_leader_failover_expires_no_lease_early() -> anyhow::Result<()> {
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let survivor = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
     let mut client = tasks_client(&cluster, survivor)?;
     let ids = submit_sleepers(&mut client, 6, 6_000).await?;

@@ -17,6 +17,7 @@ async fn tasks_of_a_killed_node_are_leased_again_and_complete_once() -> anyhow::
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     // Six slots in the cluster, six tasks: every node runs two.
     let ids = submit_sleepers(&mut client, 6, 4_000).await?;

@@ -61,6 +61,7 @@ async fn evict_one(
         LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, LocalClusterOptions { ..options })?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
     let mut client = tasks_client(&cluster, leader)?;
     let finished = submit_when_ready(&mut client, echo("kept after eviction", "retention-1")).await?;
     let running = submit_when_ready(&mut client, echo("sleep:120000", "retention-2")).await?;

@@ -109,6 +109,7 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path, keep: bool) -
     progress.waiting("waiting for a leader");
     let (leader, term) = cluster.wait_for_leader(&all, STEP_TIMEOUT).await?;
     progress.println(format!("{} leader elected: node {leader} (term {term})", elapsed()));
+    cluster.wait_ready(&all, STEP_TIMEOUT).await?;
     cluster.wait_for_bootstrap_token(STEP_TIMEOUT).await?;
     if let Some(path) = cluster.bootstrap_token_path() {
         progress.println(format!("   auth is on; the bootstrap admin token is in {}", path.display()));

@@ -362,6 +362,31 @@ impl LocalCluster {
         bail!("no agreed leader among {among:?} within {timeout:?}: {last}{logs}")
     }
 
+    /// Wait until every node in `among` answers 200 on `/ready`: a member that knows a leader,
+    /// whose task-data store holds its schema and whose agent pool is registered (a submit right
+    /// after the election can otherwise find a type not served yet, or the schema not migrated).
+    pub async fn wait_ready(&self, among: &[u64], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for id in among {
+            let addr = &self.nodes.get(id).with_context(|| format!("no node {id}"))?.api_addr;
+            loop {
+                let last = match http_get(addr, "/ready").await {
+                    Ok((200, _)) => break,
+                    Ok((code, body)) => format!("{code}: {}", body.trim()),
+                    Err(error) => error.to_string(),
+                };
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "node {id} was not ready within {timeout:?}: {last}\n--- last lines of its log ---\n{}",
+                        self.log_tail(*id, 30)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Wait until every node in `among` has applied the same state; returns the state hash.
     pub async fn wait_for_same_state(&self, among: &[u64], timeout: Duration) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -398,4 +423,26 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr` (the node's API port serves HTTP/1 beside gRPC):
+/// (status code, body).
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), exchange).await.context("no answer in 5 s")??;
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {answer:.80}"))?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    Ok((code, body))
 }

@@ -25,7 +25,7 @@ pub use attempt::{envelope_for, load_envelope};
 pub use runtime::AgentRuntime;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +71,8 @@ pub struct AgentMetrics {
     /// Attempts this node stopped because no renewal proved their lease live
     /// (`maos_agent_self_fenced_total`).
     pub self_fenced_total: AtomicU64,
+    /// Whether the replicated state holds this node's agent pool as configured (part of `/ready`).
+    pub pool_registered: AtomicBool,
     /// The `maos_agent_slots` series published so far, so a type that is gone reads 0.
     published_slots: std::sync::Mutex<std::collections::BTreeSet<(String, &'static str)>>,
 }

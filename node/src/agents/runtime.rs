@@ -207,6 +207,7 @@ impl AgentRuntime {
                 }
                 (spawned, registered, new_leases, held, interrupted)
             };
+            self.metrics.pool_registered.store(registered, std::sync::atomic::Ordering::Relaxed);
             // Leases of an earlier run of this node: their attempts were interrupted. Failed
             // retryably (in the background), so each task runs again as a new attempt.
             for (task_id, token, attempt) in interrupted {

@@ -1,13 +1,15 @@
 //! Plain HTTP on the API port (8000), beside gRPC: `/health`, `/ready` and `/metrics`.
 //!
 //! - `/health`: 200 while the process serves requests (liveness).
-//! - `/ready`: 200 when this node is a member of a cluster that has a leader it knows and its
-//!   task-data store answers; 503 with the reason otherwise (readiness: a load balancer sends it
-//!   no traffic until then). Redis is not part of readiness: the node works without it.
+//! - `/ready`: 200 when this node is a member of a cluster that has a leader it knows, its
+//!   task-data store answers with its schema, and its agent pool is registered; 503 with the
+//!   reason otherwise (readiness: a load balancer sends it no traffic until then). Redis is not
+//!   part of readiness: the node works without it.
 //! - `/metrics`: Prometheus text format, rendered by the exporter from the process's registry
 //!   (`telemetry::metrics`; every metric in `docs/METRICS.md`). Current-state gauges (Raft, tasks
 //!   by state, agents) are set here from this node's applied view just before rendering.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -38,30 +40,31 @@ pub fn router(core: Arc<NodeCore>, agents: Arc<AgentMetrics>, storage: Arc<Stora
 }
 
 async fn ready(State(shared): State<Shared>) -> (StatusCode, String) {
-    let core = &shared.core;
-    let member = core.members().contains_key(&core.id);
-    match (member, core.leader()) {
-        (true, Some((leader, _))) => match shared.storage.check().await {
-            Ok(store) => {
-                (StatusCode::OK, format!("ready: node {} in a cluster led by node {leader}; {store}\n", core.id))
-            }
-            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: node {}: {why}\n", core.id)),
-        },
-        (false, _) => match core.removal() {
-            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
-            None => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "not ready: node {} is not a member of a cluster yet (forming, or waiting to be added)\n",
-                    core.id
-                ),
-            ),
-        },
-        (true, None) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: node {} knows no leader (election under way)\n", core.id),
-        ),
+    match readiness(&shared.core, &shared.agents, &shared.storage).await {
+        Ok(why) => (StatusCode::OK, format!("ready: {why}\n")),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
+}
+
+/// Whether this node can take work now, and why (`/ready`, and the gRPC health service): a
+/// member that knows a leader, whose task-data store answers with its schema, and whose agent
+/// pool is in the replicated state (so a submit it takes finds its types served).
+pub async fn readiness(core: &NodeCore, agents: &AgentMetrics, storage: &Storage) -> Result<String, String> {
+    let id = core.id;
+    if !core.members().contains_key(&id) {
+        return Err(match core.removal() {
+            Some(why) => why,
+            None => format!("node {id} is not a member of a cluster yet (forming, or waiting to be added)"),
+        });
+    }
+    let Some((leader, _)) = core.leader() else {
+        return Err(format!("node {id} knows no leader (election under way)"));
+    };
+    let store = storage.check().await.map_err(|why| format!("node {id}: {why}"))?;
+    if !agents.pool_registered.load(Ordering::Relaxed) {
+        return Err(format!("node {id}: its agent pool is not registered in the cluster yet"));
+    }
+    Ok(format!("node {id} in a cluster led by node {leader}; {store}"))
 }
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {

@@ -274,7 +274,11 @@ where
     });
     // The standard gRPC health service (SERVING while ready, as `/ready`) and server reflection.
     let (health, health_service) = tonic_health::server::health_reporter();
-    spawn_in(&mut tasks, &node_span, report_health(core.clone(), storage.clone(), health, stopped.clone()));
+    spawn_in(
+        &mut tasks,
+        &node_span,
+        report_health(core.clone(), agent_metrics.clone(), storage.clone(), health, stopped.clone()),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(maos_client::proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -434,15 +438,16 @@ const HEALTH_SERVICES: [&str; 6] = [
 /// with a known leader, NOT_SERVING otherwise.
 async fn report_health(
     core: Arc<NodeCore>,
+    agents: Arc<AgentMetrics>,
     storage: Arc<Storage>,
     reporter: tonic_health::server::HealthReporter,
     mut stopped: watch::Receiver<bool>,
 ) {
     // Checked every housekeeping interval, not on every applied entry (a membership read per write).
-    // The same conditions as `/ready`.
+    // The conditions of `/ready`.
     let mut reported = None;
     loop {
-        let ready = core.members().contains_key(&core.id) && core.leader().is_some() && storage.check().await.is_ok();
+        let ready = crate::api::http::readiness(&core, &agents, &storage).await.is_ok();
         if reported != Some(ready) {
             let status =
                 if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };

@@ -162,14 +162,25 @@ impl PgStore {
         self.metrics.database_queries_total.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether the database answers and holds the schema (a node that cannot take a submit is
+    /// not ready: `/ready` and the health service use this).
     pub async fn ping(&self) -> Result<(), String> {
         self.counted();
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        let schema: bool = sqlx::query_scalar("SELECT to_regclass('task_inputs') IS NOT NULL")
+            .fetch_one(&self.pool)
             .timed("ping")
             .await
-            .map(|_| ())
-            .map_err(|e| self.error(e).to_string())
+            .map_err(|e| self.error(e).to_string())?;
+        match schema {
+            true => Ok(()),
+            false => Err(StorageError::Unavailable {
+                store: format!("PostgreSQL at {}", self.name),
+                cause: "the schema is missing; run `maos db migrate` (with database.auto_migrate on, \
+                        the node applies it itself once it can)"
+                    .into(),
+            }
+            .to_string()),
+        }
     }
 
     /// Apply pending migrations (concurrent callers wait on the migrator's advisory lock).
