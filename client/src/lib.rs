@@ -105,9 +105,60 @@ fn retryable(status: &Status) -> bool {
 
 /// Turn `host:port` or a URL into an endpoint.
 pub fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
-    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| ClientError::InvalidEndpoint { endpoint: address.to_string(), message: e.to_string() })?;
+    endpoint_with(address, None)
+}
+
+/// How a client checks the nodes' API port over TLS (`security.tls.*` on the nodes).
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM certificates of the CA that signed the nodes' certificates; `None`: the public web
+    /// roots.
+    pub ca_pem: Option<String>,
+    /// The PEM certificate and key this client presents (mutual TLS: the nodes'
+    /// `security.tls.client_ca_file`).
+    pub identity: Option<(String, String)>,
+}
+
+impl Tls {
+    /// Read the files a command line or a configuration names (`--ca-file`, `--cert`, `--key`).
+    pub fn from_files(
+        ca_file: Option<&std::path::Path>,
+        cert_file: Option<&std::path::Path>,
+        key_file: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| ClientError::InvalidArgument(format!("{what}: cannot read {}: {e}", path.display())))
+        };
+        let identity = match (cert_file, key_file) {
+            (Some(cert), Some(key)) => Some((read("cert", cert)?, read("key", key)?)),
+            (None, None) => None,
+            _ => return Err(ClientError::InvalidArgument("cert and key: give both, or neither".into())),
+        };
+        Ok(Self { ca_pem: ca_file.map(|path| read("ca_file", path)).transpose()?, identity })
+    }
+}
+
+/// Turn `host:port` or a URL into an endpoint; with `tls`, `host:port` means `https://` and the
+/// nodes' certificates are checked as `tls` says (an `https://` address without it: against the
+/// public web roots).
+pub fn endpoint_with(address: &str, tls: Option<&Tls>) -> Result<Endpoint, ClientError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = if address.contains("://") { address.to_string() } else { format!("{scheme}://{address}") };
+    let invalid = |message: String| ClientError::InvalidEndpoint { endpoint: address.to_string(), message };
+    let mut endpoint = Endpoint::from_shared(url.clone()).map_err(|e| invalid(e.to_string()))?;
+    if url.starts_with("https://") {
+        let tls = tls.cloned().unwrap_or_default();
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        config = match &tls.ca_pem {
+            Some(pem) => config.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            None => config.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| invalid(format!("TLS: {e}")))?;
+    }
     Ok(endpoint
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -150,9 +201,18 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        Self::new_with_tls(endpoints, None)
+    }
+
+    /// A client of the nodes at `endpoints` over TLS when `tls` is given (see [`endpoint_with`]).
+    pub fn new_with_tls<I, S>(endpoints: I, tls: Option<&Tls>) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
         let channels: Vec<Channel> =
-            endpoints.iter().map(|e| endpoint(e).map(|e| e.connect_lazy())).collect::<Result<_, _>>()?;
+            endpoints.iter().map(|e| endpoint_with(e, tls).map(|e| e.connect_lazy())).collect::<Result<_, _>>()?;
         Self::from_channels(endpoints.into_iter().zip(channels).collect())
     }
 

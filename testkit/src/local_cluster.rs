@@ -36,6 +36,21 @@ pub struct LocalClusterOptions {
     /// auth call without tokens (every node listens on loopback only). On, the first leader
     /// writes the bootstrap admin token to its data dir and [`LocalCluster::client`] uses it.
     pub auth: bool,
+    /// TLS on every node's API port (`security.tls.*`); the cluster's clients then check the
+    /// nodes' certificates against `ca_file`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for TLS on the API port: the nodes' certificate and key (one for all, naming
+/// 127.0.0.1) and the CA that signed it; for mutual TLS, the CA the nodes require client
+/// certificates from, and the certificate and key the cluster's clients present.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for LocalClusterOptions {
@@ -48,6 +63,7 @@ impl Default for LocalClusterOptions {
             log_level: "INFO".into(),
             env: Vec::new(),
             auth: false,
+            tls: None,
         }
     }
 }
@@ -205,6 +221,12 @@ impl LocalCluster {
             .env("MAOS_SECURITY_AUTH_ENABLED", self.options.auth.to_string())
             .envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
+        if let Some(tls) = &self.options.tls {
+            command.env("MAOS_SECURITY_TLS_CERT_FILE", &tls.cert_file).env("MAOS_SECURITY_TLS_KEY_FILE", &tls.key_file);
+            if let Some(client_ca) = &tls.client_ca_file {
+                command.env("MAOS_SECURITY_TLS_CLIENT_CA_FILE", client_ca);
+            }
+        }
         Ok(command)
     }
 
@@ -303,15 +325,37 @@ impl LocalCluster {
 
     /// A client of every node (with auth on, as the bootstrap admin once its token exists).
     pub fn client(&self) -> anyhow::Result<Client> {
-        let client =
-            Client::new(self.nodes.values().map(|n| n.api_addr.clone()))?.with_deadline(Duration::from_secs(15));
+        let client = Client::new_with_tls(self.nodes.values().map(|n| n.api_addr.clone()), self.tls()?.as_ref())?
+            .with_deadline(Duration::from_secs(15));
         self.authorized(client)
     }
 
     /// A client of node `id` alone.
     pub fn client_of(&self, id: u64) -> anyhow::Result<Client> {
         let node = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
-        self.authorized(Client::new([node.api_addr.clone()])?.with_deadline(Duration::from_secs(15)))
+        let client = Client::new_with_tls([node.api_addr.clone()], self.tls()?.as_ref())?;
+        self.authorized(client.with_deadline(Duration::from_secs(15)))
+    }
+
+    /// How clients check the nodes' certificates, when the cluster runs TLS.
+    pub fn tls(&self) -> anyhow::Result<Option<maos_client::Tls>> {
+        let Some(files) = &self.options.tls else { return Ok(None) };
+        let (cert, key) = files.client_identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())).unzip();
+        Ok(Some(maos_client::Tls::from_files(Some(&files.ca_file), cert, key)?))
+    }
+
+    /// An HTTP client of the API port (over TLS when the cluster runs it), and the URL scheme.
+    pub fn http(&self) -> anyhow::Result<(reqwest::Client, &'static str)> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
+        let Some(files) = &self.options.tls else { return Ok((builder.build()?, "http")) };
+        for ca in reqwest::Certificate::from_pem_bundle(&std::fs::read(&files.ca_file)?)? {
+            builder = builder.add_root_certificate(ca);
+        }
+        if let Some((cert, key)) = &files.client_identity {
+            let pem = [std::fs::read(key)?, b"\n".to_vec(), std::fs::read(cert)?].concat();
+            builder = builder.identity(reqwest::Identity::from_pem(&pem)?);
+        }
+        Ok((builder.build()?, "https"))
     }
 
     /// Node `id`'s status (without the state hash).
@@ -367,12 +411,13 @@ impl LocalCluster {
     /// after the election can otherwise find a type not served yet, or the schema not migrated).
     pub async fn wait_ready(&self, among: &[u64], timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let (http, scheme) = self.http()?;
         for id in among {
             let addr = &self.nodes.get(id).with_context(|| format!("no node {id}"))?.api_addr;
             loop {
-                let last = match http_get(addr, "/ready").await {
-                    Ok((200, _)) => break,
-                    Ok((code, body)) => format!("{code}: {}", body.trim()),
+                let last = match http.get(format!("{scheme}://{addr}/ready")).send().await {
+                    Ok(answer) if answer.status() == 200 => break,
+                    Ok(answer) => format!("{}: {}", answer.status(), answer.text().await.unwrap_or_default().trim()),
                     Err(error) => error.to_string(),
                 };
                 if tokio::time::Instant::now() >= deadline {
@@ -423,26 +468,4 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// A plain HTTP/1.1 GET of `path` on `addr` (the node's API port serves HTTP/1 beside gRPC):
-/// (status code, body).
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await?;
-        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(5), exchange).await.context("no answer in 5 s")??;
-    let code = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP answer: {answer:.80}"))?;
-    let body = answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-    Ok((code, body))
 }

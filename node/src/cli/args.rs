@@ -170,6 +170,16 @@ pub struct Target {
     /// API key or token (`maos_…`); else `MAOS_TOKEN`, else the file `~/.config/maos/token`.
     #[arg(long, env = "MAOS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA that signed the nodes' certificates (`security.tls.cert_file`); endpoints are then
+    /// https. An `https://` endpoint without it is checked against the public web roots.
+    #[arg(long, env = "MAOS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for nodes that require one (`security.tls.client_ca_file`); with --key.
+    #[arg(long = "cert", env = "MAOS_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long = "key", env = "MAOS_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

@@ -171,11 +171,10 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
 /// unhealthy answer is an error (exit code 5).
 pub async fn health(target: &Target, all_components: bool) -> anyhow::Result<()> {
     let (endpoints, json) = (&target.endpoints, target.json);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
     let mut rows = Vec::new();
     let mut unhealthy = Vec::new();
     for endpoint in endpoints {
-        let base = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
+        let (http, base) = super::http_of(target, endpoint)?;
         let mut row = serde_json::json!({"endpoint": endpoint});
         for probe in ["health", "ready"] {
             let answer = http.get(format!("{base}/{probe}")).send().await;

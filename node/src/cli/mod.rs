@@ -96,13 +96,51 @@ pub fn client(target: &Target) -> anyhow::Result<Client> {
     client_of(target.endpoints.clone(), target)
 }
 
-/// A client of `endpoints` with `target`'s token.
+/// A client of `endpoints` with `target`'s token and TLS settings.
 pub fn client_of(endpoints: Vec<String>, target: &Target) -> anyhow::Result<Client> {
-    let client = Client::new(endpoints)?;
+    let client = Client::new_with_tls(endpoints, tls(target)?.as_ref())?;
     Ok(match token(target)? {
         Some(token) => client.with_credentials(&token)?,
         None => client,
     })
+}
+
+/// `target`'s TLS settings: some when it names a CA or a client certificate.
+pub fn tls(target: &Target) -> anyhow::Result<Option<maos_client::Tls>> {
+    if target.ca_file.is_none() && target.client_cert.is_none() && target.client_key.is_none() {
+        return Ok(None);
+    }
+    let tls = maos_client::Tls::from_files(
+        target.ca_file.as_deref(),
+        target.client_cert.as_deref(),
+        target.client_key.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("--ca-file, --cert, --key: {e}"))?;
+    Ok(Some(tls))
+}
+
+/// An HTTP client for `/health`, `/ready` and `/metrics` with `target`'s TLS settings, and the
+/// base URL of `endpoint` (https when `target` names TLS settings).
+pub fn http_of(target: &Target, endpoint: &str) -> anyhow::Result<(reqwest::Client, String)> {
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3));
+    let tls = tls(target)?;
+    if let Some(tls) = &tls {
+        if let Some(pem) = &tls.ca_pem {
+            for ca in reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("--ca-file: not PEM certificates: {e}"))?
+            {
+                builder = builder.add_root_certificate(ca);
+            }
+        }
+        if let Some((cert, key)) = &tls.identity {
+            let identity = reqwest::Identity::from_pem(format!("{key}\n{cert}").as_bytes())
+                .map_err(|e| anyhow::anyhow!("--cert and --key: {e}"))?;
+            builder = builder.identity(identity);
+        }
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base = if endpoint.contains("://") { endpoint.to_string() } else { format!("{scheme}://{endpoint}") };
+    Ok((builder.build()?, base))
 }
 
 /// `$XDG_CONFIG_HOME/maos/token`, else `~/.config/maos/token`.

@@ -86,11 +86,24 @@ pub fn scan_config(config: &Config, raw: Option<&str>) -> Vec<Finding> {
         None => {}
         Some(path) => check_mode(&mut findings, "file-modes", path, 0o600),
     }
+    let tls = &security.tls;
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), Some(key)) => check_mode(&mut findings, "file-modes", key, 0o600),
+        _ => {
+            let severity = if is_loopback(&config.network.listen_addr) { Severity::Medium } else { Severity::High };
+            findings.push(finding(
+                severity,
+                "tls",
+                format!("port 8000 ({}) serves plaintext", config.network.listen_addr),
+                "set security.tls.cert_file and security.tls.key_file (docs/SECURITY.md, TLS)",
+            ));
+        }
+    }
     findings.push(finding(
-        Severity::High,
+        Severity::Medium,
         "tls",
-        format!("port 8000 ({}) and the Raft port serve plaintext", config.network.listen_addr),
-        "TLS is not built yet (issue 12): terminate TLS in front of port 8000 and keep port 7000 on a private network",
+        format!("the Raft port ({}) serves plaintext", config.network.raft_listen_addr),
+        "peer TLS is not built yet (issue 12): keep port 7000 on a private network, with security.cluster_secret_file",
     ));
     let data_dir = &config.node.data_dir;
     check_mode(&mut findings, "file-modes", data_dir, 0o750);
@@ -142,7 +155,7 @@ pub async fn scan_cluster(target: &Target, comprehensive: bool) -> anyhow::Resul
     let client = super::client(target)?.with_deadline(Duration::from_secs(5));
     let channel = client.channel(0).ok_or_else(|| anyhow::anyhow!("no endpoint"))?;
     let endpoint = target.endpoints.first().cloned().unwrap_or_default();
-    let anonymous = maos_client::Client::new([endpoint.clone()])?;
+    let anonymous = maos_client::Client::new_with_tls([endpoint.clone()], super::tls(target)?.as_ref())?;
     let mut stranger = AuthServiceClient::with_interceptor(channel.clone(), anonymous.authorization());
     match stranger.who_am_i(WhoAmIRequest {}).await {
         Ok(answer) if !answer.get_ref().auth_enabled => findings.push(finding(
@@ -160,17 +173,23 @@ pub async fn scan_cluster(target: &Target, comprehensive: bool) -> anyhow::Resul
             "check the endpoint (is it a MAOS node?)",
         )),
     }
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
-    let base = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
-    if base.starts_with("http://")
-        && http.get(format!("{base}/metrics")).send().await.is_ok_and(|r| r.status().is_success())
-    {
+    let (http, base) = super::http_of(target, &endpoint)?;
+    if base.starts_with("http://") {
+        let host = base.trim_start_matches("http://");
         findings.push(finding(
-            Severity::Low,
-            "metrics",
-            format!("{base}/metrics is reachable without TLS"),
-            "scrape over a private network, or put TLS in front of port 8000",
+            if is_loopback(host.split('/').next().unwrap_or_default()) { Severity::Medium } else { Severity::High },
+            "tls",
+            format!("{endpoint} is reached without TLS: tokens and task data cross the network in plain text"),
+            "set security.tls.cert_file and key_file on every node, then pass --ca-file (or an https:// endpoint)",
         ));
+        if http.get(format!("{base}/metrics")).send().await.is_ok_and(|r| r.status().is_success()) {
+            findings.push(finding(
+                Severity::Low,
+                "metrics",
+                format!("{base}/metrics is reachable without TLS"),
+                "scrape over TLS (security.tls.*), or over a private network",
+            ));
+        }
     }
     let mut auth = AuthServiceClient::with_interceptor(channel.clone(), client.authorization());
     match auth.list_keys(ListKeysRequest {}).await {

@@ -180,6 +180,25 @@ mod tests {
     }
 
     #[test]
+    fn tls_keys_come_in_pairs_and_a_client_ca_needs_tls() {
+        let problems = |pairs: &[(&str, &str)]| -> String {
+            let loaded = Config::load(None, &env(pairs)).expect("loads");
+            loaded.config.validate().err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let only_cert = problems(&[("MAOS_SECURITY_TLS_CERT_FILE", "/etc/maos/node.pem")]);
+        assert!(only_cert.contains("security.tls.key_file"), "{only_cert}");
+        let only_key = problems(&[("MAOS_SECURITY_TLS_KEY_FILE", "/etc/maos/node.key")]);
+        assert!(only_key.contains("security.tls.cert_file"), "{only_key}");
+        let ca_alone = problems(&[("MAOS_SECURITY_TLS_CLIENT_CA_FILE", "/etc/maos/clients.pem")]);
+        assert!(ca_alone.contains("security.tls.client_ca_file"), "{ca_alone}");
+        let both = problems(&[
+            ("MAOS_SECURITY_TLS_CERT_FILE", "/etc/maos/node.pem"),
+            ("MAOS_SECURITY_TLS_KEY_FILE", "/etc/maos/node.key"),
+        ]);
+        assert!(!both.contains("security.tls"), "{both}");
+    }
+
+    #[test]
     fn peer_lists_parse_and_malformed_ones_say_how_to_fix_them() {
         let peers = parse_peer_list("1=a:7000/a:8000, 2=b:7000/b:8000").expect("parses");
         assert_eq!(peers[1], PeerConfig { id: 2, raft_addr: "b:7000".into(), api_addr: "b:8000".into() });

@@ -42,6 +42,30 @@ pub struct SecuritySection {
     /// With auth off, listen on addresses other than loopback anyway (reported in `/ready`'s
     /// body and by `maos health --all-components`).
     pub allow_insecure: bool,
+    /// TLS on the API port (8000).
+    pub tls: TlsSection,
+}
+
+/// TLS on the API port: gRPC, REST, `/metrics` and `/ready` all over TLS (ALPN `h2` and
+/// `http/1.1`). The files are read again when they change, or on SIGHUP, without a restart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// The PEM certificate chain the port presents (the node's own first). With `key_file`,
+    /// the port speaks only TLS.
+    pub cert_file: Option<PathBuf>,
+    /// The PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// A PEM bundle of CAs: when set, every client must present a certificate one of them
+    /// signed (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// Whether the API port speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -253,6 +253,18 @@ impl Config {
         if let Err(e) = self.cluster_secret() {
             bad("security.cluster_secret_file", e);
         }
+        let tls = &self.security.tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => bad("security.tls.key_file", "must be set with security.tls.cert_file".into()),
+            (None, Some(_)) => bad("security.tls.cert_file", "must be set with security.tls.key_file".into()),
+            _ => {}
+        }
+        if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+            bad(
+                "security.tls.client_ca_file",
+                "needs security.tls.cert_file and key_file: client certificates are checked only over TLS".into(),
+            );
+        }
         if !self.security.auth.enabled && !self.security.allow_insecure {
             for (key, addr) in [
                 ("network.listen_addr", Some(&self.network.listen_addr)),

@@ -44,6 +44,7 @@ use maos_client::proto::v1::worker_service_server::WorkerServiceServer;
 mod data_dir;
 mod observe;
 mod serve;
+pub mod tls;
 
 pub use crate::raft::proposer::{system_clock, Clock};
 pub use crate::raft::{probe_raft_port, RaftPortProbe};
@@ -213,6 +214,15 @@ where
         what: "client API",
         error,
     })?;
+    // TLS on the API port when configured: every connection's handshake before tonic sees it.
+    let api_incoming = match config.security.tls.enabled() {
+        false => api_incoming,
+        true => {
+            let tls = Arc::new(tls::ServerTls::load(&config.security.tls).map_err(StartError::Security)?);
+            spawn_in(&mut tasks, &node_span, tls::watch_files(tls.clone(), stopped.clone()));
+            tls.wrap(api_incoming)
+        }
+    };
 
     let raft_service = RaftServiceServer::new(RaftServer { core: core.clone() })
         .max_decoding_message_size(MESSAGE_BYTES_MAX)

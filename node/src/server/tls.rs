@@ -1,0 +1,188 @@
+//! TLS on the API port (8000): gRPC and HTTP/1.1 on one listener, told apart by ALPN (`h2`,
+//! `http/1.1`), so REST, `/metrics`, `/ready` and Prometheus work over TLS as gRPC does.
+//!
+//! - TLS is terminated here, on the [`Incoming`] stream of any transport, before tonic sees the
+//!   connection; tonic's own server TLS advertises only `h2` and cannot reload.
+//! - Each handshake runs in its own task with [`HANDSHAKE_TIMEOUT`], at most [`HANDSHAKES_MAX`]
+//!   at once, so a client that stalls its handshake holds up no other.
+//! - `security.tls.{cert_file,key_file,client_ca_file}` are read again when one of them changes
+//!   (checked every [`RELOAD_CHECK`]) or on SIGHUP. A new connection uses the new files, an open
+//!   one keeps its session. A reload that fails (a half-written file) keeps the configuration
+//!   in use and logs why; the next change tries again.
+//! - With `client_ca_file`, a client must present a certificate one of those CAs signed.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsSection;
+use crate::transport::{BoxedIo, Incoming};
+
+/// How long a client may take to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; further connections wait to be accepted.
+pub const HANDSHAKES_MAX: usize = 512;
+/// How often the files are checked for a change.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(2);
+
+/// The API port's TLS configuration, replaced whole on a reload.
+pub struct ServerTls {
+    files: TlsSection,
+    current: ArcSwap<rustls::ServerConfig>,
+    /// The files' modification times when `current` was read.
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl ServerTls {
+    /// Read the files `files` names; the error names the key and the fix.
+    pub fn load(files: &TlsSection) -> Result<Self, String> {
+        let stamps = stamps(files);
+        let config = read(files)?;
+        Ok(Self { files: files.clone(), current: ArcSwap::from_pointee(config), stamps: Mutex::new(stamps) })
+    }
+
+    /// Read the files again if one changed since the last read (or if `forced`): whether a new
+    /// configuration is in use.
+    pub fn reload(&self, forced: bool) -> Result<bool, String> {
+        let now = stamps(&self.files);
+        let mut seen = self.stamps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !forced && *seen == now {
+            return Ok(false);
+        }
+        // Remembered even when the read fails: the next change, not every check, tries again.
+        *seen = now;
+        let config = read(&self.files)?;
+        self.current.store(Arc::new(config));
+        Ok(true)
+    }
+
+    /// `incoming` with TLS: each connection comes out once its handshake is done.
+    pub fn wrap(self: Arc<Self>, mut incoming: Incoming) -> Incoming {
+        let (accepted_tx, accepted_rx) = mpsc::channel::<io::Result<BoxedIo>>(64);
+        tokio::spawn(async move {
+            let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+            loop {
+                let next = tokio::select! {
+                    next = incoming.next() => next,
+                    // The server stopped: let the listener go.
+                    _ = accepted_tx.closed() => return,
+                };
+                let socket = match next {
+                    None => return,
+                    Some(Ok(socket)) => socket,
+                    Some(Err(error)) => {
+                        if accepted_tx.send(Err(error)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
+                let accepted_tx = accepted_tx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = accepted_tx.send(Ok(BoxedIo(Box::new(stream)))).await;
+                        }
+                        // A client's mistake (plain text, an unknown CA, no certificate): its
+                        // connection closes; nothing else is affected.
+                        Ok(Err(error)) => tracing::debug!(%error, "a TLS handshake on the API port failed"),
+                        Err(_) => tracing::debug!("a TLS handshake on the API port timed out"),
+                    }
+                });
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(accepted_rx))
+    }
+}
+
+/// Reload `tls` when its files change or the process gets SIGHUP, until `stopped`.
+pub async fn watch_files(tls: Arc<ServerTls>, mut stopped: watch::Receiver<bool>) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| tracing::warn!(%error, "SIGHUP cannot reload the TLS files; file changes still do"))
+        .ok();
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(RELOAD_CHECK) => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        match tls.reload(forced) {
+            Ok(true) => tracing::info!("the API port's TLS files were read again; new connections use them"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "the API port's TLS files could not be read again; the ones in use stay")
+            }
+        }
+    }
+}
+
+fn stamps(files: &TlsSection) -> Vec<Option<SystemTime>> {
+    [&files.cert_file, &files.key_file, &files.client_ca_file]
+        .into_iter()
+        .map(|path| path.as_deref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+        .collect()
+}
+
+fn read(files: &TlsSection) -> Result<rustls::ServerConfig, String> {
+    let (Some(cert_file), Some(key_file)) = (&files.cert_file, &files.key_file) else {
+        return Err("security.tls.cert_file and security.tls.key_file must both be set".into());
+    };
+    let chain = certificates("security.tls.cert_file", cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        format!(
+            "security.tls.key_file: cannot read a PEM private key from {}: {e}; give the key of the certificate (PKCS#8, PKCS#1 or SEC1)",
+            key_file.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match &files.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in certificates("security.tls.client_ca_file", ca_file)? {
+                roots.add(ca).map_err(|e| format!("security.tls.client_ca_file: {}: {e}", ca_file.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("security.tls.client_ca_file: {}: {e}", ca_file.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "security.tls.cert_file and key_file: {} and {} do not make a usable certificate: {e}",
+            cert_file.display(),
+            key_file.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Every certificate in the PEM file at `path` (at least one).
+fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let cannot =
+        |e: &dyn std::fmt::Display| format!("{key}: cannot read PEM certificates from {}: {e}", path.display());
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| cannot(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cannot(&e))?;
+    if chain.is_empty() {
+        return Err(cannot(&"the file holds no CERTIFICATE block"));
+    }
+    Ok(chain)
+}
