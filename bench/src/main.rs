@@ -10,15 +10,17 @@
 //! on), then for each client count drives key-value writes for a fixed time and reports committed
 //! writes per second and latency percentiles. With `--peer etcd` it also starts a 3-member etcd
 //! cluster (the `etcd` binary from Debian's `etcd-server`) on loopback and drives it with the same
-//! load generator, in the same run, for a side-by-side comparison. Every load loop is bounded in
-//! count and time.
+//! load generator, in the same run, for a side-by-side comparison. With `--secure` it also runs
+//! a cluster with TLS on port 8000 and auth on, its clients calling with an API key, for the cost
+//! of both against the plaintext cluster of the same run. Every load loop is bounded in count and
+//! time.
 
 mod agents;
 mod etcd;
 mod scheduling;
 mod task_data;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use maos_client::Client;
-use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions, TlsFiles};
 
 /// Upper bound on writes in one phase, whatever the duration.
 const WRITES_PER_PHASE_MAX: u64 = 5_000_000;
@@ -119,6 +121,9 @@ enum Bench {
         /// The `etcd` binary for `--peer etcd`.
         #[arg(long, default_value = "etcd")]
         etcd: PathBuf,
+        /// Also measure a cluster with TLS on port 8000 and auth on (clients send an API key).
+        #[arg(long)]
+        secure: bool,
     },
 }
 
@@ -200,6 +205,7 @@ struct Settings {
     warmup_seconds: u64,
     nodes: u64,
     value: Arc<String>,
+    secure: bool,
 }
 
 async fn measure(
@@ -254,6 +260,29 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
     measure("maos (all nodes)", &spread, &settings).await?;
     cluster.stop();
 
+    if settings.secure {
+        let options = LocalClusterOptions {
+            nodes: settings.nodes,
+            log_level: "WARN".into(),
+            auth: true,
+            tls: Some(tls_files(&root.path().join("tls"))?),
+            ..Default::default()
+        };
+        let mut cluster = LocalCluster::new(&maos, &root.path().join("maos-secure"), options)?;
+        cluster.start_all()?;
+        cluster.wait_for_leader(&all, Duration::from_secs(30)).await?;
+        cluster.wait_ready(&all, Duration::from_secs(30)).await?;
+        let token = cluster.wait_for_bootstrap_token(Duration::from_secs(30)).await?;
+        let tls = cluster.tls()?;
+        let addrs: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+        let spread = move |i: usize| -> anyhow::Result<Target> {
+            let client = Client::new_with_tls([addrs[i % addrs.len()].clone()], tls.as_ref())?;
+            Ok(Target::Maos(Arc::new(client.with_credentials(&token)?)))
+        };
+        measure("maos (all nodes, TLS + API key)", &spread, &settings).await?;
+        cluster.stop();
+    }
+
     if let Some((Peer::Etcd, binary)) = peer {
         let etcd = etcd::EtcdCluster::start(&binary, &root.path().join("etcd"), 3).await?;
         let endpoints = etcd.client_addrs();
@@ -263,6 +292,28 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
         measure(&format!("etcd {} (all nodes)", etcd.version), &spread, &settings).await?;
     }
     Ok(())
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, written under `dir`.
+fn tls_files(dir: &Path) -> anyhow::Result<TlsFiles> {
+    std::fs::create_dir_all(dir)?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate()?;
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &issuer)?;
+    let files = TlsFiles {
+        cert_file: dir.join("node.pem"),
+        key_file: dir.join("node.key"),
+        ca_file: dir.join("ca.pem"),
+        ..Default::default()
+    };
+    std::fs::write(&files.cert_file, cert.pem())?;
+    std::fs::write(&files.key_file, key.serialize_pem())?;
+    std::fs::write(&files.ca_file, ca_pem)?;
+    Ok(files)
 }
 
 #[tokio::main]
@@ -299,7 +350,7 @@ async fn main() -> anyhow::Result<()> {
             );
             task_data::run(&maos, task_data::Settings { clients, seconds, input_bytes, read_tasks }).await
         }
-        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd } => {
+        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd, secure } => {
             let maos = match maos {
                 Some(path) => path,
                 None => default_maos()?,
@@ -311,6 +362,7 @@ async fn main() -> anyhow::Result<()> {
                 warmup_seconds,
                 nodes,
                 value: Arc::new("x".repeat(value_bytes)),
+                secure,
             };
             raft_writes(maos, settings, peer.map(|p| (p, etcd))).await
         }
