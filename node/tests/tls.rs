@@ -109,6 +109,15 @@ async fn the_api_port_serves_grpc_rest_and_metrics_over_tls_and_reloads_its_cert
         String::from_utf8_lossy(&health.stdout),
         String::from_utf8_lossy(&health.stderr)
     );
+    // Without --ca-file the CLI cannot reach the nodes, and says what to pass.
+    let plain_health = std::process::Command::new(maos)
+        .args(["health", "--endpoints", &addr])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&plain_health.stdout), String::from_utf8_lossy(&plain_health.stderr));
+    assert_eq!(plain_health.status.code(), Some(5), "{said}");
+    assert!(said.contains("--ca-file"), "{said}");
     let put = std::process::Command::new(maos)
         .args(["kv", "put", "tls/cli", "yes", "--endpoints", &addr, "--ca-file", &ca_file])
         .stdin(std::process::Stdio::null())

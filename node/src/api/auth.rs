@@ -196,7 +196,7 @@ impl Authorizer {
                 agent: false,
             });
         }
-        if token.starts_with("maos1:") {
+        if token.strip_prefix(crate::agents::credential::PREFIX).is_some_and(|rest| rest.starts_with(':')) {
             let scope = self.credentials.verify(token).map_err(|e| AuthError::Agent(e.to_string()))?;
             return Ok(Principal {
                 id: format!("agent:{}", scope.task_id),

@@ -183,6 +183,10 @@ pub async fn health(target: &Target, all_components: bool) -> anyhow::Result<()>
                     let ok = response.status().is_success();
                     (ok, response.text().await.unwrap_or_default().trim().to_string())
                 }
+                Err(error) if base.starts_with("http://") => (
+                    false,
+                    format!("unreachable: {error} (if the nodes serve TLS, pass --ca-file or an https:// endpoint)"),
+                ),
                 Err(error) => (false, format!("unreachable: {error}")),
             };
             if !ok {
