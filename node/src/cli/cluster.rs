@@ -171,10 +171,11 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
 /// unhealthy answer is an error (exit code 5).
 pub async fn health(target: &Target, all_components: bool) -> anyhow::Result<()> {
     let (endpoints, json) = (&target.endpoints, target.json);
+    let (http, scheme) = super::http_of(target)?;
     let mut rows = Vec::new();
     let mut unhealthy = Vec::new();
     for endpoint in endpoints {
-        let (http, base) = super::http_of(target, endpoint)?;
+        let base = super::base_url(endpoint, scheme);
         let mut row = serde_json::json!({"endpoint": endpoint});
         for probe in ["health", "ready"] {
             let answer = http.get(format!("{base}/{probe}")).send().await;

@@ -120,8 +120,8 @@ pub fn tls(target: &Target) -> anyhow::Result<Option<maos_client::Tls>> {
 }
 
 /// An HTTP client for `/health`, `/ready` and `/metrics` with `target`'s TLS settings, and the
-/// base URL of `endpoint` (https when `target` names TLS settings).
-pub fn http_of(target: &Target, endpoint: &str) -> anyhow::Result<(reqwest::Client, String)> {
+/// scheme a bare `host:port` endpoint gets (https when `target` names TLS settings).
+pub fn http_of(target: &Target) -> anyhow::Result<(reqwest::Client, &'static str)> {
     let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3));
     let tls = tls(target)?;
     if let Some(tls) = &tls {
@@ -138,9 +138,16 @@ pub fn http_of(target: &Target, endpoint: &str) -> anyhow::Result<(reqwest::Clie
             builder = builder.identity(identity);
         }
     }
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let base = if endpoint.contains("://") { endpoint.to_string() } else { format!("{scheme}://{endpoint}") };
-    Ok((builder.build()?, base))
+    Ok((builder.build()?, if tls.is_some() { "https" } else { "http" }))
+}
+
+/// The base URL of `endpoint`: itself when it names a scheme, else `scheme://endpoint`.
+pub fn base_url(endpoint: &str, scheme: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("{scheme}://{endpoint}")
+    }
 }
 
 /// `$XDG_CONFIG_HOME/maos/token`, else `~/.config/maos/token`.

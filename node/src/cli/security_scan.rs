@@ -173,7 +173,8 @@ pub async fn scan_cluster(target: &Target, comprehensive: bool) -> anyhow::Resul
             "check the endpoint (is it a MAOS node?)",
         )),
     }
-    let (http, base) = super::http_of(target, &endpoint)?;
+    let (http, scheme) = super::http_of(target)?;
+    let base = super::base_url(&endpoint, scheme);
     if base.starts_with("http://") {
         let host = base.trim_start_matches("http://");
         findings.push(finding(

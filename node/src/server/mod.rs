@@ -444,8 +444,8 @@ const HEALTH_SERVICES: [&str; 6] = [
     "maos.v1.KvService",
 ];
 
-/// Keep the gRPC health service in step with readiness: SERVING while this node is a member
-/// with a known leader, NOT_SERVING otherwise.
+/// Keep the gRPC health service in step with readiness (`api::http::readiness`, as `/ready`):
+/// SERVING while ready, NOT_SERVING otherwise.
 async fn report_health(
     core: Arc<NodeCore>,
     agents: Arc<AgentMetrics>,
