@@ -124,6 +124,10 @@ enum Bench {
         /// Also measure a cluster with TLS on port 8000 and auth on (clients send an API key).
         #[arg(long)]
         secure: bool,
+        /// Also measure clients that write without a client session (exactly-once off), on the
+        /// same cluster right after the default run through all nodes.
+        #[arg(long)]
+        compare_sessions: bool,
     },
 }
 
@@ -206,6 +210,7 @@ struct Settings {
     nodes: u64,
     value: Arc<String>,
     secure: bool,
+    compare_sessions: bool,
 }
 
 async fn measure(
@@ -258,6 +263,13 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
         Ok(Target::Maos(Arc::new(Client::new([addrs[i % addrs.len()].clone()])?)))
     };
     measure("maos (all nodes)", &spread, &settings).await?;
+    if settings.compare_sessions {
+        let addrs: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+        let sessionless = move |i: usize| -> anyhow::Result<Target> {
+            Ok(Target::Maos(Arc::new(Client::new([addrs[i % addrs.len()].clone()])?.without_sessions())))
+        };
+        measure("maos (all nodes, no client session)", &sessionless, &settings).await?;
+    }
     cluster.stop();
 
     if settings.secure {
@@ -350,7 +362,18 @@ async fn main() -> anyhow::Result<()> {
             );
             task_data::run(&maos, task_data::Settings { clients, seconds, input_bytes, read_tasks }).await
         }
-        Bench::RaftWrites { maos, clients, seconds, warmup_seconds, value_bytes, nodes, peer, etcd, secure } => {
+        Bench::RaftWrites {
+            maos,
+            clients,
+            seconds,
+            warmup_seconds,
+            value_bytes,
+            nodes,
+            peer,
+            etcd,
+            secure,
+            compare_sessions,
+        } => {
             let maos = match maos {
                 Some(path) => path,
                 None => default_maos()?,
@@ -363,6 +386,7 @@ async fn main() -> anyhow::Result<()> {
                 nodes,
                 value: Arc::new("x".repeat(value_bytes)),
                 secure,
+                compare_sessions,
             };
             raft_writes(maos, settings, peer.map(|p| (p, etcd))).await
         }

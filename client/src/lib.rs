@@ -3,7 +3,8 @@
 //! [`proto`] holds the code generated from `client/proto/maos/v1/*.proto`; those files are the
 //! API's source of truth and any language can generate a client from them.
 //! [`Client`] is the Rust SDK: it knows every endpoint, puts a deadline on every call, and retries
-//! a call that could not reach a working node on the next endpoint.
+//! a call that could not reach a working node on the next endpoint. Its writes go on a client
+//! session ([`session`]), so a retry after an ambiguous failure never applies a write twice.
 //! [`Worker`] runs agents outside the cluster: it registers agent types, receives assignments,
 //! heartbeats its leases and reports with their fencing tokens.
 //! [`views`] names the API's enums and renders a task as JSON, for every surface that shows one.
@@ -16,8 +17,11 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+pub mod session;
 pub mod views;
 pub mod worker;
+
+pub use session::SESSION_HEADER;
 
 pub use worker::{Worker, WorkerAgentType, WorkerAssignment};
 
@@ -35,10 +39,13 @@ use proto::v1::cluster_service_client::ClusterServiceClient;
 use proto::v1::kv_service_client::KvServiceClient;
 use proto::v1::task_service_client::TaskServiceClient;
 use proto::v1::{
-    AgentRequest, AgentView, CancelTaskRequest, GetRequest, GetTaskRequest, ListAgentsRequest, ListAgentsResponse,
-    ListTasksRequest, ListTasksResponse, PutRequest, RetryTaskRequest, SpawnAgentRequest, StatusRequest,
-    StatusResponse, SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults, TaskView, WatchTaskRequest,
+    AgentRequest, AgentView, CancelTaskRequest, CompareAndSetRequest, GetRequest, GetTaskRequest, ListAgentsRequest,
+    ListAgentsResponse, ListTasksRequest, ListTasksResponse, OpenSessionRequest, PutRequest, RetryTaskRequest,
+    SpawnAgentRequest, StatusRequest, StatusResponse, SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults,
+    TaskView, WatchTaskRequest,
 };
+use session::{Known, Outstanding, Session};
+use tonic::metadata::AsciiMetadataValue;
 
 /// How long one call may take, retries included, unless the caller sets another.
 pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
@@ -65,6 +72,10 @@ pub enum ClientError {
     ResourceExhausted(String),
     #[error("no node could serve the call within {deadline_ms} ms: {last}")]
     Unavailable { deadline_ms: u64, last: String },
+    /// The client's session ended while a write was retried: an earlier attempt of it may or
+    /// may not have applied (read before writing again).
+    #[error("session expired: {0}")]
+    SessionExpired(String),
     #[error("server error: {0}")]
     Server(Status),
 }
@@ -72,6 +83,12 @@ pub enum ClientError {
 impl ClientError {
     /// The typed error for a gRPC status.
     pub fn from_status(status: Status) -> Self {
+        use tonic_types::StatusExt;
+        if status.code() == Code::Aborted
+            && status.get_details_error_info().is_some_and(|info| info.reason == "SESSION_EXPIRED")
+        {
+            return ClientError::SessionExpired(status.message().to_string());
+        }
         match status.code() {
             Code::InvalidArgument | Code::OutOfRange => ClientError::InvalidArgument(status.message().to_string()),
             Code::FailedPrecondition => ClientError::FailedPrecondition(status.message().to_string()),
@@ -192,6 +209,8 @@ pub struct Client {
     attempt_timeout: Duration,
     /// Sent as `authorization` with every call (an agent's credential, or a token).
     authorization: Option<tonic::metadata::AsciiMetadataValue>,
+    /// The session its writes go on.
+    session: Session,
 }
 
 impl Client {
@@ -230,6 +249,7 @@ impl Client {
             deadline: CALL_DEADLINE_DEFAULT,
             attempt_timeout: CALL_DEADLINE_DEFAULT / 3,
             authorization: None,
+            session: Session::default(),
         })
     }
 
@@ -261,6 +281,21 @@ impl Client {
         if let Some(value) = &self.authorization {
             request.metadata_mut().insert("authorization", value.clone());
         }
+    }
+
+    /// Ask for sessions that end `ttl` after this client's last write (1 s to 24 h; the default
+    /// is the cluster's `raft.session_ttl_ms`). A short-lived client (one command) should ask
+    /// for little: the cluster keeps at most 4,096 sessions.
+    pub fn with_session_ttl(mut self, ttl: Duration) -> Self {
+        self.session.ttl_ms = ttl.as_millis() as u64;
+        self
+    }
+
+    /// Write without a client session, as clients did before sessions: a write retried after an
+    /// ambiguous failure may then apply twice. For measuring what sessions cost.
+    pub fn without_sessions(self) -> Self {
+        self.session.unsupported("turned off by the caller".into());
+        self
     }
 
     /// Bound one attempt on one endpoint to `timeout` (at most the call deadline).
@@ -312,14 +347,31 @@ impl Client {
         Err(ClientError::Unavailable { deadline_ms: self.deadline.as_millis() as u64, last })
     }
 
-    /// Write `key`; returns the revision (log index) of the write.
+    /// Write `key`; returns the key space's revision after the write (not a log index).
     pub async fn put(&self, key: &str, value: &str) -> Result<u64, ClientError> {
-        self.with_failover(|channel, remaining| async move {
-            let mut request = Request::new(PutRequest { key: key.to_string(), value: value.to_string(), ttl_ms: 0 });
-            self.prepare(&mut request, remaining);
-            Ok(KvServiceClient::new(channel).put(request).await?.into_inner().revision)
-        })
-        .await
+        let request = PutRequest { key: key.to_string(), value: value.to_string(), ttl_ms: 0 };
+        let answer = self.unary_write(request, KvServiceClient::new, |mut kv, r| async move { kv.put(r).await });
+        Ok(answer.await?.revision)
+    }
+
+    /// Write `key` only if its value is `expected` (`None`: the key must be absent):
+    /// `Ok(Ok(revision))` when it wrote, `Ok(Err(current))` with the value found when not.
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<Result<u64, Option<String>>, ClientError> {
+        let request = CompareAndSetRequest {
+            key: key.to_string(),
+            expected: expected.map(str::to_string),
+            value: value.to_string(),
+            ttl_ms: 0,
+        };
+        let response = self
+            .unary_write(request, KvServiceClient::new, |mut kv, r| async move { kv.compare_and_set(r).await })
+            .await?;
+        Ok(if response.succeeded { Ok(response.revision) } else { Err(response.current) })
     }
 
     /// Read `key`: `Some((value, revision))` or `None` when absent.
@@ -364,7 +416,7 @@ impl Client {
         if request.idempotency_key.is_empty() {
             request.idempotency_key = idempotency_key();
         }
-        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.submit(r).await }).await
+        self.unary_write(request, TaskServiceClient::new, |mut service, r| async move { service.submit(r).await }).await
     }
 
     /// A task (linearizable read).
@@ -388,7 +440,7 @@ impl Client {
     pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<Vec<String>, ClientError> {
         let request = CancelTaskRequest { task_id: task_id.into(), reason: reason.into() };
         let answer = self
-            .unary(request, TaskServiceClient::new, |mut service, r| async move { service.cancel(r).await })
+            .unary_write(request, TaskServiceClient::new, |mut service, r| async move { service.cancel(r).await })
             .await?;
         Ok(answer.cancelled)
     }
@@ -396,7 +448,7 @@ impl Client {
     /// Run a failed or cancelled task again.
     pub async fn retry(&self, task_id: &str) -> Result<TaskView, ClientError> {
         let request = RetryTaskRequest { task_id: task_id.into() };
-        self.unary(request, TaskServiceClient::new, |mut service, r| async move { service.retry(r).await }).await
+        self.unary_write(request, TaskServiceClient::new, |mut service, r| async move { service.retry(r).await }).await
     }
 
     /// A task's events until it finishes (from the first endpoint that accepts the watch; the
@@ -442,7 +494,7 @@ impl Client {
     /// Pause (drain), resume or terminate an agent.
     pub async fn set_agent(&self, agent_id: &str, change: AgentChange) -> Result<AgentView, ClientError> {
         let request = AgentRequest { agent_id: agent_id.into() };
-        self.unary(request, AgentServiceClient::new, move |mut service, r| async move {
+        self.unary_write(request, AgentServiceClient::new, move |mut service, r| async move {
             match change {
                 AgentChange::Pause => service.pause(r).await,
                 AgentChange::Resume => service.resume(r).await,
@@ -471,6 +523,100 @@ impl Client {
             async move { Ok(answer.await?.into_inner()) }
         })
         .await
+    }
+
+    /// [`Self::unary`] for a write: every attempt carries the same session and sequence.
+    async fn unary_write<S, Req, Resp, F, Fut>(
+        &self,
+        request: Req,
+        make: fn(Channel) -> S,
+        call: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(S, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.with_session(|channel, remaining, session| {
+            let mut wrapped = Request::new(request.clone());
+            self.prepare(&mut wrapped, remaining);
+            if let Some(value) = session {
+                wrapped.metadata_mut().insert(SESSION_HEADER, value);
+            }
+            let answer = call(make(channel), wrapped);
+            async move { Ok(answer.await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Run `call` with failover on this client's session (see [`session`]): `call` gets the
+    /// `maos-session` value to send, the same for every attempt of this write.
+    async fn with_session<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel, Duration, Option<AsciiMetadataValue>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        // At most one reopen: a session can expire once while a write waits.
+        for _ in 0..2 {
+            let Some(id) = self.session_id().await? else {
+                return self.with_failover(|channel, remaining| call(channel, remaining, None)).await;
+            };
+            let (sequence, acknowledged) = self.session.begin();
+            let _outstanding = Outstanding(&self.session, sequence);
+            let header: AsciiMetadataValue = format!("{id}/{sequence}/{acknowledged}")
+                .parse()
+                .map_err(|_| ClientError::InvalidArgument("a session header is digits and slashes".into()))?;
+            let mut attempts = 0;
+            let result = self
+                .with_failover(|channel, remaining| {
+                    attempts += 1;
+                    call(channel, remaining, Some(header.clone()))
+                })
+                .await;
+            match result {
+                // Refused on its first attempt: nothing of this write applied; reopen and resend.
+                Err(ClientError::SessionExpired(_)) if attempts == 1 => self.session.forget(id),
+                other => return other,
+            }
+        }
+        Err(ClientError::SessionExpired("the client's session expired twice during one write".into()))
+    }
+
+    /// This client's session, opened on first use; `None` when the cluster will not open one.
+    async fn session_id(&self) -> Result<Option<u64>, ClientError> {
+        match self.session.known() {
+            Known::Open(id) => return Ok(Some(id)),
+            Known::Unsupported => return Ok(None),
+            Known::Unknown => {}
+        }
+        let _opening = self.session.opening.lock().await;
+        match self.session.known() {
+            Known::Open(id) => return Ok(Some(id)),
+            Known::Unsupported => return Ok(None),
+            Known::Unknown => {}
+        }
+        let request = OpenSessionRequest { ttl_ms: self.session.ttl_ms };
+        let opened =
+            self.unary(request, ClusterServiceClient::new, |mut s, r| async move { s.open_session(r).await }).await;
+        match opened {
+            Ok(answer) => {
+                self.session.opened(answer.session_id);
+                Ok(Some(answer.session_id))
+            }
+            // An older node, or a credential that may not open one: write as before sessions.
+            Err(ClientError::Server(status))
+                if matches!(status.code(), Code::Unimplemented | Code::PermissionDenied) =>
+            {
+                self.session.unsupported(format!("{:?}: {}", status.code(), status.message()));
+                Ok(None)
+            }
+            // The cluster's session table is full: this write goes without; the next tries again.
+            Err(ClientError::ResourceExhausted(message)) => {
+                tracing::warn!(%message, "no client session could be opened; this write is not protected from a double apply on retry");
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// An interceptor that adds this client's `authorization` to every call of a raw client

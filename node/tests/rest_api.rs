@@ -213,6 +213,33 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
         "raft_addr",
     );
 
+    // Exactly once through REST (issue 16, break 1): a submit without an idempotency key, sent
+    // twice on one session sequence (a resend after a lost answer, here through another node),
+    // makes one task; without the session it would make two.
+    let (status, session) = api.post("/api/v1/sessions", &json!({"ttl_seconds": 60})).await?;
+    assert_eq!((status, session["ttl_ms"].as_u64()), (201, Some(60_000)), "{session}");
+    let header = format!("{}/1/0", session["session_id"].as_u64().unwrap_or_default());
+    let mut ids = Vec::new();
+    for node in [follower, leader] {
+        let response = api
+            .http
+            .post(format!("http://{}/api/v1/tasks", cluster.nodes[&node].api_addr))
+            .header("content-type", "application/json")
+            .header("maos-session", &header)
+            .body(json!({"task_type": "coder", "description": "once", "input": "hi"}).to_string())
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await?;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["task_id"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(ids[0], ids[1], "the resend must answer the first task, not make a second");
+    assert_error(&api.post("/api/v1/sessions", &json!({"ttl_seconds": 86_401})).await?, 400, "ttl_seconds");
+    let malformed = api.http.post(format!("{}/api/v1/tasks", api.base)).header("maos-session", "x").send().await?;
+    assert_eq!(malformed.status().as_u16(), 400);
+    assert!(malformed.text().await?.contains("maos-session"));
+
     // The OpenAPI document describes what is served.
     let (status, document) = api.get("/api/v1/openapi.json").await?;
     assert_eq!((status, document["openapi"].as_str()), (200, Some("3.1.0")));
@@ -223,6 +250,7 @@ async fn rest_mirrors_the_api_and_refuses_bad_input_with_the_right_status() -> a
         "/api/v1/cluster/nodes",
         "/api/v1/agents",
         "/api/v1/cluster",
+        "/api/v1/sessions",
         "/health",
         "/ready",
     ] {

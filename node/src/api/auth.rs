@@ -65,6 +65,7 @@ pub const GRPC_METHODS: &[(&str, Permission)] = &[
     ("maos.v1.ClusterService/RemoveNode", Permission::Membership),
     ("maos.v1.ClusterService/Initialize", Permission::Membership),
     ("maos.v1.ClusterService/TransferLeader", Permission::Leadership),
+    ("maos.v1.ClusterService/OpenSession", Permission::Session),
     ("maos.v1.KvService/Put", Permission::KvWrite),
     ("maos.v1.KvService/Delete", Permission::KvWrite),
     ("maos.v1.KvService/CompareAndSet", Permission::KvWrite),
@@ -94,6 +95,7 @@ pub const REST_ROUTES: &[(&str, &str, Permission)] = &[
     ("POST", "/api/v1/cluster/leader", Permission::Leadership),
     ("POST", "/api/v1/cluster/nodes", Permission::Membership),
     ("DELETE", "/api/v1/cluster/nodes/{id}", Permission::Membership),
+    ("POST", "/api/v1/sessions", Permission::Session),
 ];
 
 /// The permission of a gRPC method (`package.Service/Method`), if it has a row.

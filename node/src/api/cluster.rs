@@ -7,12 +7,12 @@ use std::sync::Arc;
 use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
 use maos_client::proto::v1::cluster_service_server::ClusterService;
 use maos_client::proto::v1::*;
-use maos_raft_store::MaosNode;
+use maos_raft_store::{Command, MaosNode, Response as Applied};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
-use crate::api::status::invalid;
+use crate::api::status::{invalid, status_from};
 use crate::api::views::task_counts;
 use crate::config::check_address;
 use crate::raft::core::NodeCore;
@@ -289,6 +289,21 @@ impl ClusterService for ClusterApi {
                 .collect()
         };
         Ok(Response::new(InitializeResponse { already_initialized, members }))
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<OpenSessionRequest>,
+    ) -> Result<Response<OpenSessionResponse>, Status> {
+        let ttl_ms = match request.into_inner().ttl_ms {
+            0 => self.core.session_ttl.as_millis() as u64,
+            ttl_ms => ttl_ms,
+        };
+        // The state machine checks the bounds and names the field.
+        match self.core.write(Command::OpenSession { ttl_ms }).await.map_err(status_from)? {
+            Applied::SessionOpened { client } => Ok(Response::new(OpenSessionResponse { session_id: client, ttl_ms })),
+            other => Err(crate::api::status::unexpected(other)),
+        }
     }
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

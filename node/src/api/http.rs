@@ -98,10 +98,11 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
             }
         }
     }
-    let (counts, agents) = {
+    let (counts, agents, sessions) = {
         let state = core.state.read();
-        (task_counts(&state.app.tasks), AgentMetrics::counts(&state.app.tasks, core.id))
+        (task_counts(&state.app.tasks), AgentMetrics::counts(&state.app.tasks, core.id), state.app.sessions.len())
     };
+    metrics::gauge!("maos_client_sessions").set(sessions as f64);
     for (state, count) in [
         ("pending", counts.pending),
         ("queued", counts.queued),

@@ -11,6 +11,8 @@
 //! - `auth.rs`: the one authorization layer (tokens to principals, the method-to-permission
 //!   tables, default deny); `principal.rs`: the principal handlers read and what each role
 //!   may do; `auth_service.rs`: API keys and the audit.
+//! - `sessions.rs`: the layer that puts a request on its caller's client session
+//!   (`maos-session`), for exactly-once writes across nodes.
 //! - `http.rs`: `/health`, `/ready`, `/metrics`.
 //!
 //! The REST handlers call the gRPC service structs, so both surfaces share validation.
@@ -27,6 +29,7 @@ pub(crate) mod rest;
 pub(crate) mod rest_cluster;
 pub(crate) mod rest_error;
 pub(crate) mod rest_tasks;
+pub(crate) mod sessions;
 pub(crate) mod status;
 pub(crate) mod streams;
 pub(crate) mod tasks;

@@ -31,6 +31,8 @@ pub enum Permission {
     KvRead,
     /// Write the coordination key-value space.
     KvWrite,
+    /// Open a client session for exactly-once writes: every role that writes (not viewers).
+    Session,
 }
 
 impl Permission {
@@ -40,8 +42,10 @@ impl Permission {
         match role {
             Role::Admin => true,
             Role::Operator => !matches!(self, P::Membership | P::Auth | P::Work),
-            Role::Submitter => matches!(self, P::Public | P::Identity | P::Read | P::Submit | P::Cancel | P::KvRead),
-            Role::Worker => matches!(self, P::Public | P::Identity | P::Work),
+            Role::Submitter => {
+                matches!(self, P::Public | P::Identity | P::Read | P::Submit | P::Cancel | P::KvRead | P::Session)
+            }
+            Role::Worker => matches!(self, P::Public | P::Identity | P::Work | P::Session),
             Role::Viewer => matches!(self, P::Public | P::Identity | P::Read | P::KvRead),
         }
     }
@@ -61,6 +65,7 @@ impl Permission {
             Permission::Auth => "auth",
             Permission::KvRead => "kv-read",
             Permission::KvWrite => "kv-write",
+            Permission::Session => "session",
         }
     }
 }

@@ -43,6 +43,7 @@ fn documented() -> OpenApiRouter<Services> {
         .routes(routes!(rest_cluster::initialize))
         .routes(routes!(rest_cluster::add_node))
         .routes(routes!(rest_cluster::remove_node))
+        .routes(routes!(rest_cluster::open_session))
 }
 
 /// The OpenAPI document of the REST API as this build serves it.

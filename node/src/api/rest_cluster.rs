@@ -9,8 +9,8 @@ use axum::Json;
 use maos_client::proto::v1::agent_service_server::AgentService;
 use maos_client::proto::v1::cluster_service_server::ClusterService;
 use maos_client::proto::v1::{
-    AddNodeRequest, AgentRequest, AgentView, InitializeRequest, ListAgentsRequest, Member, RemoveNodeRequest,
-    SpawnAgentRequest, StatusRequest, TransferLeaderRequest,
+    AddNodeRequest, AgentRequest, AgentView, InitializeRequest, ListAgentsRequest, Member, OpenSessionRequest,
+    RemoveNodeRequest, SpawnAgentRequest, StatusRequest, TransferLeaderRequest,
 };
 use maos_client::views::agent_state_name;
 use serde::{Deserialize, Serialize};
@@ -390,4 +390,45 @@ pub(crate) async fn remove_node(State(s): State<Services>, id: Result<Path<u64>,
     let id = ApiError::check_integer("id", id)?;
     let answer = s.cluster.remove_node(Request::new(RemoveNodeRequest { id })).await?.into_inner();
     ok(Members { members: members(&answer.members) })
+}
+
+/// A client session to open.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = OpenSession)]
+pub struct SessionBody {
+    /// The session ends this long after its last write (0: the node's `raft.session_ttl_ms`).
+    #[serde(default, deserialize_with = "integer::u64")]
+    #[schema(minimum = 0, maximum = 86400)]
+    ttl_seconds: u64,
+}
+
+/// An open client session: send `maos-session: <session_id>/<sequence>/<acknowledged>` with
+/// each write (docs/API.md, "Client sessions").
+#[derive(Serialize, ToSchema)]
+pub struct SessionOpened {
+    session_id: u64,
+    ttl_ms: u64,
+}
+
+#[utoipa::path(post, path = "/api/v1/sessions", tag = "cluster", summary = "Open a client session for exactly-once writes",
+    description = "Writes sent with the header `maos-session: <session_id>/<sequence>/<acknowledged>` apply once per sequence, through any node; a resend gets the first answer. See docs/API.md.",
+    request_body = SessionBody,
+    responses(
+        (status = 201, description = "the session", body = SessionOpened),
+        (status = 400, description = "invalid input; `field` names it", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 429, description = "4,096 sessions are open; retry when one ends", body = ErrorBody),
+        (status = 500, description = "a bug; please report it", body = ErrorBody),
+        (status = 503, description = "no leader reachable; retry", body = ErrorBody),
+    ))]
+pub(crate) async fn open_session(State(s): State<Services>, body: Result<Json<SessionBody>, JsonRejection>) -> Answer {
+    let Json(body) = body?;
+    if body.ttl_seconds > 86_400 {
+        return Err(ApiError::bad_request("ttl_seconds: at most 86400 (24 hours)".to_string()));
+    }
+    let request = OpenSessionRequest { ttl_ms: body.ttl_seconds * 1_000 };
+    let opened = s.cluster.open_session(Request::new(request)).await?.into_inner();
+    let body = SessionOpened { session_id: opened.session_id, ttl_ms: opened.ttl_ms };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -8,6 +8,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::raft::core::CoreError;
 use crate::storage::StorageError;
 
+/// The `google.rpc.ErrorInfo` reason of a write on an unknown or expired client session: the
+/// write did not apply now, but an earlier copy may have.
+pub const SESSION_EXPIRED: &str = "SESSION_EXPIRED";
+
 pub fn status_from(error: CoreError) -> Status {
     match error {
         CoreError::Rejected(rejection) => status_of_rejection(rejection),
@@ -48,7 +52,10 @@ pub fn status_of_rejection(rejection: Rejection) -> Status {
         | Rejection::SessionWindowFull { .. }
         | Rejection::Task(T::QueueFull { .. } | T::AgentLimit { .. }) => Status::resource_exhausted(message),
         // The write may or may not have applied: the caller decides at a higher level.
-        Rejection::SessionExpired { .. } => Status::aborted(message),
+        Rejection::SessionExpired { .. } => {
+            let details = ErrorDetails::with_error_info(SESSION_EXPIRED, "maos", std::collections::HashMap::new());
+            Status::with_error_details(tonic::Code::Aborted, message, details)
+        }
         Rejection::SessionSequenceAcknowledged { .. } => Status::failed_precondition(message),
         Rejection::Task(T::UnknownTask { .. } | T::UnknownAgent { .. }) => Status::not_found(message),
         Rejection::Task(

@@ -17,10 +17,12 @@ use maos_client::proto::v1::{
     CompleteTaskRequest, CompleteTaskResponse, GetTaskRequest, ListTasksRequest, ListTasksResponse, RetryTaskRequest,
     SubmitTaskRequest, SubmitTaskResponse, TaskEvent, TaskResults, TaskView, WatchTaskRequest,
 };
+use maos_raft_store::runtime::MaosRuntime;
 use maos_raft_store::tasks::{
     check_spec, Task, TaskCommand, TaskResponse, TaskSpec, TaskState, TaskTable, PLAN_KEY_LABEL,
 };
 use maos_raft_store::{Command, Response as Applied};
+use openraft::AsyncRuntime;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -31,6 +33,13 @@ use crate::api::streams::{next_poll, stream_permit};
 use crate::api::views::{event, fill_view, fingerprint, priority_from, state_from, state_to, task_view, Fingerprint};
 use crate::raft::core::NodeCore;
 use crate::storage::{ResultRef, Storage, TaskPayloads};
+
+/// A new task id: a UUIDv7 from this node's clock and its runtime's random source, which a
+/// simulation seeds, so a simulated run replays with the same ids.
+fn new_task_id(now_ms: u64) -> String {
+    let bytes: [u8; 10] = rand::Rng::gen(&mut <MaosRuntime as AsyncRuntime>::thread_rng());
+    uuid::Builder::from_unix_timestamp_millis(now_ms, &bytes).into_uuid().to_string()
+}
 
 /// Attempt timeout when a submit leaves it unset.
 const TIMEOUT_DEFAULT_MS: u64 = 3_600_000;
@@ -130,7 +139,7 @@ impl TaskApi {
         check_identifier("submitter", &r.submitter)?;
         let planner_type = (r.plan || r.task_type == MIXED_TYPE).then(|| self.planner_type.clone());
         let spec = TaskSpec {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: new_task_id((self.core.clock)()),
             task_type: r.task_type,
             priority: priority_from(r.priority)?,
             description: r.description,
@@ -210,8 +219,9 @@ impl TaskApi {
         let stored = spec.input_stored;
         match self.core.write(Command::Task(TaskCommand::Submit { spec: Box::new(spec) })).await.map_err(status_from)? {
             Applied::Task(TaskResponse::Submitted { task_id, duplicate }) => {
-                if duplicate && stored && task_id != our_id {
-                    // The first submit's task stands, with its own input.
+                if stored && task_id != our_id {
+                    // The first submit's task stands, with its own input (a repeated
+                    // idempotency key, or a resend answered from the caller's session).
                     self.storage.discard_input(&our_id).await;
                 }
                 Ok(SubmitTaskResponse { task_id, duplicate })

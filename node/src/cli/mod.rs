@@ -21,6 +21,7 @@ mod task;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use maos_client::{Client, ClientError};
@@ -91,6 +92,9 @@ pub fn load_config(file: Option<&PathBuf>) -> anyhow::Result<(Config, Vec<String
     Ok((loaded.config, loaded.unknown_env))
 }
 
+/// How long a command's client session lives after its last write.
+const CLI_SESSION_TTL: Duration = Duration::from_secs(60);
+
 /// A client of `target` with its token: `--token`, `MAOS_TOKEN`, or the token file.
 pub fn client(target: &Target) -> anyhow::Result<Client> {
     client_of(target.endpoints.clone(), target)
@@ -98,7 +102,9 @@ pub fn client(target: &Target) -> anyhow::Result<Client> {
 
 /// A client of `endpoints` with `target`'s token and TLS settings.
 pub fn client_of(endpoints: Vec<String>, target: &Target) -> anyhow::Result<Client> {
-    let client = Client::new_with_tls(endpoints, tls(target)?.as_ref())?;
+    // One command's writes share a session that outlives it briefly, not for the cluster's
+    // default ten minutes: the cluster holds at most 4,096 sessions.
+    let client = Client::new_with_tls(endpoints, tls(target)?.as_ref())?.with_session_ttl(CLI_SESSION_TTL);
     Ok(match token(target)? {
         Some(token) => client.with_credentials(&token)?,
         None => client,

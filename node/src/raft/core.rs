@@ -12,6 +12,11 @@
 //! once and answers the resend from memory. A session that expired is reopened only for a write
 //! that was never sent ambiguously; otherwise the caller gets `SessionExpired` (it may have
 //! applied), never a second apply.
+//!
+//! A caller with its own session (an SDK client, `maos-session` metadata: [`CallerSession`])
+//! gets the same guarantee across nodes: the API's session layer sets [`CALLER_SESSION`] around
+//! the request, and the request's first write whose repeat could change something goes on the
+//! caller's session instead of this node's, so a resend through any node applies once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -45,6 +50,40 @@ fn needs_session(command: &Command) -> bool {
                 T::RegisterSlots { .. } | T::Renew { .. } | T::Tick | T::ExtendLeases { .. } | T::Configure { .. }
             )
     )
+}
+
+/// The caller's session for one of its writes: `maos-session: <client>/<sequence>/<acknowledged>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerSession {
+    pub client: u64,
+    pub sequence: u64,
+    pub acknowledged: u64,
+}
+
+impl CallerSession {
+    /// The metadata (and HTTP header) that carries it.
+    pub const HEADER: &'static str = "maos-session";
+
+    /// Parse the header's value; the error names the header and the expected form.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let numbers: Vec<Option<u64>> = text.trim().split('/').map(|part| part.parse().ok()).collect();
+        match numbers.as_slice() {
+            [Some(client), Some(sequence), Some(acknowledged)] if *sequence > 0 && acknowledged < sequence => {
+                Ok(Self { client: *client, sequence: *sequence, acknowledged: *acknowledged })
+            }
+            _ => Err(format!(
+                "{}: {text:?} is not <session id>/<sequence>/<acknowledged> with 0 <= acknowledged < sequence (open a session with ClusterService.OpenSession)",
+                Self::HEADER
+            )),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The session of the caller whose request is being served, if it sent one; taken by the
+    /// request's first write that needs a session (later writes of the same request go on this
+    /// node's session, since they would share the caller's sequence).
+    pub static CALLER_SESSION: std::cell::Cell<Option<CallerSession>>;
 }
 
 /// A sequence in flight; ends it when dropped, whether the write finished or was abandoned.
@@ -190,6 +229,20 @@ impl NodeCore {
         let deadline = tokio::time::Instant::now() + timeout;
         if !needs_session(&command) {
             return self.send(command, deadline, timeout).await.map_err(|(error, _)| error);
+        }
+        if let Some(caller) = CALLER_SESSION.try_with(std::cell::Cell::take).ok().flatten() {
+            // The caller resends on its own after an ambiguous failure, with the same sequence.
+            let CallerSession { client, sequence, acknowledged } = caller;
+            let tagged = Command::Session { client, sequence, acknowledged, command: Box::new(command) };
+            return self.send(tagged, deadline, timeout).await.map_err(|(error, ambiguous)| match error {
+                // An earlier attempt here may have applied: the caller must not take this as
+                // "nothing applied" and reopen; a resend of it then gets SessionExpired as such.
+                CoreError::Rejected(Rejection::SessionExpired { .. }) if ambiguous => CoreError::Unavailable {
+                    timeout_ms: timeout.as_millis() as u64,
+                    last: format!("client session {client} ended while its write {sequence} was being resent"),
+                },
+                error => error,
+            });
         }
         // At most one reopen: a session can expire once while a write waits for it.
         for _ in 0..2 {
@@ -363,5 +416,14 @@ mod tests {
         assert!(abandoned.now_or_never().is_none());
         let (second, acknowledged) = lock(&session).begin();
         assert_eq!((second, acknowledged), (2, 1), "the abandoned sequence counts as answered");
+    }
+
+    #[test]
+    fn a_caller_session_header_is_three_numbers_with_the_acknowledged_below_the_sequence() {
+        assert_eq!(CallerSession::parse("4096/7/6"), Ok(CallerSession { client: 4096, sequence: 7, acknowledged: 6 }));
+        for bad in ["", "1/2", "1/2/3/4", "a/1/0", "1/0/0", "1/3/3", "1/-1/0"] {
+            let error = CallerSession::parse(bad).expect_err(bad);
+            assert!(error.starts_with("maos-session: "), "{error}");
+        }
     }
 }

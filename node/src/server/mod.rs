@@ -319,8 +319,12 @@ where
         storage: storage.clone(),
         enabled: config.security.auth.enabled,
     });
+    // Inside the auth layer: a request is on its caller's session only once it is authorised.
     let routes = tonic::service::Routes::from(
-        routes.into_axum_router().layer(axum::middleware::from_fn_with_state(authorizer, authorize)),
+        routes
+            .into_axum_router()
+            .layer(axum::middleware::from_fn(crate::api::sessions::caller_session))
+            .layer(axum::middleware::from_fn_with_state(authorizer, authorize)),
     );
     spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()

@@ -78,6 +78,12 @@ pub const CATALOGUE: &[Metric] = &[
     // Current state, read at scrape time from this node's applied view.
     metric("maos_tasks", Gauge, &["state"], "Tasks in the cluster by state (this node's applied view)."),
     metric("maos_task_queue_depth", Gauge, &[], "Tasks QUEUED: ready and waiting for an agent (this node's applied view)."),
+    metric(
+        "maos_client_sessions",
+        Gauge,
+        &[],
+        "Open client sessions (exactly-once writes), of at most 4,096 (this node's applied view).",
+    ),
     // Client API.
     metric(
         "maos_task_submit_duration_seconds",
