@@ -47,6 +47,46 @@ pub fn acknowledged_writes_present(
     }
 }
 
+/// Linearizability (Herlihy and Wing, 1990): every operation on the shared keys appears to take
+/// effect at one instant between its call and its answer, in an order a single copy of each key
+/// could produce. A write applied twice (a blind resend after an ambiguous failure), a stale
+/// read or a lost write breaks it. Checked by [`crate::linearizability::check`].
+pub fn linearizable(history: &[crate::linearizability::Operation]) -> Result<(), String> {
+    crate::linearizability::check(history).map_err(|e| format!("the shared keys' history is not linearizable: {e}"))
+}
+
+/// One task submit as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submit {
+    /// Unique per submit, so the final state shows how many tasks it made.
+    pub description: String,
+    pub keyed: bool,
+    /// The task id answered, if the submit was answered.
+    pub acknowledged: Option<String>,
+}
+
+/// Exactly once for submits (MAOS's promise, checked as Jepsen's set checker counts lost and
+/// duplicated elements): an acknowledged submit made exactly the task it answered, and an
+/// unanswered one at most one task. `final_tasks` maps a description to the ids holding it.
+pub fn submits_exist_once(submits: &[Submit], final_tasks: &BTreeMap<String, Vec<String>>) -> Result<(), String> {
+    for submit in submits {
+        let made = final_tasks.get(&submit.description).map_or(&[][..], Vec::as_slice);
+        let fine = match &submit.acknowledged {
+            Some(id) => made == std::slice::from_ref(id),
+            None => made.len() <= 1,
+        };
+        if !fine {
+            return Err(format!(
+                "submit {:?} ({}, answered {:?}) made tasks {made:?}",
+                submit.description,
+                if submit.keyed { "with an idempotency key" } else { "without a key or session" },
+                submit.acknowledged
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +108,19 @@ mod tests {
         let acked = BTreeMap::from([("k".to_string(), "v".to_string())]);
         assert!(acknowledged_writes_present(&acked, &BTreeMap::new()).is_err());
         assert!(acknowledged_writes_present(&acked, &acked).is_ok());
+
+        let submit = |acknowledged: Option<&str>| Submit {
+            description: "t".into(),
+            keyed: false,
+            acknowledged: acknowledged.map(str::to_string),
+        };
+        let made = |ids: &[&str]| BTreeMap::from([("t".to_string(), ids.iter().map(|i| i.to_string()).collect())]);
+        assert!(submits_exist_once(&[submit(Some("a"))], &made(&["a"])).is_ok());
+        assert!(submits_exist_once(&[submit(Some("a"))], &BTreeMap::new()).is_err(), "lost");
+        assert!(submits_exist_once(&[submit(Some("a"))], &made(&["a", "b"])).is_err(), "duplicated");
+        assert!(submits_exist_once(&[submit(Some("a"))], &made(&["b"])).is_err(), "another task");
+        assert!(submits_exist_once(&[submit(None)], &BTreeMap::new()).is_ok());
+        assert!(submits_exist_once(&[submit(None)], &made(&["b"])).is_ok());
+        assert!(submits_exist_once(&[submit(None)], &made(&["a", "b"])).is_err(), "duplicated unanswered");
     }
 }

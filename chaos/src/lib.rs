@@ -16,6 +16,9 @@
 //!   ([`invariants::converged`]).
 //! - Leader Completeness, as a client sees it: every acknowledged write is in the final state
 //!   ([`invariants::acknowledged_writes_present`]).
+//! - Linearizability (Herlihy and Wing, 1990): the puts, compare-and-sets and reads of clients
+//!   sharing keys through different nodes have a linearization ([`invariants::linearizable`],
+//!   checked by [`linearizability`], a Wing–Gong search with Lowe's memoisation, as Porcupine).
 //!
 //! The in-memory log store acknowledges appends at once, so a simulated crash never loses an
 //! unflushed entry; RocksDB's group-commit path is exercised by the multi-process tests instead.
@@ -23,7 +26,10 @@
 //! Uses only the public faces of `maos-node`, `maos-raft-store` and `maos-client`.
 
 pub mod invariants;
+pub mod linearizability;
 pub mod scenario;
+pub mod sweep;
 pub mod transport;
 
 pub use scenario::{run, Outcome, ScenarioPlan};
+pub use sweep::{sweep, Sweep};

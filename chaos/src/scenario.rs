@@ -1,10 +1,20 @@
-//! One simulated run: a 3-node cluster, a client writing through it, a leader crash, a
-//! partition, healing, and the invariants checked at the end.
+//! One simulated run: a 3-node cluster, clients writing and reading through it, a leader
+//! crash, a partition, healing, and the invariants checked at the end.
+//!
+//! Three workloads run at once: one client writes unique keys (every acknowledged write must be
+//! in the final state); [`SHARED_CLIENTS`] clients put, compare-and-set and read a few shared
+//! keys, each through its own first node, recording every call and answer in simulated time for
+//! the linearizability check ([`crate::linearizability`]); and one client submits tasks, half
+//! through the SDK with an idempotency key, half in one raw call with none, which the nodes'
+//! builtin agents run (and fail, then retry once) under the same faults: every acknowledged
+//! submit must exist exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
+use maos_client::proto::v1::task_service_client::TaskServiceClient;
+use maos_client::proto::v1::SubmitTaskRequest;
 use maos_client::Client;
 use maos_node::config::{Config, PeerConfig};
 use maos_node::server::Clock;
@@ -16,12 +26,21 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::invariants;
+use crate::linearizability::{Input, Operation, Output};
 use crate::transport::{sim_channel, SimTransport};
 
 /// Nodes in a simulated cluster.
 pub const NODES: u64 = 3;
 /// Upper bound on client writes in one run.
 pub const WRITES_MAX: usize = 400;
+/// Clients of the shared keys.
+pub const SHARED_CLIENTS: u64 = 3;
+/// Keys those clients share.
+const SHARED_KEYS: u64 = 2;
+/// Upper bound on one shared client's operations in one run.
+const SHARED_OPERATIONS_MAX: usize = 250;
+/// Upper bound on tasks submitted in one run.
+const SUBMITS_MAX: usize = 40;
 /// Simulated time allowed for the final write (liveness) and for replicas to converge.
 const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 /// Simulated time after which a run is abandoned as hung.
@@ -38,7 +57,22 @@ pub struct ScenarioPlan {
     pub partitioned_node: u64,
     pub partition_at_ms: u64,
     pub partition_for_ms: u64,
+    /// Lost answers: from `at_ms` for `for_ms`, node `node`'s messages to client `client` are
+    /// dropped (requests still arrive), so a write applies and its client never hears of it.
+    pub answer_losses: Vec<AnswerLoss>,
 }
+
+/// One client's link from one node cut one way for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerLoss {
+    pub at_ms: u64,
+    pub for_ms: u64,
+    pub node: u64,
+    pub client: String,
+}
+
+/// Answer losses in one run.
+const ANSWER_LOSSES: usize = 4;
 
 impl ScenarioPlan {
     pub fn from_seed(seed: u64) -> Self {
@@ -46,6 +80,19 @@ impl ScenarioPlan {
         let crash_leader_at_ms = rng.gen_range(3_000..6_000);
         let restart_after_ms = rng.gen_range(1_000..4_000);
         let partition_at_ms = crash_leader_at_ms + restart_after_ms + rng.gen_range(2_000..4_000);
+        let partition_for_ms = rng.gen_range(2_000..5_000);
+        let clients: Vec<String> = ["client".to_string(), "tasks".to_string()]
+            .into_iter()
+            .chain((1..=SHARED_CLIENTS).map(shared_host))
+            .collect();
+        let answer_losses = (0..ANSWER_LOSSES)
+            .map(|_| AnswerLoss {
+                at_ms: rng.gen_range(1_000..partition_at_ms + partition_for_ms),
+                for_ms: rng.gen_range(300..2_500),
+                node: rng.gen_range(1..=NODES),
+                client: clients[rng.gen_range(0..clients.len())].clone(),
+            })
+            .collect();
         Self {
             seed,
             max_latency_ms: rng.gen_range(1..20),
@@ -54,7 +101,8 @@ impl ScenarioPlan {
             restart_after_ms,
             partitioned_node: rng.gen_range(1..=NODES),
             partition_at_ms,
-            partition_for_ms: rng.gen_range(2_000..5_000),
+            partition_for_ms,
+            answer_losses,
         }
     }
 
@@ -68,6 +116,14 @@ impl ScenarioPlan {
 pub struct Outcome {
     pub seed: u64,
     pub acknowledged: usize,
+    /// Operations on the shared keys, and how many of them went unanswered.
+    pub shared_operations: usize,
+    pub shared_unanswered: usize,
+    /// Faults injected (leader crashes, partitions, answer losses; their repairs not counted).
+    pub faults: usize,
+    /// Tasks submitted, and how many of the submits were answered.
+    pub submits: usize,
+    pub submits_acknowledged: usize,
     pub leaders_by_term: BTreeMap<u64, BTreeSet<u64>>,
     pub final_index: u64,
     pub final_hash: String,
@@ -83,7 +139,12 @@ struct Observations {
     divergences: Vec<String>,
     states: BTreeMap<u64, StateMachineHandle>,
     acknowledged: BTreeMap<String, String>,
+    /// Every operation of the shared-key clients.
+    history: Vec<Operation>,
+    /// Every submit of the task client.
+    submits: Vec<invariants::Submit>,
     events: Vec<String>,
+    faults: usize,
 }
 
 type Shared = Arc<Mutex<Observations>>;
@@ -92,9 +153,12 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Observations> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn record(shared: &Shared, event: String) {
+/// A fault injected (`injected`) or repaired, in the run's events.
+fn record(shared: &Shared, event: String, injected: bool) {
     tracing::info!(%event, "chaos");
-    lock(shared).events.push(event);
+    let mut observations = lock(shared);
+    observations.events.push(event);
+    observations.faults += usize::from(injected);
 }
 
 /// Compare this replica's state at `index` with the first state any replica reported there.
@@ -114,6 +178,117 @@ fn record_applied(shared: &Shared, node: u64, index: u64, hash: String) {
 
 fn host(id: u64) -> String {
     format!("n{id}")
+}
+
+fn shared_host(id: u64) -> String {
+    format!("shared{id}")
+}
+
+/// Simulated microseconds since the start of the run.
+fn elapsed_us() -> u64 {
+    turmoil::elapsed().as_micros() as u64
+}
+
+/// A client of every node, trying `first` first.
+fn client_from(first: u64) -> Result<Client, Box<dyn std::error::Error>> {
+    let channels = (0..NODES)
+        .map(|offset| {
+            let addr = format!("{}:8000", host((first - 1 + offset) % NODES + 1));
+            sim_channel(&addr).map(|channel| (addr, channel))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Client::from_channels(channels)?.with_deadline(Duration::from_secs(5)))
+}
+
+/// One shared-key client: a seeded mix of puts of unique values, compare-and-sets from the
+/// value it last saw, and linearizable reads, until `until` or its bound.
+async fn shared_client(id: u64, seed: u64, until: Duration, shared: Shared) -> turmoil::Result {
+    let client = client_from(id)?;
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(id));
+    let mut seen: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for i in 0..SHARED_OPERATIONS_MAX {
+        if turmoil::elapsed() >= until {
+            break;
+        }
+        let key = format!("shared/{}", rng.gen_range(0..SHARED_KEYS));
+        let value = format!("c{id}-{i}");
+        let call_us = elapsed_us();
+        let (input, output) = match rng.gen_range(0..3) {
+            0 => {
+                let output = match client.put(&key, &value).await {
+                    Ok(_) => Output::Written,
+                    Err(_) => Output::Unknown,
+                };
+                (Input::Put { value: value.clone() }, output)
+            }
+            1 => {
+                let expected = seen.get(&key).cloned().flatten();
+                let output = match client.compare_and_set(&key, expected.as_deref(), &value).await {
+                    Ok(Ok(_)) => Output::Swapped,
+                    Ok(Err(current)) => Output::CompareFailed { current },
+                    Err(_) => Output::Unknown,
+                };
+                (Input::CompareAndSet { expected, value: value.clone() }, output)
+            }
+            _ => {
+                let output = match client.get(&key, false).await {
+                    Ok(found) => Output::Read { value: found.map(|(value, _)| value) },
+                    Err(_) => Output::Unknown,
+                };
+                (Input::Get, output)
+            }
+        };
+        match &output {
+            Output::Written | Output::Swapped => {
+                seen.insert(key.clone(), Some(value));
+            }
+            Output::CompareFailed { current } | Output::Read { value: current } => {
+                seen.insert(key.clone(), current.clone());
+            }
+            Output::Unknown => {}
+        }
+        let return_us = (output != Output::Unknown).then(elapsed_us);
+        lock(&shared).history.push(Operation { client: id, key, input, output, call_us, return_us });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..80))).await;
+    }
+    Ok(())
+}
+
+/// The task client: tasks of a builtin type whose agents fail each attempt (input `fail`, so
+/// every result is the same in every replay), one retry each. Even submits go through the SDK
+/// with an idempotency key; odd ones in one raw call with neither a key nor a client session, so
+/// only the nodes' own sessions keep a forwarded resend from making a second task.
+async fn task_client(seed: u64, until: Duration, shared: Shared) -> turmoil::Result {
+    let client = client_from(2)?;
+    let raw: Vec<tonic::transport::Channel> =
+        (1..=NODES).map(|id| sim_channel(&format!("{}:8000", host(id)))).collect::<Result<_, _>>()?;
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    for i in 0..SUBMITS_MAX {
+        if turmoil::elapsed() >= until {
+            break;
+        }
+        let keyed = i % 2 == 0;
+        let description = format!("sim task {i}");
+        let request = SubmitTaskRequest {
+            task_type: "coder".into(),
+            description: description.clone(),
+            input: "fail".into(),
+            max_retries: 1,
+            idempotency_key: if keyed { format!("sim-{i}") } else { String::new() },
+            ..Default::default()
+        };
+        let acknowledged = if keyed {
+            client.submit(request).await.ok().map(|answer| answer.task_id)
+        } else {
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(Duration::from_secs(5));
+            let mut service = TaskServiceClient::new(raw[i % raw.len()].clone());
+            service.submit(call).await.ok().map(|answer| answer.into_inner().task_id)
+        };
+        lock(&shared).submits.push(invariants::Submit { description, keyed, acknowledged });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..120))).await;
+    }
+    Ok(())
 }
 
 fn sim_clock() -> Clock {
@@ -196,17 +371,17 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
         });
     }
 
+    let writes_until = Duration::from_millis(plan.heal_at_ms() + 1_000);
+    for id in 1..=SHARED_CLIENTS {
+        sim.client(shared_host(id), shared_client(id, plan.seed, writes_until, shared.clone()));
+    }
+
+    sim.client("tasks", task_client(plan.seed, writes_until, shared.clone()));
+
     let client_shared = shared.clone();
     let client_plan = plan.clone();
     sim.client("client", async move {
-        let channels = (1..=NODES)
-            .map(|id| {
-                let addr = format!("{}:8000", host(id));
-                sim_channel(&addr).map(|channel| (addr, channel))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let client = Client::from_channels(channels)?.with_deadline(Duration::from_secs(5));
-        let writes_until = Duration::from_millis(client_plan.heal_at_ms() + 1_000);
+        let client = client_from(1)?;
         let mut i = 0;
         while turmoil::elapsed() < writes_until && i < WRITES_MAX {
             let (key, value) = (format!("key/{i:04}"), format!("value {i}"));
@@ -246,8 +421,22 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
     let mut restarted = false;
     let mut partitioned = false;
     let mut healed = false;
+    // Each answer loss: (started, ended).
+    let mut losses = vec![(false, false); plan.answer_losses.len()];
     loop {
         let now_ms = sim.elapsed().as_millis() as u64;
+        for (loss, (started, ended)) in plan.answer_losses.iter().zip(losses.iter_mut()) {
+            if !*started && now_ms >= loss.at_ms {
+                sim.partition_oneway(host(loss.node), loss.client.as_str());
+                record(&shared, format!("{now_ms}ms drop n{}'s answers to {}", loss.node, loss.client), true);
+                *started = true;
+            }
+            if *started && !*ended && now_ms >= loss.at_ms + loss.for_ms {
+                sim.repair_oneway(host(loss.node), loss.client.as_str());
+                record(&shared, format!("{now_ms}ms deliver n{}'s answers to {} again", loss.node, loss.client), false);
+                *ended = true;
+            }
+        }
         if crashed.is_none() && now_ms >= plan.crash_leader_at_ms {
             let leader = {
                 let observations = lock(&shared);
@@ -255,13 +444,13 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
             }
             .unwrap_or(1);
             sim.crash(host(leader));
-            record(&shared, format!("{now_ms}ms crash leader n{leader}"));
+            record(&shared, format!("{now_ms}ms crash leader n{leader}"), true);
             crashed = Some(leader);
         }
         if let (Some(node), false) = (crashed, restarted) {
             if now_ms >= plan.crash_leader_at_ms + plan.restart_after_ms {
                 sim.bounce(host(node));
-                record(&shared, format!("{now_ms}ms restart n{node}"));
+                record(&shared, format!("{now_ms}ms restart n{node}"), false);
                 restarted = true;
             }
         }
@@ -270,14 +459,14 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
             for other in &others {
                 sim.partition(host(plan.partitioned_node), other.as_str());
             }
-            record(&shared, format!("{now_ms}ms partition n{}", plan.partitioned_node));
+            record(&shared, format!("{now_ms}ms partition n{}", plan.partitioned_node), true);
             partitioned = true;
         }
         if partitioned && !healed && now_ms >= plan.heal_at_ms() {
             for other in &others {
                 sim.repair(host(plan.partitioned_node), other.as_str());
             }
-            record(&shared, format!("{now_ms}ms heal n{}", plan.partitioned_node));
+            record(&shared, format!("{now_ms}ms heal n{}", plan.partitioned_node), false);
             healed = true;
         }
         if sim.step().map_err(|e| format!("simulation: {e}"))? {
@@ -317,10 +506,25 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
         .map(|state| state.read().app.kv.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect())
         .unwrap_or_default();
     invariants::acknowledged_writes_present(&observations.acknowledged, &final_state)?;
+    invariants::linearizable(&observations.history)?;
+    let final_tasks: BTreeMap<String, Vec<String>> =
+        observations.states.values().next().map_or_else(BTreeMap::new, |state| {
+            let mut by_description: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (id, task) in &state.read().app.tasks.tasks {
+                by_description.entry(task.spec.description.clone()).or_default().push(id.clone());
+            }
+            by_description
+        });
+    invariants::submits_exist_once(&observations.submits, &final_tasks)?;
     let (final_index, final_hash) = views.values().next().cloned().unwrap_or_default();
     Ok(Outcome {
         seed: plan.seed,
         acknowledged: observations.acknowledged.len(),
+        shared_operations: observations.history.len(),
+        shared_unanswered: observations.history.iter().filter(|o| o.output == Output::Unknown).count(),
+        faults: observations.faults,
+        submits: observations.submits.len(),
+        submits_acknowledged: observations.submits.iter().filter(|s| s.acknowledged.is_some()).count(),
         leaders_by_term: observations.leaders_by_term.clone(),
         final_index,
         final_hash,

@@ -1,12 +1,15 @@
-//! Turmoil simulations of a 3-node cluster under a leader crash and a partition.
+//! Turmoil simulations of a 3-node cluster under a leader crash, a partition and lost answers.
 //!
-//! The test command runs the fixed seeds below. Replay one with
-//! `MAOS_CHAOS_SEEDS=<seed> cargo test -p maos-chaos --test simulation`, or run more with
-//! `MAOS_CHAOS_SEEDS=1-200`.
+//! The test command runs seeds 1 to [`SEEDS`] on two threads. Replay one in a fresh process with
+//! `maos-chaos run --seed <seed>` (or `MAOS_CHAOS_SEEDS=<seed> cargo test --workspace --test
+//! simulation`); run others with `MAOS_CHAOS_SEEDS=201-400` or `maos-chaos sweep`.
 
-use maos_chaos::{run, ScenarioPlan};
+use maos_chaos::{run, sweep, ScenarioPlan};
 
-const FIXED_SEEDS: &[u64] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+/// Seeds the test command runs.
+const SEEDS: u64 = 200;
+/// Threads they run on.
+const JOBS: usize = 2;
 
 /// `MAOS_CHAOS_LOG=debug` (any tracing filter) prints the nodes' logs of a replayed run.
 fn init_logging() {
@@ -28,33 +31,47 @@ fn seeds() -> Vec<u64> {
                 None => vec![part.trim().parse().expect("a seed is a number")],
             })
             .collect(),
-        Err(_) => FIXED_SEEDS.to_vec(),
+        Err(_) => (1..=SEEDS).collect(),
     }
 }
 
 #[test]
 fn clusters_stay_safe_and_live_under_crashes_and_partitions() {
     init_logging();
-    let mut failures = Vec::new();
-    for seed in seeds() {
-        let plan = ScenarioPlan::from_seed(seed);
-        match run(&plan) {
-            Ok(outcome) => println!(
-                "seed {seed}: ok, {} writes acknowledged, {} terms with a leader, final index {}, hash {}, leaders {:?}, events {:?}",
-                outcome.acknowledged,
-                outcome.leaders_by_term.len(),
-                outcome.final_index,
-                &outcome.final_hash[..16.min(outcome.final_hash.len())],
-                outcome.leaders_by_term,
-                outcome.events
-            ),
-            Err(error) => {
-                println!("seed {seed}: FAILED: {error}\n  plan: {plan:?}\n  replay: MAOS_CHAOS_SEEDS={seed} cargo test -p maos-chaos --test simulation");
-                failures.push(seed);
+    let seeds = seeds();
+    // One seed (a replay) runs on this thread, so its logs reach the test writer.
+    let found = match seeds.as_slice() {
+        [seed] => {
+            let plan = ScenarioPlan::from_seed(*seed);
+            match run(&plan) {
+                Ok(outcome) => maos_chaos::Sweep { passed: vec![outcome], ..Default::default() },
+                Err(error) => {
+                    println!("seed {seed}: FAILED: {error}\n  plan: {plan:?}");
+                    maos_chaos::Sweep { failed: vec![(*seed, error)], ..Default::default() }
+                }
             }
         }
+        _ => sweep(&seeds, JOBS),
+    };
+    for outcome in &found.passed {
+        println!(
+            "seed {}: ok, {} writes acknowledged, {} shared-key operations ({} unanswered), {} submits ({} answered), {} terms with a leader, final index {}, hash {}, leaders {:?}, events {:?}",
+            outcome.seed,
+            outcome.acknowledged,
+            outcome.shared_operations,
+            outcome.shared_unanswered,
+            outcome.submits,
+            outcome.submits_acknowledged,
+            outcome.leaders_by_term.len(),
+            outcome.final_index,
+            &outcome.final_hash[..16.min(outcome.final_hash.len())],
+            outcome.leaders_by_term,
+            outcome.events
+        );
     }
-    assert!(failures.is_empty(), "failing seeds: {failures:?} (each replays with MAOS_CHAOS_SEEDS=<seed>)");
+    println!("{}", found.summary(JOBS));
+    let failed: Vec<u64> = found.failed.iter().map(|(seed, _)| *seed).collect();
+    assert!(failed.is_empty(), "failing seeds: {failed:?} (each replays with `maos-chaos run --seed <seed>`)");
 }
 
 /// Replaying a seed means running it again in a fresh process, as the failure message says.
