@@ -16,6 +16,8 @@ if [ "${MAOS_SETUP_SERVICES:-0}" = 1 ]; then
   command -v node >/dev/null 2>&1 || need+=(nodejs)
   command -v npm >/dev/null 2>&1 || need+=(npm)
   [ -x /usr/bin/chromium ] || need+=(chromium)
+  # The clock-skew test runs one node an hour ahead under libfaketime.
+  dpkg -s libfaketime >/dev/null 2>&1 || need+=(faketime)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -87,6 +87,20 @@ pub fn submits_exist_once(submits: &[Submit], final_tasks: &BTreeMap<String, Vec
     Ok(())
 }
 
+/// No replica's replicated clock ran ahead of true time by more than `allowed_ms`: a leader whose
+/// clock is off stamps the quorum's time, so it never pushes the replicated clock (which never
+/// goes back) ahead, where every lease and key would expire early and later leaders' expiry
+/// would stall (issue 16, break 3; TigerBeetle's `clock.zig`, DESIGN.md "No single node's clock
+/// decides an expiry").
+pub fn replicated_time_bounded(ahead_ms: &BTreeMap<u64, i64>, allowed_ms: i64) -> Result<(), String> {
+    match ahead_ms.iter().find(|(_, ahead)| **ahead > allowed_ms) {
+        Some((node, ahead)) => Err(format!(
+            "n{node}'s replicated clock ran {ahead} ms ahead of true time (allowed {allowed_ms} ms): a leader stamped its own clock, off from the quorum's"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,7 +60,24 @@ pub struct ScenarioPlan {
     /// Lost answers: from `at_ms` for `for_ms`, node `node`'s messages to client `client` are
     /// dropped (requests still arrive), so a write applies and its client never hears of it.
     pub answer_losses: Vec<AnswerLoss>,
+    /// Each node's wall clock (index: node id − 1): its offset from true time and how fast it
+    /// drifts. One node is far off (beyond `raft.clock_skew_max_ms`), the others near.
+    pub clocks: Vec<NodeClock>,
 }
+
+/// One node's wall clock against the simulation's true time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeClock {
+    pub offset_ms: i64,
+    pub drift_ppm: i64,
+}
+
+/// How far a node's clock may be from true time and still count as good in a run.
+const GOOD_CLOCK_MS: i64 = 200;
+/// A good clock's drift at most, parts per million (a quartz clock's order).
+const DRIFT_PPM_MAX: i64 = 100;
+/// The simulated nodes' `raft.clock_skew_max_ms` (the default).
+pub const CLOCK_SKEW_MAX_MS: u64 = 1_000;
 
 /// One client's link from one node cut one way for a while.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,17 +110,39 @@ impl ScenarioPlan {
                 client: clients[rng.gen_range(0..clients.len())].clone(),
             })
             .collect();
+        let max_latency_ms = rng.gen_range(1..20);
+        let write_interval_ms = rng.gen_range(10..50);
+        let partitioned_node = rng.gen_range(1..=NODES);
+        // Drawn last, so the faults above are what they were before clocks were simulated.
+        let skewed = rng.gen_range(1..=NODES);
+        let clocks = (1..=NODES)
+            .map(|id| {
+                let drift_ppm = rng.gen_range(-DRIFT_PPM_MAX..=DRIFT_PPM_MAX);
+                let offset_ms = match id == skewed {
+                    // 5 s to 10 min, either way.
+                    true => rng.gen_range(5_000..600_000) * if rng.gen_bool(0.5) { 1 } else { -1 },
+                    false => rng.gen_range(-GOOD_CLOCK_MS..=GOOD_CLOCK_MS),
+                };
+                NodeClock { offset_ms, drift_ppm }
+            })
+            .collect();
         Self {
             seed,
-            max_latency_ms: rng.gen_range(1..20),
-            write_interval_ms: rng.gen_range(10..50),
+            max_latency_ms,
+            write_interval_ms,
             crash_leader_at_ms,
             restart_after_ms,
-            partitioned_node: rng.gen_range(1..=NODES),
+            partitioned_node,
             partition_at_ms,
             partition_for_ms,
             answer_losses,
+            clocks,
         }
+    }
+
+    /// Node `id`'s clock (ids from 1).
+    fn clock_of(&self, id: u64) -> NodeClock {
+        self.clocks.get(id as usize - 1).copied().unwrap_or(NodeClock { offset_ms: 0, drift_ppm: 0 })
     }
 
     fn heal_at_ms(&self) -> u64 {
@@ -143,6 +182,8 @@ struct Observations {
     history: Vec<Operation>,
     /// Every submit of the task client.
     submits: Vec<invariants::Submit>,
+    /// How far each replica's replicated clock ran ahead of true time at most (ms).
+    replicated_clock_ahead_ms: BTreeMap<u64, i64>,
     events: Vec<String>,
     faults: usize,
 }
@@ -291,8 +332,18 @@ async fn task_client(seed: u64, until: Duration, shared: Shared) -> turmoil::Res
     Ok(())
 }
 
-fn sim_clock() -> Clock {
-    Arc::new(|| turmoil::since_epoch().map(|d| d.as_millis() as u64).unwrap_or(0))
+/// True time in the simulation, in milliseconds since the Unix epoch.
+fn true_time_ms() -> i64 {
+    turmoil::since_epoch().map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A node's wall clock: true time, off by `offset_ms` and drifting by `drift_ppm` since the
+/// run began.
+fn sim_clock(clock: NodeClock) -> Clock {
+    Arc::new(move || {
+        let drift = turmoil::elapsed().as_millis() as i64 * clock.drift_ppm / 1_000_000;
+        (true_time_ms() + clock.offset_ms + drift).max(0) as u64
+    })
 }
 
 fn node_config(id: u64) -> Config {
@@ -336,12 +387,14 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
         let shared = shared.clone();
         let config = node_config(id);
         config.validate().map_err(|e| e.to_string())?;
+        let clock = plan.clock_of(id);
         sim.host(host(id), move || {
             let (log, snapshots, shared, config) = (log.clone(), snapshots.clone(), shared.clone(), config.clone());
             async move {
                 let state_machine = StateMachineStore::open(snapshots, Validation::EveryBatch)?;
                 let node =
-                    maos_node::server::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock()).await?;
+                    maos_node::server::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock(clock))
+                        .await?;
                 lock(&shared).states.insert(id, node.core.state.clone());
                 let mut metrics = node.core.raft.metrics();
                 let mut last_index = None;
@@ -355,10 +408,16 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
                             lock(&shared).leaders_by_term.entry(m.current_term).or_default().insert(id);
                         }
                     }
-                    let (index, hash) = {
+                    let (index, hash, replicated_ms) = {
                         let state = node.core.state.read();
-                        (state.last_applied.map(|l| l.index).unwrap_or(0), state.state_hash())
+                        (state.last_applied.map(|l| l.index).unwrap_or(0), state.state_hash(), state.app.clock_ms)
                     };
+                    {
+                        let mut observations = lock(&shared);
+                        let ahead = replicated_ms as i64 - true_time_ms();
+                        let most = observations.replicated_clock_ahead_ms.entry(id).or_insert(i64::MIN);
+                        *most = (*most).max(ahead);
+                    }
                     if last_index != Some(index) {
                         last_index = Some(index);
                         record_applied(&shared, id, index, hash);
@@ -417,6 +476,15 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
         }
     });
 
+    for (id, clock) in (1..=NODES).map(|id| (id, plan.clock_of(id))) {
+        if clock.offset_ms.unsigned_abs() > CLOCK_SKEW_MAX_MS {
+            record(
+                &shared,
+                format!("0ms n{id}'s clock is {} ms off, drifting {} ppm", clock.offset_ms, clock.drift_ppm),
+                true,
+            );
+        }
+    }
     let mut crashed: Option<u64> = None;
     let mut restarted = false;
     let mut partitioned = false;
@@ -516,6 +584,10 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
             by_description
         });
     invariants::submits_exist_once(&observations.submits, &final_tasks)?;
+    // A good clock is within GOOD_CLOCK_MS and drifts little; the quorum's time may be as far
+    // ahead as the bound allows on top.
+    let allowed_ms = GOOD_CLOCK_MS + CLOCK_SKEW_MAX_MS as i64 + plan.max_latency_ms as i64 * 2;
+    invariants::replicated_time_bounded(&observations.replicated_clock_ahead_ms, allowed_ms)?;
     let (final_index, final_hash) = views.values().next().cloned().unwrap_or_default();
     Ok(Outcome {
         seed: plan.seed,

@@ -108,7 +108,8 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
         let now_ms = (core.clock)();
         // Expiry is about time, not about what was applied: it is checked once per interval
         // (the check reads every task), not on every wake.
-        let check_expiry = last_expiry_check.elapsed() >= interval;
+        // Only a leader whose clock a quorum's agree with expires anything (raft::clock).
+        let check_expiry = last_expiry_check.elapsed() >= interval && core.clock_bound.may_expire();
         if check_expiry {
             last_expiry_check = tokio::time::Instant::now();
         }

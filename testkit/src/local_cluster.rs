@@ -96,6 +96,8 @@ pub struct LocalCluster {
     pub nodes: BTreeMap<u64, LocalNode>,
     /// `--peers` values that replace the planned list for some nodes (to test disagreement).
     peers_override: BTreeMap<u64, String>,
+    /// More environment for one node, after the options' (see [`LocalCluster::set_node_env`]).
+    node_env: BTreeMap<u64, Vec<(String, String)>>,
 }
 
 /// A free loopback address for a server that a test or benchmark starts next
@@ -163,7 +165,13 @@ impl LocalCluster {
                 },
             );
         }
-        Ok(Self { binary: binary.to_path_buf(), options, nodes, peers_override: BTreeMap::new() })
+        Ok(Self {
+            binary: binary.to_path_buf(),
+            options,
+            nodes,
+            peers_override: BTreeMap::new(),
+            node_env: BTreeMap::new(),
+        })
     }
 
     /// The `--peers` value naming every planned node.
@@ -196,6 +204,12 @@ impl LocalCluster {
         self.peers_override.insert(id, peers);
     }
 
+    /// Set `key=value` in node `id`'s environment from its next start on (for example
+    /// `LD_PRELOAD` and `FAKETIME` to run it with its clock off).
+    pub fn set_node_env(&mut self, id: u64, key: &str, value: &str) {
+        self.node_env.entry(id).or_default().push((key.to_string(), value.to_string()));
+    }
+
     /// The command that runs node `id`, for callers that want to change it before spawning.
     pub fn command(&self, id: u64) -> anyhow::Result<Command> {
         let node = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
@@ -220,6 +234,7 @@ impl LocalCluster {
             .env("MAOS_DASHBOARD_LISTEN", &node.dashboard_addr)
             .env("MAOS_SECURITY_AUTH_ENABLED", self.options.auth.to_string())
             .envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.node_env.get(&id).into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         if let Some(tls) = &self.options.tls {
             command.env("MAOS_SECURITY_TLS_CERT_FILE", &tls.cert_file).env("MAOS_SECURITY_TLS_KEY_FILE", &tls.key_file);

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use maos_raft_store::state::fencing_token;
 use maos_raft_store::tasks::{AgentState, Slot, TaskCommand, TaskId, TaskResponse};
 use maos_raft_store::{Command, Response};
 use tokio::sync::watch;
@@ -94,6 +95,9 @@ pub struct AgentRuntime {
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub credentials: Arc<Credentials>,
     pub metrics: Arc<AgentMetrics>,
+    /// The index after the last entry of the log as this node opened it: leases granted by
+    /// earlier entries belong to an earlier run of this node.
+    pub log_end_at_start: u64,
 }
 
 impl AgentRuntime {
@@ -120,8 +124,10 @@ impl AgentRuntime {
         let lease = Duration::from_millis(settings.lease_ms);
         let renew_interval = Duration::from_millis(settings.lease_renew_interval_ms);
         let margin = self_fence_margin(settings.lease_ms);
-        // Leases granted before this moment were granted to an earlier run of this node.
-        let started_at_ms = (self.core.clock)();
+        // Leases granted by an entry already in the log at this moment were granted to an earlier
+        // run of this node: their tokens are below the next entry's first. Told by the log, not
+        // by a clock, so a clock that is off cannot make this run's leases look old.
+        let first_token_of_this_run = fencing_token(self.log_end_at_start, 0);
         let mut changes = self.core.raft.metrics();
         loop {
             let raft_stopped_reporting = tokio::select! {
@@ -189,9 +195,7 @@ impl AgentRuntime {
                         continue;
                     }
                     if running.get(task_id).is_none_or(|a| a.token != token) {
-                        // The grant's stamp: the attempt's deadline less the task's timeout.
-                        let granted_at_ms = lease.attempt_deadline_ms.saturating_sub(task.spec.timeout_ms);
-                        if granted_at_ms < started_at_ms {
+                        if token < first_token_of_this_run {
                             ended.insert(task_id.clone(), token);
                             interrupted.push((task_id.clone(), token, task.attempt));
                             continue;

@@ -459,3 +459,44 @@ fn still_leading(core: &NodeCore) -> Result<(), Status> {
         Err(Status::unavailable("membership: this node is no longer the leader (leadership is moving); retry"))
     }
 }
+
+/// While this node leads with a clock skewed beyond `raft.clock_skew_max_ms` (see
+/// [`crate::raft::clock`]), hand leadership to a voter whose clock agrees with the quorum's.
+/// Checked every probe interval; a failed transfer is tried again after [`HAND_OFF_RETRY`].
+pub async fn hand_off_when_skewed(api: Arc<ClusterApi>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    use crate::raft::clock::{ClockStatus, PROBE_INTERVAL};
+    let core = &api.core;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let ClockStatus::Skewed { skew_ms } = core.clock_bound.status() else { continue };
+        if !core.is_leader() {
+            continue;
+        }
+        let voters: BTreeSet<u64> =
+            core.members().into_iter().filter(|(_, (_, voter))| *voter).map(|(id, _)| id).collect();
+        let Some(target) = core.clock_bound.agreeing_peer(core.id, &voters) else {
+            tracing::warn!(node_id = core.id, skew_ms, "the leader's clock is skewed and no voter's clock agrees with the quorum's to hand leadership to; expiring nothing meanwhile");
+            continue;
+        };
+        tracing::warn!(
+            node_id = core.id,
+            skew_ms,
+            target,
+            "the leader's clock is skewed: handing leadership to a node whose clock agrees"
+        );
+        let outcome = tokio::select! {
+            outcome = transfer_from_leader(core, api.lease_ends(core), target) => outcome,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        if let Err(status) = outcome {
+            tracing::warn!(node_id = core.id, target, error = %status.message(), "handing leadership on failed; trying again");
+            tokio::time::sleep(HAND_OFF_RETRY).await;
+        }
+    }
+}
+
+/// Between two attempts of a skewed leader to hand leadership on.
+const HAND_OFF_RETRY: std::time::Duration = std::time::Duration::from_secs(2);

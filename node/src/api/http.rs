@@ -20,6 +20,7 @@ use axum::Router;
 
 use crate::agents::AgentMetrics;
 use crate::api::views::task_counts;
+use crate::raft::clock::ClockStatus;
 use crate::raft::core::NodeCore;
 use crate::storage::Storage;
 
@@ -64,7 +65,24 @@ pub async fn readiness(core: &NodeCore, agents: &AgentMetrics, storage: &Storage
     if !agents.pool_registered.load(Ordering::Relaxed) {
         return Err(format!("node {id}: its agent pool is not registered in the cluster yet"));
     }
-    Ok(format!("node {id} in a cluster led by node {leader}; {store}"))
+    let clock = match core.clock_bound.status() {
+        ClockStatus::Skewed { skew_ms } => {
+            let how = format!(
+                "its clock is {} ms {} a quorum's (raft.clock_skew_max_ms = {})",
+                skew_ms.unsigned_abs(),
+                if skew_ms > 0 { "ahead of" } else { "behind" },
+                core.clock_bound.skew_max_ms()
+            );
+            if leader == id {
+                return Err(format!(
+                    "node {id} leads but {how}: it expires nothing and hands leadership to a node whose clock agrees; fix its time synchronisation (NTP)"
+                ));
+            }
+            format!("; {how}: it would expire nothing as leader")
+        }
+        ClockStatus::Unknown | ClockStatus::Synchronized { .. } => String::new(),
+    };
+    Ok(format!("node {id} in a cluster led by node {leader}; {store}{clock}"))
 }
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
@@ -75,6 +93,9 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
         let last_log = m.last_log_index.unwrap_or(0);
         let purged = m.purged.map(|id| id.index).unwrap_or(0);
         metrics::gauge!("maos_raft_term").set(m.current_term as f64);
+        let clock = core.clock_bound.status();
+        metrics::gauge!("maos_clock_skew_seconds").set(clock.skew_ms() as f64 / 1_000.0);
+        metrics::gauge!("maos_clock_synchronized").set(f64::from(u8::from(core.clock_bound.may_expire())));
         metrics::gauge!("maos_raft_leader_id").set(m.current_leader.unwrap_or(0) as f64);
         metrics::gauge!("maos_raft_is_leader").set(f64::from(u8::from(m.current_leader == Some(core.id))));
         metrics::gauge!("maos_raft_last_log_index").set(last_log as f64);

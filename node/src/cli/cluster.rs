@@ -220,16 +220,18 @@ pub async fn health(target: &Target, all_components: bool) -> anyhow::Result<()>
                                 .map(|(b, _)| b.to_string())
                         })
                         .unwrap_or_else(|| "unknown".into());
-                    let sample = |name: &str| -> u64 {
-                        text.lines()
-                            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
-                            .unwrap_or(0.0) as u64
+                    let signed = |name: &str| -> Option<f64> {
+                        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
                     };
+                    let sample = |name: &str| -> u64 { signed(name).unwrap_or(0.0) as u64 };
                     row["storage"] = serde_json::json!({"backend": backend,
                         "reachable": !row["ready"]["detail"].as_str().unwrap_or("").contains("task-data store"),
                         "database_connection_errors": sample("maos_database_connection_errors_total"),
                         "redis_errors": sample("maos_redis_errors_total"),
                         "cache_hits": sample("maos_cache_hits_total"), "cache_misses": sample("maos_cache_misses_total")});
+                    // The node's clock against a quorum's (signed: positive is ahead).
+                    row["clock"] = serde_json::json!({"skew_ms": signed("maos_clock_skew_seconds").map(|v| (v * 1_000.0).round() as i64),
+                        "synchronized": signed("maos_clock_synchronized").map(|v| v == 1.0)});
                 }
                 Err(error) => row["storage"] = serde_json::json!({"error": error.to_string()}),
             }
@@ -257,6 +259,7 @@ pub async fn health(target: &Target, all_components: bool) -> anyhow::Result<()>
                 println!("   storage: {}", row["storage"]);
                 println!("   tasks:   {}", row["tasks"]);
                 println!("   agents:  {}", row["agents"]);
+                println!("   clock:   {}", row["clock"]);
             }
         }
     }

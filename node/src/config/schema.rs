@@ -473,6 +473,10 @@ pub struct RaftSection {
     /// write opens a new one, and a write resent after its session expired is refused, never
     /// applied twice.
     pub session_ttl_ms: u64,
+    /// How far this node's wall clock may be from a quorum's before, as leader, it stops
+    /// stamping expiries: it then stamps the quorum's time, expires nothing, reports the skew
+    /// and hands leadership to a node whose clock agrees.
+    pub clock_skew_max_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -530,6 +534,7 @@ impl Default for RaftSection {
             max_payload_entries: 512,
             request_timeout_ms: 10_000,
             session_ttl_ms: 600_000,
+            clock_skew_max_ms: 1_000,
         }
     }
 }

@@ -10,6 +10,10 @@ use super::schema::{
 
 /// The longest `system.shutdown_grace`, in seconds: past this an orchestrator kills the node anyway.
 const SHUTDOWN_GRACE_MAX: u64 = 300;
+/// `raft.clock_skew_max_ms` bounds: tighter than a round trip cannot be measured, looser than a
+/// minute is no bound on lease and TTL expiry.
+const CLOCK_SKEW_MAX_MS_MIN: u64 = 10;
+const CLOCK_SKEW_MAX_MS_MAX: u64 = 60_000;
 
 /// One problem with the configuration, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +299,12 @@ impl Config {
             (maos_raft_store::command::SESSION_TTL_MS_MIN, maos_raft_store::command::SESSION_TTL_MS_MAX);
         if !(ttl_min..=ttl_max).contains(&raft.session_ttl_ms) {
             bad("raft.session_ttl_ms", format!("must be in {ttl_min}..={ttl_max} (1 s to 24 h)"));
+        }
+        if !(CLOCK_SKEW_MAX_MS_MIN..=CLOCK_SKEW_MAX_MS_MAX).contains(&raft.clock_skew_max_ms) {
+            bad(
+                "raft.clock_skew_max_ms",
+                format!("must be in {CLOCK_SKEW_MAX_MS_MIN}..={CLOCK_SKEW_MAX_MS_MAX} (10 ms to 60 s)"),
+            );
         }
         if raft.request_timeout_ms < raft.election_timeout_max_ms {
             bad("raft.request_timeout_ms", "must be at least raft.election_timeout_max_ms".into());

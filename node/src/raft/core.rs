@@ -19,7 +19,7 @@
 //! caller's session instead of this node's, so a resend through any node applies once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use maos_raft_store::state::check_command;
@@ -27,6 +27,7 @@ use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Response, Stat
 use openraft::ServerState;
 
 use crate::proto::ReadIndexRequest;
+use crate::raft::clock::ClockBound;
 use crate::raft::network::Channels;
 use crate::raft::proposer::{Batcher, Clock, ProposeOutcome};
 
@@ -149,7 +150,13 @@ pub struct NodeCore {
     pub raft: Raft,
     pub state: StateMachineHandle,
     pub channels: Channels,
+    /// Cluster time: this node's wall clock moved into the interval a quorum's clocks agree on
+    /// (see [`crate::raft::clock`]). Everything that stamps or reads replicated times uses it.
     pub clock: Clock,
+    /// This node's own wall clock, uncorrected: what the `Clock` call answers peers with.
+    pub wall_clock: Clock,
+    /// What this node knows of its clock against a quorum's.
+    pub clock_bound: Arc<ClockBound>,
     /// Batches this node's proposals into log entries while it leads.
     pub proposer: Batcher,
     /// Batches this node's forwarded writes to the leader while it follows.

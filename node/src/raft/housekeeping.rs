@@ -205,6 +205,10 @@ pub(crate) async fn evict_finished(
             waiting = None;
             continue;
         }
+        // Retention is an expiry: only a leader whose clock a quorum's agree with evicts.
+        if !core.clock_bound.may_expire() {
+            continue;
+        }
         if let Some((chosen_at, tasks)) = waiting.take() {
             if mirror.as_ref().is_some_and(|m| m.mirrored_through() < chosen_at) {
                 waiting = Some((chosen_at, tasks));

@@ -1,11 +1,13 @@
 //! The replicated core of a node: Raft traffic on port 7000 and the paths every API shares.
 //!
 //! - `network.rs`, `service.rs`: Raft RPCs as versioned payloads (client and server sides), plus
-//!   `Propose` (batched forwarded writes), `ReadIndex` and `Hello`.
+//!   `Propose` (batched forwarded writes), `ReadIndex`, `Hello` and `Clock`.
 //! - `proposer.rs`: one bounded [`proposer::Batcher`] for the leader's log entries and a
 //!   follower's forwarded writes; the leader's [`proposer::Clock`] and [`proposer::ProposeOutcome`].
 //! - `core.rs`: [`core::NodeCore`], the write path (leader stamps and proposes; followers
 //!   forward) and the read barrier (ReadIndex).
+//! - `clock.rs`: the bounded leader clock: every node reads its peers' clocks (`Clock`), and
+//!   Marzullo's interval over a quorum gives cluster time and whether this node may expire.
 //! - `formation.rs`: `Hello`, the formation check and initialising a new cluster.
 //! - `housekeeping.rs`: the cluster identity and this node's registration.
 //!
@@ -13,6 +15,7 @@
 //! knows about task data, agents or the client API.
 
 // `core` is public for `server::RunningNode::core`; the rest is this crate's own.
+pub mod clock;
 pub mod core;
 pub(crate) mod formation;
 pub(crate) mod housekeeping;

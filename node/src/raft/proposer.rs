@@ -18,10 +18,16 @@ use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::raft::clock::{ClockBound, FIRST_MEASUREMENT_WAIT};
 use crate::raft::network::{decode, encode, Channels};
 
 /// Milliseconds since the Unix epoch. Real nodes read the system clock; simulations supply theirs.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// `wall` moved into the interval a quorum's clocks agree on (see [`crate::raft::clock`]).
+pub fn cluster_clock(wall: Clock, bound: Arc<ClockBound>) -> Clock {
+    Arc::new(move || bound.cluster_time(wall()))
+}
 
 /// The system clock.
 pub fn system_clock() -> Clock {
@@ -138,12 +144,14 @@ where
     }
 }
 
-/// On the leader: each batch becomes one log entry stamped with `clock`.
-pub fn leader_proposer(raft: Raft, clock: Clock) -> Batcher {
+/// On the leader: each batch becomes one log entry stamped with `clock` (cluster time), once
+/// `bound` has measured a quorum's clocks (or [`FIRST_MEASUREMENT_WAIT`] has passed).
+pub fn leader_proposer(raft: Raft, clock: Clock, bound: Arc<ClockBound>) -> Batcher {
     Batcher::start(move |_target, commands| {
-        let raft = raft.clone();
-        let stamped_at_ms = clock();
+        let (raft, clock, bound) = (raft.clone(), clock.clone(), bound.clone());
         async move {
+            bound.first_measured(FIRST_MEASUREMENT_WAIT).await;
+            let stamped_at_ms = clock();
             let count = commands.len();
             metrics::histogram!("maos_raft_proposer_batch_commands", "path" => "leader").record(count as f64);
             let started = std::time::Instant::now();

@@ -1,4 +1,4 @@
-//! The Raft port's server side: openraft RPCs, forwarded proposals, ReadIndex and Hello.
+//! The Raft port's server side: openraft RPCs, forwarded proposals, ReadIndex, Hello and Clock.
 
 use std::sync::Arc;
 
@@ -7,7 +7,10 @@ use maos_raft_store::Command;
 use tonic::{Request, Response, Status};
 
 use crate::proto::raft_service_server::RaftService;
-use crate::proto::{HelloMember, HelloRequest, HelloResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse};
+use crate::proto::{
+    ClockRequest, ClockResponse, HelloMember, HelloRequest, HelloResponse, RaftPayload, ReadIndexRequest,
+    ReadIndexResponse,
+};
 use crate::raft::core::NodeCore;
 use crate::raft::network::{decode, encode};
 use crate::raft::proposer::ProposeOutcome;
@@ -74,6 +77,10 @@ impl RaftService for RaftServer {
             }
             Err(error) => Err(Status::unavailable(format!("not the leader: {error}"))),
         }
+    }
+
+    async fn clock(&self, _request: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
+        Ok(Response::new(ClockResponse { node_id: self.core.id, wall_clock_ms: (self.core.wall_clock)() }))
     }
 
     async fn hello(&self, _request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {

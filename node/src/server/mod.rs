@@ -25,11 +25,12 @@ use crate::api::tasks::TaskApi;
 use crate::api::workers::WorkerApi;
 use crate::config::{Bootstrap, Config};
 use crate::proto::raft_service_server::RaftServiceServer;
+use crate::raft::clock::ClockBound;
 use crate::raft::core::NodeCore;
 use crate::raft::formation::{form_cluster, formation_peers, peers_digest};
 use crate::raft::housekeeping::{evict_finished, housekeeping, MirrorProgress, HOUSEKEEPING_INTERVAL};
 use crate::raft::network::{Channels, NetworkFactory};
-use crate::raft::proposer::{forwarder, leader_proposer};
+use crate::raft::proposer::{cluster_clock, forwarder, leader_proposer};
 use crate::raft::service::RaftServer;
 use crate::scheduling::leader_loop;
 use crate::storage::Storage;
@@ -177,12 +178,25 @@ where
             "the Raft port listens beyond loopback without security.cluster_secret_file: anyone who reaches it can send Raft traffic; set a cluster secret (docs/SECURITY.md)"
         );
     }
+    // Where the log ended as this run opened it: the agent runtime tells its earlier run's leases
+    // by it (an index, not a time, so a clock that is off cannot mislead it).
+    let mut log = log;
+    let log_end_at_start = log
+        .get_log_state()
+        .await
+        .map_err(|e| StartError::Raft(format!("reading the log's state: {e}")))?
+        .last_log_id
+        .map_or(0, |id| id.index + 1);
     let state = state_machine.handle();
     let network = NetworkFactory { channels: channels.clone() };
     let raft = Raft::new(config.node.id, raft_settings, network, log, observe::TimedStateMachine(state_machine))
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-    let proposer = leader_proposer(raft.clone(), clock.clone());
+    // Cluster time: the wall clock moved into what a quorum's clocks agree on (raft::clock).
+    let clock_bound = Arc::new(ClockBound::new(config.raft.clock_skew_max_ms));
+    let wall_clock = clock;
+    let clock = cluster_clock(wall_clock.clone(), clock_bound.clone());
+    let proposer = leader_proposer(raft.clone(), clock.clone(), clock_bound.clone());
     let forwarder = forwarder(channels.clone(), Duration::from_millis(config.raft.request_timeout_ms));
     let core = Arc::new(NodeCore {
         id: config.node.id,
@@ -191,6 +205,8 @@ where
         state,
         channels,
         clock,
+        wall_clock: wall_clock.clone(),
+        clock_bound,
         proposer,
         forwarder,
         request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
@@ -258,6 +274,13 @@ where
     let cluster_api =
         Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone(), leader_since: Default::default() });
     spawn_in(&mut tasks, &node_span, crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
+    let formation_addrs = peers.iter().map(|(id, node)| (*id, node.raft_addr.clone())).collect();
+    spawn_in(
+        &mut tasks,
+        &node_span,
+        crate::raft::clock::measure(core.clone(), wall_clock, formation_addrs, stopped.clone()),
+    );
+    spawn_in(&mut tasks, &node_span, crate::api::cluster::hand_off_when_skewed(cluster_api.clone(), stopped.clone()));
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
@@ -402,6 +425,7 @@ where
         backends: agent_backends,
         credentials,
         metrics: agent_metrics,
+        log_end_at_start,
     };
     spawn_in(&mut tasks, &node_span, runtime.run(stopped.clone()));
     spawn_in(

@@ -110,6 +110,18 @@ pub const CATALOGUE: &[Metric] = &[
     metric("maos_raft_apply_batch_entries", Histogram, &[], "Log entries per apply call."),
     metric("maos_raft_apply_duration_seconds", Histogram, &[], "Time to apply one batch of entries."),
     metric("maos_raft_peer_unreachable_total", Counter, &["peer"], "Raft calls to a peer that failed to connect or timed out."),
+    metric(
+        "maos_clock_skew_seconds",
+        Gauge,
+        &[],
+        "This node's wall clock less a quorum's (positive: ahead; 0 inside the interval they agree on).",
+    ),
+    metric(
+        "maos_clock_synchronized",
+        Gauge,
+        &[],
+        "1 when a quorum's clocks agree with this node's within raft.clock_skew_max_ms (as leader it may expire), else 0.",
+    ),
     // Agents.
     metric("maos_agents_active", Gauge, &[], "Agents running an attempt on this node."),
     metric("maos_agents", Gauge, &[], "Agents of this node that are not terminated (the guide's maos_agents_total)."),
