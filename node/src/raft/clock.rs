@@ -86,7 +86,8 @@ struct Bound {
 pub struct ClockBound {
     skew_max_ms: u64,
     inner: Mutex<Bound>,
-    /// Whether a quorum's clocks have been known since this node started.
+    /// Whether a quorum's clocks have been known since this node started, or a leader's stamps
+    /// have already waited [`FIRST_MEASUREMENT_WAIT`] for it.
     measured: watch::Sender<bool>,
 }
 
@@ -99,15 +100,22 @@ impl ClockBound {
         Self { skew_max_ms, inner: Mutex::new(bound), measured: watch::Sender::new(false) }
     }
 
-    /// Wait, at most `within`, until a quorum's clocks have been measured once since this node
-    /// started: a leader elected at start-up stamps nothing by its bare clock while its first
-    /// measurement is a round trip away. Later unknowns (clocks that disagree) do not wait.
+    /// Wait, at most `within` and only once per run, until a quorum's clocks have been measured
+    /// since this node started: a leader elected at start-up stamps nothing by its bare clock
+    /// while its first measurement is a round trip away. After that wait, and for later unknowns
+    /// (clocks that disagree), writes go on at once, stamped by this node's clock.
     pub async fn first_measured(&self, within: Duration) {
         if *self.measured.borrow() {
             return;
         }
         let mut measured = self.measured.subscribe();
-        let _ = tokio::time::timeout(within, measured.wait_for(|known| *known)).await;
+        if tokio::time::timeout(within, measured.wait_for(|known| *known)).await.is_err() {
+            tracing::warn!(
+                waited_ms = within.as_millis() as u64,
+                "no majority of the voters' clocks is known yet; stamping writes by this node's clock"
+            );
+            self.measured.send_replace(true);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Bound> {
@@ -373,6 +381,18 @@ mod tests {
         assert_eq!(bound.assess(1, &voters, later), ClockStatus::Unknown);
         assert!(!bound.may_expire());
         assert_eq!(bound.assess(1, &[1].into(), later), ClockStatus::Synchronized { skew_ms: 0 });
+    }
+
+    #[tokio::test]
+    async fn a_leader_waits_once_for_its_first_measurement_then_never_again() {
+        let bound = ClockBound::new(1_000);
+        let wait = Duration::from_millis(50);
+        let started = std::time::Instant::now();
+        bound.first_measured(wait).await;
+        assert!(started.elapsed() >= wait, "the first stamp waits for a measurement");
+        let again = std::time::Instant::now();
+        bound.first_measured(Duration::from_secs(60)).await;
+        assert!(again.elapsed() < Duration::from_secs(5), "clocks that never agree must not slow every write");
     }
 
     #[test]
