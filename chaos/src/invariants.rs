@@ -2,11 +2,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Election Safety (Raft, figure 3): at most one leader can be elected in a given term.
-/// `leaders` maps each term to the nodes seen leading in it.
-pub fn election_safety(leaders: &BTreeMap<u64, BTreeSet<u64>>) -> Result<(), String> {
-    match leaders.iter().find(|(_, nodes)| nodes.len() > 1) {
-        Some((term, nodes)) => Err(format!("term {term} had leaders {nodes:?}")),
+/// Election Safety (Raft, figure 3), in openraft's form: at most one leader per leader id.
+/// openraft's default (advanced) leader id is (term, node id), totally ordered, and a voter may
+/// grant a greater one in the same term, so two nodes can lead one term, each under its own id
+/// that every log id it writes carries (openraft's docs, "leader_id_adv"; standard Raft's one
+/// leader per term is its `single-term-leader` feature). `leaders` maps each leader id (term,
+/// node) seen in a leader's committed vote to the nodes seen leading under it.
+pub fn election_safety(leaders: &BTreeMap<(u64, u64), BTreeSet<u64>>) -> Result<(), String> {
+    match leaders.iter().find(|((_, node), nodes)| nodes.len() != 1 || !nodes.contains(node)) {
+        Some(((term, node), nodes)) => Err(format!("leader id T{term}-N{node} was held by {nodes:?}")),
         None => Ok(()),
     }
 }
@@ -107,9 +111,15 @@ mod tests {
 
     #[test]
     fn each_invariant_detects_its_violation() {
-        let two_leaders = BTreeMap::from([(3, BTreeSet::from([1, 2]))]);
+        let two_leaders = BTreeMap::from([((3, 1), BTreeSet::from([1, 2]))]);
         assert!(election_safety(&two_leaders).is_err());
-        assert!(election_safety(&BTreeMap::from([(3, BTreeSet::from([1])), (4, BTreeSet::from([2]))])).is_ok());
+        assert!(election_safety(&BTreeMap::from([((3, 1), BTreeSet::from([2]))])).is_err(), "led under another's id");
+        let ordered = BTreeMap::from([
+            ((3, 1), BTreeSet::from([1])),
+            ((3, 2), BTreeSet::from([2])),
+            ((4, 2), BTreeSet::from([2])),
+        ]);
+        assert!(election_safety(&ordered).is_ok());
 
         let diverged = BTreeMap::from([(1, (5, "a".to_string())), (2, (5, "b".to_string()))]);
         assert!(converged(&diverged).is_err());

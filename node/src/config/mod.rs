@@ -111,7 +111,7 @@ mod tests {
             ("bad name", |c| c.cluster.name = "my cluster".into(), "cluster.name"),
             ("timeouts", |c| c.raft.election_timeout_max_ms = 10, "raft.election_timeout_max_ms"),
             ("session ttl", |c| c.raft.session_ttl_ms = 10, "raft.session_ttl_ms"),
-            ("clock skew bound", |c| c.raft.clock_skew_max_ms = 0, "raft.clock_skew_max_ms"),
+            ("clock skew bound", |c| c.raft.clock_skew_max_ms = 5, "raft.clock_skew_max_ms"),
             ("log level", |c| c.system.log_level = "LOUD".into(), "system.log_level"),
             ("too many agents", |c| c.system.max_agents = 4, "agents.types"),
             ("memory size", |c| c.agents.defaults.max_memory = "lots".into(), "agents.defaults.max_memory"),

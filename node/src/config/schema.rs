@@ -475,7 +475,8 @@ pub struct RaftSection {
     pub session_ttl_ms: u64,
     /// How far this node's wall clock may be from a quorum's before, as leader, it stops
     /// stamping expiries: it then stamps the quorum's time, expires nothing, reports the skew
-    /// and hands leadership to a node whose clock agrees.
+    /// and hands leadership to a node whose clock agrees. 0 (the default for now): off, every
+    /// node stamps and reads by its own clock.
     pub clock_skew_max_ms: u64,
 }
 
@@ -534,7 +535,7 @@ impl Default for RaftSection {
             max_payload_entries: 512,
             request_timeout_ms: 10_000,
             session_ttl_ms: 600_000,
-            clock_skew_max_ms: 1_000,
+            clock_skew_max_ms: 0,
         }
     }
 }

@@ -300,10 +300,12 @@ impl Config {
         if !(ttl_min..=ttl_max).contains(&raft.session_ttl_ms) {
             bad("raft.session_ttl_ms", format!("must be in {ttl_min}..={ttl_max} (1 s to 24 h)"));
         }
-        if !(CLOCK_SKEW_MAX_MS_MIN..=CLOCK_SKEW_MAX_MS_MAX).contains(&raft.clock_skew_max_ms) {
+        if raft.clock_skew_max_ms != 0
+            && !(CLOCK_SKEW_MAX_MS_MIN..=CLOCK_SKEW_MAX_MS_MAX).contains(&raft.clock_skew_max_ms)
+        {
             bad(
                 "raft.clock_skew_max_ms",
-                format!("must be in {CLOCK_SKEW_MAX_MS_MIN}..={CLOCK_SKEW_MAX_MS_MAX} (10 ms to 60 s)"),
+                format!("must be 0 (off) or in {CLOCK_SKEW_MAX_MS_MIN}..={CLOCK_SKEW_MAX_MS_MAX} (10 ms to 60 s)"),
             );
         }
         if raft.request_timeout_ms < raft.election_timeout_max_ms {

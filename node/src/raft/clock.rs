@@ -17,6 +17,8 @@
 //!   the replicated clock is never pushed ahead by this node), but proposes nothing that expires
 //!   (no `Tick`, no eviction), fails `/ready`, reports `maos_clock_skew_ms`, and hands leadership
 //!   to a voter whose clock agrees (`api::cluster::hand_off_when_skewed`).
+//!
+//! The samples are taken by `clock_watch.rs`; this module is the arithmetic, free of I/O.
 //! - [`ClockStatus::Unknown`]: no majority agrees yet (too few answers, or clocks that disagree
 //!   with each other): cluster time is the node's own clock and, as leader, it expires nothing.
 //!
@@ -24,19 +26,13 @@
 //! runtime) uses cluster time, so a follower whose clock is off still reads the state correctly.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::proto::ClockRequest;
-use crate::raft::core::NodeCore;
-use crate::raft::proposer::Clock;
-
 /// How often every node reads its peers' clocks.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-/// A peer's answer later than this is no sample (its round trip would make it too wide anyway).
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// A sample older than this is not used: the peer stopped answering.
 const SAMPLE_AGE_MAX: Duration = Duration::from_secs(5);
 /// The bound on how fast two clocks drift apart, in parts per million: 1 ms per second, ten
@@ -98,6 +94,23 @@ impl ClockBound {
     pub fn new(skew_max_ms: u64) -> Self {
         let bound = Bound { samples: BTreeMap::new(), status: ClockStatus::Unknown, correction_ms: 0, quorum: None };
         Self { skew_max_ms, inner: Mutex::new(bound), measured: watch::Sender::new(false) }
+    }
+
+    /// The bound turned off (`raft.clock_skew_max_ms: 0`): always synchronized, no correction,
+    /// no wait.
+    pub fn off() -> Self {
+        let bound = Bound {
+            samples: BTreeMap::new(),
+            status: ClockStatus::Synchronized { skew_ms: 0 },
+            correction_ms: 0,
+            quorum: None,
+        };
+        Self { skew_max_ms: 0, inner: Mutex::new(bound), measured: watch::Sender::new(true) }
+    }
+
+    /// Whether a quorum's clocks have been measured since start-up (or the wait for it is over).
+    pub fn measured(&self) -> bool {
+        *self.measured.borrow()
     }
 
     /// Wait, at most `within` and only once per run, until a quorum's clocks have been measured
@@ -241,89 +254,6 @@ pub fn marzullo(intervals: &[(i64, i64)]) -> Option<(usize, i64, i64)> {
         }
     }
     best
-}
-
-/// The voters this node measures against: the membership's, or while there is none yet the
-/// formation peers (`cluster.peers`), so the first leader is measured before it stamps.
-fn targets(core: &NodeCore, formation: &BTreeMap<u64, String>) -> BTreeMap<u64, String> {
-    let members: BTreeMap<u64, String> = core
-        .members()
-        .into_iter()
-        .filter(|(_, (_, voter))| *voter)
-        .map(|(id, (node, _))| (id, node.raft_addr))
-        .collect();
-    if members.is_empty() {
-        formation.clone()
-    } else {
-        members
-    }
-}
-
-/// Read every voter's clock each [`PROBE_INTERVAL`] and assess this node's, until `stopped`.
-pub(crate) async fn measure(
-    core: Arc<NodeCore>,
-    wall_clock: Clock,
-    formation: BTreeMap<u64, String>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut last = ClockStatus::Unknown;
-    loop {
-        let voters = targets(&core, &formation);
-        let probes = voters.iter().filter(|(id, _)| **id != core.id).map(|(id, addr)| {
-            let (core, wall_clock) = (core.clone(), wall_clock.clone());
-            async move {
-                let mut client = core.channels.raft_client(addr).ok()?;
-                let sent = tokio::time::Instant::now();
-                let sent_wall_ms = wall_clock();
-                let answer = match tokio::time::timeout(PROBE_TIMEOUT, client.clock(ClockRequest {})).await {
-                    Ok(Ok(answer)) => answer,
-                    failed => {
-                        tracing::debug!(node_id = core.id, peer = id, ?failed, "reading a peer's clock failed");
-                        return None;
-                    }
-                };
-                let answer = answer.into_inner();
-                let received = tokio::time::Instant::now();
-                // A peer at another address than the membership says is no sample of it.
-                (answer.node_id == *id).then_some((*id, sent_wall_ms, answer.wall_clock_ms, received - sent, received))
-            }
-        });
-        for (peer, sent_wall_ms, read_ms, round_trip, received) in
-            futures::future::join_all(probes).await.into_iter().flatten()
-        {
-            core.clock_bound.record(peer, sent_wall_ms, read_ms, round_trip, received);
-        }
-        let ids: BTreeSet<u64> = voters.keys().copied().collect();
-        let status = core.clock_bound.assess(core.id, &ids, tokio::time::Instant::now());
-        report(&core, last, status);
-        last = status;
-        tokio::select! {
-            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-fn report(core: &NodeCore, last: ClockStatus, status: ClockStatus) {
-    let max = core.clock_bound.skew_max_ms();
-    if std::mem::discriminant(&last) != std::mem::discriminant(&status) {
-        tracing::debug!(node_id = core.id, ?last, ?status, "clock status changed");
-    }
-    match (last, status) {
-        (ClockStatus::Skewed { .. }, ClockStatus::Skewed { .. }) => {}
-        (_, ClockStatus::Skewed { skew_ms }) => tracing::warn!(
-            node_id = core.id,
-            skew_ms,
-            max_ms = max,
-            "this node's clock is {} ms {} a quorum's, beyond raft.clock_skew_max_ms: as leader it stamps the quorum's time, expires nothing and hands leadership on; fix its time synchronisation (NTP)",
-            skew_ms.unsigned_abs(),
-            if skew_ms > 0 { "ahead of" } else { "behind" }
-        ),
-        (ClockStatus::Skewed { .. }, ClockStatus::Synchronized { skew_ms }) => {
-            tracing::info!(node_id = core.id, skew_ms, "this node's clock agrees with a quorum's again")
-        }
-        _ => {}
-    }
 }
 
 #[cfg(test)]

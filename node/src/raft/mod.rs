@@ -6,8 +6,9 @@
 //!   follower's forwarded writes; the leader's [`proposer::Clock`] and [`proposer::ProposeOutcome`].
 //! - `core.rs`: [`core::NodeCore`], the write path (leader stamps and proposes; followers
 //!   forward) and the read barrier (ReadIndex).
-//! - `clock.rs`: the bounded leader clock: every node reads its peers' clocks (`Clock`), and
-//!   Marzullo's interval over a quorum gives cluster time and whether this node may expire.
+//! - `clock.rs`, `clock_watch.rs`: the bounded leader clock: every node reads its peers' clocks
+//!   (`Clock`, in `clock_watch.rs`), and Marzullo's interval over a quorum gives cluster time and
+//!   whether this node may expire (`clock.rs`, no I/O).
 //! - `formation.rs`: `Hello`, the formation check and initialising a new cluster.
 //! - `housekeeping.rs`: the cluster identity and this node's registration.
 //!
@@ -16,6 +17,7 @@
 
 // `core` is public for `server::RunningNode::core`; the rest is this crate's own.
 pub mod clock;
+pub(crate) mod clock_watch;
 pub mod core;
 pub(crate) mod formation;
 pub(crate) mod housekeeping;

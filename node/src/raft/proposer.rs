@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use maos_raft_store::command::{BATCH_BYTES_MAX, BATCH_COMMANDS_MAX};
-use maos_raft_store::{Command, NodeId, Raft, Request, Response};
+use maos_raft_store::{Command, NodeId, Raft, Request, Response, StateMachineHandle};
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -144,13 +144,17 @@ where
     }
 }
 
-/// On the leader: each batch becomes one log entry stamped with `clock` (cluster time), once
-/// `bound` has measured a quorum's clocks (or [`FIRST_MEASUREMENT_WAIT`] has passed).
-pub fn leader_proposer(raft: Raft, clock: Clock, bound: Arc<ClockBound>) -> Batcher {
+/// On the leader: each batch becomes one log entry stamped with `clock` (cluster time). In a new
+/// cluster (the replicated clock still 0) the first stamps wait until `bound` has measured a
+/// quorum's clocks (or [`FIRST_MEASUREMENT_WAIT`] has passed), so a first leader whose clock is
+/// off cannot push the replicated clock ahead before anyone measured it.
+pub fn leader_proposer(raft: Raft, clock: Clock, bound: Arc<ClockBound>, state: StateMachineHandle) -> Batcher {
     Batcher::start(move |_target, commands| {
-        let (raft, clock, bound) = (raft.clone(), clock.clone(), bound.clone());
+        let (raft, clock, bound, state) = (raft.clone(), clock.clone(), bound.clone(), state.clone());
         async move {
-            bound.first_measured(FIRST_MEASUREMENT_WAIT).await;
+            if !bound.measured() && state.read().app.clock_ms == 0 {
+                bound.first_measured(FIRST_MEASUREMENT_WAIT).await;
+            }
             let stamped_at_ms = clock();
             let count = commands.len();
             metrics::histogram!("maos_raft_proposer_batch_commands", "path" => "leader").record(count as f64);

@@ -193,10 +193,13 @@ where
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     // Cluster time: the wall clock moved into what a quorum's clocks agree on (raft::clock).
-    let clock_bound = Arc::new(ClockBound::new(config.raft.clock_skew_max_ms));
+    let clock_bound = Arc::new(match config.raft.clock_skew_max_ms {
+        0 => ClockBound::off(),
+        max => ClockBound::new(max),
+    });
     let wall_clock = clock;
     let clock = cluster_clock(wall_clock.clone(), clock_bound.clone());
-    let proposer = leader_proposer(raft.clone(), clock.clone(), clock_bound.clone());
+    let proposer = leader_proposer(raft.clone(), clock.clone(), clock_bound.clone(), state.clone());
     let forwarder = forwarder(channels.clone(), Duration::from_millis(config.raft.request_timeout_ms));
     let core = Arc::new(NodeCore {
         id: config.node.id,
@@ -274,13 +277,13 @@ where
     let cluster_api =
         Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone(), leader_since: Default::default() });
     spawn_in(&mut tasks, &node_span, crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
-    let formation_addrs = peers.iter().map(|(id, node)| (*id, node.raft_addr.clone())).collect();
-    spawn_in(
-        &mut tasks,
-        &node_span,
-        crate::raft::clock::measure(core.clone(), wall_clock, formation_addrs, stopped.clone()),
-    );
-    spawn_in(&mut tasks, &node_span, crate::api::cluster::hand_off_when_skewed(cluster_api.clone(), stopped.clone()));
+    if config.raft.clock_skew_max_ms > 0 {
+        let formation = peers.iter().map(|(id, node)| (*id, node.raft_addr.clone())).collect();
+        let measure = crate::raft::clock_watch::measure(core.clone(), wall_clock, formation, stopped.clone());
+        spawn_in(&mut tasks, &node_span, measure);
+        let hand_off = crate::api::cluster::hand_off_when_skewed(cluster_api.clone(), stopped.clone());
+        spawn_in(&mut tasks, &node_span, hand_off);
+    }
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
