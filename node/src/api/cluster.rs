@@ -475,8 +475,7 @@ pub async fn hand_off_when_skewed(api: Arc<ClusterApi>, mut stopped: tokio::sync
         if !core.is_leader() {
             continue;
         }
-        let voters: BTreeSet<u64> =
-            core.members().into_iter().filter(|(_, (_, voter))| *voter).map(|(id, _)| id).collect();
+        let voters: BTreeSet<u64> = core.voters().into_keys().collect();
         let Some(target) = core.clock_bound.agreeing_peer(core.id, &voters) else {
             tracing::warn!(node_id = core.id, skew_ms, "the leader's clock is skewed and no voter's clock agrees with the quorum's to hand leadership to; expiring nothing meanwhile");
             continue;

@@ -118,7 +118,7 @@ impl ClockBound {
     /// while its first measurement is a round trip away. After that wait, and for later unknowns
     /// (clocks that disagree), writes go on at once, stamped by this node's clock.
     pub async fn first_measured(&self, within: Duration) {
-        if *self.measured.borrow() {
+        if self.measured() {
             return;
         }
         let mut measured = self.measured.subscribe();

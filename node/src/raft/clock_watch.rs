@@ -18,12 +18,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// The voters this node measures against: the membership's, or while there is none yet the
 /// formation peers (`cluster.peers`), so the first leader is measured before it stamps.
 fn targets(core: &NodeCore, formation: &BTreeMap<u64, String>) -> BTreeMap<u64, String> {
-    let members: BTreeMap<u64, String> = core
-        .members()
-        .into_iter()
-        .filter(|(_, (_, voter))| *voter)
-        .map(|(id, (node, _))| (id, node.raft_addr))
-        .collect();
+    let members: BTreeMap<u64, String> = core.voters().into_iter().map(|(id, node)| (id, node.raft_addr)).collect();
     if members.is_empty() {
         formation.clone()
     } else {

@@ -219,6 +219,11 @@ impl NodeCore {
         membership.nodes().map(|(id, node)| (*id, (node.clone(), voters.contains(id)))).collect()
     }
 
+    /// The voters of the current membership: id -> node.
+    pub fn voters(&self) -> BTreeMap<NodeId, MaosNode> {
+        self.members().into_iter().filter(|(_, (_, voter))| *voter).map(|(id, (node, _))| (id, node)).collect()
+    }
+
     /// Propose `command` on this node, which must be the leader, in the next batch.
     pub async fn propose_local(&self, command: Command) -> ProposeOutcome {
         self.proposer.submit("", command).await
