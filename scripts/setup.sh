@@ -18,6 +18,8 @@ if [ "${MAOS_SETUP_SERVICES:-0}" = 1 ]; then
   [ -x /usr/bin/chromium ] || need+=(chromium)
   # The clock-skew test runs one node an hour ahead under libfaketime.
   dpkg -s libfaketime >/dev/null 2>&1 || need+=(faketime)
+  # The fault runner puts each node on a network namespace of its own (ip netns, veth, bridge).
+  [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -24,9 +24,15 @@
 //! unflushed entry; RocksDB's group-commit path is exercised by the multi-process tests instead.
 //!
 //! Uses only the public faces of `maos-node`, `maos-raft-store` and `maos-client`.
+//!
+//! [`fault_run`] is the same workload and the same checks over real `maos serve` processes on
+//! hosts of their own ([`netns`]): `kill -9`, pauses and real partitions, not replayable, run for
+//! as long as asked.
 
+pub mod fault_run;
 pub mod invariants;
 pub mod linearizability;
+pub mod netns;
 pub mod scenario;
 pub mod sweep;
 pub mod transport;

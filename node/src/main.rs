@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The fence keeper a node starts beside its command agents: no runtime, no command line.
+    if std::env::args().nth(1).as_deref() == Some(maos_node::agents::keeper::SUBCOMMAND) {
+        maos_node::agents::keeper::serve();
+        return ExitCode::SUCCESS;
+    }
     let cli = cli::args::Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

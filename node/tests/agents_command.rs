@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use maos_node::agents::command::CommandBackend;
 use maos_node::agents::envelope::{AgentEvent, ApiAccess, Envelope, EnvelopeCheckpoint, OutcomeKind};
+use maos_node::agents::keeper::Keeper;
 use tokio::sync::mpsc;
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -16,6 +17,7 @@ fn backend(script: &str, max_memory_bytes: u64, timeout: Duration) -> CommandBac
         env: [("AGENT_MODE".to_string(), "test".to_string())].into(),
         max_memory_bytes,
         timeout,
+        keeper: None,
     }
 }
 
@@ -237,6 +239,7 @@ async fn protocol_breaches_fail_with_the_fix_named() -> anyhow::Result<()> {
         env: Default::default(),
         max_memory_bytes: 1 << 30,
         timeout: Duration::from_secs(5),
+        keeper: None,
     };
     let (events, _received) = mpsc::channel(16);
     let outcome = missing.run(&envelope(), events).await;
@@ -244,5 +247,42 @@ async fn protocol_breaches_fail_with_the_fix_named() -> anyhow::Result<()> {
     assert!(
         matches!(&outcome.kind, OutcomeKind::Failed { error, .. } if error.contains("could not start the agent program"))
     );
+    Ok(())
+}
+
+/// The fence keeper (`maos agent-keeper`, a process of its own) kills an agent whose time runs
+/// out though nothing in this process stops it, and leaves alone one whose time is extended.
+#[tokio::test]
+async fn the_fence_keeper_kills_an_agent_whose_lease_is_not_proven_in_time() -> anyhow::Result<()> {
+    let keeper = std::sync::Arc::new(Keeper::spawn(Path::new(env!("CARGO_BIN_EXE_maos")))?);
+    let mut sleeper =
+        backend("import time\ntime.sleep(30)\nprint('{\"result\": \"slept\"}')", 256 << 20, Duration::from_secs(60));
+    sleeper.keeper = Some(keeper.clone());
+    let token = envelope().fencing_token;
+    let started = std::time::Instant::now();
+    keeper.prove(token, started + Duration::from_millis(800));
+    let (events, _received) = mpsc::channel(16);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), sleeper.run(&envelope(), events)).await?;
+    let took = started.elapsed();
+    assert!(matches!(outcome.kind, OutcomeKind::Failed { .. }), "{outcome:?}");
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(5), "killed after {took:?}");
+
+    // Proven again and again, it runs to its end.
+    let mut quick =
+        backend("import time\ntime.sleep(1.5)\nprint('{\"result\": \"slept\"}')", 256 << 20, Duration::from_secs(60));
+    quick.keeper = Some(keeper.clone());
+    let (events, _received) = mpsc::channel(16);
+    let prover = {
+        let keeper = keeper.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                keeper.prove(token, std::time::Instant::now() + Duration::from_millis(500));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let outcome = quick.run(&envelope(), events).await;
+    prover.abort();
+    assert_eq!(outcome.kind, OutcomeKind::Completed("slept".into()));
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Two live owners, two ways (issue 16, breaks 2 and 5), with real processes:
 //! - a node cut off from its majority stops its own agent before its lease can expire, by its own
 //!   monotonic clock (fencing refuses a stale owner's report; self-fencing stops its work);
+//! - a node whose whole process is stalled (`SIGSTOP`) has its agent stopped all the same, by
+//!   its fence keeper, a process of its own;
 //! - a node restarted while it held leases does not run them again as the same attempt: they are
 //!   interrupted attempts, and the task runs again as a new one.
 
@@ -112,6 +114,60 @@ async fn a_cut_off_node_stops_its_agent_before_its_lease_can_expire() -> anyhow:
         last <= cut_at_ms + LEASE_MS,
         "node {owner}'s agent worked until {} ms after the cut, past the {LEASE_MS} ms lease\n{}",
         last.saturating_sub(cut_at_ms),
+        cluster.log_tail(owner, 30)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_s_agent_is_stopped_by_its_keeper_before_its_lease_can_expire() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let script = root.path().join("ticker.py");
+    std::fs::write(&script, TICKER)?;
+    let tick_dir: PathBuf = root.path().join("ticks");
+    std::fs::create_dir_all(&tick_dir)?;
+    let mut cluster =
+        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), ticker_options(&script, &tick_dir))?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let mut client = tasks_client(&cluster, leader)?;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while cluster.client()?.agents(0).await?.total < 3 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the ticker agents never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let request = SubmitTaskRequest {
+        task_type: "ticker".into(),
+        description: "tick for a minute".into(),
+        timeout_ms: 120_000,
+        idempotency_key: "ticker-stalled".into(),
+        ..Default::default()
+    };
+    let task_id = client.submit(request).await?.into_inner().task_id;
+    let running = wait_all(&mut client, std::slice::from_ref(&task_id), TaskState::Running).await?;
+    let owner = running[0].node_id;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while ticks(&tick_dir, &task_id, 1).len() < 5 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the agent never ticked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Stall the owner's whole process: its runtime can stop nothing now, while its agent, a
+    // process of its own, runs on. Only its fence keeper can stop it before the lease expires.
+    let stalled_at_ms = now_ms();
+    cluster.signal(owner, libc::SIGSTOP)?;
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_500)).await;
+    let before = ticks(&tick_dir, &task_id, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = ticks(&tick_dir, &task_id, 1);
+    cluster.signal(owner, libc::SIGCONT)?;
+    let last = after.last().copied().unwrap_or(0);
+    assert_eq!(before.len(), after.len(), "node {owner}'s agent still works while its node is stalled");
+    assert!(
+        last <= stalled_at_ms + LEASE_MS,
+        "node {owner}'s agent worked until {} ms after its node stalled, past the {LEASE_MS} ms lease\n{}",
+        last.saturating_sub(stalled_at_ms),
         cluster.log_tail(owner, 30)
     );
     Ok(())

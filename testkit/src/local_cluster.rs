@@ -98,6 +98,8 @@ pub struct LocalCluster {
     peers_override: BTreeMap<u64, String>,
     /// More environment for one node, after the options' (see [`LocalCluster::set_node_env`]).
     node_env: BTreeMap<u64, Vec<(String, String)>>,
+    /// A program and arguments that run one node's `maos serve` (see [`LocalCluster::set_launcher`]).
+    launchers: BTreeMap<u64, Vec<String>>,
 }
 
 /// A free loopback address for a server that a test or benchmark starts next
@@ -171,6 +173,7 @@ impl LocalCluster {
             nodes,
             peers_override: BTreeMap::new(),
             node_env: BTreeMap::new(),
+            launchers: BTreeMap::new(),
         })
     }
 
@@ -210,10 +213,24 @@ impl LocalCluster {
         self.node_env.entry(id).or_default().push((key.to_string(), value.to_string()));
     }
 
+    /// Run node `id` as `launcher… <binary> serve …` from its next start on: for example
+    /// `ip netns exec <namespace>`, which puts it on a host of its own (the launcher must exec the
+    /// binary in its own process, so the node's pid is the one signalled and killed).
+    pub fn set_launcher(&mut self, id: u64, launcher: Vec<String>) {
+        self.launchers.insert(id, launcher);
+    }
+
     /// The command that runs node `id`, for callers that want to change it before spawning.
     pub fn command(&self, id: u64) -> anyhow::Result<Command> {
         let node = self.nodes.get(&id).ok_or_else(|| anyhow!("no node {id} in this cluster"))?;
-        let mut command = Command::new(&self.binary);
+        let mut command = match self.launchers.get(&id).and_then(|l| l.split_first()) {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         command
             .arg("serve")
             .arg("--node-id")

@@ -5,11 +5,17 @@
 //! - `maos-chaos run --seed S`: one seed in this fresh process, with its plan and events: the
 //!   exact replay of a failure (a run depends only on its seed).
 //!
-//! `MAOS_CHAOS_LOG=<tracing filter>` prints the nodes' logs.
+//! - `maos-chaos faults --seconds N [--seed S]`: the fault runner ([`maos_chaos::fault_run`]) over
+//!   real `maos serve` processes (the `maos` binary beside this one, or `MAOS_BIN`), each on a
+//!   network namespace of its own (needs root): faults for N seconds, then the checks.
+//!
+//! `MAOS_CHAOS_LOG=<tracing filter>` prints the simulated nodes' logs.
 
+use maos_chaos::fault_run::{self, FaultRunOptions};
 use maos_chaos::{run, sweep, ScenarioPlan};
 
-const USAGE: &str = "usage: maos-chaos sweep --seeds N [--from S] [--jobs J] | maos-chaos run --seed S";
+const USAGE: &str =
+    "usage: maos-chaos sweep --seeds N [--from S] [--jobs J] | maos-chaos run --seed S | maos-chaos faults --seconds N [--seed S]";
 
 fn main() {
     if let Ok(filter) = std::env::var("MAOS_CHAOS_LOG") {
@@ -19,6 +25,7 @@ fn main() {
     let outcome = match args.first().map(String::as_str) {
         Some("sweep") => options(&args[1..]).and_then(|o| run_sweep(&o)),
         Some("run") => options(&args[1..]).and_then(|o| replay(&o)),
+        Some("faults") => options(&args[1..]).and_then(|o| faults(&o)),
         _ => Err(USAGE.to_string()),
     };
     match outcome {
@@ -36,6 +43,7 @@ struct Options {
     from: Option<u64>,
     jobs: Option<u64>,
     seed: Option<u64>,
+    seconds: Option<u64>,
 }
 
 fn options(args: &[String]) -> Result<Options, String> {
@@ -49,6 +57,7 @@ fn options(args: &[String]) -> Result<Options, String> {
             "--from" => &mut options.from,
             "--jobs" => &mut options.jobs,
             "--seed" => &mut options.seed,
+            "--seconds" => &mut options.seconds,
             other => return Err(format!("unknown option {other}; {USAGE}")),
         };
         *slot = Some(number);
@@ -91,4 +100,32 @@ fn run_sweep(options: &Options) -> Result<bool, String> {
     let found = sweep(&seeds, jobs);
     println!("sweep of seeds {from}..={}: {}", from.saturating_add(count).saturating_sub(1), found.summary(jobs));
     Ok(found.failed.is_empty())
+}
+
+fn faults(options: &Options) -> Result<bool, String> {
+    let seconds = options.seconds.ok_or_else(|| format!("faults needs --seconds; {USAGE}"))?;
+    let seed = options.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
+    });
+    let binary = match std::env::var_os("MAOS_BIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this program's directory: {e}"))?
+            .with_file_name("maos"),
+    };
+    if !binary.exists() {
+        return Err(format!(
+            "no maos binary at {}; build it (cargo build --bin maos) or set MAOS_BIN",
+            binary.display()
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let options = FaultRunOptions { binary, duration: std::time::Duration::from_secs(seconds), seed };
+    println!("fault run, seed {seed}, {seconds} s of faults (replay the same choices with --seed {seed})");
+    let report = runtime.block_on(fault_run::run(&options)).map_err(|e| format!("{e:#}"))?;
+    print!("{report}");
+    Ok(report.passed())
 }

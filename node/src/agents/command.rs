@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use super::envelope::{AgentEvent, Envelope, Outcome, OutcomeKind};
+use super::keeper::Keeper;
 
 /// Upper bound on captured stdout.
 pub const STDOUT_BYTES_MAX: usize = 64 * 1024;
@@ -46,6 +48,17 @@ pub struct CommandBackend {
     pub env: BTreeMap<String, String>,
     pub max_memory_bytes: u64,
     pub timeout: Duration,
+    /// Kills the agent's group if this node stalls past its lease (see `keeper.rs`).
+    pub keeper: Option<Arc<Keeper>>,
+}
+
+/// Tells the keeper the attempt's group is gone when the attempt ends, however it ends.
+struct Kept<'a>(&'a Keeper, u64);
+
+impl Drop for Kept<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
 }
 
 /// Kills the agent's process group when dropped before the attempt ended normally: on cancel,
@@ -264,6 +277,10 @@ impl CommandBackend {
             };
         };
         let mut group = GroupKill(Some(pgid));
+        let _kept = self.keeper.as_deref().map(|keeper| {
+            keeper.attach(envelope.fencing_token, pgid);
+            Kept(keeper, envelope.fencing_token)
+        });
         let task_id = envelope.task_id.clone();
         tracing::debug!(task_id = %task_id, attempt = envelope.attempt, pid = pgid, "agent process started");
 

@@ -19,6 +19,7 @@ pub mod claude;
 pub mod command;
 pub(crate) mod credential;
 pub mod envelope;
+pub mod keeper;
 mod runtime;
 
 pub use attempt::{envelope_for, load_envelope};
@@ -130,8 +131,12 @@ pub enum RuntimeError {
     Config { key: String, message: String },
 }
 
-/// The backends of this node's agent types, built from configuration.
-pub fn backends(config: &Config) -> Result<BTreeMap<String, Arc<Backend>>, RuntimeError> {
+/// The backends of this node's agent types, built from configuration; `command` agents are
+/// also watched by `keeper` when there is one.
+pub fn backends(
+    config: &Config,
+    keeper: Option<Arc<keeper::Keeper>>,
+) -> Result<BTreeMap<String, Arc<Backend>>, RuntimeError> {
     let defaults = &config.agents.defaults;
     let claude = &config.agents.claude;
     // The key and HTTP client are shared by every claude type; made once, only if one exists.
@@ -159,6 +164,7 @@ pub fn backends(config: &Config) -> Result<BTreeMap<String, Arc<Backend>>, Runti
                 env: agent.env.clone(),
                 max_memory_bytes,
                 timeout,
+                keeper: keeper.clone(),
             }),
             BackendKind::Claude => {
                 let Some((key, http)) = &claude_shared else { unreachable!("made above when a claude type exists") };

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::credential::Credentials;
 use super::envelope::ApiAccess;
+use super::keeper::Keeper;
 use crate::config::Config;
 use crate::raft::core::{CoreError, NodeCore};
 use crate::storage::Storage;
@@ -98,6 +99,9 @@ pub struct AgentRuntime {
     /// The index after the last entry of the log as this node opened it: leases granted by
     /// earlier entries belong to an earlier run of this node.
     pub log_end_at_start: u64,
+    /// Told how long each attempt is proven live, so it fences `command` agents even while this
+    /// process is stalled (`keeper.rs`); `None` without command agents.
+    pub keeper: Option<Arc<Keeper>>,
 }
 
 impl AgentRuntime {
@@ -129,7 +133,12 @@ impl AgentRuntime {
         // by a clock, so a clock that is off cannot make this run's leases look old.
         let first_token_of_this_run = fencing_token(self.log_end_at_start, 0);
         let mut changes = self.core.raft.metrics();
+        // What the keeper was last told, by fencing token.
+        let mut kept: BTreeMap<u64, tokio::time::Instant> = BTreeMap::new();
         loop {
+            if let Some(keeper) = &self.keeper {
+                tell_keeper(keeper, &running, &mut kept);
+            }
             let raft_stopped_reporting = tokio::select! {
                 woken = tokio::time::timeout(POLL_INTERVAL, changes.changed()) => matches!(woken, Ok(Err(_))),
                 _ = stopped.wait_for(|stop| *stop) => {
@@ -367,6 +376,24 @@ impl AgentRuntime {
             }
         });
     }
+}
+
+/// Tell `keeper` how long each running attempt is proven live, when that changed, and forget
+/// the attempts that left.
+fn tell_keeper(keeper: &Keeper, running: &BTreeMap<TaskId, Attempt>, kept: &mut BTreeMap<u64, tokio::time::Instant>) {
+    for attempt in running.values() {
+        if kept.get(&attempt.token) != Some(&attempt.live_until) {
+            keeper.prove(attempt.token, attempt.live_until.into_std());
+            kept.insert(attempt.token, attempt.live_until);
+        }
+    }
+    kept.retain(|token, _| {
+        let live = running.values().any(|a| a.token == *token);
+        if !live {
+            keeper.release(*token);
+        }
+        live
+    });
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::agents::credential::Credentials;
+use crate::agents::keeper::Keeper;
 use crate::agents::{backends, AgentMetrics, AgentRuntime};
 use crate::api::agents::AgentApi;
 use crate::api::auth::{authorize, Authorizer};
@@ -166,7 +167,8 @@ where
     // shares it: see `telemetry::metrics`).
     crate::telemetry::metrics::install();
     let raft_settings = Arc::new(raft_config(config)?);
-    let agent_backends = backends(config)?;
+    let keeper = Keeper::for_config(config);
+    let agent_backends = backends(config, keeper.clone())?;
     let storage = Arc::new(Storage::from_config(config)?);
     let peers = formation_peers(config);
     let secret =
@@ -429,6 +431,7 @@ where
         credentials,
         metrics: agent_metrics,
         log_end_at_start,
+        keeper,
     };
     spawn_in(&mut tasks, &node_span, runtime.run(stopped.clone()));
     spawn_in(
