@@ -8,8 +8,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     // The fence keeper a node starts beside its command agents: no runtime, no command line.
-    if std::env::args().nth(1).as_deref() == Some(maos_node::agents::keeper::SUBCOMMAND) {
-        maos_node::agents::keeper::serve();
+    if std::env::args().nth(1).as_deref() == Some(maos_node::server::FENCE_KEEPER_SUBCOMMAND) {
+        maos_node::server::serve_fence_keeper();
         return ExitCode::SUCCESS;
     }
     let cli = cli::args::Cli::parse();

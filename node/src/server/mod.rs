@@ -16,6 +16,8 @@ use tokio::task::JoinSet;
 
 use crate::agents::credential::Credentials;
 use crate::agents::keeper::Keeper;
+/// The fence keeper a node starts beside its command agents, as `maos agent-keeper`.
+pub use crate::agents::keeper::{serve as serve_fence_keeper, SUBCOMMAND as FENCE_KEEPER_SUBCOMMAND};
 use crate::agents::{backends, AgentMetrics, AgentRuntime};
 use crate::api::agents::AgentApi;
 use crate::api::auth::{authorize, Authorizer};
