@@ -29,8 +29,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::invariants;
-use crate::linearizability::{Input, Operation, Output};
+use crate::linearizability::{Operation, Output};
 use crate::netns::Hosts;
+use crate::workload::shared_operation;
 
 const NODES: u64 = 3;
 const LEASE_MS: u64 = 3_000;
@@ -380,40 +381,7 @@ async fn shared_client(id: u64, seed: u64, client: Client, epoch: Instant, until
         let key = format!("fault-run/{round}/{}", rng.gen_range(0..KEYS_PER_EPOCH));
         let value = format!("c{id}-{i}");
         let call_us = epoch.elapsed().as_micros() as u64;
-        let (input, output) = match rng.gen_range(0..3) {
-            0 => {
-                let output = match client.put(&key, &value).await {
-                    Ok(_) => Output::Written,
-                    Err(_) => Output::Unknown,
-                };
-                (Input::Put { value: value.clone() }, output)
-            }
-            1 => {
-                let expected = seen.get(&key).cloned().flatten();
-                let output = match client.compare_and_set(&key, expected.as_deref(), &value).await {
-                    Ok(Ok(_)) => Output::Swapped,
-                    Ok(Err(current)) => Output::CompareFailed { current },
-                    Err(_) => Output::Unknown,
-                };
-                (Input::CompareAndSet { expected, value: value.clone() }, output)
-            }
-            _ => {
-                let output = match client.get(&key, false).await {
-                    Ok(found) => Output::Read { value: found.map(|(value, _)| value) },
-                    Err(_) => Output::Unknown,
-                };
-                (Input::Get, output)
-            }
-        };
-        match &output {
-            Output::Written | Output::Swapped => {
-                seen.insert(key.clone(), Some(value));
-            }
-            Output::CompareFailed { current } | Output::Read { value: current } => {
-                seen.insert(key.clone(), current.clone());
-            }
-            Output::Unknown => {}
-        }
+        let (input, output) = shared_operation(&client, rng.gen_range(0..3), &key, &value, &mut seen).await;
         let return_us = (output != Output::Unknown).then(|| epoch.elapsed().as_micros() as u64);
         {
             let mut observed = lock(&shared);

@@ -36,6 +36,7 @@ pub mod netns;
 pub mod scenario;
 pub mod sweep;
 pub mod transport;
+pub mod workload;
 
 pub use scenario::{run, Outcome, ScenarioPlan};
 pub use sweep::{sweep, Sweep};

@@ -26,8 +26,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::invariants;
-use crate::linearizability::{Input, Operation, Output};
+use crate::linearizability::{Operation, Output};
 use crate::transport::{sim_channel, SimTransport};
+use crate::workload::shared_operation;
 
 /// Nodes in a simulated cluster.
 pub const NODES: u64 = 3;
@@ -255,40 +256,7 @@ async fn shared_client(id: u64, seed: u64, until: Duration, shared: Shared) -> t
         let key = format!("shared/{}", rng.gen_range(0..SHARED_KEYS));
         let value = format!("c{id}-{i}");
         let call_us = elapsed_us();
-        let (input, output) = match rng.gen_range(0..3) {
-            0 => {
-                let output = match client.put(&key, &value).await {
-                    Ok(_) => Output::Written,
-                    Err(_) => Output::Unknown,
-                };
-                (Input::Put { value: value.clone() }, output)
-            }
-            1 => {
-                let expected = seen.get(&key).cloned().flatten();
-                let output = match client.compare_and_set(&key, expected.as_deref(), &value).await {
-                    Ok(Ok(_)) => Output::Swapped,
-                    Ok(Err(current)) => Output::CompareFailed { current },
-                    Err(_) => Output::Unknown,
-                };
-                (Input::CompareAndSet { expected, value: value.clone() }, output)
-            }
-            _ => {
-                let output = match client.get(&key, false).await {
-                    Ok(found) => Output::Read { value: found.map(|(value, _)| value) },
-                    Err(_) => Output::Unknown,
-                };
-                (Input::Get, output)
-            }
-        };
-        match &output {
-            Output::Written | Output::Swapped => {
-                seen.insert(key.clone(), Some(value));
-            }
-            Output::CompareFailed { current } | Output::Read { value: current } => {
-                seen.insert(key.clone(), current.clone());
-            }
-            Output::Unknown => {}
-        }
+        let (input, output) = shared_operation(&client, rng.gen_range(0..3), &key, &value, &mut seen).await;
         let return_us = (output != Output::Unknown).then(elapsed_us);
         lock(&shared).history.push(Operation { client: id, key, input, output, call_us, return_us });
         tokio::time::sleep(Duration::from_millis(rng.gen_range(10..80))).await;

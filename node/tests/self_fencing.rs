@@ -57,15 +57,22 @@ fn ticker_options(script: &Path, ticks: &Path) -> LocalClusterOptions {
     LocalClusterOptions { env: env.into_iter().collect(), ..Default::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_off_node_stops_its_agent_before_its_lease_can_expire() -> anyhow::Result<()> {
-    let root = tempfile::tempdir()?;
-    let script = root.path().join("ticker.py");
+/// A cluster of ticker agents under `root`, one task ticking on node `owner`.
+struct Ticking {
+    cluster: LocalCluster,
+    tick_dir: PathBuf,
+    task_id: String,
+    owner: u64,
+}
+
+/// Start a cluster of ticker agents and a task, and return once its agent really works.
+async fn ticking(root: &Path) -> anyhow::Result<Ticking> {
+    let script = root.join("ticker.py");
     std::fs::write(&script, TICKER)?;
-    let tick_dir: PathBuf = root.path().join("ticks");
+    let tick_dir: PathBuf = root.join("ticks");
     std::fs::create_dir_all(&tick_dir)?;
     let mut cluster =
-        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), ticker_options(&script, &tick_dir))?;
+        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root, ticker_options(&script, &tick_dir))?;
     cluster.start_all()?;
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
     cluster.wait_ready(&[1, 2, 3], STEP).await?;
@@ -85,12 +92,18 @@ async fn a_cut_off_node_stops_its_agent_before_its_lease_can_expire() -> anyhow:
     let task_id = client.submit(request).await?.into_inner().task_id;
     let running = wait_all(&mut client, std::slice::from_ref(&task_id), TaskState::Running).await?;
     let owner = running[0].node_id;
-    // The agent is really working.
     let deadline = tokio::time::Instant::now() + STEP;
     while ticks(&tick_dir, &task_id, 1).len() < 5 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "the agent never ticked");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(Ticking { cluster, tick_dir, task_id, owner })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_node_stops_its_agent_before_its_lease_can_expire() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let Ticking { mut cluster, tick_dir, task_id, owner } = ticking(root.path()).await?;
 
     // Cut the owner off from its majority: the other two nodes die, so no renewal can commit.
     let cut_at_ms = now_ms();
@@ -122,36 +135,7 @@ async fn a_cut_off_node_stops_its_agent_before_its_lease_can_expire() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_node_s_agent_is_stopped_by_its_keeper_before_its_lease_can_expire() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
-    let script = root.path().join("ticker.py");
-    std::fs::write(&script, TICKER)?;
-    let tick_dir: PathBuf = root.path().join("ticks");
-    std::fs::create_dir_all(&tick_dir)?;
-    let mut cluster =
-        LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), ticker_options(&script, &tick_dir))?;
-    cluster.start_all()?;
-    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
-    cluster.wait_ready(&[1, 2, 3], STEP).await?;
-    let mut client = tasks_client(&cluster, leader)?;
-    let deadline = tokio::time::Instant::now() + STEP;
-    while cluster.client()?.agents(0).await?.total < 3 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the ticker agents never registered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let request = SubmitTaskRequest {
-        task_type: "ticker".into(),
-        description: "tick for a minute".into(),
-        timeout_ms: 120_000,
-        idempotency_key: "ticker-stalled".into(),
-        ..Default::default()
-    };
-    let task_id = client.submit(request).await?.into_inner().task_id;
-    let running = wait_all(&mut client, std::slice::from_ref(&task_id), TaskState::Running).await?;
-    let owner = running[0].node_id;
-    let deadline = tokio::time::Instant::now() + STEP;
-    while ticks(&tick_dir, &task_id, 1).len() < 5 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the agent never ticked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let Ticking { cluster, tick_dir, task_id, owner } = ticking(root.path()).await?;
 
     // Stall the owner's whole process: its runtime can stop nothing now, while its agent, a
     // process of its own, runs on. Only its fence keeper can stop it before the lease expires.

@@ -179,6 +179,9 @@ async fn transfer_from_leader(
     let deadline = started + core.request_timeout;
     // The leader's lease on its own vote: it runs from its election, which may be just now.
     tokio::time::sleep_until(lease_ends.min(deadline)).await;
+    // From here until the target has won or failed, this node appends nothing new, so the
+    // target can hold its whole log when it stands.
+    let _held = core.proposal_hold.hold().await;
     let mut metrics = core.raft.metrics();
     let caught_up_at = loop {
         let (last, matched, still_leader) = {
@@ -223,8 +226,8 @@ async fn transfer_from_leader(
     let answer = ClusterServiceClient::new(channel).transfer_leader(request).await;
     match answer {
         Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-            // Proposals are not held during a transfer: under writes the leader's log outruns the
-            // target's while it stands, and this node may not vote for a shorter log.
+            // Proposals are held, but one held past `TRANSFER_HOLD_MAX` may still lengthen the
+            // log while the target stands.
             let last = core.raft.metrics().borrow().last_log_index.unwrap_or(0);
             if last <= caught_up_at {
                 return Err(status);

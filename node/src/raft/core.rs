@@ -29,7 +29,7 @@ use openraft::ServerState;
 use crate::proto::ReadIndexRequest;
 use crate::raft::clock::ClockBound;
 use crate::raft::network::Channels;
-use crate::raft::proposer::{Batcher, Clock, ProposeOutcome};
+use crate::raft::proposer::{Batcher, Clock, ProposalHold, ProposeOutcome};
 
 /// Pause between attempts while a leader is unknown or changing.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
@@ -159,6 +159,8 @@ pub struct NodeCore {
     pub clock_bound: Arc<ClockBound>,
     /// Batches this node's proposals into log entries while it leads.
     pub proposer: Batcher,
+    /// Held by a leadership transfer from this node, so its log does not outrun the target's.
+    pub proposal_hold: Arc<ProposalHold>,
     /// Batches this node's forwarded writes to the leader while it follows.
     pub forwarder: Batcher,
     pub request_timeout: Duration,

@@ -9,6 +9,7 @@
 //!   the leader's own batches.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,14 +145,99 @@ where
     }
 }
 
-/// On the leader: each batch becomes one log entry stamped with `clock` (cluster time). In a new
+/// The longest a leadership transfer holds this leader's proposals: about an election.
+pub const TRANSFER_HOLD_MAX: Duration = Duration::from_secs(3);
+
+/// Proposals held on the leader while it hands leadership over, as etcd's leader stops
+/// accepting proposals during a transfer: otherwise, under steady writes (agents renew leases
+/// every interval), the leader's log outruns the target's while it stands, and a voter may not
+/// vote for a shorter log. A held batch waits, then goes on: to this node's log if it still
+/// leads, else it is answered "not the leader" and forwarded to the new one.
+///
+/// A batch counts itself as writing *before* it looks at the hold, and [`ProposalHold::hold`]
+/// sets the hold *before* it waits for the writing count to reach zero (both sequentially
+/// consistent), so once `hold` returns no batch is between the check and the log.
+#[derive(Debug)]
+pub struct ProposalHold {
+    held: AtomicBool,
+    released: tokio::sync::Notify,
+    writing: AtomicUsize,
+}
+
+/// Holds proposals while it lives.
+pub struct HoldGuard<'a>(&'a ProposalHold);
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        self.0.held.store(false, Ordering::SeqCst);
+        self.0.released.notify_waiters();
+    }
+}
+
+/// One batch on its way to the log.
+struct Writing<'a>(&'a ProposalHold);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.writing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Default for ProposalHold {
+    fn default() -> Self {
+        Self { held: AtomicBool::new(false), released: tokio::sync::Notify::new(), writing: AtomicUsize::new(0) }
+    }
+}
+
+impl ProposalHold {
+    /// Hold new proposals until the guard drops, once the batches already on their way to the
+    /// log are in it (waiting at most [`TRANSFER_HOLD_MAX`] for them).
+    pub async fn hold(&self) -> HoldGuard<'_> {
+        self.held.store(true, Ordering::SeqCst);
+        let guard = HoldGuard(self);
+        let deadline = tokio::time::Instant::now() + TRANSFER_HOLD_MAX;
+        while self.writing.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        guard
+    }
+
+    /// Wait while proposals are held (at most [`TRANSFER_HOLD_MAX`]), counted as writing from
+    /// then until the guard drops.
+    async fn enter(&self) -> Writing<'_> {
+        let deadline = tokio::time::Instant::now() + TRANSFER_HOLD_MAX;
+        loop {
+            self.writing.fetch_add(1, Ordering::SeqCst);
+            let writing = Writing(self);
+            if !self.held.load(Ordering::SeqCst) || tokio::time::Instant::now() >= deadline {
+                return writing;
+            }
+            drop(writing);
+            let released = self.released.notified();
+            if self.held.load(Ordering::SeqCst) {
+                let _ = tokio::time::timeout_at(deadline, released).await;
+            }
+        }
+    }
+}
+
+/// On the leader: each batch becomes one log entry stamped with `clock` (cluster time), once no
+/// leadership transfer holds proposals (`hold`). In a new
 /// cluster (the replicated clock still 0) the first stamps wait until `bound` has measured a
 /// quorum's clocks (or [`FIRST_MEASUREMENT_WAIT`] has passed), so a first leader whose clock is
 /// off cannot push the replicated clock ahead before anyone measured it.
-pub fn leader_proposer(raft: Raft, clock: Clock, bound: Arc<ClockBound>, state: StateMachineHandle) -> Batcher {
+pub fn leader_proposer(
+    raft: Raft,
+    clock: Clock,
+    bound: Arc<ClockBound>,
+    state: StateMachineHandle,
+    hold: Arc<ProposalHold>,
+) -> Batcher {
     Batcher::start(move |_target, commands| {
-        let (raft, clock, bound, state) = (raft.clone(), clock.clone(), bound.clone(), state.clone());
+        let (raft, clock, bound, state, hold) =
+            (raft.clone(), clock.clone(), bound.clone(), state.clone(), hold.clone());
         async move {
+            let _writing = hold.enter().await;
             if !bound.measured() && state.read().app.clock_ms == 0 {
                 bound.first_measured(FIRST_MEASUREMENT_WAIT).await;
             }

@@ -33,7 +33,7 @@ use crate::raft::core::NodeCore;
 use crate::raft::formation::{form_cluster, formation_peers, peers_digest};
 use crate::raft::housekeeping::{evict_finished, housekeeping, MirrorProgress, HOUSEKEEPING_INTERVAL};
 use crate::raft::network::{Channels, NetworkFactory};
-use crate::raft::proposer::{cluster_clock, forwarder, leader_proposer};
+use crate::raft::proposer::{cluster_clock, forwarder, leader_proposer, ProposalHold};
 use crate::raft::service::RaftServer;
 use crate::scheduling::leader_loop;
 use crate::storage::Storage;
@@ -203,7 +203,9 @@ where
     });
     let wall_clock = clock;
     let clock = cluster_clock(wall_clock.clone(), clock_bound.clone());
-    let proposer = leader_proposer(raft.clone(), clock.clone(), clock_bound.clone(), state.clone());
+    let proposal_hold = Arc::new(ProposalHold::default());
+    let proposer =
+        leader_proposer(raft.clone(), clock.clone(), clock_bound.clone(), state.clone(), proposal_hold.clone());
     let forwarder = forwarder(channels.clone(), Duration::from_millis(config.raft.request_timeout_ms));
     let core = Arc::new(NodeCore {
         id: config.node.id,
@@ -215,6 +217,7 @@ where
         wall_clock: wall_clock.clone(),
         clock_bound,
         proposer,
+        proposal_hold,
         forwarder,
         request_timeout: Duration::from_millis(config.raft.request_timeout_ms),
         peers_digest: peers_digest(&peers),
