@@ -22,6 +22,20 @@ use crate::{io_error, Entry, LogId, MaosNode, NodeId, Responses, Snapshot, Snaps
 /// The newest snapshot format this build writes. Older formats stay readable.
 pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
 
+/// Run `work` (copying, serialising or parsing a whole state, writing it to disk) so that the
+/// runtime keeps serving other tasks meanwhile: on a multi-threaded runtime this worker's other
+/// tasks move to another thread (`block_in_place`), so a snapshot does not hold up heartbeats,
+/// which a follower would take for a dead leader and a leader for lost followers. The simulation's
+/// single-threaded runtime runs it in place, as before.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// A snapshot as persisted: its metadata and its serialised [`SnapshotBody`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSnapshot {
@@ -140,19 +154,8 @@ impl<P: SnapshotPersistence> StateMachineStore<P> {
         self.data.clone()
     }
 
-    fn builder(&self) -> Self {
-        Self {
-            data: self.data.clone(),
-            current_snapshot: self.current_snapshot.clone(),
-            persistence: self.persistence.clone(),
-            validation: self.validation,
-            batches_applied: 0,
-        }
-    }
-}
-
-impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<P> {
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    /// [`RaftSnapshotBuilder::build_snapshot`]'s work, off the runtime (see [`blocking`]).
+    fn build_blocking(&mut self) -> Result<Snapshot, StorageError> {
         // Copy under the read lock, then check and serialise without it, so apply is held up
         // only for the copy.
         let state = self.data.read().clone();
@@ -178,6 +181,37 @@ impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineSto
         tracing::debug!(snapshot_id = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
         metrics::counter!("maos_raft_snapshot_builds_total").increment(1);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+
+    /// [`RaftStateMachine::install_snapshot`]'s work, off the runtime (see [`blocking`]).
+    fn install_blocking(&mut self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let mut state = decode_snapshot(&bytes)?;
+        // The meta is authoritative for what the snapshot covers.
+        state.last_applied = meta.last_log_id;
+        state.last_membership = meta.last_membership.clone();
+        state.validate().map_err(invariant_error)?;
+        let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
+        let mut current = self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        self.persistence.save_snapshot(&stored)?;
+        self.data.replace(state);
+        *current = Some(stored);
+        Ok(())
+    }
+
+    fn builder(&self) -> Self {
+        Self {
+            data: self.data.clone(),
+            current_snapshot: self.current_snapshot.clone(),
+            persistence: self.persistence.clone(),
+            validation: self.validation,
+            batches_applied: 0,
+        }
+    }
+}
+
+impl<P: SnapshotPersistence> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<P> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        blocking(|| self.build_blocking())
     }
 }
 
@@ -234,17 +268,7 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
-        let mut state = decode_snapshot(&bytes)?;
-        // The meta is authoritative for what the snapshot covers.
-        state.last_applied = meta.last_log_id;
-        state.last_membership = meta.last_membership.clone();
-        state.validate().map_err(invariant_error)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
-        let mut current = self.current_snapshot.lock().unwrap_or_else(|p| p.into_inner());
-        self.persistence.save_snapshot(&stored)?;
-        self.data.replace(state);
-        *current = Some(stored);
+        blocking(|| self.install_blocking(meta, snapshot.into_inner()))?;
         tracing::info!(snapshot_id = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "installed a snapshot");
         metrics::counter!("maos_raft_snapshot_installs_total").increment(1);
         Ok(())
