@@ -34,4 +34,9 @@ impl Transport for SimTransport {
         });
         Ok(Box::pin(stream))
     }
+
+    async fn refused(&self, addr: &str, within: std::time::Duration) -> bool {
+        let attempt = tokio::time::timeout(within, turmoil::net::TcpStream::connect(addr)).await;
+        matches!(attempt, Ok(Err(error)) if error.kind() == io::ErrorKind::ConnectionRefused)
+    }
 }

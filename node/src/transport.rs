@@ -54,6 +54,11 @@ pub trait Transport: Send + Sync + 'static {
     fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error>;
     /// Listen on `addr` (`host:port`).
     async fn listen(&self, addr: &str) -> io::Result<Incoming>;
+    /// Whether a connection to `addr` is refused within `within`: nothing listens there. `false`
+    /// when it connects, times out, cannot be resolved, or the transport cannot tell.
+    async fn refused(&self, _addr: &str, _within: std::time::Duration) -> bool {
+        false
+    }
 }
 
 /// Settings every node-to-node channel uses, on any transport.
@@ -99,7 +104,31 @@ impl Transport for TcpTransport {
         });
         Ok(Box::pin(stream))
     }
+
+    async fn refused(&self, addr: &str, within: std::time::Duration) -> bool {
+        let attempt = tokio::time::timeout(within, tokio::net::TcpStream::connect(addr)).await;
+        matches!(attempt, Ok(Err(error)) if error.kind() == io::ErrorKind::ConnectionRefused)
+    }
 }
 
 /// A shared transport.
 pub type SharedTransport = Arc<dyn Transport>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_port_is_refused_and_a_listening_one_is_not() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let open = listener.local_addr()?.to_string();
+        let closed = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0")?;
+            gone.local_addr()?.to_string()
+        };
+        let within = std::time::Duration::from_secs(1);
+        assert!(TcpTransport.refused(&closed, within).await, "nothing listens on {closed}");
+        assert!(!TcpTransport.refused(&open, within).await, "{open} listens");
+        Ok(())
+    }
+}

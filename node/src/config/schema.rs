@@ -527,9 +527,9 @@ impl Default for NetworkSection {
 impl Default for RaftSection {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 1_000,
             max_payload_entries: 512,

@@ -172,6 +172,8 @@ pub struct NodeCore {
     pub session_ttl: Duration,
     /// Held while a session is being opened, so concurrent first writes open one.
     pub session_opening: tokio::sync::Mutex<()>,
+    /// When this node last heard from a leader (see [`crate::raft::leader_watch`]).
+    pub leader_contact: LeaderContact,
 }
 
 impl NodeCore {
@@ -409,6 +411,21 @@ impl NodeCore {
             .map_err(|_| "no answer before the deadline".to_string())?
             .map_err(|status| status.message().to_string())?;
         Ok(reply.into_inner().read_index)
+    }
+}
+
+/// When this node last heard from a leader (an append-entries call it did not refuse), for
+/// [`crate::raft::leader_watch`].
+#[derive(Debug, Default)]
+pub struct LeaderContact(Mutex<Option<tokio::time::Instant>>);
+
+impl LeaderContact {
+    pub fn heard(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
+    }
+
+    pub fn last(&self) -> Option<tokio::time::Instant> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -29,10 +29,21 @@ pub async fn hello(
     from: NodeId,
     cluster_name: &str,
 ) -> Result<HelloResponse, String> {
+    hello_within(channels, raft_addr, from, cluster_name, HELLO_TIMEOUT).await
+}
+
+/// [`hello`] with a deadline of `within`.
+pub(crate) async fn hello_within(
+    channels: &Channels,
+    raft_addr: &str,
+    from: NodeId,
+    cluster_name: &str,
+    within: Duration,
+) -> Result<HelloResponse, String> {
     let mut client = channels.raft_client(raft_addr).map_err(|e| e.to_string())?;
     let mut request = tonic::Request::new(HelloRequest { from_node_id: from, cluster_name: cluster_name.to_string() });
-    request.set_timeout(HELLO_TIMEOUT);
-    match tokio::time::timeout(HELLO_TIMEOUT, client.hello(request)).await {
+    request.set_timeout(within);
+    match tokio::time::timeout(within, client.hello(request)).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
         Ok(Err(status)) => Err(status.message().to_string()),
         Err(_) => Err("no answer".into()),

@@ -11,6 +11,8 @@
 //!   whether this node may expire (`clock.rs`, no I/O).
 //! - `formation.rs`: `Hello`, the formation check and initialising a new cluster.
 //! - `housekeeping.rs`: the cluster identity and this node's registration.
+//! - `leader_watch.rs`: a follower stands for election as soon as a lost leader's lease has run
+//!   out when the leader's Raft port refuses connections (its process is gone).
 //!
 //! Imports only `config`, `transport` and the generated `proto` from this crate: nothing here
 //! knows about task data, agents or the client API.
@@ -21,6 +23,7 @@ pub(crate) mod clock_watch;
 pub mod core;
 pub(crate) mod formation;
 pub(crate) mod housekeeping;
+pub(crate) mod leader_watch;
 pub(crate) mod network;
 pub(crate) mod proposer;
 pub(crate) mod service;

@@ -148,13 +148,17 @@ impl Channels {
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub channels: Channels,
+    /// How long replication to an unreachable peer waits between attempts (the heartbeat
+    /// interval): openraft's default of 500 ms let a restarted node go unheard for so long that
+    /// its election timer ran out and its vote deposed the leader.
+    pub backoff: std::time::Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &MaosNode) -> Self::Network {
-        PeerClient { target, addr: node.raft_addr.clone(), channels: self.channels.clone() }
+        PeerClient { target, addr: node.raft_addr.clone(), channels: self.channels.clone(), backoff: self.backoff }
     }
 }
 
@@ -163,6 +167,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     channels: Channels,
+    backoff: std::time::Duration,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, MaosNode, RaftError<NodeId, E>>>;
@@ -235,5 +240,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call("vote", &rpc, &option).await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(self.backoff))
     }
 }

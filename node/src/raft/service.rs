@@ -32,7 +32,11 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status
 impl RaftService for RaftServer {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(bad_payload)?;
-        reply(&self.core.raft.append_entries(rpc).await)
+        let response = self.core.raft.append_entries(rpc).await;
+        if matches!(response, Ok(ref r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+            self.core.leader_contact.heard();
+        }
+        reply(&response)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -101,6 +105,7 @@ impl RaftService for RaftServer {
             initialized,
             members,
             peers_digest: self.core.peers_digest.clone(),
+            last_log_index: self.core.raft.metrics().borrow().last_log_index.unwrap_or(0),
         }))
     }
 }

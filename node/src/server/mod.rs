@@ -192,7 +192,8 @@ where
         .last_log_id
         .map_or(0, |id| id.index + 1);
     let state = state_machine.handle();
-    let network = NetworkFactory { channels: channels.clone() };
+    let backoff = Duration::from_millis(config.raft.heartbeat_interval_ms);
+    let network = NetworkFactory { channels: channels.clone(), backoff };
     let raft = Raft::new(config.node.id, raft_settings, network, log, observe::TimedStateMachine(state_machine))
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -224,12 +225,15 @@ where
         session: Default::default(),
         session_ttl: Duration::from_millis(config.raft.session_ttl_ms),
         session_opening: Default::default(),
+        leader_contact: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
     // Every task of this node runs in its span, so each log line carries `node_id`.
     let node_span = tracing::info_span!("node", node_id = config.node.id);
     spawn_in(&mut tasks, &node_span, observe::count_leader_changes(core.raft.metrics(), stopped.clone()));
+    let leader_watch = crate::raft::leader_watch::run(core.clone(), transport.clone(), stopped.clone());
+    spawn_in(&mut tasks, &node_span, leader_watch);
 
     let raft_incoming = transport
         .listen(&config.network.raft_listen_addr)
