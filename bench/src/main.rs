@@ -6,6 +6,10 @@
 //! `maos-bench agents` measures command-agent spawn latency and submit-to-agent-start dispatch
 //! with builtin agents (see `agents.rs`).
 //!
+//! `maos-bench failover` kills the leader of a local cluster under a steady write load, again and
+//! again, then transfers leadership, and reports how long each costs the clients (see
+//! `failover.rs`).
+//!
 //! `maos-bench raft-writes` starts a local cluster of real `maos serve` processes (RocksDB, fsync
 //! on), then for each client count drives key-value writes for a fixed time and reports committed
 //! writes per second and latency percentiles. With `--peer etcd` it also starts a 3-member etcd
@@ -17,6 +21,7 @@
 
 mod agents;
 mod etcd;
+mod failover;
 mod scheduling;
 mod task_data;
 
@@ -94,6 +99,38 @@ enum Bench {
         /// Finished tasks the read phases read.
         #[arg(long, default_value_t = 2_000)]
         read_tasks: usize,
+    },
+    /// Leader `kill -9` and planned transfers under a steady write load: time to a new leader
+    /// and to the first committed write, the longest gap, and spurious elections.
+    Failover {
+        /// The `maos` binary to run (default: next to this one).
+        #[arg(long)]
+        maos: Option<PathBuf>,
+        /// Leader kills, one after another.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Planned leadership transfers after the kills.
+        #[arg(long, default_value_t = 10)]
+        transfers: usize,
+        /// Concurrent writers, spread over every node.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Keys each writer overwrites in turn (the replicated state, and so every snapshot, holds
+        /// clients x keys of 256 bytes).
+        #[arg(long, default_value_t = 64)]
+        keys_per_client: u64,
+        /// How long after its kill a node is restarted, in milliseconds.
+        #[arg(long, default_value_t = 3_000)]
+        restart_ms: u64,
+        /// Steady load between faults, in seconds (spurious elections are counted in it).
+        #[arg(long, default_value_t = 5)]
+        steady_seconds: u64,
+        /// More environment for every node, as KEY=VALUE (to try other `MAOS_RAFT_*` timings).
+        #[arg(long = "node-env", value_parser = parse_env)]
+        node_env: Vec<(String, String)>,
+        /// Copy the nodes' logs into this directory at the end.
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// Committed key-value writes per second on a local 3-node cluster.
     RaftWrites {
@@ -306,6 +343,11 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
     Ok(())
 }
 
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
 /// A CA and a certificate for 127.0.0.1 it signed, written under `dir`.
 fn tls_files(dir: &Path) -> anyhow::Result<TlsFiles> {
     std::fs::create_dir_all(dir)?;
@@ -361,6 +403,36 @@ async fn main() -> anyhow::Result<()> {
                 "clients, seconds and read tasks must be positive"
             );
             task_data::run(&maos, task_data::Settings { clients, seconds, input_bytes, read_tasks }).await
+        }
+        Bench::Failover {
+            maos,
+            kills,
+            transfers,
+            clients,
+            keys_per_client,
+            restart_ms,
+            steady_seconds,
+            node_env,
+            logs,
+        } => {
+            let maos = match maos {
+                Some(path) => path,
+                None => default_maos()?,
+            };
+            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            anyhow::ensure!(clients > 0, "--clients must be at least 1");
+            anyhow::ensure!(keys_per_client > 0, "--keys-per-client must be at least 1");
+            let settings = failover::Settings {
+                kills,
+                transfers,
+                clients,
+                keys_per_client,
+                restart_ms,
+                steady_seconds,
+                env: node_env,
+                logs,
+            };
+            failover::run(&maos, settings).await
         }
         Bench::RaftWrites {
             maos,
