@@ -96,6 +96,28 @@ struct FaultResult {
     terms: u64,
 }
 
+impl FaultResult {
+    fn new(at: Instant, elected: Instant, written: Instant, longest_gap: Duration, terms: u64) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Self {
+            new_leader_ms: ms(elected - at),
+            first_write_ms: ms(written - at),
+            longest_gap_ms: ms(longest_gap),
+            terms,
+        }
+    }
+}
+
+impl std::fmt::Display for FaultResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "new leader {:.0} ms, first write {:.0} ms, longest gap {:.0} ms, {} term(s)",
+            self.new_leader_ms, self.first_write_ms, self.longest_gap_ms, self.terms
+        )
+    }
+}
+
 async fn write_loop(client: Client, worker: usize, keys: u64, timeline: Arc<Mutex<Timeline>>, until: Instant) {
     let value = "x".repeat(256);
     let mut sent_count = 0u64;
@@ -283,16 +305,8 @@ async fn faults(cluster: &mut LocalCluster, settings: &Settings) -> anyhow::Resu
         tokio::time::sleep(restart_at.saturating_duration_since(Instant::now())).await;
         let longest_gap = timeline.lock().unwrap_or_else(|p| p.into_inner()).longest_gap;
         cluster.start_node(killed)?;
-        let result = FaultResult {
-            new_leader_ms: (elected - at).as_secs_f64() * 1000.0,
-            first_write_ms: (written - at).as_secs_f64() * 1000.0,
-            longest_gap_ms: longest_gap.as_secs_f64() * 1000.0,
-            terms: new_term - term,
-        };
-        println!(
-            "kill {round}: node {killed} -> node {new_leader}: new leader {:.0} ms, first write {:.0} ms, longest gap {:.0} ms, {} term(s)",
-            result.new_leader_ms, result.first_write_ms, result.longest_gap_ms, result.terms
-        );
+        let result = FaultResult::new(at, elected, written, longest_gap, new_term - term);
+        println!("kill {round}: node {killed} -> node {new_leader}: {result}");
         kills.push(result);
         // The restarted node catches up, then a steady spell under load; any term that passes in
         // it is an election nobody caused.
@@ -327,16 +341,8 @@ async fn faults(cluster: &mut LocalCluster, settings: &Settings) -> anyhow::Resu
         let written = await_first_write(&timeline).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let longest_gap = timeline.lock().unwrap_or_else(|p| p.into_inner()).longest_gap;
-        let result = FaultResult {
-            new_leader_ms: (elected - at).as_secs_f64() * 1000.0,
-            first_write_ms: (written - at).as_secs_f64() * 1000.0,
-            longest_gap_ms: longest_gap.as_secs_f64() * 1000.0,
-            terms: new_term - term,
-        };
-        println!(
-            "transfer {round}: node {leader} -> node {new_leader}: new leader {:.0} ms, first write {:.0} ms, longest gap {:.0} ms, {} term(s)",
-            result.new_leader_ms, result.first_write_ms, result.longest_gap_ms, result.terms
-        );
+        let result = FaultResult::new(at, elected, written, longest_gap, new_term - term);
+        println!("transfer {round}: node {leader} -> node {new_leader}: {result}");
         transfers.push(result);
         tokio::time::sleep(Duration::from_secs(settings.steady_seconds)).await;
         let (steady_leader, steady_term) = settled_term(cluster, &all).await?;
