@@ -82,7 +82,9 @@ pub fn is_openraft_peer_noise(metadata: &tracing::Metadata<'_>) -> bool {
         // `warn!(error=%err, "error replication to target={}")` for every failure (a storage
         // error is logged again at ERROR with the same field, and kept), and
         // `error!(err = display(&err), "RPCError")`.
-        return (*metadata.level() == tracing::Level::WARN && has("error")) || has("err");
+        // And `warn!(interval, "backoff mode: drain events without processing them")` at every
+        // retry while a peer is unreachable (each heartbeat, `raft/network.rs`).
+        return (*metadata.level() == tracing::Level::WARN && (has("error") || has("interval"))) || has("err");
     }
     if target.starts_with("openraft::engine::handler::replication_handler") {
         // `warn!(request_id, result, "update progress error")` and `warn!("heartbeat error: …")`
