@@ -170,8 +170,12 @@ test('a planned workflow\'s DAG reaches COMPLETED without a reload', async () =>
   await shot(page, 'workflow');
   // A subtask's page shows its attempt (node, agent, start, end, outcome) and its history.
   await page.click('#dag g.dag-node[data-key="aggregate"]');
-  await page.locator('#attempts tbody tr').first().waitFor();
-  assert.match(await page.locator('#attempts tbody tr').last().textContent(), /completed/);
+  // The attempts come from this node's samples (every 500 ms), so the page may open before the
+  // sample that saw the attempt end; the live update brings it.
+  await page.waitForFunction(() => {
+    const rows = document.querySelectorAll('#attempts tbody tr');
+    return rows.length > 0 && /completed/.test(rows[rows.length - 1].textContent);
+  }, null, { timeout: 10_000 });
   assert.ok(await page.locator('#history tbody tr[data-state="COMPLETED"]').count() >= 1);
   assert.notEqual((await page.locator('#task-result').textContent()).trim(), '(none yet)');
   await shot(page, 'task-completed');
