@@ -370,34 +370,29 @@ fn tls_files(dir: &Path) -> anyhow::Result<TlsFiles> {
     Ok(files)
 }
 
+/// The `maos` binary a benchmark runs: `--maos`, else the one next to this binary; it must exist.
+fn maos_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let maos = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?.parent().context("no parent directory")?.join("maos"),
+    };
+    anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+    Ok(maos)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let default_maos = || -> anyhow::Result<PathBuf> {
-        Ok(std::env::current_exe()?.parent().context("no parent directory")?.join("maos"))
-    };
     match Cli::parse().command {
         Bench::Scheduling { maos, tasks, slots } => {
-            let maos = match maos {
-                Some(path) => path,
-                None => default_maos()?,
-            };
-            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            let maos = maos_binary(maos)?;
             scheduling::run(&maos, tasks, slots).await
         }
         Bench::Agents { maos, spawns, tasks, rate } => {
-            let maos = match maos {
-                Some(path) => path,
-                None => default_maos()?,
-            };
-            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            let maos = maos_binary(maos)?;
             agents::run(&maos, spawns, tasks, rate).await
         }
         Bench::TaskData { maos, clients, seconds, input_bytes, read_tasks } => {
-            let maos = match maos {
-                Some(path) => path,
-                None => default_maos()?,
-            };
-            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            let maos = maos_binary(maos)?;
             anyhow::ensure!(
                 clients > 0 && seconds > 0 && read_tasks > 0,
                 "clients, seconds and read tasks must be positive"
@@ -415,11 +410,7 @@ async fn main() -> anyhow::Result<()> {
             node_env,
             logs,
         } => {
-            let maos = match maos {
-                Some(path) => path,
-                None => default_maos()?,
-            };
-            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            let maos = maos_binary(maos)?;
             anyhow::ensure!(clients > 0, "--clients must be at least 1");
             anyhow::ensure!(keys_per_client > 0, "--keys-per-client must be at least 1");
             let settings = failover::Settings {
@@ -446,11 +437,7 @@ async fn main() -> anyhow::Result<()> {
             secure,
             compare_sessions,
         } => {
-            let maos = match maos {
-                Some(path) => path,
-                None => default_maos()?,
-            };
-            anyhow::ensure!(maos.exists(), "no maos binary at {}; build it or pass --maos", maos.display());
+            let maos = maos_binary(maos)?;
             let settings = Settings {
                 client_counts: clients,
                 seconds,
