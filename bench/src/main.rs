@@ -6,6 +6,10 @@
 //! `maos-bench agents` measures command-agent spawn latency and submit-to-agent-start dispatch
 //! with builtin agents (see `agents.rs`).
 //!
+//! `maos-bench e2e` runs no-op tasks end to end (submit, builtin agent, result read back) with
+//! single submits and with `BatchSubmit`, and with `--peer celery` through Celery 5 on a Redis
+//! broker in the same run (see `e2e.rs`).
+//!
 //! `maos-bench failover` kills the leader of a local cluster under a steady write load, again and
 //! again, then transfers leadership, and reports how long each costs the clients (see
 //! `failover.rs`).
@@ -20,6 +24,7 @@
 //! time.
 
 mod agents;
+mod e2e;
 mod etcd;
 mod failover;
 mod scheduling;
@@ -54,8 +59,33 @@ enum Peer {
     Etcd,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TaskPeer {
+    Celery,
+}
+
 #[derive(Subcommand)]
 enum Bench {
+    /// No-op tasks end to end: submits/s, tasks/s from submit to the result read back, and
+    /// submit-to-start latency; with `--peer celery` Celery 5 on Redis in the same run.
+    E2e {
+        /// The `maos` binary to run (default: next to this one).
+        #[arg(long)]
+        maos: Option<PathBuf>,
+        /// Tasks per system (and per MAOS submit mode).
+        #[arg(long, default_value_t = 10_000)]
+        tasks: usize,
+        /// Concurrent single submitters and result readers (Celery: at most 16 threads).
+        #[arg(long, default_value_t = 64)]
+        submitters: usize,
+        /// Also run the same tasks through this system.
+        #[arg(long)]
+        peer: Option<TaskPeer>,
+        /// The Python with Celery for `--peer celery` (default: what `bench/celery/setup.sh`
+        /// makes, `$CARGO_TARGET_DIR/celery-bench/bin/python`).
+        #[arg(long)]
+        celery_python: Option<PathBuf>,
+    },
     /// Assignments per second from a deep queue, and memory per queued task.
     Scheduling {
         /// The `maos` binary to run (default: next to this one).
@@ -398,6 +428,21 @@ async fn main() -> anyhow::Result<()> {
                 "clients, seconds and read tasks must be positive"
             );
             task_data::run(&maos, task_data::Settings { clients, seconds, input_bytes, read_tasks }).await
+        }
+        Bench::E2e { maos, tasks, submitters, peer, celery_python } => {
+            anyhow::ensure!(
+                (1..=1_000_000).contains(&tasks) && (1..=1_024).contains(&submitters),
+                "--tasks must be in 1..=1000000 and --submitters in 1..=1024"
+            );
+            let celery_python = (peer == Some(TaskPeer::Celery)).then(|| {
+                celery_python.unwrap_or_else(|| {
+                    let target =
+                        std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "/var/cache/maos-target".into());
+                    PathBuf::from(target).join("celery-bench/bin/python")
+                })
+            });
+            let maos = maos_binary(maos)?;
+            e2e::run(e2e::Settings { maos, tasks, submitters, celery_python }).await
         }
         Bench::Failover {
             maos,
