@@ -41,8 +41,12 @@ const SHARED_CLIENTS: u64 = 3;
 const KEY_EPOCH: Duration = Duration::from_secs(15);
 const KEYS_PER_EPOCH: u64 = 2;
 const STEP: Duration = Duration::from_secs(60);
-/// After the faults end, how long every task may take to finish.
-const DRAIN_WINDOW: Duration = Duration::from_secs(180);
+/// After the faults end, the drain waits while tasks keep finishing: it gives up when none has
+/// finished for this long (a long run ends with a backlog its few agent slots take minutes to
+/// work off, so a fixed window failed a 30-minute run that was still draining)...
+const DRAIN_STALL: Duration = Duration::from_secs(180);
+/// ...or after this long in all.
+const DRAIN_MAX: Duration = Duration::from_secs(1_800);
 
 /// The agent program: records its execution, works for `ms:<n>` of its input, answers.
 pub const TICKER: &str = r#"
@@ -108,6 +112,10 @@ pub struct FaultRunReport {
     pub submits: usize,
     pub submits_acknowledged: usize,
     pub tasks_completed: usize,
+    /// Tasks still open when the drain gave up (0 when every task finished).
+    pub tasks_open: usize,
+    /// From healing until every task had finished (or the drain gave up).
+    pub drain_seconds: f64,
     pub lost: usize,
     pub duplicated: usize,
     pub executions: usize,
@@ -145,8 +153,14 @@ impl std::fmt::Display for FaultRunReport {
         )?;
         writeln!(
             f,
-            "  submits: {} ({} acknowledged), tasks completed: {}, lost: {}, duplicated: {}",
-            self.submits, self.submits_acknowledged, self.tasks_completed, self.lost, self.duplicated
+            "  submits: {} ({} acknowledged), tasks completed: {}, still open: {} (drain {:.0} s), lost: {}, duplicated: {}",
+            self.submits,
+            self.submits_acknowledged,
+            self.tasks_completed,
+            self.tasks_open,
+            self.drain_seconds,
+            self.lost,
+            self.duplicated
         )?;
         for fault in &self.faults {
             writeln!(
@@ -326,14 +340,22 @@ pub async fn run(options: &FaultRunOptions) -> anyhow::Result<FaultRunReport> {
         report.failures.push(e);
     }
     match tasks {
-        Ok(tasks) => {
+        Ok(Drained { tasks, seconds, open }) => {
+            report.drain_seconds = seconds;
+            report.tasks_open = open;
+            if open > 0 {
+                report.failures.push(format!("{open} tasks still open {seconds:.0} s after healing"));
+            }
+            // Lost and duplicated are counted from the last listing whether or not it drained.
             let mut by_description: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (id, (description, state)) in &tasks {
                 by_description.entry(description.clone()).or_default().push(id.clone());
-                if *state == TaskState::Completed {
-                    report.tasks_completed += 1;
-                } else {
-                    report.failures.push(format!("task {id} ({description}) ended {state:?}"));
+                match state {
+                    TaskState::Completed => report.tasks_completed += 1,
+                    TaskState::Failed | TaskState::Cancelled => {
+                        report.failures.push(format!("task {id} ({description}) ended {state:?}"))
+                    }
+                    _ => {}
                 }
             }
             report.duplicated = by_description.values().map(|ids| ids.len().saturating_sub(1)).sum();
@@ -422,9 +444,19 @@ async fn task_client(seed: u64, client: Client, until: Instant, shared: Shared) 
     }
 }
 
-/// Wait until no ticker task is open, then every task's description and final state by id.
-async fn drain(client: &Client) -> Result<BTreeMap<String, (String, TaskState)>, String> {
-    let deadline = Instant::now() + DRAIN_WINDOW;
+/// Every ticker task's description and state by id, when the drain ended.
+struct Drained {
+    tasks: BTreeMap<String, (String, TaskState)>,
+    seconds: f64,
+    /// Tasks not finished when the drain gave up.
+    open: usize,
+}
+
+/// Wait until no ticker task is open, as long as tasks keep finishing ([`DRAIN_STALL`],
+/// [`DRAIN_MAX`]).
+async fn drain(client: &Client) -> Result<Drained, String> {
+    let started = Instant::now();
+    let (mut fewest_open, mut fell_at) = (usize::MAX, started);
     loop {
         let mut tasks = BTreeMap::new();
         let mut page_token = String::new();
@@ -452,11 +484,11 @@ async fn drain(client: &Client) -> Result<BTreeMap<String, (String, TaskState)>,
             .values()
             .filter(|(_, s)| !matches!(s, TaskState::Completed | TaskState::Failed | TaskState::Cancelled))
             .count();
-        if open == 0 {
-            return Ok(tasks);
+        if open < fewest_open {
+            (fewest_open, fell_at) = (open, Instant::now());
         }
-        if Instant::now() > deadline {
-            return Err(format!("{open} tasks still open {} s after healing", DRAIN_WINDOW.as_secs()));
+        if open == 0 || fell_at.elapsed() > DRAIN_STALL || started.elapsed() > DRAIN_MAX {
+            return Ok(Drained { tasks, seconds: started.elapsed().as_secs_f64(), open });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
