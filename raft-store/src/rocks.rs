@@ -3,8 +3,9 @@
 //! Durability follows openraft's storage rules:
 //! - `save_vote` and `truncate` return only after a synced write.
 //! - `append` writes entries (readable at once) and hands the flush callback to a flusher thread,
-//!   which syncs the WAL once for every callback queued behind it (group commit) and then reports.
-//!   Many concurrent proposals therefore share one fsync instead of paying one each.
+//!   which syncs the WAL once for every callback queued behind it and then reports. openraft 0.9
+//!   awaits each flush before its next command, so in practice one callback is queued at a time;
+//!   concurrent proposals share one fsync because the proposer puts them in one entry.
 //! - `purge` records the last purged id before deleting entries, so a crash in between leaves
 //!   only already-purged entries behind, which are ignored.
 //!
