@@ -29,7 +29,7 @@ impl Transport for SimTransport {
     async fn listen(&self, addr: &str) -> io::Result<Incoming> {
         let listener = turmoil::net::TcpListener::bind(addr).await?;
         let stream = futures::stream::unfold(listener, |listener| async move {
-            let accepted = listener.accept().await.map(|(socket, _)| BoxedIo(Box::new(socket)));
+            let accepted = listener.accept().await.map(|(socket, peer)| BoxedIo(Box::new(socket), Some(peer)));
             Some((accepted, listener))
         });
         Ok(Box::pin(stream))

@@ -116,6 +116,13 @@ fn idempotency_key() -> String {
 }
 
 /// Whether a failed attempt may be retried on another node.
+/// How long the server asked the caller to wait before calling again (`grpc-retry-pushback-ms`,
+/// set when it refused a call before doing anything: a rate limit or a busy node), if it did.
+fn pushback(status: &Status) -> Option<Duration> {
+    let value = status.metadata().get("grpc-retry-pushback-ms")?.to_str().ok()?;
+    value.parse::<u64>().ok().map(Duration::from_millis)
+}
+
 fn retryable(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
 }
@@ -318,7 +325,9 @@ impl Client {
         let started = tokio::time::Instant::now();
         let mut index = self.preferred.load(Ordering::Relaxed) % self.channels.len();
         let mut last = String::from("no attempt made");
-        for attempt in 0..ATTEMPTS_MAX {
+        // Waits the server asked for (pushback) are bounded by the deadline, not counted as attempts.
+        let mut attempt = 0;
+        while attempt < ATTEMPTS_MAX {
             let remaining = self.deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() {
                 break;
@@ -333,7 +342,16 @@ impl Client {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(value);
                 }
+                // Refused before anything was done, with when to call again: wait and retry here,
+                // if that fits the deadline.
+                Err(status) if pushback(&status).is_some_and(|wait| wait < remaining) => {
+                    last = format!("{}: {}", self.endpoints[index], status.message());
+                    let wait = pushback(&status).unwrap_or_default().max(Duration::from_millis(1));
+                    tracing::debug!(endpoint = %self.endpoints[index], attempt, wait_ms = wait.as_millis() as u64, "the server pushed back; retrying after its wait");
+                    tokio::time::sleep(wait).await;
+                }
                 Err(status) if retryable(&status) => {
+                    attempt += 1;
                     last = format!("{}: {}", self.endpoints[index], status.message());
                     tracing::debug!(endpoint = %self.endpoints[index], attempt, error = %status.message(), "retrying on the next endpoint");
                     index = (index + 1) % self.channels.len();

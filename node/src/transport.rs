@@ -18,12 +18,27 @@ use tonic::transport::Channel;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-/// An accepted connection of any transport.
-pub struct BoxedIo(pub Box<dyn Io>);
+/// An accepted connection of any transport, with the peer's address when the transport knows it.
+pub struct BoxedIo(pub Box<dyn Io>, pub Option<std::net::SocketAddr>);
+
+/// The peer address of a request's connection, in its extensions (the audit's and the rate
+/// limit's source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub Option<std::net::SocketAddr>);
+
+impl PeerAddr {
+    /// The peer address of a request served from an [`Incoming`] (tonic's own
+    /// `Request::remote_addr` knows only its own connection types).
+    pub fn of(extensions: &tonic::Extensions) -> Option<std::net::SocketAddr> {
+        extensions.get::<PeerAddr>().and_then(|peer| peer.0)
+    }
+}
 
 impl Connected for BoxedIo {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = PeerAddr;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        PeerAddr(self.1)
+    }
 }
 
 impl AsyncRead for BoxedIo {
@@ -96,9 +111,9 @@ impl Transport for TcpTransport {
     async fn listen(&self, addr: &str) -> io::Result<Incoming> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let stream = futures::stream::unfold(listener, |listener| async move {
-            let accepted = listener.accept().await.map(|(socket, _)| {
+            let accepted = listener.accept().await.map(|(socket, peer)| {
                 let _ = socket.set_nodelay(true);
-                BoxedIo(Box::new(socket))
+                BoxedIo(Box::new(socket), Some(peer))
             });
             Some((accepted, listener))
         });

@@ -20,7 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("storage", &["config", "raft", "telemetry"]),
     ("agents", &["config", "raft", "storage", "telemetry"]),
     ("scheduling", &["config", "raft", "telemetry"]),
-    ("api", &["config", "raft", "storage", "agents", "telemetry"]),
+    ("api", &["transport", "config", "raft", "storage", "agents", "telemetry"]),
     ("dashboard", &["transport", "config", "telemetry", "raft", "storage", "agents", "api"]),
     (
         "server",

@@ -1,8 +1,13 @@
 //! Auth on port 8000 with a real 3-node cluster (auth on): the bootstrap token, API keys per
 //! role, every gRPC method (enumerated by server reflection) and every REST route (enumerated
 //! from the OpenAPI document) refused without a credential and allowed to an admin, the viewer's
-//! reach, submitters seeing only their own tasks, a revoked and an expired key refused on every
-//! node within a second, and no secret in any node's log.
+//! reach, submitters seeing only their own tasks and no fencing tokens, a revoked and an expired
+//! key refused on every node within a second, and no secret in any node's log; the Raft port
+//! (the cluster secret, and Propose refusing what only a leader proposes); JWTs of a configured
+//! issuer; and the limits on port 8000: a caller over `security.rate_limit` answered
+//! RESOURCE_EXHAUSTED (429 over REST) with when to retry, counted in a real Redis so the limit
+//! holds across nodes and per node while Redis is down, calls without a valid credential limited
+//! by source and not flooding the log, and "busy" past `network.max_concurrent_requests`.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -10,9 +15,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut};
 use maos_client::proto::v1::auth_service_client::AuthServiceClient;
-use maos_client::proto::v1::{CreateKeyRequest, ListAuditRequest, RevokeKeyRequest, SubmitTaskRequest, WhoAmIRequest};
+use maos_client::proto::v1::kv_service_client::KvServiceClient;
+use maos_client::proto::v1::{
+    CreateKeyRequest, ListAuditRequest, ListTasksRequest, PutRequest, RevokeKeyRequest, SubmitTaskRequest,
+    WhoAmIRequest,
+};
 use maos_client::{Client, ClientError};
+use maos_raft_store::tasks::TaskCommand;
+use maos_raft_store::Command;
 use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_services::Redis;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -41,6 +53,15 @@ const VIEWER_METHODS: &[&str] = &[
 /// Methods whose call with an empty request would change the cluster under the test (a
 /// leadership transfer): checked for refusals only.
 const DISRUPTIVE: &[&str] = &["maos.v1.ClusterService/TransferLeader"];
+
+/// The Raft port's payload (`node/proto/maos/raft/v1/raft.proto`): JSON with a format version.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RaftPayload {
+    #[prost(uint32, tag = "1")]
+    format_version: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    json: Vec<u8>,
+}
 
 /// A codec of raw message bytes, so any method can be called with an empty message.
 #[derive(Clone, Default)]
@@ -171,6 +192,18 @@ async fn rest(
     }
     // An event stream opens and stays open: its status is what counts.
     Ok(request.send().await?.status().as_u16())
+}
+
+/// GET `path` with `token`: the status and the JSON body.
+async fn rest_body(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let answer = http.get(format!("{base}{path}")).bearer_auth(token).timeout(Duration::from_secs(10)).send().await?;
+    let status = answer.status().as_u16();
+    Ok((status, answer.json().await.unwrap_or_default()))
 }
 
 async fn create_key(channel: &Channel, admin: &str, role: &str, expires_in_s: u64) -> anyhow::Result<String> {
@@ -323,6 +356,9 @@ async fn every_call_is_authenticated_and_checked_against_one_table() -> anyhow::
             && has("auth.key.create", "")
             && has("call", "maos.v1.ClusterService/RemoveNode");
         if complete {
+            // Each refusal names where it came from (the test's own loopback connection).
+            let refused = entries.iter().find(|e| e.action == "auth.refused").map(|e| e.detail_json.clone());
+            assert!(refused.as_deref().is_some_and(|d| d.contains("127.0.0.1:")), "refusal's source: {refused:?}");
             let created = entries.iter().find(|e| e.action == "auth.key.create").map(|e| e.principal.clone());
             assert!(created.is_some_and(|p| p.starts_with("key:")), "keys are created by the bootstrap admin's key");
             break;
@@ -343,6 +379,33 @@ async fn every_call_is_authenticated_and_checked_against_one_table() -> anyhow::
     assert!(matches!(theirs.cancel(&task, "not mine").await, Err(ClientError::NotFound(_))));
     let admin_client = cluster.client()?;
     assert_eq!(admin_client.task(&task).await?.task_id, task, "an admin sees every task");
+
+    // A running task's fencing token: shown to operators and admins, 0 to its submitter and viewers.
+    let mut slow = submit.clone();
+    slow.input = "sleep:20000".into();
+    let slow = mine.submit(slow).await?.task_id;
+    let deadline = Instant::now() + STEP;
+    let token = loop {
+        let view = admin_client.task(&slow).await?;
+        if view.fencing_token > 0 {
+            break view.fencing_token;
+        }
+        assert!(Instant::now() < deadline, "the slow task never ran: {view:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let as_operator = Client::new(endpoints.clone())?.with_credentials(&operator)?;
+    let as_viewer = Client::new(endpoints.clone())?.with_credentials(&viewer)?;
+    assert_eq!(as_operator.task(&slow).await?.fencing_token, token, "an operator sees the token");
+    assert_eq!(mine.task(&slow).await?.fencing_token, 0, "the submitter does not");
+    assert_eq!(as_viewer.task(&slow).await?.fencing_token, 0, "a viewer does not");
+    let listed = as_viewer.list_tasks(ListTasksRequest { page_size: 1_000, ..Default::default() }).await?;
+    assert!(listed.tasks.iter().any(|t| t.task_id == slow), "the viewer lists the task");
+    assert!(listed.tasks.iter().all(|t| t.fencing_token == 0), "a viewer's list shows no token");
+    let (status, body) = rest_body(&http, &base, &format!("/api/v1/tasks/{slow}"), &viewer).await?;
+    assert_eq!((status, body["fencing_token"].as_u64()), (200, Some(0)), "REST as a viewer: {body}");
+    let (_, body) = rest_body(&http, &base, &format!("/api/v1/tasks/{slow}"), &operator).await?;
+    assert_eq!(body["fencing_token"].as_u64(), Some(token), "REST as an operator: {body}");
+    admin_client.cancel(&slow, "done with it").await?;
 
     // A revoked key is refused by every node within a second.
     let revoked = create_key(first, &admin, "viewer", 0).await?;
@@ -425,7 +488,310 @@ async fn the_raft_port_takes_only_calls_that_carry_the_cluster_secret() -> anyho
     let answered = grpc.streaming(request, path, Raw).await?.into_inner().message().await;
     assert!(answered.is_ok(), "Hello with the secret: {answered:?}");
 
+    // Even with the secret, Propose takes only what a member forwards on a client's behalf:
+    // a scheduling round, an expiry or an eviction is the leader's own, never forwarded.
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let to_leader = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.nodes[&leader].raft_addr))?
+        .connect()
+        .await?;
+    let propose = |commands: Vec<Command>| {
+        let (channel, secret) = (to_leader.clone(), secret.to_string());
+        async move {
+            let payload = RaftPayload { format_version: 1, json: serde_json::to_vec(&commands)? };
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await?;
+            let mut request = tonic::Request::new(tokio_stream::once(payload.encode_to_vec()));
+            request.metadata_mut().insert("x-maos-cluster-secret", secret.parse()?);
+            let path = PathAndQuery::from_str("/maos.raft.v1.RaftService/Propose")?;
+            let bytes = grpc.streaming(request, path, Raw).await?.into_inner().message().await?.unwrap_or_default();
+            let answer = RaftPayload::decode(bytes.as_slice())?;
+            anyhow::Ok(String::from_utf8_lossy(&answer.json).to_string())
+        }
+    };
+    let leaders_own = vec![
+        Command::Task(TaskCommand::Tick),
+        Command::Task(TaskCommand::ExtendLeases { by_ms: 60_000 }),
+        Command::Task(TaskCommand::Evict { tasks: vec![("t".into(), 1)] }),
+        Command::InitCluster { cluster_id: "forged".into(), cluster_name: "maos".into() },
+    ];
+    let answer = propose(leaders_own).await?;
+    assert_eq!(answer.matches("proposed only by the leader itself").count(), 4, "{answer}");
+    let answer = propose(vec![Command::KvPut { key: "forwarded".into(), value: "v".into(), ttl_ms: None }]).await?;
+    assert!(answer.contains("kv_written"), "a client's write is forwarded: {answer}");
+
     let log = cluster.log_tail(1, 400);
     assert!(!log.contains(secret), "the secret is never logged");
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_of_a_configured_issuer_are_principals_and_are_refused_once_expired() -> anyhow::Result<()> {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+    let root = tempfile::tempdir()?;
+    let signer = EncodingKey::from_ec_der(&rcgen::KeyPair::generate()?.serialize_der());
+    let stranger = EncodingKey::from_ec_der(&rcgen::KeyPair::generate()?.serialize_der());
+    let mut jwk = Jwk::from_encoding_key(&signer, Algorithm::ES256)?;
+    jwk.common.key_id = Some("k1".into());
+    let jwks = root.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::to_string(&JwkSet { keys: vec![jwk] })?)?;
+    let issuers = format!("[{{issuer: 'https://idp.test', audience: maos, jwks_file: '{}'}}]", jwks.display());
+    let env = vec![("MAOS_SECURITY_JWT_ISSUERS".to_string(), issuers)];
+    let options = LocalClusterOptions { auth: true, env, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    cluster.wait_for_bootstrap_token(STEP).await?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let channels: Vec<Channel> = (1..=3)
+        .map(|id| cluster.client_of(id).and_then(|c| c.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))))
+        .collect::<Result<_, _>>()?;
+    let endpoints: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+
+    let now = unix_now();
+    let sign = |key: &EncodingKey, kid: &str, claims: serde_json::Value| -> anyhow::Result<String> {
+        let header = Header { kid: Some(kid.into()), ..Header::new(Algorithm::ES256) };
+        Ok(jsonwebtoken::encode(&header, &claims, key)?)
+    };
+    let claims = |sub: &str, roles: serde_json::Value| serde_json::json!({"sub": sub, "iss": "https://idp.test", "aud": "maos", "nbf": now - 1, "exp": now + 600, "roles": roles});
+
+    // A viewer and a submitter from the identity provider.
+    let viewer = sign(&signer, "k1", claims("alice", serde_json::json!(["viewer"])))?;
+    let me = who(&channels[0], &viewer)?.who_am_i(WhoAmIRequest {}).await?.into_inner();
+    assert_eq!((me.principal.as_str(), me.roles), ("jwt:https://idp.test:alice", vec!["viewer".to_string()]));
+    let as_viewer = Client::new(endpoints.clone())?.with_credentials(&viewer)?;
+    let submit = SubmitTaskRequest { task_type: "coder".into(), description: "x".into(), ..Default::default() };
+    match as_viewer.submit(submit.clone()).await {
+        Err(ClientError::Server(status)) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+        other => panic!("a viewer's submit must be refused: {other:?}"),
+    }
+    let submitter = sign(&signer, "k1", claims("bob", serde_json::json!("submitter")))?;
+    let as_submitter = Client::new(endpoints.clone())?.with_credentials(&submitter)?;
+    let task = as_submitter.submit(submit).await?.task_id;
+    assert_eq!(
+        as_submitter.task(&task).await?.submitter,
+        "jwt:https://idp.test:bob",
+        "the task records the JWT's principal"
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", cluster.nodes[&2].api_addr);
+    let (status, _) = rest_body(&http, &base, "/api/v1/cluster", &viewer).await?;
+    assert_eq!(status, 200, "REST takes the JWT too");
+
+    // Refused: each required claim wrong or missing, a stranger's signature, an unknown key.
+    let mut without_sub = claims("carol", serde_json::json!(["viewer"]));
+    without_sub.as_object_mut().map(|c| c.remove("sub"));
+    let mut cases = vec![("no sub", sign(&signer, "k1", without_sub)?)];
+    for (what, field, value) in [
+        ("expired", "exp", serde_json::json!(now - 10)),
+        ("not yet valid", "nbf", serde_json::json!(now + 120)),
+        ("another audience", "aud", serde_json::json!("other")),
+        ("another issuer", "iss", serde_json::json!("https://evil.test")),
+        ("no MAOS role", "roles", serde_json::json!(["root"])),
+    ] {
+        let mut wrong = claims("carol", serde_json::json!(["admin"]));
+        wrong[field] = value;
+        cases.push((what, sign(&signer, "k1", wrong)?));
+    }
+    cases.push(("a stranger's signature", sign(&stranger, "k1", claims("carol", serde_json::json!(["admin"])))?));
+    cases.push(("an unknown kid", sign(&signer, "k9", claims("carol", serde_json::json!(["admin"])))?));
+    for (what, token) in &cases {
+        match who(&channels[0], token)?.who_am_i(WhoAmIRequest {}).await {
+            Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{what}: {status:?}"),
+            Ok(answer) => panic!("{what}: accepted as {:?}", answer.into_inner().principal),
+        }
+    }
+
+    // A token is refused on every node within a second of its expiry.
+    let exp = unix_now() + 2;
+    let mut short = claims("dave", serde_json::json!(["viewer"]));
+    short["exp"] = serde_json::json!(exp);
+    let short = sign(&signer, "k1", short)?;
+    for channel in &channels {
+        who(channel, &short)?.who_am_i(WhoAmIRequest {}).await?;
+    }
+    let expires_in = std::time::UNIX_EPOCH + Duration::from_secs(exp as u64);
+    tokio::time::sleep(expires_in.duration_since(std::time::SystemTime::now()).unwrap_or_default()).await;
+    let took = refused_everywhere(&channels, &short, Instant::now()).await?;
+    println!("an expired JWT refused on all 3 nodes {} ms after its exp", took.as_millis());
+    assert!(took < Duration::from_secs(1), "refused {took:?} after its exp");
+
+    for (id, node) in &cluster.nodes {
+        let log = std::fs::read_to_string(&node.log_path)?;
+        let signature = viewer.rsplit('.').next().unwrap_or_default();
+        assert!(!log.contains(signature), "node {id}'s log holds a JWT");
+    }
+    Ok(())
+}
+
+// Limits on port 8000.
+
+const RATE: f64 = 5.0;
+const BURST: u64 = 10;
+
+/// `calls` WhoAmI calls with `token`, spread over `channels` in turn: how many were answered,
+/// the refusals (all must be RESOURCE_EXHAUSTED), and how long the calls took.
+async fn burst(channels: &[Channel], token: &str, calls: usize) -> anyhow::Result<(u64, Vec<tonic::Status>, Duration)> {
+    let started = Instant::now();
+    let (mut answered, mut refused) = (0, Vec::new());
+    for i in 0..calls {
+        match who(&channels[i % channels.len()], token)?.who_am_i(WhoAmIRequest {}).await {
+            Ok(_) => answered += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "a refusal other than the limit: {status:?}");
+                refused.push(status);
+            }
+        }
+    }
+    Ok((answered, refused, started.elapsed()))
+}
+
+/// The most calls a caller may make in `elapsed` (its burst, the rate, one interval of slack).
+fn allowed_within(elapsed: Duration) -> u64 {
+    BURST + (RATE * elapsed.as_secs_f64()).ceil() as u64 + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_rate_is_told_when_to_retry_on_every_node() -> anyhow::Result<()> {
+    let mut redis = Redis::start()?;
+    let root = tempfile::tempdir()?;
+    let env = vec![
+        ("MAOS_REDIS_URL".to_string(), redis.url()),
+        ("MAOS_SECURITY_RATE_LIMIT_REQUESTS_PER_SECOND".to_string(), RATE.to_string()),
+        ("MAOS_SECURITY_RATE_LIMIT_BURST".to_string(), BURST.to_string()),
+    ];
+    let options = LocalClusterOptions { auth: true, env, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    let admin = cluster.wait_for_bootstrap_token(STEP).await?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let channels: Vec<Channel> = (1..=3)
+        .map(|id| cluster.client_of(id).and_then(|c| c.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))))
+        .collect::<Result<_, _>>()?;
+    let request = CreateKeyRequest { name: "limited".into(), role: "submitter".into(), expires_in_s: 0 };
+    let key = who(&channels[0], &admin)?.create_key(request).await?.into_inner().secret;
+    // Let the new key reach every node, then let the admin's bucket refill.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Counted in Redis: three nodes together allow one burst, not one each.
+    let (answered, refused, took) = burst(&channels, &key, 30).await?;
+    println!("30 calls over 3 nodes in {} ms: {answered} answered, {} refused", took.as_millis(), refused.len());
+    assert!(answered >= BURST, "only {answered} of the burst of {BURST} answered");
+    assert!(answered <= allowed_within(took), "{answered} answered in {took:?}: the limit is not cluster-wide");
+    let status = refused.first().ok_or_else(|| anyhow::anyhow!("nothing was refused"))?;
+    assert!(status.message().contains("security.rate_limit"), "{status:?}");
+    let retry_after: u64 =
+        status.metadata().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    assert!((1..=2).contains(&retry_after), "retry-after {retry_after}: {status:?}");
+
+    // Another principal has its own limit.
+    who(&channels[1], &admin)?.who_am_i(WhoAmIRequest {}).await?;
+
+    // REST: 429 with a Retry-After header.
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", cluster.nodes[&2].api_addr);
+    let mut limited = None;
+    for _ in 0..3 * BURST {
+        let answer = http.get(format!("{base}/api/v1/tasks")).bearer_auth(&key).send().await?;
+        if answer.status() == 429 {
+            limited = Some(answer);
+            break;
+        }
+    }
+    let limited = limited.ok_or_else(|| anyhow::anyhow!("REST never answered 429"))?;
+    let header = limited.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    assert!(header.is_some_and(|s| s >= 1), "Retry-After: {header:?}");
+    let body: serde_json::Value = limited.json().await?;
+    assert_eq!(body["error"]["code"], "RESOURCE_EXHAUSTED", "{body}");
+
+    // After the wait it was told, the caller is served again.
+    tokio::time::sleep(Duration::from_secs(retry_after.max(1))).await;
+    who(&channels[0], &key)?.who_am_i(WhoAmIRequest {}).await?;
+
+    // Calls without a valid credential are limited by their source, and logged only while under it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // No node's own calls were refused so far (the dashboard asks members over the Raft port).
+    for id in 1..=3 {
+        let refused = cluster.log_tail(id, 100_000).matches("auth.refused").count();
+        assert_eq!(refused, 0, "node {id} refused calls before any without a credential was made");
+    }
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        let answer = who(&channels[0], "maos_0000000000000000_nope")?.who_am_i(WhoAmIRequest {}).await;
+        codes.push(answer.err().map(|s| s.code()));
+    }
+    let unauthenticated = codes.iter().filter(|c| **c == Some(Code::Unauthenticated)).count();
+    let exhausted = codes.iter().filter(|c| **c == Some(Code::ResourceExhausted)).count();
+    assert_eq!(unauthenticated + exhausted, 40, "{codes:?}");
+    assert!(exhausted > 0 && unauthenticated as u64 <= allowed_within(Duration::from_secs(8)), "{codes:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logged = cluster.log_tail(1, 100_000).matches("auth.refused").count();
+    assert!(logged <= unauthenticated, "{logged} refusals logged for {unauthenticated} answered UNAUTHENTICATED");
+
+    let metrics = http.get(format!("http://{}/metrics", cluster.nodes[&1].api_addr)).send().await?.text().await?;
+    assert!(metrics.contains("maos_requests_refused_total{reason=\"rate\"}"), "{metrics}");
+
+    // Redis down: each node counts alone, and keeps serving.
+    redis.kill()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (answered, refused, took) = burst(&channels[..1], &key, 3 * BURST as usize).await?;
+    println!("Redis down: {answered} answered, {} refused in {} ms", refused.len(), took.as_millis());
+    assert!(answered >= BURST && answered <= allowed_within(took), "{answered} answered in {took:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_bound_of_calls_in_flight_a_node_answers_busy_at_once() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let env = vec![("MAOS_NETWORK_MAX_CONCURRENT_REQUESTS".to_string(), "2".to_string())];
+    let options = LocalClusterOptions { nodes: 1, env, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1], STEP).await?;
+    cluster.wait_ready(&[1], STEP).await?;
+    let client = cluster.client()?;
+
+    // 64 writes at once, each a Raft commit: two are served at a time, the rest told "busy" at
+    // once, with how long to wait.
+    let channel = client.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
+    let writes = (0..64).map(|i| {
+        let mut kv = KvServiceClient::new(channel.clone());
+        async move { kv.put(PutRequest { key: format!("busy-{i}"), value: "v".into(), ttl_ms: 0 }).await }
+    });
+    let answers = futures::future::join_all(writes).await;
+    let mut served = 0;
+    let mut busy = 0;
+    for answer in &answers {
+        match answer {
+            Ok(_) => served += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(status.message().contains("network.max_concurrent_requests"), "{status:?}");
+                assert!(status.metadata().get("grpc-retry-pushback-ms").is_some(), "no pushback: {status:?}");
+                busy += 1;
+            }
+            Err(status) => panic!("a write failed otherwise: {status:?}"),
+        }
+    }
+    println!("64 writes at once with 2 in flight: {served} served, {busy} busy");
+    assert!(served >= 2 && busy > 0, "{served} served, {busy} busy");
+
+    // The SDK waits out the pushback within its deadline: every write lands.
+    let client = &client;
+    let writes = (0..64).map(|i| async move { client.put(&format!("sdk-{i}"), "v").await });
+    for answer in futures::future::join_all(writes).await {
+        answer?;
+    }
+
+    // Public probes are never refused, and the count is on /metrics.
+    let http = reqwest::Client::new();
+    let metrics = http.get(format!("http://{}/metrics", cluster.nodes[&1].api_addr)).send().await?.text().await?;
+    assert!(metrics.contains("maos_requests_refused_total{reason=\"busy\"}"), "{metrics}");
     Ok(())
 }

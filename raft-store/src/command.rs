@@ -120,6 +120,33 @@ pub enum Command {
 }
 
 impl Command {
+    /// The name of a command only the leader proposes itself (its scheduling round, expiry,
+    /// eviction, the cluster's identity and auth bootstrap), which a member may therefore never
+    /// forward: a node that lost the leadership while planning, or a member that was taken
+    /// over, cannot have its plan applied by another leader. `None` for what a node sends on a
+    /// client's or its own agents' behalf.
+    pub fn leader_only(&self) -> Option<&'static str> {
+        match self {
+            Command::InitCluster { .. } => Some("InitCluster"),
+            Command::Auth(AuthCommand::Bootstrap { .. }) => Some("Auth::Bootstrap"),
+            Command::Task(TaskCommand::Assign { .. }) => Some("Task::Assign"),
+            Command::Task(TaskCommand::Tick) => Some("Task::Tick"),
+            Command::Task(TaskCommand::ExtendLeases { .. }) => Some("Task::ExtendLeases"),
+            Command::Task(TaskCommand::Configure { .. }) => Some("Task::Configure"),
+            Command::Task(TaskCommand::Evict { .. }) => Some("Task::Evict"),
+            Command::Session { command, .. } | Command::Fenced { command, .. } => command.leader_only(),
+            _ => None,
+        }
+    }
+
+    /// The refusal of a [`Command::leader_only`] command sent by, or to, a node that does not lead.
+    pub fn not_forwardable(name: &str) -> Rejection {
+        Rejection::InvalidField {
+            field: "command".into(),
+            message: format!("{name} is proposed only by the leader itself, never forwarded (this node does not lead)"),
+        }
+    }
+
     /// Key and value bytes this command carries, for batch size limits.
     pub fn payload_bytes(&self) -> usize {
         match self {

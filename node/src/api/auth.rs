@@ -11,6 +11,8 @@
 //! - API keys, `maos_<16 hex id>_<64 hex secret>`: checked against the keyed hash in the
 //!   replicated state (`maos_raft_store::auth`), so a key created or revoked anywhere holds on
 //!   this node once the entry applies here.
+//! - JWTs from the issuers of `security.jwt.issuers` (`jwt.rs`): principal `jwt:<issuer>:<sub>`,
+//!   roles from the token's roles claim.
 //! - Agent credentials from a task envelope (`maos1:…`, `agents/credential.rs`): the key-value
 //!   service only, which checks their scope itself.
 
@@ -27,10 +29,15 @@ use maos_raft_store::auth::{key_mac, parse_key, ApiKeyRecord};
 use tonic::Status;
 
 use crate::agents::credential::Credentials;
+use crate::api::limits::{retry_after_secs, InFlight, RateLimiter, Verdict};
 use crate::api::principal::{Permission, Principal};
 use crate::api::rest_error::ApiError;
 use crate::raft::core::NodeCore;
 use crate::storage::Storage;
+use crate::transport::PeerAddr;
+
+/// How long a caller refused as busy is asked to wait (`grpc-retry-pushback-ms`).
+const BUSY_PUSHBACK_MS: u64 = 50;
 
 /// Upper bound on an `authorization` header, in bytes.
 const HEADER_BYTES_MAX: usize = 4096;
@@ -143,7 +150,7 @@ pub enum AuthError {
     Missing,
     #[error("the authorization header is not `Bearer <token>` with a printable token of at most 4096 bytes")]
     Malformed,
-    #[error("the token is not a MAOS API key (`maos_<id>_<secret>`) or an agent credential")]
+    #[error("the token is not a MAOS API key (`maos_<id>_<secret>`), a JWT or an agent credential")]
     UnknownKind,
     #[error("API key {id} is unknown, revoked or expired")]
     UnknownKey { id: String },
@@ -151,6 +158,8 @@ pub enum AuthError {
     BadSecret,
     #[error("the agent credential is invalid: {0}")]
     Agent(String),
+    #[error("{0}")]
+    Jwt(String),
 }
 
 /// The bearer token of an `authorization` header value.
@@ -174,6 +183,12 @@ pub struct Authorizer {
     pub storage: Arc<Storage>,
     /// `security.auth.enabled`.
     pub enabled: bool,
+    /// `security.rate_limit`, per principal (per source address for calls without a valid credential).
+    pub rate: RateLimiter,
+    /// `network.max_concurrent_requests`.
+    pub in_flight: InFlight,
+    /// `security.jwt.issuers`.
+    pub jwt: Arc<crate::api::jwt::JwtIssuers>,
 }
 
 impl Authorizer {
@@ -207,6 +222,10 @@ impl Authorizer {
                 agent: true,
             });
         }
+        if crate::api::jwt::looks_like_jwt(token) {
+            let (id, roles) = self.jwt.authenticate(token).map_err(AuthError::Jwt)?;
+            return Ok(Principal { id, roles, namespace: "default".into(), agent: false });
+        }
         Err(AuthError::UnknownKind)
     }
 
@@ -220,10 +239,36 @@ impl Authorizer {
         tracing::info!(method, %source, principal, reason = status.message(), "{action}");
         let detail = serde_json::json!({ "source": source, "reason": status.message() });
         self.storage.audit(self.core.id, principal, action, method, detail);
-        match grpc {
-            true => status.into_http::<Body>(),
-            false => ApiError::from(status).into_response(),
+        answer(status, grpc)
+    }
+
+    /// Count one call by `caller`; `Some(answer)` when it is over its limit. Not logged or
+    /// audited, so a flood of calls cannot flood the log (`maos_requests_refused_total`).
+    async fn over_limit(&self, caller: &str, grpc: bool) -> Option<Response> {
+        let Verdict::Limited(wait) = self.rate.check(caller, self.storage.cache()).await else {
+            return None;
+        };
+        metrics::counter!("maos_requests_refused_total", "reason" => "rate").increment(1);
+        let secs = retry_after_secs(wait);
+        let mut status = Status::resource_exhausted(format!(
+            "rate limit: {caller} is over security.rate_limit ({}); retry after {secs} s",
+            self.rate.describe()
+        ));
+        status.metadata_mut().insert("retry-after", secs.into());
+        status.metadata_mut().insert("grpc-retry-pushback-ms", (wait.as_millis().max(1) as u64).into());
+        let mut response = answer(status, grpc);
+        if !grpc {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
         }
+        Some(response)
+    }
+}
+
+/// `status` as a gRPC answer or a REST error.
+fn answer(status: Status, grpc: bool) -> Response {
+    match grpc {
+        true => status.into_http::<Body>(),
+        false => ApiError::from(status).into_response(),
     }
 }
 
@@ -249,6 +294,21 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, mut request: Request
     if permission == Some(Permission::Public) || known_path_only {
         return next.run(request).await;
     }
+    // Held until the answer starts (a stream's body is bounded apart, `api/streams.rs`).
+    let Some(_in_flight) = auth.in_flight.try_enter() else {
+        metrics::counter!("maos_requests_refused_total", "reason" => "busy").increment(1);
+        let mut status = Status::resource_exhausted(format!(
+            "busy: this node serves network.max_concurrent_requests ({}) calls at once; retry shortly or call another node",
+            auth.in_flight.max
+        ));
+        status.metadata_mut().insert("grpc-retry-pushback-ms", BUSY_PUSHBACK_MS.into());
+        let mut response = answer(status, grpc);
+        if !grpc {
+            *response.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, 1u64.into());
+        }
+        return response;
+    };
     let principal = match (auth.enabled, request.headers().get(axum::http::header::AUTHORIZATION)) {
         (false, _) => Ok(Principal::anonymous()),
         (true, None) => Err(AuthError::Missing),
@@ -257,10 +317,26 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, mut request: Request
     let principal = match principal {
         Ok(principal) => principal,
         Err(error) => {
+            // Calls without a valid credential are limited by where they come from.
+            if auth.rate.enabled() {
+                if let Some(limited) = auth.over_limit(&format!("source:{}", source_ip(&request)), grpc).await {
+                    return limited;
+                }
+            }
             let status = Status::unauthenticated(error.to_string());
             return auth.refuse(&request, &method, status, grpc, "unauthenticated");
         }
     };
+    if auth.rate.enabled() {
+        // With auth off every caller is `anonymous`: count by source address instead.
+        let caller = match auth.enabled {
+            true => principal.id.clone(),
+            false => format!("source:{}", source_ip(&request)),
+        };
+        if let Some(limited) = auth.over_limit(&caller, grpc).await {
+            return limited;
+        }
+    }
     let Some(permission) = permission.or((!auth.enabled).then_some(Permission::Identity)) else {
         let status = Status::permission_denied(format!(
             "{method} is not in the authorization table, so it is refused to everyone (is the path right? see docs/SECURITY.md)"
@@ -296,14 +372,19 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, mut request: Request
     response
 }
 
+/// The peer address of a request's connection.
+fn peer_of(request: &Request) -> Option<std::net::SocketAddr> {
+    PeerAddr::of(request.extensions())
+}
+
+/// The peer's IP address of a request, for limits by source.
+fn source_ip(request: &Request) -> String {
+    peer_of(request).map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
 /// The peer address of a request, for the audit.
 fn source_of(request: &Request) -> String {
-    request
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|info| info.remote_addr())
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".into())
+    peer_of(request).map(|a| a.to_string()).unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

@@ -312,13 +312,7 @@ impl ClusterService for ClusterApi {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let with_state_hash = request.into_inner().with_state_hash;
         let metrics = self.core.raft.metrics().borrow().clone();
-        let role = match metrics.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
-        };
+        let role = crate::raft::core::role_name(metrics.state);
         let leader_api_addr = self.core.leader().map(|(_, node)| node.api_addr).unwrap_or_default();
         let (state_hash, cluster_id, last_applied_index, tasks) = {
             let state = self.core.state.read();

@@ -29,20 +29,40 @@ struct Shared {
     core: Arc<NodeCore>,
     agents: Arc<AgentMetrics>,
     storage: Arc<Storage>,
+    /// Said with every ready answer: how this node is exposed when it is insecure on purpose.
+    warning: Option<Arc<str>>,
+}
+
+/// What a ready answer must say of `config`: auth off beyond loopback (`security.allow_insecure`).
+pub fn insecure_warning(config: &crate::config::Config) -> Option<String> {
+    let exposed = [&config.network.listen_addr, &config.dashboard.listen]
+        .into_iter()
+        .any(|addr| !crate::config::is_loopback(addr));
+    (!config.security.auth.enabled && exposed).then(|| {
+        "WARNING: auth is off on a non-loopback address (security.allow_insecure): anyone who reaches port 8000 can do anything".to_string()
+    })
 }
 
 /// The HTTP routes, to be served with the gRPC services.
-pub fn router(core: Arc<NodeCore>, agents: Arc<AgentMetrics>, storage: Arc<Storage>) -> Router {
+pub fn router(
+    core: Arc<NodeCore>,
+    agents: Arc<AgentMetrics>,
+    storage: Arc<Storage>,
+    warning: Option<String>,
+) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(Shared { core, agents, storage })
+        .with_state(Shared { core, agents, storage, warning: warning.map(Arc::from) })
 }
 
 async fn ready(State(shared): State<Shared>) -> (StatusCode, String) {
     match readiness(&shared.core, &shared.agents, &shared.storage).await {
-        Ok(why) => (StatusCode::OK, format!("ready: {why}\n")),
+        Ok(why) => match &shared.warning {
+            Some(warning) => (StatusCode::OK, format!("ready: {why}; {warning}\n")),
+            None => (StatusCode::OK, format!("ready: {why}\n")),
+        },
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
 }
@@ -138,4 +158,22 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
     shared.agents.publish(agents);
     shared.storage.metrics.publish(shared.storage.backend_name());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::metrics::install().render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_warns_only_when_auth_is_off_beyond_loopback() {
+        let mut config = crate::config::Config::default();
+        assert_eq!(insecure_warning(&config), None, "auth on");
+        config.security.auth.enabled = false;
+        config.security.allow_insecure = true;
+        let said = insecure_warning(&config).unwrap_or_default();
+        assert!(said.contains("security.allow_insecure"), "{said:?}");
+        config.network.listen_addr = "127.0.0.1:8000".into();
+        config.dashboard.listen = "127.0.0.1:3001".into();
+        assert_eq!(insecure_warning(&config), None, "loopback only");
+    }
 }

@@ -10,7 +10,9 @@
 //!   (the handlers and their JSON bodies), `openapi.rs` (the document, generated from those).
 //! - `auth.rs`: the one authorization layer (tokens to principals, the method-to-permission
 //!   tables, default deny); `principal.rs`: the principal handlers read and what each role
-//!   may do; `auth_service.rs`: API keys and the audit.
+//!   may do; `auth_service.rs`: API keys and the audit; `limits.rs`: calls per second per
+//!   caller and calls in flight, which the auth layer applies; `jwt.rs`: JWT bearer tokens from
+//!   configured issuers.
 //! - `sessions.rs`: the layer that puts a request on its caller's client session
 //!   (`maos-session`), for exactly-once writes across nodes.
 //! - `http.rs`: `/health`, `/ready`, `/metrics`.
@@ -22,7 +24,9 @@ pub(crate) mod auth;
 pub(crate) mod auth_service;
 pub(crate) mod cluster;
 pub(crate) mod http;
+pub(crate) mod jwt;
 pub(crate) mod kv;
+pub(crate) mod limits;
 pub(crate) mod openapi;
 pub(crate) mod principal;
 pub(crate) mod rest;

@@ -50,7 +50,7 @@ fn auth_error(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Resp
 }
 
 /// The bearer scheme on the whole document; the public routes (probes, this document) need
-/// none; every other operation lists the auth layer's 401 and 403.
+/// none; every other operation lists the auth layer's 401 and 403, and its limits' 429 and 503.
 fn add_security(document: &mut OpenApi) {
     use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
     document
@@ -72,6 +72,12 @@ fn add_security(document: &mut OpenApi) {
             });
             responses.entry("403".into()).or_insert_with(|| {
                 auth_error("the token's role lacks the permission this route needs (docs/SECURITY.md)")
+            });
+            responses.entry("429".into()).or_insert_with(|| {
+                auth_error("the caller is over `security.rate_limit`; the `Retry-After` header says when to call again")
+            });
+            responses.entry("503".into()).or_insert_with(|| {
+                auth_error("the node is busy (`network.max_concurrent_requests` in flight) or cannot serve now; retry")
             });
         }
     }

@@ -93,6 +93,13 @@ impl Principal {
         self.roles.iter().any(|role| permission.granted_to(*role))
     }
 
+    /// Whether this principal sees the fencing tokens of leases: operators and admins (a
+    /// worker knows its own from its assignment). Others see 0, so a leaked viewer or
+    /// submitter key cannot report for a lease it does not hold.
+    pub fn sees_fencing_tokens(&self) -> bool {
+        !self.agent && self.roles.iter().any(|r| matches!(r, Role::Admin | Role::Operator))
+    }
+
     /// Whether this principal may act on every task, not only its own.
     pub fn sees_all_tasks(&self) -> bool {
         !self.agent && self.roles.iter().any(|r| matches!(r, Role::Admin | Role::Operator | Role::Viewer))

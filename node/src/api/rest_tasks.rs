@@ -185,7 +185,8 @@ pub struct TaskBody {
     attempt: u32,
     result: String,
     cause: String,
-    /// While running: the agent slot, its node and the attempt's fencing token.
+    /// While running: the agent slot, its node and the attempt's fencing token (0 unless the
+    /// caller is an operator or admin).
     slot: String,
     node_id: u64,
     fencing_token: u64,

@@ -76,7 +76,17 @@ pub fn principal_of<T>(request: &Request<T>) -> String {
     if principal != Principal::anonymous() {
         return principal.id;
     }
-    request.remote_addr().map(|a| format!("peer {a}")).unwrap_or_else(|| "peer unknown".into())
+    crate::transport::PeerAddr::of(request.extensions())
+        .map(|a| format!("peer {a}"))
+        .unwrap_or_else(|| "peer unknown".into())
+}
+
+/// Hide what `principal` may not see of a task: the lease's fencing token, unless it is an
+/// operator or admin.
+fn redact(principal: &Principal, view: &mut TaskView) {
+    if !principal.sees_fencing_tokens() {
+        view.fencing_token = 0;
+    }
 }
 
 /// The submitter a task records: the authenticated principal; with auth off what the client
@@ -342,7 +352,9 @@ impl TaskService for TaskApi {
             self.core.read_barrier().await.map_err(status_from)?;
         }
         self.check_owner(&principal, &task_id)?;
-        Ok(Response::new(self.view_of(&task_id).await?))
+        let mut view = self.view_of(&task_id).await?;
+        redact(&principal, &mut view);
+        Ok(Response::new(view))
     }
 
     async fn list(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
@@ -390,7 +402,13 @@ impl TaskService for TaskApi {
             }
         }
         self.fill_views(&mut page).await?;
-        let tasks = page.into_iter().map(|(view, _)| view).collect();
+        let tasks = page
+            .into_iter()
+            .map(|(mut view, _)| {
+                redact(&principal, &mut view);
+                view
+            })
+            .collect();
         Ok(Response::new(ListTasksResponse { tasks, next_page_token }))
     }
 

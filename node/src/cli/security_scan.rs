@@ -105,6 +105,14 @@ pub fn scan_config(config: &Config, raw: Option<&str>) -> Vec<Finding> {
         format!("the Raft port ({}) serves plaintext", config.network.raft_listen_addr),
         "peer TLS is not built yet (issue 12): keep port 7000 on a private network, with security.cluster_secret_file",
     ));
+    if !config.security.rate_limit.enabled() {
+        findings.push(finding(
+            Severity::Low,
+            "limits",
+            "security.rate_limit.requests_per_second is 0: a caller may make any number of calls",
+            "set security.rate_limit.requests_per_second (and redis.url, so the limit is cluster-wide)",
+        ));
+    }
     let data_dir = &config.node.data_dir;
     check_mode(&mut findings, "file-modes", data_dir, 0o750);
     let token = data_dir.join("bootstrap-token");
@@ -299,6 +307,9 @@ mod tests {
         let has = |check: &str, severity: Severity| findings.iter().any(|f| f.check == check && f.severity == severity);
         assert!(has("auth", Severity::High) && has("secrets", Severity::High));
         assert!(has("postgres", Severity::Medium) && has("redis", Severity::Medium) && has("redis", Severity::Low));
+        assert!(has("limits", Severity::Low), "no rate limit is reported");
+        config.security.rate_limit.requests_per_second = 100.0;
+        assert!(!scan_config(&config, None).iter().any(|f| f.check == "limits"));
     }
 
     #[test]

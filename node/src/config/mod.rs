@@ -4,16 +4,19 @@
 //! (`MAOS_NODE_ID`, `MAOS_CLUSTER_PEERS`, `MAOS_SYSTEM_LOG_LEVEL`). Its value is read as YAML,
 //! so numbers and booleans need no quoting. [`Config::validate`] names every bad key and value.
 //!
-//! - `schema.rs`: the sections, keys and defaults, and helpers that read them.
+//! - `schema.rs`: the sections, keys and defaults, and helpers that read them; `security.rs`:
+//!   the `security` section.
 //! - `load.rs`: file, environment and flags, in that order, in one place.
 //! - `validate.rs`: every problem named with its key.
 
 mod load;
 mod schema;
+mod security;
 mod validate;
 
 pub use load::{Flags, Loaded};
 pub use schema::*;
+pub use security::*;
 pub use validate::{check_address, ConfigError, ConfigProblem};
 
 #[cfg(test)]
@@ -197,6 +200,33 @@ mod tests {
             ("MAOS_SECURITY_TLS_KEY_FILE", "/etc/maos/node.key"),
         ]);
         assert!(!both.contains("security.tls"), "{both}");
+    }
+
+    #[test]
+    fn limits_on_the_api_port_are_bounded_and_named_when_wrong() {
+        let problems = |pairs: &[(&str, &str)]| -> String {
+            let loaded = Config::load(None, &env(pairs)).expect("loads");
+            loaded.config.validate().err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let fine = problems(&[
+            ("MAOS_SECURITY_RATE_LIMIT_REQUESTS_PER_SECOND", "2.5"),
+            ("MAOS_SECURITY_RATE_LIMIT_BURST", "10"),
+            ("MAOS_NETWORK_MAX_CONCURRENT_REQUESTS", "64"),
+        ]);
+        assert!(fine.is_empty(), "{fine}");
+        for (key, value, named) in [
+            ("MAOS_SECURITY_RATE_LIMIT_REQUESTS_PER_SECOND", "-1", "security.rate_limit.requests_per_second"),
+            ("MAOS_SECURITY_RATE_LIMIT_BURST", "2000000", "security.rate_limit.burst"),
+            ("MAOS_NETWORK_MAX_CONCURRENT_REQUESTS", "0", "network.max_concurrent_requests"),
+            ("MAOS_NETWORK_MAX_STREAMS_PER_CONNECTION", "0", "network.max_streams_per_connection"),
+            ("MAOS_NETWORK_REQUEST_TIMEOUT_MS", "10", "network.request_timeout_ms"),
+        ] {
+            let said = problems(&[(key, value)]);
+            assert!(said.contains(named), "{key}={value}: {said}");
+        }
+        let defaults = Config::default();
+        assert!(!defaults.security.rate_limit.enabled(), "no rate limit unless configured");
+        assert_eq!(defaults.network.max_concurrent_requests, 4_096);
     }
 
     #[test]

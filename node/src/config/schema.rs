@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::security::{read_cluster_secret, SecuritySection};
+
 /// Upper bound on the number of static peers.
 pub const PEERS_MAX: usize = 64;
 
@@ -27,76 +29,6 @@ pub struct Config {
     pub redis: RedisSection,
     pub dashboard: DashboardSection,
     pub security: SecuritySection,
-}
-
-/// Who may call the node (`docs/SECURITY.md`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SecuritySection {
-    pub auth: AuthSection,
-    /// A file whose first line is a secret every node of the cluster shares (at least 32
-    /// characters; `openssl rand -hex 32`). Every call to the Raft port must carry it, so only
-    /// members can send Raft traffic or forward writes. Unset: the Raft port is open to anyone
-    /// who reaches it (the node warns when it listens beyond loopback).
-    pub cluster_secret_file: Option<PathBuf>,
-    /// With auth off, listen on addresses other than loopback anyway (reported in `/ready`'s
-    /// body and by `maos health --all-components`).
-    pub allow_insecure: bool,
-    /// TLS on the API port (8000).
-    pub tls: TlsSection,
-}
-
-/// TLS on the API port: gRPC, REST, `/metrics` and `/ready` all over TLS (ALPN `h2` and
-/// `http/1.1`). The files are read again when they change, or on SIGHUP, without a restart.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsSection {
-    /// The PEM certificate chain the port presents (the node's own first). With `key_file`,
-    /// the port speaks only TLS.
-    pub cert_file: Option<PathBuf>,
-    /// The PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: Option<PathBuf>,
-    /// A PEM bundle of CAs: when set, every client must present a certificate one of them
-    /// signed (mutual TLS).
-    pub client_ca_file: Option<PathBuf>,
-}
-
-impl TlsSection {
-    /// Whether the API port speaks TLS.
-    pub fn enabled(&self) -> bool {
-        self.cert_file.is_some()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthSection {
-    /// Every call on port 8000 but health, readiness, metrics and reflection needs a token.
-    /// `false` only explicitly, and then only on loopback unless `security.allow_insecure`.
-    pub enabled: bool,
-}
-
-impl Default for AuthSection {
-    fn default() -> Self {
-        Self { enabled: true }
-    }
-}
-
-/// The shortest cluster secret accepted, in bytes (`openssl rand -hex 32` makes 64).
-pub const CLUSTER_SECRET_BYTES_MIN: usize = 32;
-
-/// Read `security.cluster_secret_file`: its first line, at least [`CLUSTER_SECRET_BYTES_MIN`]
-/// printable bytes.
-pub fn read_cluster_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let secret = text.lines().next().unwrap_or_default().trim().to_string();
-    if secret.len() < CLUSTER_SECRET_BYTES_MIN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{}: the secret must be at least {CLUSTER_SECRET_BYTES_MIN} printable characters on the first line (make one with `openssl rand -hex 32`)",
-            path.display()
-        ));
-    }
-    Ok(secret)
 }
 
 impl Config {
@@ -452,6 +384,15 @@ pub struct NetworkSection {
     pub advertise_addr: Option<String>,
     /// The Raft address other nodes use for this node; defaults to `raft_listen_addr`.
     pub raft_advertise_addr: Option<String>,
+    /// Calls the API port serves at once, over all connections; one more is answered
+    /// `RESOURCE_EXHAUSTED` (503 over REST) at once instead of queueing. Open streams (watches,
+    /// worker streams) are bounded apart, 4,096 a node.
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 streams one connection may have open at once (the SETTINGS the port announces).
+    pub max_streams_per_connection: u32,
+    /// The longest the API port works on one call before its answer starts (request body
+    /// included); a client's shorter `grpc-timeout` wins. A watch's stream is not cut by it.
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -520,6 +461,9 @@ impl Default for NetworkSection {
             raft_listen_addr: "0.0.0.0:7000".into(),
             advertise_addr: None,
             raft_advertise_addr: None,
+            max_concurrent_requests: 4_096,
+            max_streams_per_connection: 1_024,
+            request_timeout_ms: 60_000,
         }
     }
 }

@@ -254,6 +254,72 @@ impl Config {
                 bad(key, e);
             }
         }
+        let network = &self.network;
+        if !(1..=1_000_000).contains(&network.max_concurrent_requests) {
+            bad("network.max_concurrent_requests", format!("{} must be 1..=1000000", network.max_concurrent_requests));
+        }
+        if !(1..=65_536).contains(&network.max_streams_per_connection) {
+            bad(
+                "network.max_streams_per_connection",
+                format!("{} must be 1..=65536", network.max_streams_per_connection),
+            );
+        }
+        if !(1_000..=3_600_000).contains(&network.request_timeout_ms) {
+            bad(
+                "network.request_timeout_ms",
+                format!("{} must be 1000..=3600000 (1 s to 1 h)", network.request_timeout_ms),
+            );
+        }
+        let rate = &self.security.rate_limit;
+        if !rate.requests_per_second.is_finite() || !(0.0..=1_000_000.0).contains(&rate.requests_per_second) {
+            bad(
+                "security.rate_limit.requests_per_second",
+                format!("{} must be 0 (no limit) to 1000000 calls per second", rate.requests_per_second),
+            );
+        }
+        if rate.burst > 1_000_000 {
+            bad("security.rate_limit.burst", format!("{} must be at most 1000000 calls", rate.burst));
+        }
+        let issuers = &self.security.jwt.issuers;
+        if issuers.len() > super::JWT_ISSUERS_MAX {
+            bad(
+                "security.jwt.issuers",
+                format!("{} issuers, over the limit of {}", issuers.len(), super::JWT_ISSUERS_MAX),
+            );
+        }
+        for (i, issuer) in issuers.iter().enumerate() {
+            let key = |field: &str| format!("security.jwt.issuers[{i}].{field}");
+            if issuer.issuer.trim().is_empty() {
+                bad(&key("issuer"), "must name the `iss` the tokens carry".into());
+            }
+            if issuer.audience.trim().is_empty() {
+                bad(&key("audience"), "must name the `aud` the tokens carry (for example maos)".into());
+            }
+            if issuer.roles_claim.trim().is_empty() {
+                bad(&key("roles_claim"), "must name the claim that lists the token's roles".into());
+            }
+            match (&issuer.jwks_file, &issuer.jwks_url) {
+                (Some(_), Some(_)) | (None, None) => {
+                    bad(&key("jwks_file"), "set exactly one of jwks_file and jwks_url".into())
+                }
+                (None, Some(url)) => {
+                    let loopback = url
+                        .strip_prefix("http://")
+                        .and_then(|rest| rest.split('/').next())
+                        .is_some_and(crate::config::is_loopback);
+                    if !url.starts_with("https://") && !loopback {
+                        bad(&key("jwks_url"), format!("{url} must be https:// (http:// only on loopback)"));
+                    }
+                }
+                (Some(_), None) => {}
+            }
+            if !(10..=86_400).contains(&issuer.jwks_refresh_s) {
+                bad(&key("jwks_refresh_s"), format!("{} must be 10..=86400 seconds", issuer.jwks_refresh_s));
+            }
+            if issuer.leeway_s > 300 {
+                bad(&key("leeway_s"), format!("{} must be at most 300 seconds", issuer.leeway_s));
+            }
+        }
         if let Err(e) = self.cluster_secret() {
             bad("security.cluster_secret_file", e);
         }

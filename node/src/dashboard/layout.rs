@@ -9,7 +9,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maos_raft_store::tasks::{Priority, TaskState};
 use maud::{html, Markup, DOCTYPE};
-use openraft::ServerState;
 
 use super::assets::{HTMX, HTMX_SSE, STYLESHEET};
 use super::Dashboard;
@@ -30,23 +29,12 @@ pub enum Nav {
     Agents,
 }
 
-/// This node's role as the header names it.
-pub fn role_of(state: ServerState) -> &'static str {
-    match state {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
-    }
-}
-
 /// A whole page: the shell around `body`. `live` is the page's SSE address, if it updates live.
 pub fn page(dash: &Dashboard, title: &str, nav: Nav, live: Option<&str>, body: Markup) -> Markup {
     let (role, applied) = {
         let metrics = dash.core.raft.metrics();
         let m = metrics.borrow();
-        (role_of(m.state), m.last_applied.map(|id| id.index).unwrap_or(0))
+        (crate::raft::core::role_name(m.state), m.last_applied.map(|id| id.index).unwrap_or(0))
     };
     let entry = |target: Nav, href: &str, label: &str| {
         html! { a href=(href) class=@if nav == target { "active" } { (label) } }

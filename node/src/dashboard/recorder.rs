@@ -10,15 +10,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
-use maos_client::proto::v1::StatusRequest;
 use maos_raft_store::tasks::TaskState;
 use tokio::sync::watch;
 
 use crate::raft::core::NodeCore;
-use crate::transport::SharedTransport;
-
-use super::layout::role_of;
 
 /// Time between two samples.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
@@ -227,7 +222,7 @@ impl Recorder {
 
     /// Ask every member for its status (this node from its own metrics), and note who went
     /// down or came back.
-    async fn poll_members(&self, core: &NodeCore, transport: &SharedTransport) {
+    async fn poll_members(&self, core: &NodeCore) {
         let members = core.members();
         let calls = members.iter().map(|(id, (node, voter))| async move {
             let mut view = MemberView { id: *id, api_addr: node.api_addr.clone(), voter: *voter, ..Default::default() };
@@ -235,31 +230,25 @@ impl Recorder {
                 let metrics = core.raft.metrics();
                 let m = metrics.borrow();
                 view.reachable = true;
-                view.role = role_of(m.state).into();
+                view.role = crate::raft::core::role_name(m.state).into();
                 view.term = m.current_term;
                 view.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
                 view.leader_id = m.current_leader;
                 return view;
             }
-            let status = async {
-                let channel = transport.channel(&node.api_addr).map_err(|e| e.to_string())?;
-                let mut client = ClusterServiceClient::new(channel);
-                client
-                    .status(StatusRequest { with_state_hash: false })
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.message().to_string())
-            };
-            match tokio::time::timeout(PEER_TIMEOUT, status).await {
-                Ok(Ok(status)) => {
+            // Over the Raft port, as a member: the API port would want a credential.
+            match crate::raft::formation::peer_view(core, &node.raft_addr, PEER_TIMEOUT).await {
+                Ok(peer) => {
                     view.reachable = true;
-                    view.role = status.role;
-                    view.term = status.current_term;
-                    view.applied_index = status.last_applied_index;
-                    view.leader_id = status.leader_id;
+                    view.role = peer.role;
+                    view.term = peer.term;
+                    view.applied_index = peer.applied_index;
+                    view.leader_id = peer.leader_id;
                 }
-                Ok(Err(error)) => view.error = error,
-                Err(_) => view.error = format!("no answer within {} ms", PEER_TIMEOUT.as_millis()),
+                Err(error) if error == "no answer" => {
+                    view.error = format!("no answer within {} ms", PEER_TIMEOUT.as_millis())
+                }
+                Err(error) => view.error = error,
             }
             view
         });
@@ -279,15 +268,10 @@ impl Recorder {
     }
 
     /// Sample until the node stops.
-    pub async fn run(
-        self: Arc<Self>,
-        core: Arc<NodeCore>,
-        transport: SharedTransport,
-        mut stopped: watch::Receiver<bool>,
-    ) {
+    pub async fn run(self: Arc<Self>, core: Arc<NodeCore>, mut stopped: watch::Receiver<bool>) {
         loop {
             self.sample(&core);
-            self.poll_members(&core, &transport).await;
+            self.poll_members(&core).await;
             tokio::select! {
                 _ = tokio::time::sleep(SAMPLE_INTERVAL) => {}
                 _ = stopped.wait_for(|stop| *stop) => return,

@@ -34,6 +34,17 @@ use crate::raft::proposer::{Batcher, Clock, ProposalHold, ProposeOutcome};
 /// Pause between attempts while a leader is unknown or changing.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
 
+/// A Raft role's name, as the API, the dashboard and the Raft port's Hello say it.
+pub fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
 /// Whether a second apply of `command` could change anything: a node's own registrations,
 /// renewals, the leader's `Tick`, lease extension and limits do not (applied again they leave
 /// the same state, or extend what was just extended), so they skip the session. That keeps a
@@ -334,6 +345,10 @@ impl NodeCore {
                     }
                 }
                 Some((leader, node)) => {
+                    // Another node leads now: what only a leader proposes is not sent on.
+                    if let Some(name) = command.leader_only() {
+                        return Err((Command::not_forwardable(name).into(), ambiguous));
+                    }
                     let forwarded = self.forwarder.submit(&node.raft_addr, command.clone());
                     match tokio::time::timeout_at(deadline, forwarded).await {
                         Ok(outcome) => outcome,

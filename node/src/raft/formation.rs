@@ -50,6 +50,27 @@ pub(crate) async fn hello_within(
     }
 }
 
+/// A member's Raft view as its `Hello` says it (the dashboard's member list).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerView {
+    pub role: String,
+    pub term: u64,
+    pub applied_index: u64,
+    pub leader_id: Option<NodeId>,
+}
+
+/// Ask the member at `raft_addr` for its Raft view, over the Raft port: only members may call
+/// it (the cluster secret), so it needs no API credential.
+pub async fn peer_view(core: &NodeCore, raft_addr: &str, within: Duration) -> Result<PeerView, String> {
+    let hello = hello_within(&core.channels, raft_addr, core.id, &core.cluster_name, within).await?;
+    Ok(PeerView {
+        role: hello.role,
+        term: hello.current_term,
+        applied_index: hello.last_applied_index,
+        leader_id: (hello.leader_id != 0).then_some(hello.leader_id),
+    })
+}
+
 /// What a stranger gets from a Raft port (`maos security-scan`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RaftPortProbe {

@@ -84,7 +84,7 @@ impl tonic::service::Interceptor for PeerCheck {
             return Ok(request);
         }
         tracing::warn!(
-            peer = ?request.remote_addr(),
+            peer = ?crate::transport::PeerAddr::of(request.extensions()),
             "refused a Raft-port call without the cluster secret (security.cluster_secret_file)"
         );
         Err(tonic::Status::unauthenticated(

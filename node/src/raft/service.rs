@@ -20,6 +20,12 @@ pub struct RaftServer {
     pub core: Arc<NodeCore>,
 }
 
+/// The answer to a forwarded command only a leader may propose itself.
+fn refused_forward(name: &str) -> ProposeOutcome {
+    tracing::warn!(command = name, "refused a forwarded command that only the leader proposes itself");
+    ProposeOutcome::Applied(maos_raft_store::Response::Rejected(Command::not_forwardable(name)))
+}
+
 fn bad_payload(error: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("payload: {error}"))
 }
@@ -61,8 +67,14 @@ impl RaftService for RaftServer {
             let outcome = ProposeOutcome::NotLeader { leader_id: self.core.leader().map(|(id, _)| id) };
             return reply(&vec![outcome; commands.len()]);
         }
-        // Submitted together, so they join the same batches as the leader's own proposals.
-        let proposals = commands.into_iter().map(|command| self.core.propose_local(command));
+        // Submitted together, so they join the same batches as the leader's own proposals. What
+        // only a leader proposes itself is refused, whoever forwards it.
+        let proposals = commands.into_iter().map(|command| async move {
+            match command.leader_only() {
+                Some(name) => refused_forward(name),
+                None => self.core.propose_local(command).await,
+            }
+        });
         let outcomes = match tokio::time::timeout(self.core.request_timeout, futures::future::join_all(proposals)).await
         {
             Ok(outcomes) => outcomes,
@@ -98,6 +110,7 @@ impl RaftService for RaftServer {
             .into_iter()
             .map(|(id, (node, _))| HelloMember { id, raft_addr: node.raft_addr })
             .collect();
+        let metrics = self.core.raft.metrics().borrow().clone();
         Ok(Response::new(HelloResponse {
             node_id: self.core.id,
             cluster_name: self.core.cluster_name.clone(),
@@ -105,7 +118,11 @@ impl RaftService for RaftServer {
             initialized,
             members,
             peers_digest: self.core.peers_digest.clone(),
-            last_log_index: self.core.raft.metrics().borrow().last_log_index.unwrap_or(0),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            role: crate::raft::core::role_name(metrics.state).into(),
+            current_term: metrics.current_term,
+            last_applied_index: metrics.last_applied.map(|id| id.index).unwrap_or(0),
+            leader_id: metrics.current_leader.unwrap_or(0),
         }))
     }
 }

@@ -333,9 +333,14 @@ where
         .map_err(|e| StartError::Raft(format!("the reflection service could not be built: {e}")))?;
     // One port for gRPC and plain HTTP (`/health`, `/ready`, `/metrics`).
     let routes = tonic::service::Routes::from(
-        crate::api::http::router(core.clone(), agent_metrics.clone(), storage.clone())
-            .merge(rest)
-            .layer(axum::middleware::from_fn(observe::record_http)),
+        crate::api::http::router(
+            core.clone(),
+            agent_metrics.clone(),
+            storage.clone(),
+            crate::api::http::insecure_warning(config),
+        )
+        .merge(rest)
+        .layer(axum::middleware::from_fn(observe::record_http)),
     )
     .add_service(kv)
     .add_service(cluster)
@@ -350,11 +355,18 @@ where
         enabled: config.security.auth.enabled,
     }));
     // One auth layer in front of every gRPC method and HTTP route (api/auth.rs).
+    let jwt = crate::api::jwt::JwtIssuers::new(&config.security.jwt.issuers)
+        .map_err(|(key, error)| StartError::Security(format!("{key}: {error}")))?;
+    let jwt = Arc::new(jwt);
+    spawn_in(&mut tasks, &node_span, jwt.clone().refresh(stopped.clone()));
     let authorizer = Arc::new(Authorizer {
         core: core.clone(),
         credentials: credentials.clone(),
         storage: storage.clone(),
         enabled: config.security.auth.enabled,
+        rate: crate::api::limits::RateLimiter::new(&config.security.rate_limit),
+        in_flight: crate::api::limits::InFlight::new(config.network.max_concurrent_requests),
+        jwt,
     });
     // Inside the auth layer: a request is on its caller's session only once it is authorised.
     let routes = tonic::service::Routes::from(
@@ -363,9 +375,12 @@ where
             .layer(axum::middleware::from_fn(crate::api::sessions::caller_session))
             .layer(axum::middleware::from_fn_with_state(authorizer, authorize)),
     );
+    let api_limits = config.network.clone();
     spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
+            .max_concurrent_streams(api_limits.max_streams_per_connection)
+            .timeout(Duration::from_millis(api_limits.request_timeout_ms))
             .layer(observe::GrpcMetricsLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(api_incoming, async move {
@@ -383,7 +398,7 @@ where
             .await
             .map_err(|error| StartError::Listen { addr: config.dashboard.listen.clone(), what: "dashboard", error })?;
         let recorder = Arc::new(crate::dashboard::recorder::Recorder::new());
-        tasks.spawn(recorder.clone().run(core.clone(), transport.clone(), stopped.clone()));
+        tasks.spawn(recorder.clone().run(core.clone(), stopped.clone()));
         let dashboard = crate::dashboard::router(Arc::new(crate::dashboard::Dashboard {
             core: core.clone(),
             storage: storage.clone(),

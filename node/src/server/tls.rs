@@ -90,9 +90,10 @@ impl ServerTls {
                 let accepted_tx = accepted_tx.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let BoxedIo(socket, peer) = socket;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => {
-                            let _ = accepted_tx.send(Ok(BoxedIo(Box::new(stream)))).await;
+                            let _ = accepted_tx.send(Ok(BoxedIo(Box::new(stream), peer))).await;
                         }
                         // A client's mistake (plain text, an unknown CA, no certificate): its
                         // connection closes; nothing else is affected.

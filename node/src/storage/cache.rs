@@ -171,6 +171,31 @@ impl Cache {
             .map_err(|e| self.unavailable(e))
     }
 
+    /// Count one call by `caller` against a cluster-wide rate limit (GCRA, `api/limits.rs`):
+    /// 0 when it is allowed, else the microseconds until the caller may call again. The
+    /// arrival time lives in `maos:rl:<caller>` by Redis's own clock, so every node agrees.
+    pub async fn rate_take(&self, caller: &str, interval_us: u64, tolerance_us: u64) -> Result<u64, StorageError> {
+        const TAKE: &str = "local t = redis.call('TIME') \
+                            local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+                            local arrival = tonumber(redis.call('GET', KEYS[1]) or '0') \
+                            if arrival < now then arrival = now end \
+                            local wait = arrival - tonumber(ARGV[2]) - now \
+                            if wait > 0 then return wait end \
+                            arrival = arrival + tonumber(ARGV[1]) \
+                            redis.call('SET', KEYS[1], string.format('%.0f', arrival), 'PX', \
+                                math.floor((arrival - now) / 1000) + 1000) \
+                            return 0";
+        redis::cmd("EVAL")
+            .arg(TAKE)
+            .arg(1)
+            .arg(format!("{KEY_PREFIX}rl:{caller}"))
+            .arg(interval_us)
+            .arg(tolerance_us)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// A scratch key's value and revision.
     pub async fn scratch_get(&self, key: &str) -> Result<Option<(String, u64)>, StorageError> {
         let key = format!("{KEY_PREFIX}scratch:{key}");

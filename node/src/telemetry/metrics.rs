@@ -92,6 +92,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Time to answer a submit, by surface (grpc, rest), whatever the answer.",
     ),
     metric("maos_http_request_duration_seconds", Histogram, &["method", "route", "code"], "HTTP requests (REST, /health, /ready, /metrics) by method, route template and status code."),
+    metric(
+        "maos_requests_refused_total",
+        Counter,
+        &["reason"],
+        "Calls the API port refused before serving them: reason rate (a caller over security.rate_limit) or busy (network.max_concurrent_requests in flight).",
+    ),
     metric("maos_grpc_request_duration_seconds", Histogram, &["method", "code"], "gRPC calls by method and grpc-status (streams: until the response headers)."),
     // Raft.
     metric("maos_raft_term", Gauge, &[], "The Raft term this node is in."),

@@ -353,3 +353,34 @@ fn a_session_forgets_acknowledged_answers_and_refuses_them_again() {
     assert_eq!(state.app.kv["k"].value, "v");
     state.validate().expect("invariants");
 }
+
+#[test]
+fn only_what_a_member_sends_for_clients_and_agents_may_be_forwarded() {
+    use crate::tasks::TaskCommand as T;
+    let leaders_own = [
+        Command::InitCluster { cluster_id: "c".into(), cluster_name: "maos".into() },
+        Command::Task(T::Tick),
+        Command::Task(T::ExtendLeases { by_ms: 1 }),
+        Command::Task(T::Evict { tasks: vec![("t".into(), 1)] }),
+        Command::Task(T::Assign { task_id: "t".into(), slot: "n1/coder/0".into(), node_id: 1, lease_ms: 1 }),
+        Command::Session { client: 1, sequence: 1, acknowledged: 0, command: Box::new(Command::Task(T::Tick)) },
+    ];
+    for command in &leaders_own {
+        assert!(command.leader_only().is_some(), "{command:?} is the leader's own");
+    }
+    let forwardable = [
+        put("k", "v"),
+        Command::KvDelete { key: "k".into() },
+        Command::OpenSession { ttl_ms: 1_000 },
+        Command::Task(T::Submit { spec: Box::new(task_spec("t")) }),
+        Command::Task(T::Cancel { task_id: "t".into(), reason: "r".into() }),
+        Command::Session { client: 1, sequence: 1, acknowledged: 0, command: Box::new(put("k", "v")) },
+        Command::Fenced { task_id: "t".into(), token: 1, command: Box::new(put("k", "v")) },
+        Command::RegisterNode { node_id: 2, raft_addr: "a:7000".into(), api_addr: "a:8000".into() },
+    ];
+    for command in &forwardable {
+        assert_eq!(command.leader_only(), None, "{command:?} is sent on a client's or an agent's behalf");
+    }
+    let refusal = Command::not_forwardable("Task::Tick").to_string();
+    assert!(refusal.contains("Task::Tick") && refusal.contains("never forwarded"), "{refusal}");
+}
