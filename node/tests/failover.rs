@@ -69,10 +69,19 @@ async fn writes_survive_a_leader_kill_and_the_restarted_node_catches_up() -> any
             assert_eq!(read.map(|(v, _)| v), Some(format!("{value}{i}")), "{prefix}/{i} on the restarted node");
         }
     }
-    // The restarted node rejoined the same cluster and took part in it, not a new one.
-    let status = cluster.status(leader).await?;
+    // The restarted node rejoined the same cluster and took part in it, not a new one. The
+    // identity is recorded by the leader's housekeeping (every 500 ms), and this test can kill
+    // the first leader before its first round: wait for it rather than race it.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let status = loop {
+        let status = cluster.status(leader).await?;
+        if !status.cluster_id.is_empty() || tokio::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(status.members.len(), 3);
-    assert!(!status.cluster_id.is_empty());
+    assert!(!status.cluster_id.is_empty(), "no cluster identity within {STEP:?}");
     assert_eq!(status.cluster_id, cluster.status(new_leader).await?.cluster_id);
     Ok(())
 }
