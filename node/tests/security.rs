@@ -669,9 +669,10 @@ async fn a_caller_over_its_rate_is_told_when_to_retry_on_every_node() -> anyhow:
     let options = LocalClusterOptions { auth: true, env, ..Default::default() };
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
-    let admin = cluster.wait_for_bootstrap_token(STEP).await?;
+    // As the demo does: wait for a leader first (the testkit then waits for the token itself).
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
     cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let admin = cluster.bootstrap_token().ok_or_else(|| anyhow::anyhow!("no bootstrap token"))?;
     let channels: Vec<Channel> = (1..=3)
         .map(|id| cluster.client_of(id).and_then(|c| c.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))))
         .collect::<Result<_, _>>()?;
@@ -717,7 +718,8 @@ async fn a_caller_over_its_rate_is_told_when_to_retry_on_every_node() -> anyhow:
 
     // Calls without a valid credential are limited by their source, and logged only while under it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // No node's own calls were refused so far (the dashboard asks members over the Raft port).
+    // No call was refused so far: not the nodes' own (the dashboard asks members over the Raft
+    // port), nor the harness's while it waited for a leader.
     for id in 1..=3 {
         let refused = cluster.log_tail(id, 100_000).matches("auth.refused").count();
         assert_eq!(refused, 0, "node {id} refused calls before any without a credential was made");

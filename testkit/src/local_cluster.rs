@@ -405,6 +405,11 @@ impl LocalCluster {
     /// Wait until every node in `among` that answers agrees on one leader in `among`;
     /// returns (leader, term).
     pub async fn wait_for_leader(&self, among: &[u64], timeout: Duration) -> anyhow::Result<(u64, u64)> {
+        // With auth on, Status needs the bootstrap token, which the first leader writes: wait for
+        // it instead of polling without it (every refused poll is logged and audited).
+        if self.options.auth && self.bootstrap_token().is_none() {
+            self.wait_for_bootstrap_token(timeout).await?;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::from("no answer yet");
         let mut silent = Vec::new();
