@@ -101,6 +101,9 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
 
 fn read_file(path: &std::path::Path) -> Result<Keys, String> {
     let stamp = modified(path);
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > JWKS_BYTES_MAX as u64) {
+        return Err(format!("{}: the key set is over {JWKS_BYTES_MAX} bytes", path.display()));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut keys = parse_set(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     keys.stamp = stamp;
@@ -112,7 +115,16 @@ async fn fetch(http: &reqwest::Client, url: &str) -> Result<Keys, String> {
     if !answer.status().is_success() {
         return Err(format!("{url} answered {}", answer.status()));
     }
-    let text = answer.text().await.map_err(|e| format!("{url}: {e}"))?;
+    // Read at most the bound (and one byte more, to tell), whatever the server sends.
+    let mut answer = answer;
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        body.extend_from_slice(&chunk);
+        if body.len() > JWKS_BYTES_MAX {
+            return Err(format!("{url}: the key set is over {JWKS_BYTES_MAX} bytes"));
+        }
+    }
+    let text = String::from_utf8(body).map_err(|_| format!("{url}: the key set is not UTF-8"))?;
     parse_set(&text).map_err(|e| format!("{url}: {e}"))
 }
 
