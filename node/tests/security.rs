@@ -739,13 +739,41 @@ async fn a_caller_over_its_rate_is_told_when_to_retry_on_every_node() -> anyhow:
 
     let metrics = http.get(format!("http://{}/metrics", cluster.nodes[&1].api_addr)).send().await?.text().await?;
     assert!(metrics.contains("maos_requests_refused_total{reason=\"rate\"}"), "{metrics}");
+    // The script ran by its digest: its text crossed the network once, not with every call.
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut redis.connect().await?).await?;
+    let calls = |command: &str| -> u64 {
+        let line = stats.lines().find(|l| l.starts_with(&format!("cmdstat_{command}:"))).unwrap_or("");
+        line.split(['=', ',']).nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    assert!(calls("evalsha") > calls("eval"), "EVALSHA {} times, EVAL {}", calls("evalsha"), calls("eval"));
 
-    // Redis down: each node counts alone, and keeps serving.
+    // Redis down: each node counts alone, keeps serving, and says so.
     redis.kill()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (answered, refused, took) = burst(&channels[..1], &key, 3 * BURST as usize).await?;
     println!("Redis down: {answered} answered, {} refused in {} ms", refused.len(), took.as_millis());
     assert!(answered >= BURST && answered <= allowed_within(took), "{answered} answered in {took:?}");
+    let metrics = http.get(format!("http://{}/metrics", cluster.nodes[&1].api_addr)).send().await?.text().await?;
+    let fallbacks = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("maos_rate_limit_local_fallbacks_total "))
+        .and_then(|n| n.trim().parse::<f64>().ok());
+    assert!(fallbacks.is_some_and(|n| n >= BURST as f64), "fallbacks {fallbacks:?}: {metrics}");
+
+    // Back up with an empty script cache: the nodes load the script again and share one limit.
+    redis.resume()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for channel in &channels {
+        // Calls on each node let its connections to Redis come back (each reconnects on its
+        // first use; until then that call counts on the node alone).
+        for _ in 0..2 * BURST {
+            let _ = who(channel, &admin)?.who_am_i(WhoAmIRequest {}).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (answered, _, took) = burst(&channels, &key, 30).await?;
+    println!("Redis back: {answered} of 30 answered in {} ms", took.as_millis());
+    assert!(answered >= BURST && answered <= allowed_within(took), "{answered} answered in {took:?} after a restart");
     Ok(())
 }
 

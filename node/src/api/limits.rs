@@ -10,7 +10,6 @@
 //! node counts alone (looser, never stricter).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,8 +53,6 @@ pub struct RateLimiter {
     burst: u32,
     started: Instant,
     local: Mutex<Arrivals>,
-    /// Calls counted on this node alone because Redis did not answer.
-    pub shared_failures: AtomicU64,
 }
 
 impl RateLimiter {
@@ -71,7 +68,6 @@ impl RateLimiter {
             burst,
             started: Instant::now(),
             local: Mutex::new(Arrivals::default()),
-            shared_failures: AtomicU64::new(0),
         }
     }
 
@@ -95,9 +91,7 @@ impl RateLimiter {
             match counted.await {
                 Ok(Ok(0)) => return Verdict::Allow,
                 Ok(Ok(wait_us)) => return Verdict::Limited(Duration::from_micros(wait_us)),
-                Ok(Err(_)) | Err(_) => {
-                    self.shared_failures.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(Err(_)) | Err(_) => metrics::counter!("maos_rate_limit_local_fallbacks_total").increment(1),
             }
         }
         self.check_local(caller, self.started.elapsed().as_micros() as u64)

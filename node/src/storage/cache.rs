@@ -19,13 +19,42 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Payload, StorageError, StorageMetrics};
 use crate::config::RedisSection;
+
+/// Scripts run by their SHA-1 (`EVALSHA`); the first call on a connection whose server lacks
+/// one (a new or restarted Redis) loads it, so the text crosses the network once per server.
+///
+/// A scratch put, one round trip and atomic: bump the revision, set the value, set the expiry.
+static SCRATCH_PUT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "local r = redis.call('HINCRBY', KEYS[1], 'r', 1) \
+         redis.call('HSET', KEYS[1], 'v', ARGV[1]) \
+         redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
+         return r",
+    )
+});
+
+/// One call against a GCRA rate limit ([`Cache::rate_take`]): 0, or the microseconds to wait.
+static RATE_TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "local t = redis.call('TIME') \
+         local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+         local arrival = tonumber(redis.call('GET', KEYS[1]) or '0') \
+         if arrival < now then arrival = now end \
+         local wait = arrival - tonumber(ARGV[2]) - now \
+         if wait > 0 then return wait end \
+         arrival = arrival + tonumber(ARGV[1]) \
+         redis.call('SET', KEYS[1], string.format('%.0f', arrival), 'PX', \
+             math.floor((arrival - now) / 1000) + 1000) \
+         return 0",
+    )
+});
 
 /// The prefix of every key MAOS writes.
 pub const KEY_PREFIX: &str = "maos:";
@@ -154,19 +183,12 @@ impl Cache {
     /// Write a scratch key (`maos:scratch:<key>`) with a TTL; returns its revision (writes to the
     /// key since it last expired).
     pub async fn scratch_put(&self, key: &str, value: &str, ttl_ms: u64) -> Result<u64, StorageError> {
-        // One round trip, atomic: bump the revision, set the value, set the expiry.
-        const PUT: &str = "local r = redis.call('HINCRBY', KEYS[1], 'r', 1) \
-                           redis.call('HSET', KEYS[1], 'v', ARGV[1]) \
-                           redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
-                           return r";
         let key = format!("{KEY_PREFIX}scratch:{key}");
-        redis::cmd("EVAL")
-            .arg(PUT)
-            .arg(1)
-            .arg(key)
+        SCRATCH_PUT
+            .key(key)
             .arg(value)
             .arg(ttl_ms)
-            .query_async(&mut self.connection())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(|e| self.unavailable(e))
     }
@@ -175,23 +197,11 @@ impl Cache {
     /// 0 when it is allowed, else the microseconds until the caller may call again. The
     /// arrival time lives in `maos:rl:<caller>` by Redis's own clock, so every node agrees.
     pub async fn rate_take(&self, caller: &str, interval_us: u64, tolerance_us: u64) -> Result<u64, StorageError> {
-        const TAKE: &str = "local t = redis.call('TIME') \
-                            local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
-                            local arrival = tonumber(redis.call('GET', KEYS[1]) or '0') \
-                            if arrival < now then arrival = now end \
-                            local wait = arrival - tonumber(ARGV[2]) - now \
-                            if wait > 0 then return wait end \
-                            arrival = arrival + tonumber(ARGV[1]) \
-                            redis.call('SET', KEYS[1], string.format('%.0f', arrival), 'PX', \
-                                math.floor((arrival - now) / 1000) + 1000) \
-                            return 0";
-        redis::cmd("EVAL")
-            .arg(TAKE)
-            .arg(1)
-            .arg(format!("{KEY_PREFIX}rl:{caller}"))
+        RATE_TAKE
+            .key(format!("{KEY_PREFIX}rl:{caller}"))
             .arg(interval_us)
             .arg(tolerance_us)
-            .query_async(&mut self.connection())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(|e| self.unavailable(e))
     }

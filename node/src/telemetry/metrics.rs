@@ -98,6 +98,12 @@ pub const CATALOGUE: &[Metric] = &[
         &["reason"],
         "Calls the API port refused before serving them: reason rate (a caller over security.rate_limit) or busy (network.max_concurrent_requests in flight).",
     ),
+    metric(
+        "maos_rate_limit_local_fallbacks_total",
+        Counter,
+        &[],
+        "Calls security.rate_limit counted on this node alone because Redis did not answer within 50 ms (looser than the shared limit, never stricter).",
+    ),
     metric("maos_grpc_request_duration_seconds", Histogram, &["method", "code"], "gRPC calls by method and grpc-status (streams: until the response headers)."),
     // Raft.
     metric("maos_raft_term", Gauge, &[], "The Raft term this node is in."),
