@@ -75,6 +75,22 @@ async fn a_node_joins_as_learner_then_voter_and_leaves() -> anyhow::Result<()> {
         let members: serde_json::Value = serde_json::from_str(&removed)?;
         anyhow::ensure!(members.as_array().map(|m| m.len()) == Some(3), "after remove-node: {removed}");
 
+        // A node that does not run is not made a voter: openraft's blocking add counts a learner
+        // within its lag threshold of a short log as caught up, though it never answered.
+        let nowhere = free_loopback_addr()?;
+        let args = ["cluster", "add-node", "--id", "5", "--raft-addr", &nowhere, "--api-addr", &nowhere];
+        let absent = Command::new(binary).args(args).args(["--endpoints", &endpoint]).output()?;
+        let said = String::from_utf8_lossy(&absent.stderr).to_string();
+        anyhow::ensure!(
+            !absent.status.success() && said.contains("did not catch up"),
+            "adding a node that is down: {said}"
+        );
+        let table = cli(&["cluster", "members", "--endpoints", &endpoint, "--json"])?;
+        let members: serde_json::Value = serde_json::from_str(&table)?;
+        let fifth = members.as_array().and_then(|m| m.iter().find(|m| m["id"] == 5).cloned());
+        anyhow::ensure!(fifth.is_some_and(|m| m["voter"] == false), "node 5 must stay a learner: {table}");
+        cli(&["cluster", "remove-node", "5", "--endpoints", &endpoint])?;
+
         let unknown = Command::new(binary).args(["cluster", "remove-node", "9", "--endpoints", &endpoint]).output()?;
         anyhow::ensure!(!unknown.status.success(), "removing an unknown node must fail");
         anyhow::ensure!(String::from_utf8_lossy(&unknown.stderr).contains("node 9 is not a member"));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
 use maos_client::proto::v1::cluster_service_server::ClusterService;
 use maos_client::proto::v1::*;
-use maos_raft_store::{Command, MaosNode, Response as Applied};
+use maos_raft_store::{Command, MaosNode, NodeId, Response as Applied};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
@@ -391,9 +391,20 @@ impl ClusterService for ClusterApi {
             || async move {
                 still_leading(&core)?;
                 let node = MaosNode { raft_addr: add.raft_addr.clone(), api_addr: add.api_addr.clone() };
-                // Blocking: returns once the learner has caught up, or not at all if it is
-                // unreachable, hence the deadline. A learner that timed out stays a learner.
-                tokio::time::timeout(core.request_timeout, core.raft.add_learner(add.id, node, true))
+                // openraft's own blocking wait counts a learner within `replication_lag_threshold`
+                // entries of the leader as caught up, even one that never answered (a short log,
+                // an unreachable node, a handshake refused); so wait here until the learner has
+                // acknowledged the entry that added it. A learner that timed out stays a learner.
+                let added = core.raft.add_learner(add.id, node, false).await.map_err(membership_status)?;
+                let membership_index = added.log_id.index;
+                let id = add.id;
+                let acknowledged = move |metrics: &openraft::RaftMetrics<NodeId, MaosNode>| {
+                    let matched = metrics.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten());
+                    matched.is_some_and(|log_id| log_id.index >= membership_index)
+                };
+                core.raft
+                    .wait(Some(core.request_timeout))
+                    .metrics(acknowledged, "the new learner acknowledges the entry that added it")
                     .await
                     .map_err(|_| {
                         Status::deadline_exceeded(format!(
@@ -403,8 +414,7 @@ impl ClusterService for ClusterApi {
                             add.raft_addr,
                             add.id
                         ))
-                    })?
-                    .map_err(membership_status)?;
+                    })?;
                 if !add.learner_only {
                     let voters = BTreeSet::from([add.id]);
                     still_leading(&core)?;
