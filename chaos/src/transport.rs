@@ -22,7 +22,12 @@ pub fn sim_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 
 #[tonic::async_trait]
 impl Transport for SimTransport {
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// The simulation has no TLS: `security.peer_tls` is never set in it.
+    fn channel(
+        &self,
+        addr: &str,
+        _tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Channel, tonic::transport::Error> {
         sim_channel(addr)
     }
 

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// A byte stream a server can run a connection on.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -65,8 +65,8 @@ pub type Incoming = Pin<Box<dyn Stream<Item = io::Result<BoxedIo>> + Send>>;
 /// Outgoing channels and listening sockets.
 #[tonic::async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// A lazily connecting channel to `addr` (`host:port`).
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error>;
+    /// A lazily connecting channel to `addr` (`host:port`), over mutual TLS with `tls`.
+    fn channel(&self, addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, tonic::transport::Error>;
     /// Listen on `addr` (`host:port`).
     async fn listen(&self, addr: &str) -> io::Result<Incoming>;
     /// Whether a connection to `addr` is refused within `within`: nothing listens there. `false`
@@ -102,10 +102,15 @@ pub struct TcpTransport;
 
 #[tonic::async_trait]
 impl Transport for TcpTransport {
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        Ok(peer_endpoint(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?)
-            .tcp_nodelay(true)
-            .connect_lazy())
+    fn channel(&self, addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint =
+            peer_endpoint(tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?).tcp_nodelay(true);
+        let endpoint = match tls {
+            Some(tls) => endpoint.tls_config(tls)?,
+            None => endpoint,
+        };
+        Ok(endpoint.connect_lazy())
     }
 
     async fn listen(&self, addr: &str) -> io::Result<Incoming> {

@@ -2,13 +2,15 @@
 //! `/ready` and `/metrics` over TLS on one port (ALPN `h2` for gRPC, `http/1.1` for the HTTP
 //! client), the CLI with `--ca-file`, plaintext and a wrong CA refused, the certificate replaced
 //! on disk and served to new connections without a restart; and mutual TLS, where a client
-//! without a certificate from the client CA is refused.
+//! without a certificate from the client CA is refused. Mutual TLS between members on the Raft
+//! port (`security.peer_tls`): a stranger's certificate, none, or plaintext is refused, and a
+//! node whose certificate another CA signed cannot join.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use maos_client::{Client, Tls};
-use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions, TlsFiles};
+use maos_testkit::local_cluster::{free_loopback_addr, LocalCluster, LocalClusterOptions, TlsFiles};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -198,5 +200,172 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_answered() -> a
         .stdin(std::process::Stdio::null())
         .output()?;
     assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    Ok(())
+}
+
+/// `Hello` on the Raft port at `addr` over TLS trusting `ca_pem`, presenting `identity` (a
+/// certificate and its key, PEM) when given: whether a member would be answered.
+async fn raft_hello(addr: &str, ca_pem: &str, identity: Option<&(String, String)>) -> anyhow::Result<()> {
+    let mut tls =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .timeout(Duration::from_secs(5));
+    hello_on(endpoint.connect().await?).await
+}
+
+/// `Hello` on `channel`, its request and answer read as empty messages (`()`): only whether
+/// the call was answered matters here.
+async fn hello_on(channel: tonic::transport::Channel) -> anyhow::Result<()> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/maos.raft.v1.RaftService/Hello");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let mut answer = grpc.streaming(tonic::Request::new(tokio_stream::once(())), path, codec).await?.into_inner();
+    answer.message().await?;
+    Ok(())
+}
+
+/// A node process outside `cluster`, as id 4 at `raft` and `api`, with `security.peer_tls` from
+/// `files` (certificate, key, CA): it knows the cluster and waits to be added.
+fn fourth_node(
+    cluster: &LocalCluster,
+    dir: &Path,
+    (raft, api): (&str, &str),
+    files: [&Path; 3],
+) -> anyhow::Result<std::process::Child> {
+    let peers = format!("{},4={raft}/{api}", cluster.peers_arg());
+    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["serve", "--node-id", "4", "--listen", api, "--raft-listen", raft, "--peers", &peers])
+        .arg("--data-dir")
+        .arg(dir.join("node-4"))
+        .env("MAOS_SECURITY_AUTH_ENABLED", "false")
+        .env("MAOS_DASHBOARD_ENABLED", "false")
+        .env("MAOS_SECURITY_PEER_TLS_CERT_FILE", files[0])
+        .env("MAOS_SECURITY_PEER_TLS_KEY_FILE", files[1])
+        .env("MAOS_SECURITY_PEER_TLS_CA_FILE", files[2])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?)
+}
+
+/// `maos cluster add-node` of node 4 at `raft` and `api`: the CLI's output.
+fn add_fourth(cluster: &LocalCluster, (raft, api): (&str, &str)) -> anyhow::Result<std::process::Output> {
+    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["cluster", "add-node", "--id", "4", "--raft-addr", raft, "--api-addr", api])
+        .args(["--endpoints", &cluster.nodes[&1].api_addr, "--json"])
+        .stdin(std::process::Stdio::null())
+        .output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_cannot_join() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let dir = root.path();
+    let members = Ca::new("maos members")?;
+    let ca_file = members.write(dir, "members-ca.pem")?;
+    let options = LocalClusterOptions {
+        // A shorter deadline for add-node, so the refused join below gives up sooner.
+        env: vec![("MAOS_RAFT_REQUEST_TIMEOUT_MS".into(), "4000".into())],
+        ..Default::default()
+    };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), dir, options)?;
+    let mut identities = Vec::new();
+    for id in 1..=3u64 {
+        let (cert, key) = members.sign(&["127.0.0.1"])?;
+        let (cert_file, key_file) = (dir.join(format!("member-{id}.pem")), dir.join(format!("member-{id}.key")));
+        std::fs::write(&cert_file, &cert)?;
+        std::fs::write(&key_file, &key)?;
+        cluster.set_node_env(id, "MAOS_SECURITY_PEER_TLS_CERT_FILE", &cert_file.display().to_string());
+        cluster.set_node_env(id, "MAOS_SECURITY_PEER_TLS_KEY_FILE", &key_file.display().to_string());
+        cluster.set_node_env(id, "MAOS_SECURITY_PEER_TLS_CA_FILE", &ca_file.display().to_string());
+        identities.push((cert, key));
+    }
+    cluster.start_all()?;
+    // The members elect a leader and replicate over mutual TLS.
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    cluster.client()?.put("peer-tls", "replicated").await?;
+    cluster.wait_for_same_state(&[1, 2, 3], STEP).await?;
+
+    // On the Raft port, only a member's certificate is answered.
+    let raft = cluster.nodes[&1].raft_addr.clone();
+    raft_hello(&raft, &members.pem, Some(&identities[1])).await?;
+    let strangers = Ca::new("strangers")?;
+    let stranger = strangers.sign(&["127.0.0.1"])?;
+    let refused = raft_hello(&raft, &members.pem, Some(&stranger)).await;
+    assert!(refused.is_err(), "a stranger's certificate was answered on the Raft port");
+    let refused = raft_hello(&raft, &members.pem, None).await;
+    assert!(refused.is_err(), "a client without a certificate was answered on the Raft port");
+    let plaintext = tonic::transport::Endpoint::from_shared(format!("http://{raft}"))?.timeout(Duration::from_secs(5));
+    let refused = match plaintext.connect().await {
+        Ok(channel) => hello_on(channel).await,
+        Err(error) => Err(error.into()),
+    };
+    assert!(refused.is_err(), "plaintext was answered on the Raft port");
+
+    // The scan's stranger probe tells mutual TLS from a port it cannot reach.
+    let scan = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["security-scan", "--comprehensive", "--json", "--endpoints", &cluster.nodes[&1].api_addr])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let findings: serde_json::Value = serde_json::from_slice(&scan.stdout)?;
+    let probed = findings.as_array().map_or(0, |f| {
+        f.iter()
+            .filter(|f| f["finding"].as_str().is_some_and(|s| s.contains("not plaintext gRPC (mutual TLS)")))
+            .count()
+    });
+    assert_eq!(probed, 3, "{findings}");
+
+    // A node whose certificate another CA signed cannot join: add-node gives up, and it never
+    // holds the cluster's data.
+    let (stranger_cert, stranger_key) = (dir.join("stranger.pem"), dir.join("stranger.key"));
+    std::fs::write(&stranger_cert, &stranger.0)?;
+    std::fs::write(&stranger_key, &stranger.1)?;
+    let (raft_4, api_4) = (free_loopback_addr()?, free_loopback_addr()?);
+    let addrs = (raft_4.as_str(), api_4.as_str());
+    let mut fourth = fourth_node(&cluster, dir, addrs, [&stranger_cert, &stranger_key, &ca_file])?;
+    let refused = add_fourth(&cluster, addrs)?;
+    fourth.kill().ok();
+    fourth.wait().ok();
+    let said = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success(), "a stranger joined: {}", String::from_utf8_lossy(&refused.stdout));
+    assert!(said.contains("did not catch up"), "{said}");
+    let status = cluster.status(1).await?;
+    let fourth_status = status.members.iter().find(|m| m.id == 4);
+    assert!(fourth_status.is_some_and(|m| !m.voter), "the stranger became a voter: {:?}", status.members);
+
+    // The same node with a member's certificate catches up and becomes a voter.
+    let (member_cert, member_key) = members.sign(&["127.0.0.1"])?;
+    std::fs::write(&stranger_cert, member_cert)?;
+    std::fs::write(&stranger_key, member_key)?;
+    let mut fourth = fourth_node(&cluster, dir, addrs, [&stranger_cert, &stranger_key, &ca_file])?;
+    let joined = add_fourth(&cluster, addrs)?;
+    let said = format!("{}{}", String::from_utf8_lossy(&joined.stdout), String::from_utf8_lossy(&joined.stderr));
+    let removed = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["cluster", "remove-node", "4", "--endpoints", &cluster.nodes[&1].api_addr])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    fourth.kill().ok();
+    fourth.wait().ok();
+    assert!(joined.status.success(), "a member's certificate could not join: {said}");
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+
+    // New files on disk are read again without a restart, and the members go on replicating.
+    let (cert, key) = members.sign(&["127.0.0.1"])?;
+    replace(&dir.join("member-1.key"), &key)?;
+    replace(&dir.join("member-1.pem"), &cert)?;
+    let deadline = std::time::Instant::now() + STEP;
+    while !cluster.log_tail(1, 10_000).contains("the Raft port's TLS files were read again") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "node 1 did not read its new peer certificate");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    raft_hello(&raft, &members.pem, Some(&identities[2])).await?;
+    cluster.client()?.put("peer-tls", "after the reload").await?;
+    cluster.wait_for_same_state(&[1, 2, 3], STEP).await?;
     Ok(())
 }

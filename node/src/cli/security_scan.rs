@@ -76,12 +76,13 @@ pub fn scan_config(config: &Config, raw: Option<&str>) -> Vec<Finding> {
     if security.allow_insecure {
         findings.push(finding(Severity::High, "auth", "security.allow_insecure is true", "remove it and turn auth on"));
     }
+    let peer_tls = &security.peer_tls;
     match &security.cluster_secret_file {
-        None if !is_loopback(&config.network.raft_listen_addr) => findings.push(finding(
+        None if !peer_tls.enabled() && !is_loopback(&config.network.raft_listen_addr) => findings.push(finding(
             Severity::High,
             "raft-port",
             format!("the Raft port {} is open to whoever reaches it", config.network.raft_listen_addr),
-            "set security.cluster_secret_file on every node (openssl rand -hex 32 > FILE; chmod 600 FILE)",
+            "set security.peer_tls (mutual TLS) or security.cluster_secret_file on every node (openssl rand -hex 32 > FILE; chmod 600 FILE)",
         )),
         None => {}
         Some(path) => check_mode(&mut findings, "file-modes", path, 0o600),
@@ -99,12 +100,15 @@ pub fn scan_config(config: &Config, raw: Option<&str>) -> Vec<Finding> {
             ));
         }
     }
-    findings.push(finding(
-        Severity::Medium,
-        "tls",
-        format!("the Raft port ({}) serves plaintext", config.network.raft_listen_addr),
-        "peer TLS is not built yet (issue 12): keep port 7000 on a private network, with security.cluster_secret_file",
-    ));
+    match &peer_tls.key_file {
+        Some(key) if peer_tls.enabled() => check_mode(&mut findings, "file-modes", key, 0o600),
+        _ => findings.push(finding(
+            Severity::Medium,
+            "tls",
+            format!("the Raft port ({}) serves plaintext", config.network.raft_listen_addr),
+            "set security.peer_tls.cert_file, key_file and ca_file on every node (docs/SECURITY.md, Mutual TLS between members)",
+        )),
+    }
     if !config.security.rate_limit.enabled() {
         findings.push(finding(
             Severity::Low,
@@ -242,6 +246,15 @@ pub async fn scan_cluster(target: &Target, comprehensive: bool) -> anyhow::Resul
                     "set security.cluster_secret_file on every node",
                 )),
                 RaftPortProbe::Protected => {}
+                RaftPortProbe::NotPlaintext(why) => findings.push(finding(
+                    Severity::Info,
+                    "raft-port",
+                    format!(
+                        "node {}'s Raft port {} takes connections but not plaintext gRPC (mutual TLS): {why}",
+                        member.id, member.raft_addr
+                    ),
+                    "",
+                )),
                 RaftPortProbe::Unreachable(why) => findings.push(finding(
                     Severity::Info,
                     "raft-port",
@@ -293,6 +306,24 @@ mod tests {
         let checks: Vec<&str> =
             scan_config(&config, None).iter().filter(|f| f.severity == Severity::High).map(|f| f.check).collect();
         assert_eq!(checks, vec!["raft-port", "tls"]);
+    }
+
+    #[test]
+    fn with_peer_tls_the_raft_port_has_no_finding_but_its_key_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("peer.key");
+        std::fs::write(&key, "key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config = Config::default();
+        config.node.data_dir = std::env::temp_dir().join("maos-scan-test-none");
+        config.security.peer_tls.cert_file = Some(dir.path().join("peer.pem"));
+        config.security.peer_tls.key_file = Some(key.clone());
+        config.security.peer_tls.ca_file = Some(dir.path().join("ca.pem"));
+        let findings = scan_config(&config, None);
+        let raft_port = config.network.raft_listen_addr.clone();
+        assert!(!findings.iter().any(|f| f.check == "raft-port"), "no secret is needed with mutual TLS");
+        assert!(!findings.iter().any(|f| f.subject.contains(&format!("({raft_port}) serves plaintext"))));
+        assert!(findings.iter().any(|f| f.check == "file-modes" && f.subject.contains("peer.key")));
     }
 
     #[test]

@@ -134,6 +134,14 @@ mod tests {
             ("orphan age", |c| c.database.orphan_after = 1, "database.orphan_after"),
             ("redis url", |c| c.redis.url = Some("http://cache:6379".into()), "redis.url"),
             ("redis pool", |c| c.redis.pool_size = 0, "redis.pool_size"),
+            (
+                "peer TLS without its CA",
+                |c| {
+                    c.security.peer_tls.cert_file = Some("node.pem".into());
+                    c.security.peer_tls.key_file = Some("node.key".into());
+                },
+                "security.peer_tls.ca_file",
+            ),
             ("no retention", |c| c.tasks.retention = 0, "tasks.retention"),
             ("no retained tasks", |c| c.tasks.retained_max = 0, "tasks.retained_max"),
             (

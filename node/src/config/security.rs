@@ -1,4 +1,4 @@
-//! The `security` section: auth, the cluster secret, TLS on the API port, JWT issuers and rate
+//! The `security` section: auth, the cluster secret, TLS on the API and Raft ports, JWT issuers and rate
 //! limits (`docs/SECURITY.md`), and the helpers that read them.
 
 use std::path::PathBuf;
@@ -20,6 +20,8 @@ pub struct SecuritySection {
     pub allow_insecure: bool,
     /// TLS on the API port (8000).
     pub tls: TlsSection,
+    /// Mutual TLS on the Raft port (7000), between members.
+    pub peer_tls: PeerTlsSection,
     /// Calls per second each caller may make on the API port.
     pub rate_limit: RateLimitSection,
     /// JWT bearer tokens from identity providers, beside API keys.
@@ -102,6 +104,29 @@ impl RateLimitSection {
             0 => (self.requests_per_second.ceil() as u32).max(1),
             n => n,
         }
+    }
+}
+
+/// Mutual TLS between members on the Raft port: each node presents `cert_file` and accepts only
+/// peers whose certificate a CA in `ca_file` signed, both when it serves and when it calls. A
+/// node without such a certificate can neither join nor send Raft traffic. The certificate must
+/// name the host its peers dial (`cluster.peers[].raft_addr`: a DNS name or an IP address in its
+/// subject alternative names). The files are read again when they change, or on SIGHUP.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerTlsSection {
+    /// The PEM certificate chain this node presents to its peers, as server and as client.
+    pub cert_file: Option<PathBuf>,
+    /// The PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// A PEM bundle of the CAs that sign members' certificates.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl PeerTlsSection {
+    /// Whether the Raft port speaks mutual TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
     }
 }
 

@@ -335,6 +335,17 @@ impl Config {
                 "needs security.tls.cert_file and key_file: client certificates are checked only over TLS".into(),
             );
         }
+        let peer_tls = &self.security.peer_tls;
+        let peer_files =
+            [("cert_file", &peer_tls.cert_file), ("key_file", &peer_tls.key_file), ("ca_file", &peer_tls.ca_file)];
+        if peer_files.iter().any(|(_, file)| file.is_some()) {
+            for (name, _) in peer_files.iter().filter(|(_, file)| file.is_none()) {
+                bad(
+                    &format!("security.peer_tls.{name}"),
+                    "must be set with the others: mutual TLS needs the node's certificate, its key and the members' CA (cert_file, key_file, ca_file)".into(),
+                );
+            }
+        }
         if !self.security.auth.enabled && !self.security.allow_insecure {
             for (key, addr) in [
                 ("network.listen_addr", Some(&self.network.listen_addr)),

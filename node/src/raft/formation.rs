@@ -78,16 +78,25 @@ pub enum RaftPortProbe {
     Open,
     /// It refused the call for want of the cluster secret.
     Protected,
+    /// It takes TCP connections but not a plaintext gRPC call: mutual TLS (`security.peer_tls`),
+    /// or something other than a MAOS node.
+    NotPlaintext(String),
     Unreachable(String),
 }
 
-/// Call `Hello` on `raft_addr` as a stranger (no cluster secret).
+/// How long a probe waits for a TCP connection.
+const PROBE_CONNECT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Call `Hello` on `raft_addr` as a stranger (no cluster secret, no certificate).
 pub async fn probe_raft_port(raft_addr: &str) -> RaftPortProbe {
     let channels = Channels::new(std::sync::Arc::new(crate::transport::TcpTransport));
     match hello(&channels, raft_addr, 0, "").await {
         Ok(_) => RaftPortProbe::Open,
         Err(message) if message.contains("cluster secret") => RaftPortProbe::Protected,
-        Err(message) => RaftPortProbe::Unreachable(message),
+        Err(message) => match tokio::time::timeout(PROBE_CONNECT, tokio::net::TcpStream::connect(raft_addr)).await {
+            Ok(Ok(_)) => RaftPortProbe::NotPlaintext(message),
+            _ => RaftPortProbe::Unreachable(message),
+        },
     }
 }
 

@@ -15,7 +15,7 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::RaftPayload;
@@ -103,6 +103,8 @@ pub struct Channels {
     /// Rate-limited warnings about peers that do not answer.
     pub warnings: Arc<PeerWarnings>,
     secret: PeerSecret,
+    /// Mutual TLS to peers (`security.peer_tls`): new channels use the one set last.
+    tls: Arc<Mutex<Option<ClientTlsConfig>>>,
 }
 
 impl Channels {
@@ -112,7 +114,22 @@ impl Channels {
             by_addr: Arc::new(Mutex::new(BTreeMap::new())),
             warnings: Arc::default(),
             secret: PeerSecret::default(),
+            tls: Arc::default(),
         }
+    }
+
+    /// Call peers over mutual TLS with `tls` (every clone of these channels does).
+    pub fn with_tls(self, tls: Option<ClientTlsConfig>) -> Self {
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = tls;
+        self
+    }
+
+    /// Use `tls` from the next call on (certificates read again): the channels made with the
+    /// old files are dropped, so each peer is dialled again; calls under way finish on theirs.
+    pub fn replace_tls(&self, tls: ClientTlsConfig) {
+        let mut by_addr = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+        by_addr.clear();
     }
 
     /// Send `secret` (the cluster secret) with every call.
@@ -131,7 +148,8 @@ impl Channels {
         if let Some(channel) = by_addr.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = self.transport.channel(addr)?;
+        let tls = self.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let channel = self.transport.channel(addr, tls)?;
         by_addr.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

@@ -154,6 +154,17 @@ fn spawn_in(
     tasks.spawn(tracing::Instrument::instrument(work, span.clone()));
 }
 
+/// The node's channels to its peers, and the cluster secret they send with every call: over
+/// mutual TLS when `security.peer_tls` is set. The error names the key at fault.
+pub(crate) fn peer_channels(config: &Config, transport: SharedTransport) -> Result<(Channels, Option<String>), String> {
+    let secret = config.cluster_secret().map_err(|e| format!("security.cluster_secret_file: {e}"))?;
+    let tls = match config.security.peer_tls.enabled() {
+        true => Some(tls::peer_client(&config.security.peer_tls)?),
+        false => None,
+    };
+    Ok((Channels::new(transport).with_secret(secret.as_deref())?.with_tls(tls), secret))
+}
+
 pub async fn start<LS, P>(
     config: &Config,
     log: LS,
@@ -173,10 +184,9 @@ where
     let agent_backends = backends(config, keeper.clone())?;
     let storage = Arc::new(Storage::from_config(config)?);
     let peers = formation_peers(config);
-    let secret =
-        config.cluster_secret().map_err(|e| StartError::Security(format!("security.cluster_secret_file: {e}")))?;
-    let channels = Channels::new(transport.clone()).with_secret(secret.as_deref()).map_err(StartError::Security)?;
-    if secret.is_none() && !crate::config::is_loopback(&config.network.raft_listen_addr) {
+    let (channels, secret) = peer_channels(config, transport.clone()).map_err(StartError::Security)?;
+    let peer_tls = config.security.peer_tls.enabled();
+    if secret.is_none() && !peer_tls && !crate::config::is_loopback(&config.network.raft_listen_addr) {
         tracing::warn!(
             raft = %config.network.raft_listen_addr,
             "the Raft port listens beyond loopback without security.cluster_secret_file: anyone who reaches it can send Raft traffic; set a cluster secret (docs/SECURITY.md)"
@@ -249,8 +259,20 @@ where
         false => api_incoming,
         true => {
             let tls = Arc::new(tls::ServerTls::load(&config.security.tls).map_err(StartError::Security)?);
-            spawn_in(&mut tasks, &node_span, tls::watch_files(tls.clone(), stopped.clone()));
+            spawn_in(&mut tasks, &node_span, tls::watch_files(tls.clone(), || Ok(()), stopped.clone()));
             tls.wrap(api_incoming)
+        }
+    };
+    // Mutual TLS on the Raft port: a peer without a certificate from the members' CA gets no
+    // further than the handshake. A reload renews the client side too.
+    let raft_incoming = match peer_tls {
+        false => raft_incoming,
+        true => {
+            let tls = Arc::new(tls::ServerTls::for_peers(&config.security.peer_tls).map_err(StartError::Security)?);
+            let (files, peer_channels) = (config.security.peer_tls.clone(), core.channels.clone());
+            let renew_client = move || tls::peer_client(&files).map(|client| peer_channels.replace_tls(client));
+            spawn_in(&mut tasks, &node_span, tls::watch_files(tls.clone(), renew_client, stopped.clone()));
+            tls.wrap(raft_incoming)
         }
     };
 

@@ -10,7 +10,6 @@ use maos_raft_store::{StateMachineStore, VALIDATION_SERVED};
 use super::data_dir::{preflight, DataDir};
 use super::start;
 use crate::config::Config;
-use crate::raft::network::Channels;
 use crate::raft::proposer::system_clock;
 use crate::transport::TcpTransport;
 
@@ -21,8 +20,7 @@ const IDENTITY_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let transport = Arc::new(TcpTransport);
     let data_dir = DataDir::new(&config.node.data_dir);
-    let secret = config.cluster_secret().map_err(|e| anyhow::anyhow!("security.cluster_secret_file: {e}"))?;
-    let channels = Channels::new(transport.clone()).with_secret(secret.as_deref()).map_err(anyhow::Error::msg)?;
+    let (channels, _) = super::peer_channels(&config, transport.clone()).map_err(anyhow::Error::msg)?;
     let mut identity = preflight(&config, &data_dir, &channels).await?;
     // Read-only: a database this build cannot read is refused before anything is written.
     RocksDb::check_format(&data_dir.raft_path())?;
