@@ -115,7 +115,6 @@ fn idempotency_key() -> String {
     format!("sdk-{nanos:x}-{:x}-{count:x}", std::process::id())
 }
 
-/// Whether a failed attempt may be retried on another node.
 /// How long the server asked the caller to wait before calling again (`grpc-retry-pushback-ms`,
 /// set when it refused a call before doing anything: a rate limit or a busy node), if it did.
 fn pushback(status: &Status) -> Option<Duration> {
@@ -123,6 +122,7 @@ fn pushback(status: &Status) -> Option<Duration> {
     value.parse::<u64>().ok().map(Duration::from_millis)
 }
 
+/// Whether a failed attempt may be retried on another node.
 fn retryable(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
 }

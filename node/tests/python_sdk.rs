@@ -1,4 +1,6 @@
-//! The Python SDK (`sdk/python`, package `maos`) against a real 3-node cluster: its pytest suite
+//! The Python SDK (`sdk/python`, package `maos`) against a real 3-node cluster with TLS and auth
+//! on (as a production cluster runs: the SDK finds the CA and the token in `MAOS_CA_FILE` and
+//! `MAOS_TOKEN`, as the CLI does): its pytest suite
 //! (`sdk/python/tests`) submits and watches a planned workflow, runs Python workers (one is
 //! `kill -9`ed mid-task and its successor resumes from the checkpoint), checks refusals name the
 //! field, runs 200 concurrent async submits, fails over past a dead endpoint and uses the
@@ -9,6 +11,8 @@
 //! `scripts/setup.sh`'s `setup_python_sdk`; the test finds it through `MAOS_TEST_PYTHON_SDK` or at
 //! `$CARGO_TARGET_DIR/python-sdk`.
 
+#[path = "support/certs.rs"]
+mod certs;
 #[path = "support/tasks.rs"]
 mod common;
 
@@ -17,7 +21,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::STEP;
-use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
+use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions, TlsFiles};
 
 /// The whole pytest run, at most.
 const PYTEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -41,10 +45,22 @@ fn python() -> anyhow::Result<PathBuf> {
 }
 
 /// Short leases so a killed worker's task moves within seconds; the default agent pool (with the
-/// coordinator that plans `mixed` tasks).
-fn options() -> LocalClusterOptions {
+/// coordinator that plans `mixed` tasks); TLS on port 8000 with `tls`; auth on.
+fn options(tls: TlsFiles) -> LocalClusterOptions {
     let env = [("MAOS_SCHEDULER_LEASE_MS", "3000"), ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS", "500")];
-    LocalClusterOptions { env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() }
+    LocalClusterOptions {
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        tls: Some(tls),
+        auth: true,
+        ..Default::default()
+    }
+}
+
+/// What the SDK reads from the environment to reach `cluster`: the CA at `ca_file` and an
+/// admin's token.
+fn sdk_env(cluster: &LocalCluster, ca_file: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let token = cluster.bootstrap_token().ok_or_else(|| anyhow::anyhow!("no bootstrap token"))?;
+    Ok(vec![("MAOS_CA_FILE", ca_file.display().to_string()), ("MAOS_TOKEN", token)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +68,9 @@ async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Res
     let python = python()?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let root = tempfile::tempdir()?;
-    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options())?;
+    let tls = certs::api_tls(root.path())?;
+    let ca_file = tls.ca_file.clone();
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options(tls))?;
     cluster.start_all()?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
     cluster.wait_ready(&[1, 2, 3], STEP).await?;
@@ -68,6 +86,7 @@ async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Res
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "sdk/python/tests"])
         .current_dir(&repo)
         .env("MAOS_TEST_ENDPOINTS", &endpoints)
+        .envs(sdk_env(&cluster, &ca_file)?)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -87,17 +106,23 @@ async fn the_python_sdk_passes_its_tests_against_a_real_cluster() -> anyhow::Res
     anyhow::ensure!(stdout.contains(" passed"), "pytest ran no test:\n{stdout}");
 
     // Last, since it kills a node: a watch outlives the node that serves it.
-    watch_through_a_node_kill(&python, &repo, &mut cluster).await
+    watch_through_a_node_kill(&python, &repo, &mut cluster, &ca_file).await
 }
 
 /// `sdk/python/tests/watch_through_kill.py` watches a task, and runs a worker, through node 1;
 /// node 1 is killed once the watch has its first event; the watch must reopen elsewhere and see
 /// the task complete, and the worker must take a task submitted after the kill.
-async fn watch_through_a_node_kill(python: &Path, repo: &Path, cluster: &mut LocalCluster) -> anyhow::Result<()> {
+async fn watch_through_a_node_kill(
+    python: &Path,
+    repo: &Path,
+    cluster: &mut LocalCluster,
+    ca_file: &Path,
+) -> anyhow::Result<()> {
     let endpoints: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
     let mut child = tokio::process::Command::new(python)
         .arg("sdk/python/tests/watch_through_kill.py")
         .arg(endpoints.join(","))
+        .envs(sdk_env(cluster, ca_file)?)
         .current_dir(repo)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -6,44 +6,17 @@
 //! port (`security.peer_tls`): a stranger's certificate, none, or plaintext is refused, and a
 //! node whose certificate another CA signed cannot join.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+#[path = "support/certs.rs"]
+mod certs;
+
+use certs::Ca;
 use maos_client::{Client, Tls};
 use maos_testkit::local_cluster::{free_loopback_addr, LocalCluster, LocalClusterOptions, TlsFiles};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 const STEP: Duration = Duration::from_secs(30);
-
-/// A CA that signs certificates for tests.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> anyhow::Result<Self> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate()?;
-        let pem = params.self_signed(&key)?.pem();
-        Ok(Self { issuer: Issuer::new(params, key), pem })
-    }
-
-    /// A certificate for `names` (IP addresses or DNS names) and its key, as PEM.
-    fn sign(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        let key = KeyPair::generate()?;
-        Ok((params.signed_by(&key, &self.issuer)?.pem(), key.serialize_pem()))
-    }
-
-    fn write(&self, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-        let path = dir.join(name);
-        std::fs::write(&path, &self.pem)?;
-        Ok(path)
-    }
-}
 
 /// Write `text` to `path` whole: a reader sees the old file or the new one.
 fn replace(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -50,6 +50,12 @@ def retryable(code: Optional[grpc.StatusCode], idempotent: bool) -> bool:
     return bool(code == grpc.StatusCode.UNAVAILABLE)
 
 
+def pushed_back(error: MaosError, remaining_s: float) -> bool:
+    """Whether the server refused the call before doing anything and said when to call again
+    (`grpc-retry-pushback-ms`: a rate limit, a busy node), and that wait fits in `remaining_s`."""
+    return error.pushback_s is not None and error.pushback_s < remaining_s
+
+
 def stream_error(e: grpc.RpcError, endpoint: str, deadline_set: bool) -> MaosError:
     """The error a watch stream broke with, raised unless another endpoint may continue it: its
     own deadline ran out, or the code is not one a stream is reopened for."""
@@ -148,7 +154,19 @@ def make_options(endpoints: Union[str, Iterable[str]], token: Optional[str], tls
         token = os.environ.get("MAOS_TOKEN") or _token_file() or None
     if token is not None and (not token or not token.isascii() or not token.isprintable()):
         raise InvalidArgument("token: must be non-empty printable ASCII", field="token")
+    if tls is None:
+        tls = tls_from_environment()
     return Options(targets, token, tls, float(deadline))
+
+
+def tls_from_environment() -> Optional[TlsOptions]:
+    """As the CLI: `MAOS_CA_FILE` turns TLS on, checked against that CA, and `MAOS_CLIENT_CERT`
+    with `MAOS_CLIENT_KEY` present a client certificate. None when `MAOS_CA_FILE` is unset."""
+    ca_file = os.environ.get("MAOS_CA_FILE") or None
+    if ca_file is None:
+        return None
+    return TlsOptions(ca_file=ca_file, cert_file=os.environ.get("MAOS_CLIENT_CERT") or None,
+                      key_file=os.environ.get("MAOS_CLIENT_KEY") or None)
 
 
 def _token_file() -> Optional[str]:

@@ -26,7 +26,7 @@ class AsyncClient:
     def __init__(self, endpoints: Union[str, Iterable[str]], token: Optional[str] = None,
                  tls: Optional[TlsOptions] = None, deadline: float = _core.DEADLINE_DEFAULT_S) -> None:
         self.options = _core.make_options(endpoints, token, tls, deadline)
-        credentials = tls.credentials() if tls is not None else None
+        credentials = self.options.tls.credentials() if self.options.tls is not None else None
         channel_options = self.options.channel_options()
         self._channels = [
             grpc.aio.secure_channel(t, credentials, channel_options) if credentials is not None
@@ -58,7 +58,8 @@ class AsyncClient:
         index = self._preferred
         last: Optional[MaosError] = None
         count = len(self._stubs)
-        for _ in range(_core.ATTEMPTS_MAX):
+        attempts = 0
+        while attempts < _core.ATTEMPTS_MAX:
             remaining = total - (loop.time() - started)
             if remaining <= 0:
                 break
@@ -68,8 +69,15 @@ class AsyncClient:
                 answer = await call.invoke(self._stubs[index], limit, self.options.metadata())
             except grpc.RpcError as e:
                 error = from_rpc_error(e, endpoint)
+                if _core.pushed_back(error, remaining):
+                    # Refused before anything was done, with when to call again: wait, then
+                    # retry here (not counted as an attempt; the deadline bounds it).
+                    last = error
+                    await asyncio.sleep(max(error.pushback_s or 0, 0.001))
+                    continue
                 if not _core.retryable(error.code, call.idempotent):
                     raise error from None
+                attempts += 1
                 last = error
                 index = (index + 1) % count
                 if index == 0 or count == 1:

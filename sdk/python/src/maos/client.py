@@ -27,14 +27,16 @@ class Client:
 
     `endpoints`: every node's `host:port` (or one load balancer); calls start at the endpoint that
     answered last. `token`: sent as `authorization: Bearer <token>` (default: `MAOS_TOKEN`, else
-    `~/.config/maos/token`). `tls`: TLS for every
-    endpoint. `deadline`: seconds one call may take, retries included.
+    `~/.config/maos/token`). `tls`: TLS for every endpoint (default: `MAOS_CA_FILE`, with
+    `MAOS_CLIENT_CERT` and `MAOS_CLIENT_KEY`, as the CLI; unset: plaintext). `deadline`: seconds
+    one call may take, retries included; a call the server pushes back (a rate limit, a busy
+    node: `grpc-retry-pushback-ms`) is retried after the wait it asked for, within the deadline.
     """
 
     def __init__(self, endpoints: Union[str, Iterable[str]], token: Optional[str] = None,
                  tls: Optional[TlsOptions] = None, deadline: float = _core.DEADLINE_DEFAULT_S) -> None:
         self.options = _core.make_options(endpoints, token, tls, deadline)
-        credentials = tls.credentials() if tls is not None else None
+        credentials = self.options.tls.credentials() if self.options.tls is not None else None
         channel_options = self.options.channel_options()
         self._channels = [
             grpc.secure_channel(t, credentials, channel_options) if credentials is not None
@@ -67,7 +69,8 @@ class Client:
             index = self._preferred
         last: Optional[MaosError] = None
         count = len(self._stubs)
-        for attempt in range(_core.ATTEMPTS_MAX):
+        attempts = 0
+        while attempts < _core.ATTEMPTS_MAX:
             remaining = total - (time.monotonic() - started)
             if remaining <= 0:
                 break
@@ -77,8 +80,15 @@ class Client:
                 answer = call.invoke(self._stubs[index], limit, self.options.metadata())
             except grpc.RpcError as e:
                 error = from_rpc_error(e, endpoint)
+                if _core.pushed_back(error, remaining):
+                    # Refused before anything was done, with when to call again: wait, then
+                    # retry here (not counted as an attempt; the deadline bounds it).
+                    last = error
+                    time.sleep(max(error.pushback_s or 0, 0.001))
+                    continue
                 if not _core.retryable(error.code, call.idempotent):
                     raise error from None
+                attempts += 1
                 last = error
                 index = (index + 1) % count
                 if index == 0 or count == 1:

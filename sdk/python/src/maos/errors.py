@@ -13,11 +13,15 @@ from typing import Any, Optional
 import grpc
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+#: The trailer a node sets when it refused a call before doing anything (a rate limit, a busy
+#: node): how many milliseconds to wait before calling again.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class MaosError(Exception):
     """A refused or failed call. `code` is the gRPC status code (None for client-side errors),
-    `field` the request field the server named (None when it named none)."""
+    `field` the request field the server named (None when it named none), `pushback_s` how long
+    the server asked the caller to wait before calling again (None when it did not)."""
 
     def __init__(
         self,
@@ -26,12 +30,14 @@ class MaosError(Exception):
         code: Optional[grpc.StatusCode] = None,
         field: Optional[str] = None,
         endpoint: Optional[str] = None,
+        pushback_s: Optional[float] = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.field = field
         self.endpoint = endpoint
+        self.pushback_s = pushback_s
 
     def __str__(self) -> str:
         code = f"{self.code.name}: " if self.code is not None else ""
@@ -126,6 +132,17 @@ def field_from_details(trailers: Any) -> Optional[str]:
     return None
 
 
+def pushback_from(trailers: Any) -> Optional[float]:
+    """The wait in `grpc-retry-pushback-ms`, in seconds, if the trailers carry one."""
+    for key, value in trailers or ():
+        if key == PUSHBACK_KEY:
+            try:
+                return max(int(value), 0) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def field_from_message(message: str) -> Optional[str]:
     """`"task_type: must not be empty"` → `"task_type"`."""
     head, sep, _ = message.partition(": ")
@@ -149,4 +166,6 @@ def from_rpc_error(error: grpc.RpcError, endpoint: Optional[str] = None) -> Maos
     message = str(error.details() if hasattr(error, "details") else error) or ""
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     field = field_from_details(trailers)
-    return error_for(code, message, field, endpoint)
+    error_ = error_for(code, message, field, endpoint)
+    error_.pushback_s = pushback_from(trailers)
+    return error_
