@@ -202,3 +202,48 @@ async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -
     assert_eq!(late.code(), Code::PermissionDenied, "{late:?}");
     Ok(())
 }
+
+/// Issue 12: an agent's credential is keyed by the cluster's auth secret (replicated), not by a
+/// key its node drew at start, so any node takes it while the lease lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_an_agent_credential_is_taken_by_every_node() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let script = root.path().join("hold.py");
+    let out = root.path().join("envelope.json");
+    std::fs::write(
+        &script,
+        format!(
+            "import json, sys, time\nenvelope = json.load(sys.stdin)\nopen({out:?}, 'w').write(json.dumps(envelope))\n\
+             time.sleep(6)\nprint(json.dumps({{'result': 'held'}}))\n",
+            out = out.display().to_string()
+        ),
+    )?;
+    let types =
+        format!("{{holder: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
+    let options = LocalClusterOptions { auth: true, ..options(&[("MAOS_AGENTS_TYPES", &types)]) };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let client = std::sync::Arc::new(cluster.client()?);
+    wait_until("the holder agents to register", || {
+        let client = client.clone();
+        async move { Ok(client.agents(0).await?.total >= 3) }
+    })
+    .await?;
+    let request = SubmitTaskRequest { task_type: "holder".into(), description: "hold".into(), ..Default::default() };
+    let task_id = client.submit(request).await?.task_id;
+    wait_until("the agent's envelope", || {
+        let out = out.clone();
+        async move { Ok(std::fs::read_to_string(&out).is_ok_and(|t| t.ends_with('}'))) }
+    })
+    .await?;
+    let envelope: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let credential = envelope["api"]["credential"].as_str().unwrap_or_default().to_string();
+    let own = format!("workflows/{task_id}/notes");
+    for id in 1..=3 {
+        let node = maos_client::Client::new([cluster.nodes[&id].api_addr.clone()])?.with_credentials(&credential)?;
+        node.put(&own, &format!("through node {id}")).await.map_err(|e| anyhow::anyhow!("node {id}: {e}"))?;
+    }
+    Ok(())
+}

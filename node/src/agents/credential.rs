@@ -1,20 +1,31 @@
 //! Credentials scoped to one attempt, handed to agents in their envelope.
 //!
-//! A credential names a task and a fencing token and carries an HMAC-SHA256 over both, keyed by a
-//! secret this node draws at start. It is valid on the node that issued it while that lease is
-//! the task's current one; it lets the agent use its workflow's shared state
-//! (`workflows/<root task id>/...`) and nothing else.
+//! A credential names a task and a fencing token and carries an HMAC-SHA256 over both. The key
+//! is derived from the cluster's auth secret (drawn once by the first leader and replicated), so
+//! a credential is valid on every node, before and after restarts, while that lease is the
+//! task's current one; it lets the agent use its workflow's shared state
+//! (`workflows/<root task id>/...`) and nothing else. Until auth is bootstrapped (and always with
+//! auth off, which draws no auth secret) the key is one this node draws at start, and its
+//! credentials are valid on it alone; a credential issued so is still accepted there afterwards.
 
 use hmac::{Hmac, Mac};
+use maos_raft_store::StateMachineHandle;
 use sha2::Sha256;
 
 /// Prefix and version of the credential format.
 pub const PREFIX: &str = "maos1";
 
-/// The node's credential key.
+/// Issues and checks agent credentials.
 pub struct Credentials {
-    key: [u8; 32],
+    /// This node's own key, for credentials issued before the cluster's is known.
+    local: [u8; 32],
+    /// Where the cluster's auth secret is, once auth is bootstrapped.
+    state: Option<StateMachineHandle>,
 }
+
+/// What the cluster's credential key is derived under, from its auth secret (which also keys API
+/// keys' hashes: a separate derivation keeps the two uses apart).
+const DERIVATION: &[u8] = b"maos agent credentials v1";
 
 /// What a valid credential grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,19 +38,33 @@ pub struct AgentScope {
 pub enum CredentialError {
     #[error("the credential is malformed; use the one from the task envelope")]
     Malformed,
-    #[error("the credential was not issued by this node (or was altered); call the endpoint from the envelope")]
+    #[error("the credential was not issued by this cluster (or was altered); use the one from the task envelope")]
     BadSignature,
 }
 
 impl Credentials {
-    /// A fresh random key: credentials from before a restart stop working (their agents were
-    /// stopped with the node).
-    pub fn generate() -> Self {
-        Self { key: rand::random() }
+    /// Credentials keyed by the cluster's auth secret in `state` once it holds one.
+    pub fn for_cluster(state: StateMachineHandle) -> Self {
+        Self { local: rand::random(), state: Some(state) }
     }
 
-    fn mac(&self, task_id: &str, token: u64) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes a key of any length");
+    /// Credentials of this node alone: a fresh random key, so credentials from before a restart
+    /// stop working.
+    pub fn generate() -> Self {
+        Self { local: rand::random(), state: None }
+    }
+
+    /// The cluster's key, when auth is bootstrapped: the same on every node.
+    fn cluster_key(&self) -> Option<[u8; 32]> {
+        let state = self.state.as_ref()?.read();
+        let secret = hex::decode(&state.app.auth.secret).ok().filter(|s| !s.is_empty())?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes a key of any length");
+        mac.update(DERIVATION);
+        Some(mac.finalize().into_bytes().into())
+    }
+
+    fn mac(key: &[u8; 32], task_id: &str, token: u64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
         mac.update(task_id.as_bytes());
         mac.update(&token.to_be_bytes());
         mac
@@ -47,7 +72,8 @@ impl Credentials {
 
     /// `maos1:<token>:<hex mac>:<task id>`.
     pub fn issue(&self, task_id: &str, token: u64) -> String {
-        let tag = hex::encode(self.mac(task_id, token).finalize().into_bytes());
+        let key = self.cluster_key().unwrap_or(self.local);
+        let tag = hex::encode(Self::mac(&key, task_id, token).finalize().into_bytes());
         format!("{PREFIX}:{token}:{tag}:{task_id}")
     }
 
@@ -61,7 +87,10 @@ impl Credentials {
         };
         let token: u64 = token.parse().map_err(|_| CredentialError::Malformed)?;
         let tag = hex::decode(tag).map_err(|_| CredentialError::Malformed)?;
-        self.mac(task_id, token).verify_slice(&tag).map_err(|_| CredentialError::BadSignature)?;
+        let signed_by = |key: &[u8; 32]| Self::mac(key, task_id, token).verify_slice(&tag).is_ok();
+        if !self.cluster_key().is_some_and(|key| signed_by(&key)) && !signed_by(&self.local) {
+            return Err(CredentialError::BadSignature);
+        }
         Ok(AgentScope { task_id: task_id.to_string(), token })
     }
 }

@@ -298,7 +298,7 @@ where
     });
 
     let mut until_stopped = stopped.clone();
-    let credentials = Arc::new(Credentials::generate());
+    let credentials = Arc::new(Credentials::for_cluster(core.state.clone()));
     let agent_metrics = Arc::new(AgentMetrics::default());
     let streams = Arc::new(tokio::sync::Semaphore::new(crate::api::streams::STREAMS_MAX));
     let kv = KvServiceServer::new(KvApi {
