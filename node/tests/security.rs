@@ -825,3 +825,70 @@ async fn past_its_bound_of_calls_in_flight_a_node_answers_busy_at_once() -> anyh
     assert!(metrics.contains("maos_requests_refused_total{reason=\"busy\"}"), "{metrics}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_the_dashboard_needs_a_readers_key() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let options = LocalClusterOptions { nodes: 1, auth: true, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1], STEP).await?;
+    cluster.wait_ready(&[1], STEP).await?;
+    let admin = cluster.bootstrap_token().ok_or_else(|| anyhow::anyhow!("no bootstrap token"))?;
+    let channel = cluster.client_of(1)?.channel(0).ok_or_else(|| anyhow::anyhow!("no channel"))?;
+    let key = |role: &str| {
+        let (channel, admin, role) = (channel.clone(), admin.clone(), role.to_string());
+        async move {
+            let request = CreateKeyRequest { name: format!("dash-{role}"), role, expires_in_s: 0 };
+            let created = who(&channel, &admin)?.create_key(request).await?.into_inner();
+            anyhow::Ok((created.key.map(|k| k.id).unwrap_or_default(), created.secret))
+        }
+    };
+    let (viewer_id, viewer) = key("viewer").await?;
+    let (_, submitter) = key("submitter").await?;
+    let base = format!("http://{}", cluster.nodes[&1].dashboard_addr);
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+
+    // Without a key: the pages send the browser to sign in, live streams answer 401, and the
+    // sign-in page's own stylesheet is served.
+    let page = http.get(format!("{base}/tasks")).send().await?;
+    assert_eq!(page.status(), 303);
+    assert_eq!(page.headers().get("location").and_then(|v| v.to_str().ok()), Some("/login"));
+    assert_eq!(http.get(format!("{base}/sse/overview")).send().await?.status(), 401);
+    let login = http.get(format!("{base}/login")).send().await?.text().await?;
+    let stylesheet = login.split("href=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or_default();
+    assert!(stylesheet.starts_with("/assets/"), "{login}");
+    assert_eq!(http.get(format!("{base}{stylesheet}")).send().await?.status(), 200);
+
+    // A wrong key, or one whose role may not read every task, is refused and says why.
+    let sign_in = |key: String| http.post(format!("{base}/login")).form(&[("key", key)]).send();
+    let refused = sign_in("maos_0000000000000000_nope".into()).await?;
+    assert_eq!(refused.status(), 401);
+    let refused = sign_in(submitter).await?;
+    assert_eq!(refused.status(), 401);
+    assert!(refused.text().await?.contains("viewer, operator or admin"));
+
+    // A viewer's key signs in: kept in an HttpOnly, SameSite=Strict cookie.
+    let signed_in = sign_in(viewer.clone()).await?;
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in.headers().get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(cookie.starts_with("maos_dashboard=") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(!cookie.contains("Secure"), "no TLS here: {cookie}");
+    let pair = cookie.split(';').next().unwrap_or_default().to_string();
+    let page = http.get(format!("{base}/tasks")).header("cookie", &pair).send().await?;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await?.contains("Sign out"));
+
+    // Revoked, the key no longer opens the dashboard.
+    who(&channel, &admin)?.revoke_key(RevokeKeyRequest { id: viewer_id }).await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let page = http.get(format!("{base}/tasks")).header("cookie", &pair).send().await?;
+        if page.status() == 303 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "a revoked key still opens the dashboard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -70,6 +70,9 @@ async fn the_api_port_serves_grpc_rest_and_metrics_over_tls_and_reloads_its_cert
     assert_eq!(status.version(), reqwest::Version::HTTP_11);
     let metrics = http.get(format!("https://{addr}/metrics")).send().await?.text().await?;
     assert!(metrics.contains("maos_raft_term"), "{metrics:.200}");
+    // The dashboard speaks TLS with the same certificate.
+    let dashboard = http.get(format!("https://{}/", cluster.nodes[&1].dashboard_addr)).send().await?;
+    assert_eq!(dashboard.status(), 200);
 
     // The CLI with --ca-file.
     let maos = env!("CARGO_BIN_EXE_maos");

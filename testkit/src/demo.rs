@@ -112,7 +112,10 @@ pub async fn run(binary: &std::path::Path, root: &std::path::Path, keep: bool) -
     cluster.wait_ready(&all, STEP_TIMEOUT).await?;
     cluster.wait_for_bootstrap_token(STEP_TIMEOUT).await?;
     if let Some(path) = cluster.bootstrap_token_path() {
-        progress.println(format!("   auth is on; the bootstrap admin token is in {}", path.display()));
+        progress.println(format!(
+            "   auth is on; the bootstrap admin token is in {} (the dashboard asks for it, or another admin, operator or viewer key)",
+            path.display()
+        ));
         progress.println(format!("   (for the CLI: export MAOS_TOKEN=$(cat {}))", path.display()));
     }
     progress.waiting("waiting for the agent pools to register");

@@ -13,10 +13,9 @@ use maud::{html, Markup, DOCTYPE};
 use super::assets::{HTMX, HTMX_SSE, STYLESHEET};
 use super::Dashboard;
 
-/// The notice on every page until API principals and roles exist.
-pub const READ_ONLY_NOTICE: &str =
-    "Read-only: this dashboard changes nothing until API security (principals and roles) \
-     is in place. Use the CLI for actions (maos agent pause|resume|terminate, maos task cancel|retry).";
+/// The notice on every page.
+pub const READ_ONLY_NOTICE: &str = "Read-only: this dashboard changes nothing. Use the CLI for actions \
+     (maos agent pause|resume|terminate, maos task cancel|retry).";
 
 /// htmx settings: no indicator styles injected (the CSP allows no inline style), no eval.
 const HTMX_CONFIG: &str = r#"{"includeIndicatorStyles":false,"allowEval":false,"allowScriptTags":false}"#;
@@ -61,6 +60,7 @@ pub fn page(dash: &Dashboard, title: &str, nav: Nav, live: Option<&str>, body: M
                         (entry(Nav::Agents, "/agents", "Agents"))
                     }
                     span.served #served-by { "served by node " (dash.core.id) " (" (role) "), applied index " (applied) }
+                    @if dash.gate.is_some() { a.signout href="/logout" { "Sign out" } }
                 }
                 p.notice #read-only role="note" { (READ_ONLY_NOTICE) }
                 @if let Some(live) = live {

@@ -11,13 +11,17 @@
 //! - `sse.rs`: one stream per open page that re-renders the page's live fragments and sends
 //!   those that changed.
 //! - `overview.rs`, `tasks.rs`, `task.rs`, `workflow.rs`, `agents.rs`: the pages.
+//! - `login.rs`: with auth on, the sign-in every page and stream needs (a viewer's, operator's
+//!   or admin's API key, kept in an `HttpOnly` cookie and checked on every request).
+//!
+//! With `security.tls` the port speaks TLS with the API port's certificate.
 //!
 //! **Invariant:** every string that came from a user or an agent (descriptions, inputs, results,
 //! causes, names) reaches the page through maud's escaping; no script is built from data (the
 //! pages carry no inline script at all, and the Content-Security-Policy allows only this
 //! origin's scripts).
-//! **Invariant:** the dashboard only reads: it takes no action until API principals and roles
-//! exist, and says so on every page.
+//! **Invariant:** the dashboard only reads, and says so on every page; with auth on, only a
+//! principal that may read every task sees it.
 //! It reads the node's applied state in process (as the API's stale reads do) and the other
 //! members' status over the client API; it never calls itself.
 
@@ -37,6 +41,7 @@ use crate::storage::Storage;
 mod agents;
 mod assets;
 mod layout;
+pub mod login;
 mod overview;
 pub(crate) mod recorder;
 mod sse;
@@ -62,6 +67,8 @@ pub struct Dashboard {
     pub streams: Arc<Semaphore>,
     /// Ends the live-update streams when the node stops, so a stop need not wait for browsers.
     pub stopped: watch::Receiver<bool>,
+    /// With auth on: who may see the pages (`login.rs`).
+    pub gate: Option<login::Gate>,
 }
 
 /// The dashboard's routes.
@@ -78,7 +85,10 @@ pub fn router(dashboard: Arc<Dashboard>) -> Router {
         .route("/agents", get(agents::page))
         .route("/sse/agents", get(agents::live))
         .route("/assets/{name}", get(assets::serve))
+        .route("/login", get(login::page).post(login::submit))
+        .route("/logout", get(login::logout))
         .fallback(layout::not_found_page)
+        .layer(axum::middleware::from_fn_with_state(dashboard.clone(), login::require))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(dashboard)
 }

@@ -254,14 +254,19 @@ where
         what: "client API",
         error,
     })?;
-    // TLS on the API port when configured: every connection's handshake before tonic sees it.
-    let api_incoming = match config.security.tls.enabled() {
-        false => api_incoming,
+    // TLS on the API port (and the dashboard's) when configured: every connection's handshake
+    // before tonic sees it.
+    let api_tls = match config.security.tls.enabled() {
+        false => None,
         true => {
             let tls = Arc::new(tls::ServerTls::load(&config.security.tls).map_err(StartError::Security)?);
             spawn_in(&mut tasks, &node_span, tls::watch_files(tls.clone(), || Ok(()), stopped.clone()));
-            tls.wrap(api_incoming)
+            Some(tls)
         }
+    };
+    let api_incoming = match &api_tls {
+        None => api_incoming,
+        Some(tls) => tls.clone().wrap(api_incoming),
     };
     // Mutual TLS on the Raft port: a peer without a certificate from the members' CA gets no
     // further than the handshake. A reload renews the client side too.
@@ -395,7 +400,7 @@ where
         routes
             .into_axum_router()
             .layer(axum::middleware::from_fn(crate::api::sessions::caller_session))
-            .layer(axum::middleware::from_fn_with_state(authorizer, authorize)),
+            .layer(axum::middleware::from_fn_with_state(authorizer.clone(), authorize)),
     );
     let api_limits = config.network.clone();
     spawn_in(&mut tasks, &node_span, async move {
@@ -419,6 +424,15 @@ where
             .listen(&config.dashboard.listen)
             .await
             .map_err(|error| StartError::Listen { addr: config.dashboard.listen.clone(), what: "dashboard", error })?;
+        let dashboard_incoming = match &api_tls {
+            None => dashboard_incoming,
+            Some(tls) => tls.clone().wrap(dashboard_incoming),
+        };
+        let gate = config
+            .security
+            .auth
+            .enabled
+            .then(|| crate::dashboard::login::Gate { authorizer: authorizer.clone(), secure: api_tls.is_some() });
         let recorder = Arc::new(crate::dashboard::recorder::Recorder::new());
         tasks.spawn(recorder.clone().run(core.clone(), stopped.clone()));
         let dashboard = crate::dashboard::router(Arc::new(crate::dashboard::Dashboard {
@@ -427,6 +441,7 @@ where
             recorder,
             streams: Arc::new(tokio::sync::Semaphore::new(crate::dashboard::SSE_STREAMS_MAX)),
             stopped: stopped.clone(),
+            gate,
         }));
         let mut until_stopped = stopped.clone();
         tasks.spawn(async move {
