@@ -121,21 +121,27 @@ async fn agents_are_spawned_paused_terminated_and_resumed_through_the_api() -> a
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -> anyhow::Result<()> {
-    let root = tempfile::tempdir()?;
-    let script = root.path().join("share.py");
-    let out = root.path().join("envelope.json");
+/// `agents.types` with one `command` type, `name`: a Python agent that writes its envelope to the
+/// file returned, works `seconds`, and succeeds.
+fn envelope_keeper(dir: &Path, name: &str, seconds: u32) -> anyhow::Result<(String, std::path::PathBuf)> {
+    let script = dir.join(format!("{name}.py"));
+    let out = dir.join("envelope.json");
     std::fs::write(
         &script,
         format!(
             "import json, sys, time\nenvelope = json.load(sys.stdin)\nopen({out:?}, 'w').write(json.dumps(envelope))\n\
-             time.sleep(4)\nprint(json.dumps({{'result': 'shared'}}))\n",
+             time.sleep({seconds})\nprint(json.dumps({{'result': 'done'}}))\n",
             out = out.display().to_string()
         ),
     )?;
-    let types =
-        format!("{{sharer: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
+    let types = format!("{{{name}: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
+    Ok((types, out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let (types, out) = envelope_keeper(root.path(), "sharer", 4)?;
     let mut cluster = LocalCluster::new(
         Path::new(env!("CARGO_BIN_EXE_maos")),
         root.path(),
@@ -208,18 +214,7 @@ async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auth_on_an_agent_credential_is_taken_by_every_node() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
-    let script = root.path().join("hold.py");
-    let out = root.path().join("envelope.json");
-    std::fs::write(
-        &script,
-        format!(
-            "import json, sys, time\nenvelope = json.load(sys.stdin)\nopen({out:?}, 'w').write(json.dumps(envelope))\n\
-             time.sleep(6)\nprint(json.dumps({{'result': 'held'}}))\n",
-            out = out.display().to_string()
-        ),
-    )?;
-    let types =
-        format!("{{holder: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
+    let (types, out) = envelope_keeper(root.path(), "holder", 6)?;
     let options = LocalClusterOptions { auth: true, ..options(&[("MAOS_AGENTS_TYPES", &types)]) };
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;

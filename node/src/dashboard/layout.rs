@@ -41,15 +41,7 @@ pub fn page(dash: &Dashboard, title: &str, nav: Nav, live: Option<&str>, body: M
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="htmx-config" content=(HTMX_CONFIG);
-                title { (title) " · MAOS " (dash.core.cluster_name) }
-                link rel="stylesheet" href={ "/assets/" (STYLESHEET) };
-                script src={ "/assets/" (HTMX) } defer {}
-                script src={ "/assets/" (HTMX_SSE) } defer {}
-            }
+            (head(dash, title, true))
             body {
                 header {
                     span.brand { "MAOS" }
@@ -68,6 +60,23 @@ pub fn page(dash: &Dashboard, title: &str, nav: Nav, live: Option<&str>, body: M
                 } @else {
                     main { h1 { (title) } (body) }
                 }
+            }
+        }
+    }
+}
+
+/// A page's `<head>`: its title, the stylesheet and, with `scripts`, htmx and its SSE extension.
+pub fn head(dash: &Dashboard, title: &str, scripts: bool) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            @if scripts { meta name="htmx-config" content=(HTMX_CONFIG); }
+            title { (title) " · MAOS " (dash.core.cluster_name) }
+            link rel="stylesheet" href={ "/assets/" (STYLESHEET) };
+            @if scripts {
+                script src={ "/assets/" (HTMX) } defer {}
+                script src={ "/assets/" (HTMX_SSE) } defer {}
             }
         }
     }

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use maud::{html, Markup, DOCTYPE};
 
-use super::assets::STYLESHEET;
+use super::layout::head;
 use super::Dashboard;
 use crate::api::auth::Authorizer;
 use crate::api::principal::Principal;
@@ -131,12 +131,7 @@ fn form(dash: &Dashboard, error: Option<&str>) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Sign in · MAOS " (dash.core.cluster_name) }
-                link rel="stylesheet" href={ "/assets/" (STYLESHEET) };
-            }
+            (head(dash, "Sign in", false))
             body {
                 header { span.brand { "MAOS" } span.cluster { "cluster " (dash.core.cluster_name) } }
                 main {
