@@ -3,7 +3,7 @@
 use std::io;
 
 use hyper_util::rt::TokioIo;
-use maos_node::transport::{peer_endpoint, BoxedIo, Incoming, Transport};
+use maos_node::transport::{peer_endpoint, BoxedIo, Incoming, PeerAddr, Transport};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Connections inside a turmoil simulation.
@@ -34,7 +34,7 @@ impl Transport for SimTransport {
     async fn listen(&self, addr: &str) -> io::Result<Incoming> {
         let listener = turmoil::net::TcpListener::bind(addr).await?;
         let stream = futures::stream::unfold(listener, |listener| async move {
-            let accepted = listener.accept().await.map(|(socket, peer)| BoxedIo(Box::new(socket), Some(peer)));
+            let accepted = listener.accept().await.map(|(socket, peer)| BoxedIo(Box::new(socket), PeerAddr::at(peer)));
             Some((accepted, listener))
         });
         Ok(Box::pin(stream))

@@ -18,26 +18,42 @@ use tonic::transport::{Channel, ClientTlsConfig};
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-/// An accepted connection of any transport, with the peer's address when the transport knows it.
-pub struct BoxedIo(pub Box<dyn Io>, pub Option<std::net::SocketAddr>);
+/// An accepted connection of any transport, with what is known of its peer.
+pub struct BoxedIo(pub Box<dyn Io>, pub PeerAddr);
 
-/// The peer address of a request's connection, in its extensions (the audit's and the rate
-/// limit's source).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerAddr(pub Option<std::net::SocketAddr>);
+/// A client certificate a TLS handshake verified (its end-entity certificate, DER).
+pub type ClientCert = Arc<tokio_rustls::rustls::pki_types::CertificateDer<'static>>;
+
+/// The peer of a request's connection, in its extensions: its address when the transport knows
+/// it (the audit's and the rate limit's source) and, over mutual TLS, the certificate it showed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub addr: Option<std::net::SocketAddr>,
+    pub client_cert: Option<ClientCert>,
+}
 
 impl PeerAddr {
+    /// A peer at `addr`, without a certificate.
+    pub fn at(addr: std::net::SocketAddr) -> Self {
+        Self { addr: Some(addr), client_cert: None }
+    }
+
     /// The peer address of a request served from an [`Incoming`] (tonic's own
     /// `Request::remote_addr` knows only its own connection types).
     pub fn of(extensions: &tonic::Extensions) -> Option<std::net::SocketAddr> {
-        extensions.get::<PeerAddr>().and_then(|peer| peer.0)
+        extensions.get::<PeerAddr>().and_then(|peer| peer.addr)
+    }
+
+    /// The client certificate of a request's connection, if it showed one.
+    pub fn client_cert(extensions: &tonic::Extensions) -> Option<ClientCert> {
+        extensions.get::<PeerAddr>().and_then(|peer| peer.client_cert.clone())
     }
 }
 
 impl Connected for BoxedIo {
     type ConnectInfo = PeerAddr;
     fn connect_info(&self) -> Self::ConnectInfo {
-        PeerAddr(self.1)
+        self.1.clone()
     }
 }
 
@@ -118,7 +134,7 @@ impl Transport for TcpTransport {
         let stream = futures::stream::unfold(listener, |listener| async move {
             let accepted = listener.accept().await.map(|(socket, peer)| {
                 let _ = socket.set_nodelay(true);
-                BoxedIo(Box::new(socket), Some(peer))
+                BoxedIo(Box::new(socket), PeerAddr::at(peer))
             });
             Some((accepted, listener))
         });

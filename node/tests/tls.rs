@@ -345,3 +345,46 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     cluster.wait_for_same_state(&[1, 2, 3], STEP).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_listed_in_client_principals_is_that_principal() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let dir = root.path();
+    let server_ca = Ca::new("maos servers")?;
+    let client_ca = Ca::new("maos clients")?;
+    let (cert, key) = server_ca.sign(&["127.0.0.1"])?;
+    std::fs::write(dir.join("node.pem"), cert)?;
+    std::fs::write(dir.join("node.key"), key)?;
+    let (ops_cert, ops_key) = client_ca.sign(&["ops-bot.example"])?;
+    std::fs::write(dir.join("ops.pem"), &ops_cert)?;
+    std::fs::write(dir.join("ops.key"), &ops_key)?;
+    let files = TlsFiles {
+        cert_file: dir.join("node.pem"),
+        key_file: dir.join("node.key"),
+        ca_file: server_ca.write(dir, "ca.pem")?,
+        client_ca_file: Some(client_ca.write(dir, "client-ca.pem")?),
+        client_identity: Some((dir.join("ops.pem"), dir.join("ops.key"))),
+    };
+    let principals = "[{name: ops-bot.example, role: operator}, {name: wall.example, role: viewer}]";
+    let env = vec![("MAOS_SECURITY_TLS_CLIENT_PRINCIPALS".to_string(), principals.to_string())];
+    let options = LocalClusterOptions { tls: Some(files), auth: true, env, ..Default::default() };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), dir, options)?;
+    cluster.start_all()?;
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    cluster.wait_ready(&[1, 2, 3], STEP).await?;
+    let addr = cluster.nodes[&1].api_addr.clone();
+    // No API key: the certificate is the principal, with the role listed for its name.
+    let as_cert = |identity: (String, String)| {
+        let tls = Tls { ca_pem: Some(server_ca.pem.clone()), identity: Some(identity) };
+        Client::new_with_tls([addr.clone()], Some(&tls)).map(|c| c.with_deadline(Duration::from_secs(5)))
+    };
+    let ops = as_cert((ops_cert, ops_key))?;
+    assert!(ops.put("cert/ops", "written by a certificate").await? > 0);
+    let refused = as_cert(client_ca.sign(&["wall.example"])?)?.put("cert/wall", "x").await;
+    let said = format!("{refused:?}");
+    assert!(said.contains("PermissionDenied") && said.contains("cert:wall.example"), "{said}");
+    let refused = as_cert(client_ca.sign(&["unlisted.example"])?)?.put("cert/other", "x").await;
+    let said = format!("{refused:?}");
+    assert!(said.contains("Unauthenticated") && said.contains("client_principals"), "{said}");
+    Ok(())
+}

@@ -26,6 +26,7 @@ use hmac::Mac;
 #[cfg(test)]
 use maos_raft_store::auth::{key_hash, new_auth_secret, new_key, KEY_PREFIX};
 use maos_raft_store::auth::{key_mac, parse_key, ApiKeyRecord};
+use tokio_rustls::rustls::pki_types::{CertificateDer, DnsName, ServerName};
 use tonic::Status;
 
 use crate::agents::credential::Credentials;
@@ -160,6 +161,8 @@ pub enum AuthError {
     Agent(String),
     #[error("{0}")]
     Jwt(String),
+    #[error("the client certificate is valid for none of security.tls.client_principals' names; send an API key, or list one of its names there")]
+    UnknownCertificate,
 }
 
 /// The bearer token of an `authorization` header value.
@@ -189,9 +192,31 @@ pub struct Authorizer {
     pub in_flight: InFlight,
     /// `security.jwt.issuers`.
     pub jwt: Arc<crate::api::jwt::JwtIssuers>,
+    /// `security.tls.client_principals`.
+    pub cert_principals: Vec<crate::config::CertPrincipal>,
 }
 
 impl Authorizer {
+    /// The principal of a client certificate the TLS handshake verified: the first of
+    /// `security.tls.client_principals` whose name it is valid for.
+    pub fn certificate_principal(&self, cert: &CertificateDer<'_>) -> Result<Principal, AuthError> {
+        let cert = webpki::EndEntityCert::try_from(cert).map_err(|_| AuthError::UnknownCertificate)?;
+        let entry = self
+            .cert_principals
+            .iter()
+            .find(|entry| {
+                let Ok(name) = DnsName::try_from(entry.name.as_str()) else { return false };
+                cert.verify_is_valid_for_subject_name(&ServerName::DnsName(name)).is_ok()
+            })
+            .ok_or(AuthError::UnknownCertificate)?;
+        Ok(Principal {
+            id: format!("cert:{}", entry.name),
+            roles: vec![entry.role],
+            namespace: "default".into(),
+            agent: false,
+        })
+    }
+
     /// The principal of a bearer token.
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         if let Some((id, secret)) = parse_key(token) {
@@ -311,7 +336,12 @@ pub async fn authorize(State(auth): State<Arc<Authorizer>>, mut request: Request
     };
     let principal = match (auth.enabled, request.headers().get(axum::http::header::AUTHORIZATION)) {
         (false, _) => Ok(Principal::anonymous()),
-        (true, None) => Err(AuthError::Missing),
+        // No token: a client certificate (checked against the client CAs in the handshake)
+        // may name the principal.
+        (true, None) => match PeerAddr::client_cert(request.extensions()) {
+            Some(cert) if !auth.cert_principals.is_empty() => auth.certificate_principal(&cert),
+            _ => Err(AuthError::Missing),
+        },
         (true, Some(value)) => bearer(value.as_bytes()).and_then(|token| auth.authenticate(token)),
     };
     let principal = match principal {

@@ -143,6 +143,23 @@ pub struct TlsSection {
     /// A PEM bundle of CAs: when set, every client must present a certificate one of them
     /// signed (mutual TLS).
     pub client_ca_file: Option<PathBuf>,
+    /// Client certificates as principals (with `client_ca_file`): a call without a bearer token
+    /// whose certificate is valid for one of these names is that principal.
+    pub client_principals: Vec<CertPrincipal>,
+}
+
+/// Upper bound on `security.tls.client_principals`.
+pub const CERT_PRINCIPALS_MAX: usize = 256;
+
+/// One client certificate name and the role its holder gets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPrincipal {
+    /// A DNS name the certificate must be valid for (in its subject alternative names, checked as
+    /// a server's name is); the principal is `cert:<name>`.
+    pub name: String,
+    /// `admin`, `operator`, `submitter`, `worker` or `viewer`.
+    pub role: maos_raft_store::auth::Role,
 }
 
 impl TlsSection {

@@ -335,6 +335,29 @@ impl Config {
                 "needs security.tls.cert_file and key_file: client certificates are checked only over TLS".into(),
             );
         }
+        if !tls.client_principals.is_empty() && tls.client_ca_file.is_none() {
+            bad(
+                "security.tls.client_principals",
+                "needs security.tls.client_ca_file: only certificates one of those CAs signed are checked".into(),
+            );
+        }
+        if tls.client_principals.len() > super::security::CERT_PRINCIPALS_MAX {
+            bad(
+                "security.tls.client_principals",
+                format!("{} entries; at most {}", tls.client_principals.len(), super::security::CERT_PRINCIPALS_MAX),
+            );
+        }
+        for (i, entry) in tls.client_principals.iter().enumerate() {
+            if tokio_rustls::rustls::pki_types::DnsName::try_from(entry.name.as_str()).is_err() {
+                bad(
+                    &format!("security.tls.client_principals[{i}].name"),
+                    format!(
+                        "{:?} is not a DNS name (a certificate's subject alternative name, e.g. ops-bot.example.com)",
+                        entry.name
+                    ),
+                );
+            }
+        }
         let peer_tls = &self.security.peer_tls;
         let peer_files =
             [("cert_file", &peer_tls.cert_file), ("key_file", &peer_tls.key_file), ("ca_file", &peer_tls.ca_file)];

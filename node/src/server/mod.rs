@@ -394,6 +394,7 @@ where
         rate: crate::api::limits::RateLimiter::new(&config.security.rate_limit),
         in_flight: crate::api::limits::InFlight::new(config.network.max_concurrent_requests),
         jwt,
+        cert_principals: config.security.tls.client_principals.clone(),
     });
     // Inside the auth layer: a request is on its caller's session only once it is authorised.
     let routes = tonic::service::Routes::from(

@@ -89,6 +89,7 @@ impl ServerTls {
             cert_file: peer.cert_file.clone(),
             key_file: peer.key_file.clone(),
             client_ca_file: peer.ca_file.clone(),
+            client_principals: Vec::new(),
         };
         Self::load_for(Port::Raft, files)
     }
@@ -141,9 +142,12 @@ impl ServerTls {
                 let accepted_tx = accepted_tx.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let BoxedIo(socket, peer) = socket;
+                    let BoxedIo(socket, mut peer) = socket;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => {
+                            // Verified against the client CAs in the handshake, when they are set.
+                            let shown = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+                            peer.client_cert = shown.map(|cert| Arc::new(cert.clone().into_owned()));
                             let _ = accepted_tx.send(Ok(BoxedIo(Box::new(stream), peer))).await;
                         }
                         // A client's mistake (plain text, an unknown CA, no certificate): its
