@@ -134,7 +134,8 @@ fn envelope_keeper(dir: &Path, name: &str, seconds: u32) -> anyhow::Result<(Stri
             out = out.display().to_string()
         ),
     )?;
-    let types = format!("{{{name}: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
+    let types =
+        format!("{{{name}: {{backend: command, slots: 1, command: [/usr/bin/python3, {}]}}}}", script.display());
     Ok((types, out))
 }
 
