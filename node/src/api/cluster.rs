@@ -350,7 +350,11 @@ impl ClusterService for ClusterApi {
         let members = self.core.members();
         match members.get(&target) {
             None => return Err(Status::not_found(format!("node_id: {target} is not a member"))),
-            Some((_, false)) => return Err(invalid(format!("node_id: {target} is a learner; only a voter can lead"))),
+            Some((_, false)) => {
+                return Err(Status::failed_precondition(format!(
+                    "node_id: {target} is a learner; only a voter can lead (make it a voter with add-node first)"
+                )))
+            }
             Some(_) => {}
         }
         if elect {
@@ -407,7 +411,9 @@ impl ClusterService for ClusterApi {
                     .metrics(acknowledged, "the new learner acknowledges the entry that added it")
                     .await
                     .map_err(|_| {
-                        Status::deadline_exceeded(format!(
+                        // The node's state, not the call, is at fault: it does not run, cannot be
+                        // reached, or was refused in the handshake.
+                        Status::failed_precondition(format!(
                             "node {} was added as a learner but did not catch up within {} ms; check that it runs and is reachable at {}, then run add-node again, or remove-node {}",
                             add.id,
                             core.request_timeout.as_millis(),

@@ -282,7 +282,7 @@ pub struct Leader {
         (status = 200, description = "the new leader and term", body = Leader),
         (status = 400, description = "a learner, or invalid input", body = ErrorBody),
         (status = 404, description = "not a member", body = ErrorBody),
-        (status = 409, description = "the target cannot lead now (lagging, or an election under way)", body = ErrorBody),
+        (status = 409, description = "the target cannot lead now (a learner, lagging, or an election under way)", body = ErrorBody),
         (status = 413, description = "body over 1 MiB", body = ErrorBody),
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable, or the target is unreachable; retry", body = ErrorBody),
@@ -359,11 +359,11 @@ fn check_address(field: &str, addr: &str) -> Result<(), ApiError> {
     responses(
         (status = 200, description = "the members", body = Members),
         (status = 400, description = "a bad id or address", body = ErrorBody),
-        (status = 409, description = "the id is taken, or the change is not allowed now", body = ErrorBody),
+        (status = 409, description = "the id is taken, the change is not allowed now, or the new node did not catch up in time (it stays a learner)", body = ErrorBody),
         (status = 413, description = "body over 1 MiB", body = ErrorBody),
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable; retry", body = ErrorBody),
-        (status = 504, description = "the new node did not catch up in time", body = ErrorBody),
+        (status = 504, description = "no answer in time", body = ErrorBody),
     ))]
 pub(crate) async fn add_node(State(s): State<Services>, body: Result<Json<AddNodeBody>, JsonRejection>) -> Answer {
     let Json(b) = body?;
