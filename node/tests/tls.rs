@@ -229,11 +229,11 @@ fn fourth_node(
         .spawn()?)
 }
 
-/// `maos cluster add-node` of node 4 at `raft` and `api`: the CLI's output.
-fn add_fourth(cluster: &LocalCluster, (raft, api): (&str, &str)) -> anyhow::Result<std::process::Output> {
+/// `maos cluster add-node` of node 4 at `raft` and `api`, sent to `endpoint`: the CLI's output.
+fn add_fourth(endpoint: &str, (raft, api): (&str, &str)) -> anyhow::Result<std::process::Output> {
     Ok(std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
         .args(["cluster", "add-node", "--id", "4", "--raft-addr", raft, "--api-addr", api])
-        .args(["--endpoints", &cluster.nodes[&1].api_addr, "--json"])
+        .args(["--endpoints", endpoint, "--json"])
         .stdin(std::process::Stdio::null())
         .output()?)
 }
@@ -263,7 +263,11 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     }
     cluster.start_all()?;
     // The members elect a leader and replicate over mutual TLS.
-    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
+    // Membership calls sent to a follower are forwarded to the leader's API port (plaintext
+    // here), not over the peer channels, which speak TLS to Raft ports only.
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap_or(1);
+    let via_follower = cluster.nodes[&follower].api_addr.clone();
     cluster.wait_ready(&[1, 2, 3], STEP).await?;
     cluster.client()?.put("peer-tls", "replicated").await?;
     cluster.wait_for_same_state(&[1, 2, 3], STEP).await?;
@@ -305,7 +309,7 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     let (raft_4, api_4) = (free_loopback_addr()?, free_loopback_addr()?);
     let addrs = (raft_4.as_str(), api_4.as_str());
     let mut fourth = fourth_node(&cluster, dir, addrs, [&stranger_cert, &stranger_key, &ca_file])?;
-    let refused = add_fourth(&cluster, addrs)?;
+    let refused = add_fourth(&via_follower, addrs)?;
     fourth.kill().ok();
     fourth.wait().ok();
     let said = String::from_utf8_lossy(&refused.stderr).to_string();
@@ -320,7 +324,7 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     std::fs::write(&stranger_cert, member_cert)?;
     std::fs::write(&stranger_key, member_key)?;
     let mut fourth = fourth_node(&cluster, dir, addrs, [&stranger_cert, &stranger_key, &ca_file])?;
-    let joined = add_fourth(&cluster, addrs)?;
+    let joined = add_fourth(&via_follower, addrs)?;
     let said = format!("{}{}", String::from_utf8_lossy(&joined.stdout), String::from_utf8_lossy(&joined.stderr));
     let removed = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
         .args(["cluster", "remove-node", "4", "--endpoints", &cluster.nodes[&1].api_addr])
@@ -330,6 +334,14 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     fourth.wait().ok();
     assert!(joined.status.success(), "a member's certificate could not join: {said}");
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+
+    // A leadership transfer (the leader asks the target's API port to stand) works too.
+    let moved = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
+        .args(["cluster", "transfer-leader", "--to", &follower.to_string(), "--endpoints", &via_follower])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(moved.status.success(), "transfer-leader: {}", String::from_utf8_lossy(&moved.stderr));
+    cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
 
     // New files on disk are read again without a restart, and the members go on replicating.
     let (cert, key) = members.sign(&["127.0.0.1"])?;

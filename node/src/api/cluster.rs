@@ -16,6 +16,7 @@ use crate::api::status::{invalid, status_from};
 use crate::api::views::task_counts;
 use crate::config::check_address;
 use crate::raft::core::NodeCore;
+use crate::raft::network::Channels;
 
 /// Header marking a request already forwarded once, so forwarding never loops.
 const FORWARDED_HEADER: &str = "x-maos-forwarded";
@@ -31,6 +32,10 @@ pub struct ClusterApi {
     /// The term this node last led and when it saw itself elected (by [`track_leadership`]): a
     /// transfer waits until the leader's lease on its own vote, which runs from its election, is over.
     pub leader_since: std::sync::Mutex<Option<(u64, tokio::time::Instant)>>,
+    /// Channels to other members' API ports (a forwarded membership call, a transfer's election
+    /// call): plaintext, as port 8000 is without `security.tls`. Never the node's peer channels,
+    /// which speak mutual TLS to Raft ports under `security.peer_tls`.
+    pub api_channels: Channels,
 }
 
 /// Record when this node becomes leader, until `stopped`.
@@ -86,8 +91,7 @@ impl ClusterApi {
         }
         let (leader, node) = self.core.leader().ok_or_else(|| Status::unavailable("no leader known; retry"))?;
         let channel = self
-            .core
-            .channels
+            .api_channels
             .get(&node.api_addr)
             .map_err(|e| Status::unavailable(format!("leader {leader} at {}: {e}", node.api_addr)))?;
         remote(ClusterServiceClient::new(channel)).await
@@ -160,6 +164,7 @@ impl ClusterApi {
 /// the leader's vote and the target's own are a majority.
 async fn transfer_from_leader(
     core: &NodeCore,
+    api_channels: &Channels,
     lease_ends: tokio::time::Instant,
     target: u64,
 ) -> Result<Response<TransferLeaderResponse>, Status> {
@@ -217,8 +222,7 @@ async fn transfer_from_leader(
         }
     };
     tracing::info!(node_id = core.id, term, target, caught_up_at, "transferring leadership");
-    let channel = core
-        .channels
+    let channel = api_channels
         .get(&node.api_addr)
         .map_err(|e| Status::unavailable(format!("node {target} at {}: {e}", node.api_addr)))?;
     let mut request = mark_forwarded(TransferLeaderRequest { node_id: target });
@@ -365,7 +369,7 @@ impl ClusterService for ClusterApi {
         let core = self.core.clone();
         self.on_leader(
             forwarded,
-            || async move { transfer_from_leader(&core, self.lease_ends(&core), target).await },
+            || async move { transfer_from_leader(&core, &self.api_channels, self.lease_ends(&core), target).await },
             |mut client| async move {
                 client.transfer_leader(mark_forwarded(TransferLeaderRequest { node_id: target })).await
             },
@@ -500,7 +504,7 @@ pub async fn hand_off_when_skewed(api: Arc<ClusterApi>, mut stopped: tokio::sync
             "the leader's clock is skewed: handing leadership to a node whose clock agrees"
         );
         let outcome = tokio::select! {
-            outcome = transfer_from_leader(core, api.lease_ends(core), target) => outcome,
+            outcome = transfer_from_leader(core, &api.api_channels, api.lease_ends(core), target) => outcome,
             _ = stopped.wait_for(|stop| *stop) => return,
         };
         if let Err(status) = outcome {

@@ -312,8 +312,12 @@ where
         credentials: credentials.clone(),
         streams: streams.clone(),
     });
-    let cluster_api =
-        Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone(), leader_since: Default::default() });
+    let cluster_api = Arc::new(ClusterApi {
+        core: core.clone(),
+        formation_peers: peers.clone(),
+        leader_since: Default::default(),
+        api_channels: Channels::new(transport.clone()),
+    });
     spawn_in(&mut tasks, &node_span, crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
     if config.raft.clock_skew_max_ms > 0 {
         let formation = peers.iter().map(|(id, node)| (*id, node.raft_addr.clone())).collect();
