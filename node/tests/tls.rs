@@ -4,7 +4,8 @@
 //! on disk and served to new connections without a restart; and mutual TLS, where a client
 //! without a certificate from the client CA is refused. Mutual TLS between members on the Raft
 //! port (`security.peer_tls`): a stranger's certificate, none, or plaintext is refused, and a
-//! node whose certificate another CA signed cannot join.
+//! node whose certificate another CA signed cannot join; with auth and TLS on the API port too,
+//! membership calls and a leadership transfer sent to a follower still reach the leader.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 #[path = "support/certs.rs"]
 mod certs;
 
-use certs::Ca;
+use certs::{api_tls, Ca};
 use maos_client::{Client, Tls};
 use maos_testkit::local_cluster::{free_loopback_addr, LocalCluster, LocalClusterOptions, TlsFiles};
 
@@ -229,13 +230,26 @@ fn fourth_node(
         .spawn()?)
 }
 
-/// `maos cluster add-node` of node 4 at `raft` and `api`, sent to `endpoint`: the CLI's output.
-fn add_fourth(endpoint: &str, (raft, api): (&str, &str)) -> anyhow::Result<std::process::Output> {
+/// The CLI run with `args`, as the bootstrap admin, checking the API port's certificate.
+fn maos_admin(cluster: &LocalCluster, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let token = cluster.bootstrap_token().ok_or_else(|| anyhow::anyhow!("no bootstrap token"))?;
+    let ca = &cluster.options().tls.as_ref().ok_or_else(|| anyhow::anyhow!("no API TLS"))?.ca_file;
     Ok(std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
-        .args(["cluster", "add-node", "--id", "4", "--raft-addr", raft, "--api-addr", api])
-        .args(["--endpoints", endpoint, "--json"])
+        .args(args)
+        .env("MAOS_TOKEN", token)
+        .env("MAOS_CA_FILE", ca)
         .stdin(std::process::Stdio::null())
         .output()?)
+}
+
+/// `maos cluster add-node` of node 4 at `raft` and `api`, sent to `endpoint`: the CLI's output.
+fn add_fourth(
+    cluster: &LocalCluster,
+    endpoint: &str,
+    (raft, api): (&str, &str),
+) -> anyhow::Result<std::process::Output> {
+    let add = ["cluster", "add-node", "--id", "4", "--raft-addr", raft, "--api-addr", api];
+    maos_admin(cluster, &[&add[..], &["--endpoints", endpoint, "--json"]].concat())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,6 +261,9 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     let options = LocalClusterOptions {
         // A shorter deadline for add-node, so the refused join below gives up sooner.
         env: vec![("MAOS_RAFT_REQUEST_TIMEOUT_MS".into(), "4000".into())],
+        // Auth and TLS on the API port as well: members never call each other there.
+        auth: true,
+        tls: Some(api_tls(dir)?),
         ..Default::default()
     };
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), dir, options)?;
@@ -264,8 +281,9 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     cluster.start_all()?;
     // The members elect a leader and replicate over mutual TLS.
     let (leader, _) = cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
-    // Membership calls sent to a follower are forwarded to the leader's API port (plaintext
-    // here), not over the peer channels, which speak TLS to Raft ports only.
+    // Membership calls sent to a follower are forwarded to the leader's Raft port (an API port's
+    // credentials and TLS are the clients'), and so is a transfer's call to its target.
+    cluster.wait_for_bootstrap_token(STEP).await?;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap_or(1);
     let via_follower = cluster.nodes[&follower].api_addr.clone();
     cluster.wait_ready(&[1, 2, 3], STEP).await?;
@@ -289,10 +307,10 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     assert!(refused.is_err(), "plaintext was answered on the Raft port");
 
     // The scan's stranger probe tells mutual TLS from a port it cannot reach.
-    let scan = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
-        .args(["security-scan", "--comprehensive", "--json", "--endpoints", &cluster.nodes[&1].api_addr])
-        .stdin(std::process::Stdio::null())
-        .output()?;
+    let scan = maos_admin(
+        &cluster,
+        &["security-scan", "--comprehensive", "--json", "--endpoints", &cluster.nodes[&1].api_addr],
+    )?;
     let findings: serde_json::Value = serde_json::from_slice(&scan.stdout)?;
     let probed = findings.as_array().map_or(0, |f| {
         f.iter()
@@ -309,7 +327,7 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     let (raft_4, api_4) = (free_loopback_addr()?, free_loopback_addr()?);
     let addrs = (raft_4.as_str(), api_4.as_str());
     let mut fourth = fourth_node(&cluster, dir, addrs, [&stranger_cert, &stranger_key, &ca_file])?;
-    let refused = add_fourth(&via_follower, addrs)?;
+    let refused = add_fourth(&cluster, &via_follower, addrs)?;
     fourth.kill().ok();
     fourth.wait().ok();
     let said = String::from_utf8_lossy(&refused.stderr).to_string();
@@ -324,22 +342,17 @@ async fn members_speak_mutual_tls_and_a_node_without_the_clusters_certificate_ca
     std::fs::write(&stranger_cert, member_cert)?;
     std::fs::write(&stranger_key, member_key)?;
     let mut fourth = fourth_node(&cluster, dir, addrs, [&stranger_cert, &stranger_key, &ca_file])?;
-    let joined = add_fourth(&via_follower, addrs)?;
+    let joined = add_fourth(&cluster, &via_follower, addrs)?;
     let said = format!("{}{}", String::from_utf8_lossy(&joined.stdout), String::from_utf8_lossy(&joined.stderr));
-    let removed = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
-        .args(["cluster", "remove-node", "4", "--endpoints", &cluster.nodes[&1].api_addr])
-        .stdin(std::process::Stdio::null())
-        .output()?;
+    let removed = maos_admin(&cluster, &["cluster", "remove-node", "4", "--endpoints", &via_follower])?;
     fourth.kill().ok();
     fourth.wait().ok();
     assert!(joined.status.success(), "a member's certificate could not join: {said}");
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
 
-    // A leadership transfer (the leader asks the target's API port to stand) works too.
-    let moved = std::process::Command::new(env!("CARGO_BIN_EXE_maos"))
-        .args(["cluster", "transfer-leader", "--to", &follower.to_string(), "--endpoints", &via_follower])
-        .stdin(std::process::Stdio::null())
-        .output()?;
+    // A leadership transfer sent to a follower works too (the leader asks the target to stand).
+    let to = follower.to_string();
+    let moved = maos_admin(&cluster, &["cluster", "transfer-leader", "--to", &to, "--endpoints", &via_follower])?;
     assert!(moved.status.success(), "transfer-leader: {}", String::from_utf8_lossy(&moved.stderr));
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
 

@@ -192,6 +192,11 @@ impl LocalCluster {
             .join(",")
     }
 
+    /// The options the nodes start with.
+    pub fn options(&self) -> &LocalClusterOptions {
+        &self.options
+    }
+
     /// The options, to change before (re)starting nodes.
     pub fn options_mut(&mut self) -> &mut LocalClusterOptions {
         &mut self.options

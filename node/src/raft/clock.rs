@@ -16,7 +16,7 @@
 //! - [`ClockStatus::Skewed`]: farther. As leader it still stamps cluster time (the quorum's, so
 //!   the replicated clock is never pushed ahead by this node), but proposes nothing that expires
 //!   (no `Tick`, no eviction), fails `/ready`, reports `maos_clock_skew_ms`, and hands leadership
-//!   to a voter whose clock agrees (`api::cluster::hand_off_when_skewed`).
+//!   to a voter whose clock agrees (`raft::membership::Membership::hand_off_when_skewed`).
 //!
 //! The samples are taken by `clock_watch.rs`; this module is the arithmetic, free of I/O.
 //! - [`ClockStatus::Unknown`]: no majority agrees yet (too few answers, or clocks that disagree

@@ -11,6 +11,8 @@
 //!   whether this node may expire (`clock.rs`, no I/O).
 //! - `formation.rs`: `Hello`, the formation check and initialising a new cluster.
 //! - `housekeeping.rs`: the cluster identity and this node's registration.
+//! - `membership.rs`: membership changes and leadership transfer, run on the leader; members
+//!   forward them, and a transfer's leader asks its target to stand, over the Raft port (`Member`).
 //! - `leader_watch.rs`: a follower stands for election as soon as a lost leader's lease has run
 //!   out when the leader's Raft port refuses connections (its process is gone).
 //!
@@ -24,6 +26,7 @@ pub mod core;
 pub(crate) mod formation;
 pub(crate) mod housekeeping;
 pub(crate) mod leader_watch;
+pub(crate) mod membership;
 pub(crate) mod network;
 pub(crate) mod proposer;
 pub(crate) mod service;

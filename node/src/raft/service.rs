@@ -1,4 +1,5 @@
-//! The Raft port's server side: openraft RPCs, forwarded proposals, ReadIndex, Hello and Clock.
+//! The Raft port's server side: openraft RPCs, forwarded proposals, ReadIndex, Hello, Clock and
+//! membership calls between members.
 
 use std::sync::Arc;
 
@@ -12,12 +13,14 @@ use crate::proto::{
     ReadIndexResponse,
 };
 use crate::raft::core::NodeCore;
+use crate::raft::membership::{MemberCall, Membership};
 use crate::raft::network::{decode, encode};
 use crate::raft::proposer::ProposeOutcome;
 
 /// Serves the Raft port for one node.
 pub struct RaftServer {
     pub core: Arc<NodeCore>,
+    pub membership: Arc<Membership>,
 }
 
 /// The answer to a forwarded command only a leader may propose itself.
@@ -93,6 +96,11 @@ impl RaftService for RaftServer {
             }
             Err(error) => Err(Status::unavailable(format!("not the leader: {error}"))),
         }
+    }
+
+    async fn member(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let call: MemberCall = decode(request.get_ref()).map_err(bad_payload)?;
+        reply(&self.membership.serve(call).await?)
     }
 
     async fn clock(&self, _request: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {

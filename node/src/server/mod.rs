@@ -281,7 +281,15 @@ where
         }
     };
 
-    let raft_service = RaftServiceServer::new(RaftServer { core: core.clone() })
+    let membership = Arc::new(crate::raft::membership::Membership::new(core.clone()));
+    spawn_in(&mut tasks, &node_span, membership.clone().track_leadership(stopped.clone()));
+    if config.raft.clock_skew_max_ms > 0 {
+        let formation = peers.iter().map(|(id, node)| (*id, node.raft_addr.clone())).collect();
+        let measure = crate::raft::clock_watch::measure(core.clone(), wall_clock, formation, stopped.clone());
+        spawn_in(&mut tasks, &node_span, measure);
+        spawn_in(&mut tasks, &node_span, membership.clone().hand_off_when_skewed(stopped.clone()));
+    }
+    let raft_service = RaftServiceServer::new(RaftServer { core: core.clone(), membership: membership.clone() })
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     // Members only: every call carries the cluster secret when one is configured.
@@ -312,20 +320,8 @@ where
         credentials: credentials.clone(),
         streams: streams.clone(),
     });
-    let cluster_api = Arc::new(ClusterApi {
-        core: core.clone(),
-        formation_peers: peers.clone(),
-        leader_since: Default::default(),
-        api_channels: Channels::new(transport.clone()),
-    });
-    spawn_in(&mut tasks, &node_span, crate::api::cluster::track_leadership(cluster_api.clone(), stopped.clone()));
-    if config.raft.clock_skew_max_ms > 0 {
-        let formation = peers.iter().map(|(id, node)| (*id, node.raft_addr.clone())).collect();
-        let measure = crate::raft::clock_watch::measure(core.clone(), wall_clock, formation, stopped.clone());
-        spawn_in(&mut tasks, &node_span, measure);
-        let hand_off = crate::api::cluster::hand_off_when_skewed(cluster_api.clone(), stopped.clone());
-        spawn_in(&mut tasks, &node_span, hand_off);
-    }
+    let cluster_api =
+        Arc::new(ClusterApi { core: core.clone(), formation_peers: peers.clone(), membership: membership.clone() });
     let cluster = ClusterServiceServer::from_arc(cluster_api.clone());
     let planner_type = config.task_planner.planner_type.clone();
     let task_api = Arc::new(TaskApi {
