@@ -41,7 +41,7 @@ fn envelope(i: usize) -> Envelope {
         fencing_token: 1,
         timeout_ms: 60_000,
         checkpoint_interval_ms: 300_000,
-        api: ApiAccess { endpoint: "http://127.0.0.1:8000".into(), credential: String::new() },
+        api: ApiAccess { endpoint: "http://127.0.0.1:8000".into(), ..Default::default() },
     }
 }
 

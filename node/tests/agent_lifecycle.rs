@@ -1,7 +1,10 @@
 //! Agent pools through the API on a 3-node cluster: list, spawn within `system.max_agents`,
 //! pause (no new work), terminate (the running attempt goes elsewhere), resume; and the scoped
-//! credential an agent gets in its envelope (its workflow's keys only, while its lease lives).
+//! credential an agent gets in its envelope (its workflow's keys only, while its lease lives;
+//! with auth and TLS on, taken by every node over the envelope's `https://` endpoint and CA).
 
+#[path = "support/certs.rs"]
+mod certs;
 #[path = "support/tasks.rs"]
 mod common;
 
@@ -211,12 +214,14 @@ async fn an_agent_credential_reaches_only_its_workflow_while_its_lease_lives() -
 }
 
 /// Issue 12: an agent's credential is keyed by the cluster's auth secret (replicated), not by a
-/// key its node drew at start, so any node takes it while the lease lives.
+/// key its node drew at start, so any node takes it while the lease lives; over TLS the envelope
+/// names an `https://` endpoint and the CA that signed the port's certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_auth_on_an_agent_credential_is_taken_by_every_node() -> anyhow::Result<()> {
+async fn with_auth_and_tls_on_an_agent_credential_is_taken_by_every_node() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let (types, out) = envelope_keeper(root.path(), "holder", 6)?;
-    let options = LocalClusterOptions { auth: true, ..options(&[("MAOS_AGENTS_TYPES", &types)]) };
+    let tls = Some(certs::api_tls(root.path())?);
+    let options = LocalClusterOptions { auth: true, tls, ..options(&[("MAOS_AGENTS_TYPES", &types)]) };
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
     cluster.start_all()?;
     cluster.wait_for_leader(&[1, 2, 3], STEP).await?;
@@ -237,8 +242,15 @@ async fn with_auth_on_an_agent_credential_is_taken_by_every_node() -> anyhow::Re
     let envelope: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
     let credential = envelope["api"]["credential"].as_str().unwrap_or_default().to_string();
     let own = format!("workflows/{task_id}/notes");
+    let endpoint = envelope["api"]["endpoint"].as_str().unwrap_or_default().to_string();
+    assert!(endpoint.starts_with("https://"), "the port speaks TLS: {}", envelope["api"]);
+    let ca_file = envelope["api"]["ca_file"].as_str().ok_or_else(|| anyhow::anyhow!("no CA: {}", envelope["api"]))?;
+    let tls = maos_client::Tls { ca_pem: Some(std::fs::read_to_string(ca_file)?), identity: None };
+    let agent = maos_client::Client::new_with_tls([endpoint], Some(&tls))?.with_credentials(&credential)?;
+    agent.put(&own, "through the envelope's endpoint").await?;
     for id in 1..=3 {
-        let node = maos_client::Client::new([cluster.nodes[&id].api_addr.clone()])?.with_credentials(&credential)?;
+        let addr = cluster.nodes[&id].api_addr.clone();
+        let node = maos_client::Client::new_with_tls([addr], Some(&tls))?.with_credentials(&credential)?;
         node.put(&own, &format!("through node {id}")).await.map_err(|e| anyhow::anyhow!("node {id}: {e}"))?;
     }
     Ok(())

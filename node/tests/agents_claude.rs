@@ -43,7 +43,11 @@ fn envelope(planning: bool) -> Envelope {
         fencing_token: 7,
         timeout_ms: 30_000,
         checkpoint_interval_ms: 300_000,
-        api: ApiAccess { endpoint: "http://127.0.0.1:8000".into(), credential: "maos1:7:00:task-1".into() },
+        api: ApiAccess {
+            endpoint: "http://127.0.0.1:8000".into(),
+            credential: "maos1:7:00:task-1".into(),
+            ..Default::default()
+        },
     }
 }
 

@@ -36,7 +36,11 @@ fn envelope() -> Envelope {
         fencing_token: 99,
         timeout_ms: 60_000,
         checkpoint_interval_ms: 1_000,
-        api: ApiAccess { endpoint: "http://127.0.0.1:8000".into(), credential: "maos1:99:ab:task-1".into() },
+        api: ApiAccess {
+            endpoint: "http://127.0.0.1:8000".into(),
+            credential: "maos1:99:ab:task-1".into(),
+            ..Default::default()
+        },
     }
 }
 

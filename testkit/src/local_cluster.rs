@@ -259,7 +259,10 @@ impl LocalCluster {
             .envs(self.node_env.get(&id).into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         if let Some(tls) = &self.options.tls {
-            command.env("MAOS_SECURITY_TLS_CERT_FILE", &tls.cert_file).env("MAOS_SECURITY_TLS_KEY_FILE", &tls.key_file);
+            command
+                .env("MAOS_SECURITY_TLS_CERT_FILE", &tls.cert_file)
+                .env("MAOS_SECURITY_TLS_KEY_FILE", &tls.key_file)
+                .env("MAOS_SECURITY_TLS_CA_FILE", &tls.ca_file);
             if let Some(client_ca) = &tls.client_ca_file {
                 command.env("MAOS_SECURITY_TLS_CLIENT_CA_FILE", client_ca);
             }

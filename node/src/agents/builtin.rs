@@ -108,7 +108,7 @@ mod tests {
             fencing_token: 1,
             timeout_ms: 1_000,
             checkpoint_interval_ms: 1_000,
-            api: ApiAccess { endpoint: String::new(), credential: String::new() },
+            api: ApiAccess::default(),
         }
     }
 

@@ -47,11 +47,16 @@ pub struct EnvelopeCheckpoint {
 }
 
 /// The MAOS API endpoint and a credential scoped to this attempt.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiAccess {
+    /// `http://host:port`, or `https://host:port` when the API port speaks TLS.
     pub endpoint: String,
     /// `authorization: Bearer <credential>`; valid while this attempt's lease lives.
     pub credential: String,
+    /// Over TLS, the CA bundle that signed the port's certificate (`security.tls.ca_file`); none:
+    /// check it against the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 impl fmt::Debug for Envelope {
@@ -70,7 +75,11 @@ impl fmt::Debug for Envelope {
 
 impl fmt::Debug for ApiAccess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiAccess").field("endpoint", &self.endpoint).field("credential", &"[redacted]").finish()
+        f.debug_struct("ApiAccess")
+            .field("endpoint", &self.endpoint)
+            .field("credential", &"[redacted]")
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }
 

@@ -110,11 +110,15 @@ impl AgentRuntime {
         let configured = configured_slots(&self.config);
         let settings = self.config.scheduler.clone();
         let checkpoint_interval_ms = self.config.system.checkpoint_interval.saturating_mul(1_000);
-        let endpoint = format!("http://{}", self.config.advertised_api_addr());
+        let tls = &self.config.security.tls;
+        let scheme = if tls.enabled() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{}", self.config.advertised_api_addr());
+        let ca_file = tls.ca_file.as_ref().map(|path| path.display().to_string());
         let credentials = self.credentials.clone();
         let api = move |task_id: &str, token: u64| ApiAccess {
             endpoint: endpoint.clone(),
             credential: credentials.issue(task_id, token),
+            ca_file: ca_file.clone(),
         };
         let mut rate = SpawnRate::new(self.config.system.agent_spawn_rate, tokio::time::Instant::now());
         let mut running: BTreeMap<TaskId, Attempt> = BTreeMap::new();

@@ -137,7 +137,7 @@ impl WorkerService for WorkerApi {
             let _permit = permit;
             let mut sent: BTreeMap<TaskId, u64> = BTreeMap::new();
             let mut changes = core.raft.metrics();
-            let no_api = |_: &str, _: u64| ApiAccess { endpoint: String::new(), credential: String::new() };
+            let no_api = |_: &str, _: u64| ApiAccess::default();
             loop {
                 let now_ms = (core.clock)();
                 let fresh: Vec<(Envelope, EnvelopeNeeds)> = {

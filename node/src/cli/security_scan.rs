@@ -60,6 +60,72 @@ fn check_mode(findings: &mut Vec<Finding>, check: &'static str, path: &Path, all
     }
 }
 
+/// How far ahead a certificate's expiry is reported.
+const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Each certificate in the PEM file at `path` (`key` names the setting): one that has expired or
+/// is not valid yet is high, one that expires within 30 days of `now` (Unix seconds) medium, a
+/// file that cannot be read or holds no certificate high.
+fn check_certificates(findings: &mut Vec<Finding>, key: &str, path: &Path, now: i64) {
+    let shown = path.display();
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) => {
+            let fix = format!("make {shown} readable by the node, or correct {key}");
+            return findings.push(finding(Severity::High, "certificates", format!("{key}: {shown}: {e}"), fix));
+        }
+    };
+    let mut seen = 0;
+    for pem in x509_parser::pem::Pem::iter_from_buffer(&text) {
+        let Ok(pem) = pem else { break };
+        if pem.label != "CERTIFICATE" {
+            continue;
+        }
+        seen += 1;
+        let Ok(cert) = pem.parse_x509() else {
+            let fix = format!("replace certificate {seen} in {shown} with a valid X.509 certificate");
+            findings.push(finding(
+                Severity::High,
+                "certificates",
+                format!("{key}: certificate {seen} in {shown} cannot be parsed"),
+                fix,
+            ));
+            continue;
+        };
+        let validity = cert.validity();
+        let (not_before, not_after) = (validity.not_before.timestamp(), validity.not_after.timestamp());
+        let subject = format!("{key}: {shown} ({})", cert.subject());
+        let fix = format!("renew it and write the new file over {shown} (read again within 2 s, no restart)");
+        if not_after <= now {
+            findings.push(finding(
+                Severity::High,
+                "certificates",
+                format!("{subject} expired at {}", validity.not_after),
+                fix,
+            ));
+        } else if not_before > now {
+            findings.push(finding(
+                Severity::High,
+                "certificates",
+                format!("{subject} is not valid until {}", validity.not_before),
+                fix,
+            ));
+        } else if not_after - now < EXPIRY_WARNING.as_secs() as i64 {
+            let days = (not_after - now) / 86_400;
+            findings.push(finding(
+                Severity::Medium,
+                "certificates",
+                format!("{subject} expires in {days} days ({})", validity.not_after),
+                fix,
+            ));
+        }
+    }
+    if seen == 0 {
+        let fix = format!("put the PEM certificate(s) in {shown}");
+        findings.push(finding(Severity::High, "certificates", format!("{key}: {shown} holds no certificate"), fix));
+    }
+}
+
 /// The findings about a node's configuration (the file's raw text too, for keys pasted into it).
 pub fn scan_config(config: &Config, raw: Option<&str>) -> Vec<Finding> {
     let mut findings = Vec::new();
@@ -108,6 +174,19 @@ pub fn scan_config(config: &Config, raw: Option<&str>) -> Vec<Finding> {
             format!("the Raft port ({}) serves plaintext", config.network.raft_listen_addr),
             "set security.peer_tls.cert_file, key_file and ca_file on every node (docs/SECURITY.md, Mutual TLS between members)",
         )),
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let certificates = [
+        ("security.tls.cert_file", &tls.cert_file),
+        ("security.tls.ca_file", &tls.ca_file),
+        ("security.tls.client_ca_file", &tls.client_ca_file),
+        ("security.peer_tls.cert_file", &peer_tls.cert_file),
+        ("security.peer_tls.ca_file", &peer_tls.ca_file),
+    ];
+    for (key, path) in certificates {
+        if let Some(path) = path {
+            check_certificates(&mut findings, key, path, now);
+        }
     }
     if !config.security.rate_limit.enabled() {
         findings.push(finding(
@@ -341,6 +420,40 @@ mod tests {
         assert!(has("limits", Severity::Low), "no rate limit is reported");
         config.security.rate_limit.requests_per_second = 100.0;
         assert!(!scan_config(&config, None).iter().any(|f| f.check == "limits"));
+    }
+
+    #[test]
+    fn certificates_that_expire_within_30_days_or_are_not_valid_now_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["node.example".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2030, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2031, 1, 1);
+        let pem = params.self_signed(&key).unwrap().pem();
+        // A key in the same file is skipped; every certificate of a chain is checked.
+        let chain = dir.path().join("chain.pem");
+        std::fs::write(&chain, format!("{}{pem}{pem}", key.serialize_pem())).unwrap();
+        let at = |now: i64| {
+            let mut findings = Vec::new();
+            check_certificates(&mut findings, "security.tls.cert_file", &chain, now);
+            findings.iter().map(|f| (f.severity, f.subject.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(at(1_906_502_400), vec![], "2030-06-01: valid for months");
+        let soon = at(1_923_955_200); // 2030-12-20
+        assert_eq!(soon.len(), 2, "{soon:?}");
+        assert!(soon.iter().all(|(s, f)| *s == Severity::Medium && f.contains("expires in 12 days")), "{soon:?}");
+        let expired = at(1_927_670_400); // 2031-02-01
+        assert!(expired.iter().all(|(s, f)| *s == Severity::High && f.contains("expired at")), "{expired:?}");
+        let early = at(1_874_966_400); // 2029-06-01
+        assert!(early.iter().all(|(s, f)| *s == Severity::High && f.contains("not valid until")), "{early:?}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, key.serialize_pem()).unwrap();
+        let mut findings = Vec::new();
+        check_certificates(&mut findings, "security.tls.client_ca_file", &empty, 0);
+        check_certificates(&mut findings, "security.peer_tls.ca_file", &dir.path().join("missing.pem"), 0);
+        assert!(findings[0].subject.contains("holds no certificate"), "{findings:?}");
+        assert!(findings[1].subject.starts_with("security.peer_tls.ca_file:"), "{findings:?}");
+        assert!(findings.iter().all(|f| f.severity == Severity::High));
     }
 
     #[test]

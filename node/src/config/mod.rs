@@ -203,6 +203,8 @@ mod tests {
         assert!(only_key.contains("security.tls.cert_file"), "{only_key}");
         let ca_alone = problems(&[("MAOS_SECURITY_TLS_CLIENT_CA_FILE", "/etc/maos/clients.pem")]);
         assert!(ca_alone.contains("security.tls.client_ca_file"), "{ca_alone}");
+        let agents_ca_alone = problems(&[("MAOS_SECURITY_TLS_CA_FILE", "/etc/maos/ca.pem")]);
+        assert!(agents_ca_alone.contains("security.tls.ca_file: needs security.tls.cert_file"), "{agents_ca_alone}");
         let both = problems(&[
             ("MAOS_SECURITY_TLS_CERT_FILE", "/etc/maos/node.pem"),
             ("MAOS_SECURITY_TLS_KEY_FILE", "/etc/maos/node.key"),

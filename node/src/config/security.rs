@@ -140,6 +140,10 @@ pub struct TlsSection {
     pub cert_file: Option<PathBuf>,
     /// The PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<PathBuf>,
+    /// The PEM CA bundle that signed `cert_file`, for the callers the node itself points at this
+    /// port: command agents find it in their envelope (`api.ca_file`). Without it they check
+    /// the port's certificate against the public web roots.
+    pub ca_file: Option<PathBuf>,
     /// A PEM bundle of CAs: when set, every client must present a certificate one of them
     /// signed (mutual TLS).
     pub client_ca_file: Option<PathBuf>,

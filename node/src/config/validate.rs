@@ -329,6 +329,12 @@ impl Config {
             (None, Some(_)) => bad("security.tls.cert_file", "must be set with security.tls.key_file".into()),
             _ => {}
         }
+        if tls.ca_file.is_some() && tls.cert_file.is_none() {
+            bad(
+                "security.tls.ca_file",
+                "needs security.tls.cert_file and key_file: it names the CA of the port's certificate".into(),
+            );
+        }
         if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
             bad(
                 "security.tls.client_ca_file",

@@ -90,6 +90,7 @@ impl ServerTls {
             key_file: peer.key_file.clone(),
             client_ca_file: peer.ca_file.clone(),
             client_principals: Vec::new(),
+            ca_file: None,
         };
         Self::load_for(Port::Raft, files)
     }
