@@ -103,6 +103,17 @@ setup_promtool() {
   export MAOS_PROMTOOL="$dir/usr/bin/promtool"
 }
 
+# For the tests only: cargo-deny, pinned, built once into the target directory (about 2.5
+# minutes on 2 cores, from crates.io), for the dependency policy in deny.toml.
+setup_cargo_deny() {
+  local root="$CARGO_TARGET_DIR/tools" version="0.20.2"
+  if ! "$root/bin/cargo-deny" --version 2>/dev/null | grep -qx "cargo-deny $version"; then
+    echo "setup: building cargo-deny $version into $root"
+    cargo install cargo-deny --version "$version" --locked --quiet --root "$root" --target-dir "$CARGO_TARGET_DIR/tools-build"
+  fi
+  export PATH="$root/bin:$PATH"
+}
+
 # For the tests only: the dashboard's browser tests (node/tests/dashboard_browser.rs) use
 # playwright-core, pinned by node/tests/browser/package-lock.json, installed next to the build
 # with `npm ci` (no browser download: the tests launch /usr/bin/chromium).
