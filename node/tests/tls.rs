@@ -2,8 +2,9 @@
 //! `/ready` and `/metrics` over TLS on one port (ALPN `h2` for gRPC, `http/1.1` for the HTTP
 //! client), the CLI with `--ca-file`, plaintext and a wrong CA refused, the certificate replaced
 //! on disk and served to new connections without a restart; and mutual TLS, where a client
-//! without a certificate from the client CA is refused. Mutual TLS between members on the Raft
-//! port (`security.peer_tls`): a stranger's certificate, none, or plaintext is refused, and a
+//! without a certificate from the client CA, or with one its revocation list names (read again
+//! when it changes), is refused. Mutual TLS between members on the Raft port
+//! (`security.peer_tls`): a stranger's certificate, none, or plaintext is refused, and a
 //! node whose certificate another CA signed cannot join; with auth and TLS on the API port too,
 //! membership calls and a leadership transfer sent to a follower still reach the leader.
 
@@ -150,7 +151,10 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_answered() -> a
         client_ca_file: Some(client_ca.write(dir, "client-ca.pem")?),
         client_identity: Some((dir.join("client.pem"), dir.join("client.key"))),
     };
-    let options = LocalClusterOptions { tls: Some(files), ..Default::default() };
+    let crl_file = dir.join("revoked.pem");
+    std::fs::write(&crl_file, client_ca.crl(1, &[])?)?;
+    let env = vec![("MAOS_SECURITY_TLS_CRL_FILE".to_string(), crl_file.display().to_string())];
+    let options = LocalClusterOptions { tls: Some(files), env, ..Default::default() };
     let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), dir, options)?;
     cluster.start_all()?;
     // The cluster's clients present the client certificate: answered.
@@ -177,6 +181,19 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_answered() -> a
         .stdin(std::process::Stdio::null())
         .output()?;
     assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+
+    // A certificate the CA signed is answered until the revocation list names it: the new list
+    // is read without a restart, and the others' certificates are still answered.
+    let lost =
+        Tls { ca_pem: Some(server_ca.pem.clone()), identity: Some(client_ca.sign_serial(&["laptop.example"], 4242)?) };
+    answers(&addr, Some(&lost)).await?;
+    replace(&crl_file, &client_ca.crl(2, &[4242])?)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while answers(&addr, Some(&lost)).await.is_ok() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the revoked certificate is still answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cluster.client()?.put("mtls/after-revocation", "v").await? > 0);
     Ok(())
 }
 

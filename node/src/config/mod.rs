@@ -205,6 +205,10 @@ mod tests {
         assert!(ca_alone.contains("security.tls.client_ca_file"), "{ca_alone}");
         let agents_ca_alone = problems(&[("MAOS_SECURITY_TLS_CA_FILE", "/etc/maos/ca.pem")]);
         assert!(agents_ca_alone.contains("security.tls.ca_file: needs security.tls.cert_file"), "{agents_ca_alone}");
+        let crl_alone = problems(&[("MAOS_SECURITY_TLS_CRL_FILE", "/etc/maos/revoked.pem")]);
+        assert!(crl_alone.contains("security.tls.crl_file: needs security.tls.client_ca_file"), "{crl_alone}");
+        let peer_crl_alone = problems(&[("MAOS_SECURITY_PEER_TLS_CRL_FILE", "/etc/maos/revoked.pem")]);
+        assert!(peer_crl_alone.contains("security.peer_tls.crl_file: needs security.peer_tls"), "{peer_crl_alone}");
         let both = problems(&[
             ("MAOS_SECURITY_TLS_CERT_FILE", "/etc/maos/node.pem"),
             ("MAOS_SECURITY_TLS_KEY_FILE", "/etc/maos/node.key"),

@@ -121,6 +121,9 @@ pub struct PeerTlsSection {
     pub key_file: Option<PathBuf>,
     /// A PEM bundle of the CAs that sign members' certificates.
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate revocation lists from `ca_file`'s CAs: a peer whose certificate one lists
+    /// is refused when it calls this node (checked by the serving side).
+    pub crl_file: Option<PathBuf>,
 }
 
 impl PeerTlsSection {
@@ -147,6 +150,9 @@ pub struct TlsSection {
     /// A PEM bundle of CAs: when set, every client must present a certificate one of them
     /// signed (mutual TLS).
     pub client_ca_file: Option<PathBuf>,
+    /// PEM certificate revocation lists from `client_ca_file`'s CAs: a client whose certificate
+    /// one lists is refused in the handshake.
+    pub crl_file: Option<PathBuf>,
     /// Client certificates as principals (with `client_ca_file`): a call without a bearer token
     /// whose certificate is valid for one of these names is that principal.
     pub client_principals: Vec<CertPrincipal>,

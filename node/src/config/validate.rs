@@ -341,6 +341,12 @@ impl Config {
                 "needs security.tls.cert_file and key_file: client certificates are checked only over TLS".into(),
             );
         }
+        if tls.crl_file.is_some() && tls.client_ca_file.is_none() {
+            bad(
+                "security.tls.crl_file",
+                "needs security.tls.client_ca_file: it revokes client certificates those CAs signed".into(),
+            );
+        }
         if !tls.client_principals.is_empty() && tls.client_ca_file.is_none() {
             bad(
                 "security.tls.client_principals",
@@ -365,6 +371,12 @@ impl Config {
             }
         }
         let peer_tls = &self.security.peer_tls;
+        if peer_tls.crl_file.is_some() && peer_tls.ca_file.is_none() {
+            bad(
+                "security.peer_tls.crl_file",
+                "needs security.peer_tls (cert_file, key_file, ca_file): it revokes members' certificates".into(),
+            );
+        }
         let peer_files =
             [("cert_file", &peer_tls.cert_file), ("key_file", &peer_tls.key_file), ("ca_file", &peer_tls.ca_file)];
         if peer_files.iter().any(|(_, file)| file.is_some()) {

@@ -7,12 +7,13 @@
 //!   connection; tonic's own server TLS advertises only `h2` and cannot reload.
 //! - Each handshake runs in its own task with [`HANDSHAKE_TIMEOUT`], at most [`HANDSHAKES_MAX`]
 //!   at once, so a client that stalls its handshake holds up no other.
-//! - `security.tls.{cert_file,key_file,client_ca_file}` are read again when one of them changes
+//! - `security.tls.{cert_file,key_file,client_ca_file,crl_file}` are read again when one of them changes
 //!   (checked every [`RELOAD_CHECK`]) or on SIGHUP. A new connection uses the new files, an open
 //!   one keeps its session. A reload that fails (a half-written file) keeps the configuration
 //!   in use and logs why; the next change tries again.
-//! - With `client_ca_file`, a client must present a certificate one of those CAs signed; on the
-//!   Raft port always (`security.peer_tls.ca_file`).
+//! - With `client_ca_file`, a client must present a certificate one of those CAs signed, and one
+//!   that `crl_file` lists is refused; on the Raft port always (`security.peer_tls.ca_file`,
+//!   `crl_file`).
 
 use std::io;
 use std::path::Path;
@@ -24,7 +25,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::config::{PeerTlsSection, TlsSection};
 use crate::transport::{BoxedIo, Incoming};
@@ -91,6 +92,7 @@ impl ServerTls {
             client_ca_file: peer.ca_file.clone(),
             client_principals: Vec::new(),
             ca_file: None,
+            crl_file: peer.crl_file.clone(),
         };
         Self::load_for(Port::Raft, files)
     }
@@ -213,7 +215,7 @@ pub fn peer_client(peer: &PeerTlsSection) -> Result<tonic::transport::ClientTlsC
 }
 
 fn stamps(files: &TlsSection) -> Vec<Option<SystemTime>> {
-    [&files.cert_file, &files.key_file, &files.client_ca_file]
+    [&files.cert_file, &files.key_file, &files.client_ca_file, &files.crl_file]
         .into_iter()
         .map(|path| path.as_deref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()))
         .collect()
@@ -239,9 +241,11 @@ fn read(port: Port, files: &TlsSection) -> Result<rustls::ServerConfig, String> 
             for ca in certificates(ca_key, ca_file)? {
                 roots.add(ca).map_err(|e| format!("{ca_key}: {}: {e}", ca_file.display()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("{ca_key}: {}: {e}", ca_file.display()))?;
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if let Some(crl_file) = &files.crl_file {
+                verifier = verifier.with_crls(revocation_lists(&format!("{section}.crl_file"), crl_file)?);
+            }
+            let verifier = verifier.build().map_err(|e| format!("{ca_key}: {}: {e}", ca_file.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -257,6 +261,13 @@ fn read(port: Port, files: &TlsSection) -> Result<rustls::ServerConfig, String> 
         Port::Raft => vec![b"h2".to_vec()],
     };
     Ok(config)
+}
+
+/// Every certificate revocation list in the PEM file at `path` (none is allowed: nothing revoked).
+fn revocation_lists(key: &str, path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|lists| lists.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{key}: cannot read PEM revocation lists (X509 CRL) from {}: {e}", path.display()))
 }
 
 fn private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {

@@ -29,6 +29,35 @@ impl Ca {
         Ok((params.signed_by(&key, &self.issuer)?.pem(), key.serialize_pem()))
     }
 
+    /// As [`Ca::sign`], with the serial number `serial` (to revoke it by).
+    pub fn sign_serial(&self, names: &[&str], serial: u64) -> anyhow::Result<(String, String)> {
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let key = KeyPair::generate()?;
+        Ok((params.signed_by(&key, &self.issuer)?.pem(), key.serialize_pem()))
+    }
+
+    /// A certificate revocation list (PEM) revoking the certificates with the serials `revoked`.
+    pub fn crl(&self, number: u64, revoked: &[u64]) -> anyhow::Result<String> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     pub fn write(&self, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
         let path = dir.join(name);
         std::fs::write(&path, &self.pem)?;
