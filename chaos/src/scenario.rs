@@ -1,5 +1,6 @@
 //! One simulated run: a 3-node cluster, clients writing and reading through it, a leader
-//! crash, a partition, healing, and the invariants checked at the end.
+//! crash, a partition, lost answers, delay spikes between nodes (messages held, then delivered
+//! at once), one node's clock stepping, healing, and the invariants checked at the end.
 //!
 //! Three workloads run at once: one client writes unique keys (every acknowledged write must be
 //! in the final state); [`SHARED_CLIENTS`] clients put, compare-and-set and read a few shared
@@ -64,7 +65,37 @@ pub struct ScenarioPlan {
     /// Each node's wall clock (index: node id − 1): its offset from true time and how fast it
     /// drifts. One node is far off (beyond `raft.clock_skew_max_ms`), the others near.
     pub clocks: Vec<NodeClock>,
+    /// Delay spikes: from `at_ms` for `for_ms`, messages between nodes `a` and `b` are held
+    /// (both ways), then delivered at once; all end before the partition begins.
+    pub holds: Vec<MessageHold>,
+    /// One node's clock steps (NTP stepping it, an operator setting the date) once in the run,
+    /// within the bound of a good clock.
+    pub clock_step: ClockStep,
 }
+
+/// Messages between two nodes held for a while, then delivered together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageHold {
+    pub at_ms: u64,
+    pub for_ms: u64,
+    pub a: u64,
+    pub b: u64,
+}
+
+/// Delay spikes in one run.
+const HOLDS: usize = 3;
+
+/// Node `node`'s clock jumps by `by_ms` at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockStep {
+    pub node: u64,
+    pub at_ms: u64,
+    pub by_ms: i64,
+}
+
+/// How far a good clock may step at most: with [`GOOD_CLOCK_MS`] of offset, it stays within
+/// [`CLOCK_SKEW_MAX_MS`].
+const CLOCK_STEP_MAX_MS: i64 = 700;
 
 /// One node's wall clock against the simulation's true time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +158,20 @@ impl ScenarioPlan {
                 NodeClock { offset_ms, drift_ppm }
             })
             .collect();
+        // Drawn after the clocks, so the faults above are what they were before holds and steps.
+        let holds = (0..HOLDS)
+            .map(|_| {
+                let a = rng.gen_range(1..=NODES);
+                let b = (a + rng.gen_range(1..NODES) - 1) % NODES + 1;
+                let for_ms = rng.gen_range(200..1_500);
+                MessageHold { at_ms: rng.gen_range(1_000..partition_at_ms - for_ms), for_ms, a, b }
+            })
+            .collect();
+        let clock_step = ClockStep {
+            node: rng.gen_range(1..=NODES),
+            at_ms: rng.gen_range(1_000..partition_at_ms + partition_for_ms),
+            by_ms: rng.gen_range(100..=CLOCK_STEP_MAX_MS) * if rng.gen_bool(0.5) { 1 } else { -1 },
+        };
         Self {
             seed,
             max_latency_ms,
@@ -138,6 +183,8 @@ impl ScenarioPlan {
             partition_for_ms,
             answer_losses,
             clocks,
+            holds,
+            clock_step,
         }
     }
 
@@ -307,17 +354,24 @@ fn skewed_clock_enabled() -> bool {
     std::env::var("MAOS_CHAOS_SKEWED_CLOCK").is_ok_and(|v| v == "1")
 }
 
+/// When a run begins, in seconds since the Unix epoch.
+const EPOCH_S: u64 = 1_800_000_000;
+
 /// True time in the simulation, in milliseconds since the Unix epoch.
 fn true_time_ms() -> i64 {
     turmoil::since_epoch().map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// A node's wall clock: true time, off by `offset_ms` and drifting by `drift_ppm` since the
-/// run began.
-fn sim_clock(clock: NodeClock) -> Clock {
+/// run began, and off by `step`'s amount more from its moment on.
+fn sim_clock(clock: NodeClock, step: Option<ClockStep>) -> Clock {
     Arc::new(move || {
         let drift = turmoil::elapsed().as_millis() as i64 * clock.drift_ppm / 1_000_000;
-        (true_time_ms() + clock.offset_ms + drift).max(0) as u64
+        // By the run's time, not the host's (which starts again when the node restarts).
+        let now_ms = true_time_ms();
+        let run_ms = now_ms - (EPOCH_S * 1_000) as i64;
+        let stepped = step.filter(|s| run_ms >= s.at_ms as i64).map_or(0, |s| s.by_ms);
+        (now_ms + clock.offset_ms + drift + stepped).max(0) as u64
     })
 }
 
@@ -351,7 +405,7 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
     seed_thread_rng(plan.seed);
     let mut sim = turmoil::Builder::new()
         .rng_seed(plan.seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_S))
         .simulation_duration(SIMULATION_LIMIT)
         .max_message_latency(Duration::from_millis(plan.max_latency_ms))
         .build();
@@ -364,13 +418,19 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
         let config = node_config(id);
         config.validate().map_err(|e| e.to_string())?;
         let clock = plan.clock_of(id);
+        let step = Some(plan.clock_step).filter(|step| step.node == id);
         sim.host(host(id), move || {
             let (log, snapshots, shared, config) = (log.clone(), snapshots.clone(), shared.clone(), config.clone());
             async move {
                 let state_machine = StateMachineStore::open(snapshots, Validation::EveryBatch)?;
-                let node =
-                    maos_node::server::start(&config, log, state_machine, Arc::new(SimTransport), sim_clock(clock))
-                        .await?;
+                let node = maos_node::server::start(
+                    &config,
+                    log,
+                    state_machine,
+                    Arc::new(SimTransport),
+                    sim_clock(clock, step),
+                )
+                .await?;
                 lock(&shared).states.insert(id, node.core.state.clone());
                 let mut metrics = node.core.raft.metrics();
                 let mut last_index = None;
@@ -466,10 +526,29 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
     let mut restarted = false;
     let mut partitioned = false;
     let mut healed = false;
-    // Each answer loss: (started, ended).
+    // Each answer loss and each hold: (started, ended).
     let mut losses = vec![(false, false); plan.answer_losses.len()];
+    let mut holds = vec![(false, false); plan.holds.len()];
+    let mut stepped = false;
     loop {
         let now_ms = sim.elapsed().as_millis() as u64;
+        for (hold, (started, ended)) in plan.holds.iter().zip(holds.iter_mut()) {
+            if !*started && now_ms >= hold.at_ms {
+                sim.hold(host(hold.a), host(hold.b));
+                record(&shared, format!("{now_ms}ms hold messages between n{} and n{}", hold.a, hold.b), true);
+                *started = true;
+            }
+            if *started && !*ended && now_ms >= hold.at_ms + hold.for_ms {
+                sim.release(host(hold.a), host(hold.b));
+                record(&shared, format!("{now_ms}ms release the messages between n{} and n{}", hold.a, hold.b), false);
+                *ended = true;
+            }
+        }
+        let step = plan.clock_step;
+        if !stepped && now_ms >= step.at_ms {
+            record(&shared, format!("{now_ms}ms n{}'s clock steps by {} ms", step.node, step.by_ms), true);
+            stepped = true;
+        }
         for (loss, (started, ended)) in plan.answer_losses.iter().zip(losses.iter_mut()) {
             if !*started && now_ms >= loss.at_ms {
                 sim.partition_oneway(host(loss.node), loss.client.as_str());
