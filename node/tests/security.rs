@@ -407,6 +407,31 @@ async fn every_call_is_authenticated_and_checked_against_one_table() -> anyhow::
     assert_eq!(body["fencing_token"].as_u64(), Some(token), "REST as an operator: {body}");
     admin_client.cancel(&slow, "done with it").await?;
 
+    // A client session is its opener's: another principal sending on it is refused, and the
+    // opener's own write on it goes through.
+    let opened: serde_json::Value = http
+        .post(format!("{base}/api/v1/sessions"))
+        .bearer_auth(&submitter)
+        .json(&serde_json::json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let session = opened["session_id"].as_u64().ok_or_else(|| anyhow::anyhow!("no session: {opened}"))?;
+    let submit_on_session = |token: &str| {
+        http.post(format!("{base}/api/v1/tasks"))
+            .bearer_auth(token)
+            .header("maos-session", format!("{session}/1/0"))
+            .json(&serde_json::json!({"task_type": "coder", "description": "on a session"}))
+            .send()
+    };
+    let stolen = submit_on_session(&other_submitter).await?;
+    let (status, said) = (stolen.status().as_u16(), stolen.text().await?);
+    assert_eq!(status, 403, "another submitter wrote on the session: {said}");
+    assert!(said.contains("opened by another principal"), "{said}");
+    let own = submit_on_session(&submitter).await?;
+    assert_eq!(own.status().as_u16(), 201, "{}", own.text().await?);
+
     // A revoked key is refused by every node within a second.
     let revoked = create_key(first, &admin, "viewer", 0).await?;
     who(first, &revoked)?.who_am_i(WhoAmIRequest {}).await?;

@@ -39,6 +39,8 @@ pub const SESSION_ANSWERS_MAX: usize = 32_768;
 /// Bounds on a session's time to live without a command.
 pub const SESSION_TTL_MS_MIN: u64 = 1_000;
 pub const SESSION_TTL_MS_MAX: u64 = 24 * 3_600_000;
+/// Upper bound on a session owner's principal id, in bytes.
+pub const SESSION_OWNER_BYTES_MAX: usize = 256;
 
 /// Upper bound on commands in one log entry.
 pub const BATCH_COMMANDS_MAX: usize = 1024;
@@ -109,12 +111,27 @@ pub enum Command {
     Fenced { task_id: String, token: u64, command: Box<Command> },
     /// Open a client session (Raft dissertation §6.3): its id is this command's fencing token,
     /// so no two sessions share one. It expires `ttl_ms` after its last command, by leader time.
-    OpenSession { ttl_ms: u64 },
+    /// `owner` is the principal that opened it (empty: a node's own session); only commands
+    /// sent by that principal go on it.
+    OpenSession {
+        ttl_ms: u64,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        owner: String,
+    },
     /// `command` sent by session `client` as its `sequence`-th command (from 1). It applies once:
     /// a repeat of a sequence whose answer the session holds gets that answer again, without
     /// applying. Every sequence at or below `acknowledged` has its answer at the client, so the
     /// state forgets those answers. A refused command is not remembered (nothing applied).
-    Session { client: u64, sequence: u64, acknowledged: u64, command: Box<Command> },
+    /// `owner` is the principal that sent it (empty: the node itself), which must be the
+    /// session's: a session id is a log position, not a secret.
+    Session {
+        client: u64,
+        sequence: u64,
+        acknowledged: u64,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        owner: String,
+        command: Box<Command>,
+    },
     /// API keys and the auth secret (`auth.rs`).
     Auth(AuthCommand),
 }
@@ -158,8 +175,8 @@ impl Command {
             }
             Command::KvDelete { key } => key.len(),
             Command::Fenced { task_id, command, .. } => task_id.len() + command.payload_bytes(),
-            Command::OpenSession { .. } => 16,
-            Command::Session { command, .. } => 24 + command.payload_bytes(),
+            Command::OpenSession { owner, .. } => 16 + owner.len(),
+            Command::Session { owner, command, .. } => 24 + owner.len() + command.payload_bytes(),
             Command::Task(TaskCommand::Submit { spec }) => spec.description.len() + spec.input.len(),
             Command::Task(TaskCommand::Complete { result, .. }) => result.len(),
             Command::Task(TaskCommand::Fail { error, .. }) => error.len(),
@@ -228,4 +245,6 @@ pub enum Rejection {
     SessionWindowFull { client: u64, limit: usize },
     #[error("client session {client} already acknowledged the answer to command {sequence}; it cannot be sent again")]
     SessionSequenceAcknowledged { client: u64, sequence: u64 },
+    #[error("client session {client} was opened by another principal than {sender:?}; open a session of your own (ClusterService.OpenSession)")]
+    SessionNotYours { client: u64, sender: String },
 }

@@ -79,12 +79,14 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<OpenSessionRequest>,
     ) -> Result<Response<OpenSessionResponse>, Status> {
+        // Bound to the caller: a session id is a log position, which others may learn.
+        let owner = crate::api::principal::principal_in(request.extensions()).id;
         let ttl_ms = match request.into_inner().ttl_ms {
             0 => self.core.session_ttl.as_millis() as u64,
             ttl_ms => ttl_ms,
         };
         // The state machine checks the bounds and names the field.
-        match self.core.write(Command::OpenSession { ttl_ms }).await.map_err(status_from)? {
+        match self.core.write(Command::OpenSession { ttl_ms, owner }).await.map_err(status_from)? {
             Applied::SessionOpened { client } => Ok(Response::new(OpenSessionResponse { session_id: client, ttl_ms })),
             other => Err(crate::api::status::unexpected(other)),
         }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Request;
 use utoipa::{IntoParams, ToSchema};
 
+use crate::api::principal::Principal;
 use crate::api::rest_error::{integer, ok, Answer, ApiError, ErrorBody, Services};
 
 /// An agent's state.
@@ -422,13 +423,18 @@ pub struct SessionOpened {
         (status = 500, description = "a bug; please report it", body = ErrorBody),
         (status = 503, description = "no leader reachable; retry", body = ErrorBody),
     ))]
-pub(crate) async fn open_session(State(s): State<Services>, body: Result<Json<SessionBody>, JsonRejection>) -> Answer {
+pub(crate) async fn open_session(
+    State(s): State<Services>,
+    principal: Principal,
+    body: Result<Json<SessionBody>, JsonRejection>,
+) -> Answer {
     let Json(body) = body?;
     if body.ttl_seconds > 86_400 {
         return Err(ApiError::bad_request("ttl_seconds: at most 86400 (24 hours)".to_string()));
     }
     let request = OpenSessionRequest { ttl_ms: body.ttl_seconds * 1_000 };
-    let opened = s.cluster.open_session(Request::new(request)).await?.into_inner();
+    // The session is the caller's: only its writes go on it.
+    let opened = s.cluster.open_session(principal.request(request)).await?.into_inner();
     let body = SessionOpened { session_id: opened.session_id, ttl_ms: opened.ttl_ms };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

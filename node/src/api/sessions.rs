@@ -24,8 +24,13 @@ pub async fn caller_session(request: Request, next: Next) -> Response {
         .to_str()
         .map_err(|_| format!("{}: must be ASCII digits and slashes", CallerSession::HEADER))
         .and_then(CallerSession::parse);
+    // The auth layer, outside this one, has put the caller's principal on the request.
+    let owner = crate::api::principal::principal_in(request.extensions()).id;
     match parsed {
-        Ok(caller) => CALLER_SESSION.scope(Cell::new(Some(caller)), next.run(request)).await,
+        Ok((client, sequence, acknowledged)) => {
+            let caller = CallerSession { client, sequence, acknowledged, owner };
+            CALLER_SESSION.scope(Cell::new(Some(caller)), next.run(request)).await
+        }
         Err(message) => {
             let grpc = request
                 .headers()

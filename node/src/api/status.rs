@@ -57,6 +57,7 @@ pub fn status_of_rejection(rejection: Rejection) -> Status {
             Status::with_error_details(tonic::Code::Aborted, message, details)
         }
         Rejection::SessionSequenceAcknowledged { .. } => Status::failed_precondition(message),
+        Rejection::SessionNotYours { .. } => Status::permission_denied(message),
         Rejection::Task(T::UnknownTask { .. } | T::UnknownAgent { .. }) => Status::not_found(message),
         Rejection::Task(
             T::StaleToken { .. }

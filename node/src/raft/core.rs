@@ -64,24 +64,27 @@ fn needs_session(command: &Command) -> bool {
     )
 }
 
-/// The caller's session for one of its writes: `maos-session: <client>/<sequence>/<acknowledged>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The caller's session for one of its writes: `maos-session: <client>/<sequence>/<acknowledged>`,
+/// and the principal that sends it (the session must be that principal's).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallerSession {
     pub client: u64,
     pub sequence: u64,
     pub acknowledged: u64,
+    pub owner: String,
 }
 
 impl CallerSession {
     /// The metadata (and HTTP header) that carries it.
     pub const HEADER: &'static str = "maos-session";
 
-    /// Parse the header's value; the error names the header and the expected form.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    /// Parse the header's value into (client, sequence, acknowledged); the error names the
+    /// header and the expected form.
+    pub fn parse(text: &str) -> Result<(u64, u64, u64), String> {
         let numbers: Vec<Option<u64>> = text.trim().split('/').map(|part| part.parse().ok()).collect();
         match numbers.as_slice() {
             [Some(client), Some(sequence), Some(acknowledged)] if *sequence > 0 && acknowledged < sequence => {
-                Ok(Self { client: *client, sequence: *sequence, acknowledged: *acknowledged })
+                Ok((*client, *sequence, *acknowledged))
             }
             _ => Err(format!(
                 "{}: {text:?} is not <session id>/<sequence>/<acknowledged> with 0 <= acknowledged < sequence (open a session with ClusterService.OpenSession)",
@@ -259,8 +262,8 @@ impl NodeCore {
         }
         if let Some(caller) = CALLER_SESSION.try_with(std::cell::Cell::take).ok().flatten() {
             // The caller resends on its own after an ambiguous failure, with the same sequence.
-            let CallerSession { client, sequence, acknowledged } = caller;
-            let tagged = Command::Session { client, sequence, acknowledged, command: Box::new(command) };
+            let CallerSession { client, sequence, acknowledged, owner } = caller;
+            let tagged = Command::Session { client, sequence, acknowledged, owner, command: Box::new(command) };
             return self.send(tagged, deadline, timeout).await.map_err(|(error, ambiguous)| match error {
                 // An earlier attempt here may have applied: the caller must not take this as
                 // "nothing applied" and reopen; a resend of it then gets SessionExpired as such.
@@ -278,7 +281,9 @@ impl NodeCore {
             // Ended on drop too: a caller that gives up mid-write (a cancelled request) must not
             // hold the acknowledged sequence back, or the session's answers would pile up.
             let _outstanding = Outstanding { session: &self.session, sequence };
-            let tagged = Command::Session { client, sequence, acknowledged, command: Box::new(command.clone()) };
+            // This node's own session: no owner.
+            let owner = String::new();
+            let tagged = Command::Session { client, sequence, acknowledged, owner, command: Box::new(command.clone()) };
             let sent = self.send(tagged, deadline, timeout).await;
             drop(_outstanding);
             match sent {
@@ -312,7 +317,7 @@ impl NodeCore {
         if let Some(client) = self.lock_session().client {
             return Ok(client);
         }
-        let open = Command::OpenSession { ttl_ms: self.session_ttl.as_millis() as u64 };
+        let open = Command::OpenSession { ttl_ms: self.session_ttl.as_millis() as u64, owner: String::new() };
         match self.send(open, deadline, timeout).await.map_err(|(error, _)| error)? {
             Response::SessionOpened { client } => {
                 self.lock_session().client = Some(client);
@@ -466,7 +471,7 @@ mod tests {
 
     #[test]
     fn a_caller_session_header_is_three_numbers_with_the_acknowledged_below_the_sequence() {
-        assert_eq!(CallerSession::parse("4096/7/6"), Ok(CallerSession { client: 4096, sequence: 7, acknowledged: 6 }));
+        assert_eq!(CallerSession::parse("4096/7/6"), Ok((4096, 7, 6)));
         for bad in ["", "1/2", "1/2/3/4", "a/1/0", "1/0/0", "1/3/3", "1/-1/0"] {
             let error = CallerSession::parse(bad).expect_err(bad);
             assert!(error.starts_with("maos-session: "), "{error}");

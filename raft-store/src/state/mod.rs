@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 
 use crate::command::{
     Command, Rejection, Request, Response, Responses, ADDRESS_BYTES_MAX, BATCH_COMMANDS_MAX, CLUSTER_NAME_BYTES_MAX,
-    KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, SESSION_TTL_MS_MAX, SESSION_TTL_MS_MIN, VALUE_BYTES_MAX,
+    KEYS_MAX, KEY_BYTES_MAX, REQUEST_FORMAT_VERSION, SESSION_OWNER_BYTES_MAX, SESSION_TTL_MS_MAX, SESSION_TTL_MS_MIN,
+    VALUE_BYTES_MAX,
 };
 
 mod sessions;
@@ -230,6 +231,17 @@ fn check_room(app: &AppState, key: &str) -> Result<(), Rejection> {
 
 /// Validate a command against the state without changing it. Used by apply and, before proposing,
 /// by the node, so most bad input is refused before it costs a log entry.
+/// A session's owner: a principal id of at most [`SESSION_OWNER_BYTES_MAX`] bytes.
+fn check_owner(owner: &str) -> Result<(), Rejection> {
+    if owner.len() > SESSION_OWNER_BYTES_MAX {
+        return Err(Rejection::InvalidField {
+            field: "owner".into(),
+            message: format!("a session owner is at most {SESSION_OWNER_BYTES_MAX} bytes"),
+        });
+    }
+    Ok(())
+}
+
 pub fn check_command(command: &Command) -> Result<(), Rejection> {
     match command {
         Command::InitCluster { cluster_id, cluster_name } => {
@@ -277,7 +289,8 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
         }),
         Command::Task(_) => Ok(()),
         Command::Auth(command) => Ok(crate::auth::check(command)?),
-        Command::OpenSession { ttl_ms } => {
+        Command::OpenSession { ttl_ms, owner } => {
+            check_owner(owner)?;
             if !(SESSION_TTL_MS_MIN..=SESSION_TTL_MS_MAX).contains(ttl_ms) {
                 return Err(Rejection::InvalidField {
                     field: "ttl_ms".into(),
@@ -288,7 +301,8 @@ pub fn check_command(command: &Command) -> Result<(), Rejection> {
             }
             Ok(())
         }
-        Command::Session { sequence, acknowledged, command, .. } => {
+        Command::Session { sequence, acknowledged, owner, command, .. } => {
+            check_owner(owner)?;
             if *sequence == 0 || acknowledged >= sequence {
                 return Err(Rejection::InvalidField {
                     field: "sequence".into(),
@@ -435,9 +449,9 @@ fn apply_command(app: &mut AppState, now_ms: u64, token: u64, command: &Command)
             app.auth.apply(now_ms, command)?;
             Ok(Response::Applied)
         }
-        Command::OpenSession { ttl_ms } => sessions::open(app, now_ms, token, *ttl_ms),
-        Command::Session { client, sequence, acknowledged, command } => {
-            sessions::apply(app, now_ms, token, (*client, *sequence, *acknowledged), command)
+        Command::OpenSession { ttl_ms, owner } => sessions::open(app, now_ms, token, *ttl_ms, owner),
+        Command::Session { client, sequence, acknowledged, owner, command } => {
+            sessions::apply(app, now_ms, token, (*client, *sequence, *acknowledged), owner, command)
         }
         Command::Task(command) => {
             if matches!(command, TaskCommand::Tick) {

@@ -22,6 +22,9 @@ const EXPIRIES_PER_APPLY_MAX: usize = 64;
 /// One open client session.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientSession {
+    /// The principal that opened it (empty: a node's own); only its commands go on it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
     pub ttl_ms: u64,
     pub expires_at_ms: u64,
     /// Every sequence at or below this has its answer at the client.
@@ -44,13 +47,19 @@ fn expire(app: &mut AppState, now_ms: u64) {
 }
 
 /// `OpenSession`: a new session with id `token`.
-pub(super) fn open(app: &mut AppState, now_ms: u64, token: u64, ttl_ms: u64) -> Result<Response, Rejection> {
+pub(super) fn open(
+    app: &mut AppState,
+    now_ms: u64,
+    token: u64,
+    ttl_ms: u64,
+    owner: &str,
+) -> Result<Response, Rejection> {
     expire(app, now_ms);
     if app.sessions.len() >= SESSIONS_MAX {
         return Err(Rejection::SessionsFull { limit: SESSIONS_MAX });
     }
     let expires_at_ms = now_ms.saturating_add(ttl_ms);
-    app.sessions.insert(token, ClientSession { ttl_ms, expires_at_ms, ..Default::default() });
+    app.sessions.insert(token, ClientSession { owner: owner.to_string(), ttl_ms, expires_at_ms, ..Default::default() });
     app.session_expiries.insert((expires_at_ms, token));
     Ok(Response::SessionOpened { client: token })
 }
@@ -61,12 +70,16 @@ pub(super) fn apply(
     now_ms: u64,
     token: u64,
     (client, sequence, acknowledged): (u64, u64, u64),
+    sender: &str,
     command: &Command,
 ) -> Result<Response, Rejection> {
     expire(app, now_ms);
     let Some(session) = app.sessions.get(&client) else {
         return Err(Rejection::SessionExpired { client });
     };
+    if session.owner != sender {
+        return Err(Rejection::SessionNotYours { client, sender: sender.to_string() });
+    }
     if sequence <= session.acknowledged {
         return Err(Rejection::SessionSequenceAcknowledged { client, sequence });
     }

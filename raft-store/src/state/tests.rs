@@ -285,11 +285,16 @@ fn a_fenced_write_applies_only_while_its_lease_is_current() {
 }
 
 fn on_session(client: u64, sequence: u64, acknowledged: u64, command: Command) -> Command {
-    Command::Session { client, sequence, acknowledged, command: Box::new(command) }
+    Command::Session { client, sequence, acknowledged, owner: String::new(), command: Box::new(command) }
 }
 
 fn open_session(state: &mut StateMachineData, index: u64, at_ms: u64) -> u64 {
-    match state.apply(&entry(index, at_ms, Command::OpenSession { ttl_ms: 60_000 })).expect("format").as_slice() {
+    open_session_of(state, index, at_ms, "")
+}
+
+fn open_session_of(state: &mut StateMachineData, index: u64, at_ms: u64, owner: &str) -> u64 {
+    let open = Command::OpenSession { ttl_ms: 60_000, owner: owner.into() };
+    match state.apply(&entry(index, at_ms, open)).expect("format").as_slice() {
         [Response::SessionOpened { client }] => *client,
         other => panic!("no session opened: {other:?}"),
     }
@@ -354,6 +359,45 @@ fn a_session_forgets_acknowledged_answers_and_refuses_them_again() {
     state.validate().expect("invariants");
 }
 
+/// Issue 16: a session id is a log position, not a secret, so a caller who learns another's
+/// could send on it (and get that client's remembered answers, or make it refuse that client's
+/// next write as acknowledged). A session takes only its owner's commands.
+#[test]
+fn a_session_takes_only_the_commands_of_the_principal_that_opened_it() {
+    let mut state = StateMachineData::default();
+    let client = open_session_of(&mut state, 1, 1, "key:alice");
+    let as_ = |sender: &str, sequence: u64, value: &str| Command::Session {
+        client,
+        sequence,
+        acknowledged: 0,
+        owner: sender.into(),
+        command: Box::new(put("k", value)),
+    };
+    assert_eq!(
+        state.apply(&entry(2, 2, as_("key:alice", 1, "alice's"))).expect("format"),
+        vec![Response::KvWritten { revision: 1 }]
+    );
+    // Another principal, or a node's own write (no owner), on alice's session: refused, nothing
+    // applied, nothing remembered, not even alice's answer handed out.
+    for (index, sender) in [(3, "key:mallory"), (4, "")] {
+        let refused = state.apply(&entry(index, 3, as_(sender, 1, "mallory's"))).expect("format");
+        assert_eq!(
+            refused,
+            vec![Response::Rejected(Rejection::SessionNotYours { client, sender: sender.into() })],
+            "{sender:?}"
+        );
+    }
+    assert_eq!(state.app.kv["k"].value, "alice's");
+    assert_eq!(state.app.sessions[&client].answers.len(), 1);
+    // Alice's resend still gets her answer.
+    let again = state.apply(&entry(5, 4, as_("key:alice", 1, "alice's"))).expect("format");
+    assert_eq!(again, vec![Response::KvWritten { revision: 1 }]);
+    let long = Command::OpenSession { ttl_ms: 60_000, owner: "k".repeat(257) };
+    let refused = state.apply(&entry(6, 5, long)).expect("format");
+    assert!(matches!(&refused[0], Response::Rejected(Rejection::InvalidField { field, .. }) if field == "owner"));
+    state.validate().expect("invariants");
+}
+
 #[test]
 fn only_what_a_member_sends_for_clients_and_agents_may_be_forwarded() {
     use crate::tasks::TaskCommand as T;
@@ -363,7 +407,7 @@ fn only_what_a_member_sends_for_clients_and_agents_may_be_forwarded() {
         Command::Task(T::ExtendLeases { by_ms: 1 }),
         Command::Task(T::Evict { tasks: vec![("t".into(), 1)] }),
         Command::Task(T::Assign { task_id: "t".into(), slot: "n1/coder/0".into(), node_id: 1, lease_ms: 1 }),
-        Command::Session { client: 1, sequence: 1, acknowledged: 0, command: Box::new(Command::Task(T::Tick)) },
+        on_session(1, 1, 0, Command::Task(T::Tick)),
     ];
     for command in &leaders_own {
         assert!(command.leader_only().is_some(), "{command:?} is the leader's own");
@@ -371,10 +415,10 @@ fn only_what_a_member_sends_for_clients_and_agents_may_be_forwarded() {
     let forwardable = [
         put("k", "v"),
         Command::KvDelete { key: "k".into() },
-        Command::OpenSession { ttl_ms: 1_000 },
+        Command::OpenSession { ttl_ms: 1_000, owner: String::new() },
         Command::Task(T::Submit { spec: Box::new(task_spec("t")) }),
         Command::Task(T::Cancel { task_id: "t".into(), reason: "r".into() }),
-        Command::Session { client: 1, sequence: 1, acknowledged: 0, command: Box::new(put("k", "v")) },
+        on_session(1, 1, 0, put("k", "v")),
         Command::Fenced { task_id: "t".into(), token: 1, command: Box::new(put("k", "v")) },
         Command::RegisterNode { node_id: 2, raft_addr: "a:7000".into(), api_addr: "a:8000".into() },
     ];
