@@ -1,6 +1,7 @@
 //! One simulated run: a 3-node cluster, clients writing and reading through it, a leader
 //! crash, a partition, lost answers, delay spikes between nodes (messages held, then delivered
-//! at once), one node's clock stepping, healing, and the invariants checked at the end.
+//! at once), one node's clock stepping, a follower removed and added back, healing, and the
+//! invariants checked at the end.
 //!
 //! Three workloads run at once: one client writes unique keys (every acknowledged write must be
 //! in the final state); [`SHARED_CLIENTS`] clients put, compare-and-set and read a few shared
@@ -14,8 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
+use maos_client::proto::v1::cluster_service_client::ClusterServiceClient;
 use maos_client::proto::v1::task_service_client::TaskServiceClient;
-use maos_client::proto::v1::SubmitTaskRequest;
+use maos_client::proto::v1::{AddNodeRequest, RemoveNodeRequest, StatusRequest, SubmitTaskRequest};
 use maos_client::Client;
 use maos_node::config::{Config, PeerConfig};
 use maos_node::server::Clock;
@@ -71,6 +73,16 @@ pub struct ScenarioPlan {
     /// One node's clock steps (NTP stepping it, an operator setting the date) once in the run,
     /// within the bound of a good clock.
     pub clock_step: ClockStep,
+    /// A membership change under the later faults: at `at_ms` (after the crashed leader is
+    /// back) a follower is removed, and `readd_after_ms` after its removal it is added again.
+    pub membership: MembershipChange,
+}
+
+/// A follower removed from the cluster and added back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub at_ms: u64,
+    pub readd_after_ms: u64,
 }
 
 /// Messages between two nodes held for a while, then delivered together.
@@ -172,6 +184,10 @@ impl ScenarioPlan {
             at_ms: rng.gen_range(1_000..partition_at_ms + partition_for_ms),
             by_ms: rng.gen_range(100..=CLOCK_STEP_MAX_MS) * if rng.gen_bool(0.5) { 1 } else { -1 },
         };
+        let membership = MembershipChange {
+            at_ms: crash_leader_at_ms + restart_after_ms + rng.gen_range(200..1_500),
+            readd_after_ms: rng.gen_range(300..2_000),
+        };
         Self {
             seed,
             max_latency_ms,
@@ -185,6 +201,7 @@ impl ScenarioPlan {
             clocks,
             holds,
             clock_step,
+            membership,
         }
     }
 
@@ -309,6 +326,68 @@ async fn shared_client(id: u64, seed: u64, until: Duration, shared: Shared) -> t
         tokio::time::sleep(Duration::from_millis(rng.gen_range(10..80))).await;
     }
     Ok(())
+}
+
+/// The membership client: removes a follower (one when the change begins) and adds it back, a
+/// learner that catches up and then a voter, under the faults still to come (holds, lost
+/// answers, the partition). Each call goes to another member in turn, which forwards it to the
+/// leader, and is repeated until it succeeds; a repeat of a change that applied is a no-op.
+async fn membership_client(change: MembershipChange, until: Duration, shared: Shared) -> turmoil::Result {
+    let clients: Vec<ClusterServiceClient<tonic::transport::Channel>> = (1..=NODES)
+        .map(|id| sim_channel(&format!("{}:8000", host(id))).map(ClusterServiceClient::new))
+        .collect::<Result<_, _>>()?;
+    let pause = Duration::from_millis(200);
+    tokio::time::sleep(Duration::from_millis(change.at_ms)).await;
+    let mut turn = 0usize;
+    let target = loop {
+        anyhow_until(until, "no leader known to pick a follower from")?;
+        turn += 1;
+        let status = clients[turn % clients.len()].clone().status(StatusRequest { with_state_hash: false }).await;
+        match status.map(|s| s.into_inner().leader_id) {
+            Ok(Some(leader)) if leader > 0 => break leader % NODES + 1,
+            _ => tokio::time::sleep(pause).await,
+        }
+    };
+    let others: Vec<usize> = (1..=NODES).filter(|id| *id != target).map(|id| id as usize - 1).collect();
+    loop {
+        anyhow_until(until, &format!("n{target} was never removed"))?;
+        turn += 1;
+        let via = others[turn % others.len()];
+        match clients[via].clone().remove_node(RemoveNodeRequest { id: target }).await {
+            Ok(_) => break,
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+    }
+    let at = turmoil::elapsed().as_millis();
+    record(&shared, format!("{at}ms removed n{target} from the cluster"), true);
+    tokio::time::sleep(Duration::from_millis(change.readd_after_ms)).await;
+    let add = AddNodeRequest {
+        id: target,
+        raft_addr: format!("{}:7000", host(target)),
+        api_addr: format!("{}:8000", host(target)),
+        learner_only: false,
+    };
+    loop {
+        anyhow_until(until, &format!("n{target} was never added back"))?;
+        turn += 1;
+        let via = others[turn % others.len()];
+        match clients[via].clone().add_node(add.clone()).await {
+            Ok(_) => break,
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+    }
+    let at = turmoil::elapsed().as_millis();
+    record(&shared, format!("{at}ms added n{target} back as a voter"), false);
+    Ok(())
+}
+
+/// An error naming `what` once the simulated time is past `until`.
+fn anyhow_until(until: Duration, what: &str) -> Result<(), Box<dyn std::error::Error>> {
+    match turmoil::elapsed() >= until {
+        true => Err(format!("membership: {what} by {} ms", until.as_millis()).into()),
+        false => Ok(()),
+    }
 }
 
 /// The task client: tasks of a builtin type whose agents fail each attempt (input `fail`, so
@@ -473,6 +552,8 @@ pub fn run(plan: &ScenarioPlan) -> Result<Outcome, String> {
     }
 
     sim.client("tasks", task_client(plan.seed, writes_until, shared.clone()));
+    let membership_until = writes_until + LIVENESS_WINDOW;
+    sim.client("membership", membership_client(plan.membership, membership_until, shared.clone()));
 
     let client_shared = shared.clone();
     let client_plan = plan.clone();
