@@ -340,7 +340,7 @@ async fn membership_client(change: MembershipChange, until: Duration, shared: Sh
     tokio::time::sleep(Duration::from_millis(change.at_ms)).await;
     let mut turn = 0usize;
     let target = loop {
-        anyhow_until(until, "no leader known to pick a follower from")?;
+        still_before(until, "no leader known to pick a follower from")?;
         turn += 1;
         let status = clients[turn % clients.len()].clone().status(StatusRequest { with_state_hash: false }).await;
         match status.map(|s| s.into_inner().leader_id) {
@@ -350,7 +350,7 @@ async fn membership_client(change: MembershipChange, until: Duration, shared: Sh
     };
     let others: Vec<usize> = (1..=NODES).filter(|id| *id != target).map(|id| id as usize - 1).collect();
     loop {
-        anyhow_until(until, &format!("n{target} was never removed"))?;
+        still_before(until, &format!("n{target} was never removed"))?;
         turn += 1;
         let via = others[turn % others.len()];
         match clients[via].clone().remove_node(RemoveNodeRequest { id: target }).await {
@@ -369,7 +369,7 @@ async fn membership_client(change: MembershipChange, until: Duration, shared: Sh
         learner_only: false,
     };
     loop {
-        anyhow_until(until, &format!("n{target} was never added back"))?;
+        still_before(until, &format!("n{target} was never added back"))?;
         turn += 1;
         let via = others[turn % others.len()];
         match clients[via].clone().add_node(add.clone()).await {
@@ -383,7 +383,7 @@ async fn membership_client(change: MembershipChange, until: Duration, shared: Sh
 }
 
 /// An error naming `what` once the simulated time is past `until`.
-fn anyhow_until(until: Duration, what: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn still_before(until: Duration, what: &str) -> Result<(), Box<dyn std::error::Error>> {
     match turmoil::elapsed() >= until {
         true => Err(format!("membership: {what} by {} ms", until.as_millis()).into()),
         false => Ok(()),
