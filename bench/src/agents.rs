@@ -42,6 +42,7 @@ fn envelope(i: usize) -> Envelope {
         timeout_ms: 60_000,
         checkpoint_interval_ms: 300_000,
         api: ApiAccess { endpoint: "http://127.0.0.1:8000".into(), ..Default::default() },
+        trace_parent: String::new(),
     }
 }
 

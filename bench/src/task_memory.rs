@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
                         planner_type: None,
                         max_agents: None,
                         input_stored: false,
+                        trace_parent: String::new(),
                     }),
                 })
             })

@@ -190,6 +190,27 @@ pub fn endpoint_with(address: &str, tls: Option<&Tls>) -> Result<Endpoint, Clien
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
+/// The caller's trace context as W3C `traceparent` (and `tracestate`): the current OpenTelemetry
+/// span, which `tracing-opentelemetry` sets from the current `tracing` span, so the cluster's
+/// spans of this call (and of a task it submits) join the caller's trace. Nothing without one.
+fn propagate_trace(metadata: &mut tonic::metadata::MetadataMap) {
+    use opentelemetry::trace::TraceContextExt;
+    let context = opentelemetry::Context::current();
+    let span = context.span();
+    let span = span.span_context();
+    if !span.is_valid() {
+        return;
+    }
+    let parent = format!("00-{}-{}-{:02x}", span.trace_id(), span.span_id(), span.trace_flags().to_u8());
+    if let Ok(value) = parent.parse() {
+        metadata.insert("traceparent", value);
+    }
+    let state = span.trace_state().header();
+    if let Some(value) = Some(state).filter(|s| !s.is_empty()).and_then(|s| s.parse().ok()) {
+        metadata.insert("tracestate", value);
+    }
+}
+
 /// Adds `authorization: Bearer <token>` to each request of a raw generated client.
 #[derive(Debug, Clone)]
 pub struct Authorization(Option<tonic::metadata::AsciiMetadataValue>);
@@ -283,11 +304,12 @@ impl Client {
         self.authorize(request);
     }
 
-    /// Set the credentials on a request.
+    /// Set the credentials and the caller's trace context on a request.
     fn authorize<T>(&self, request: &mut Request<T>) {
         if let Some(value) = &self.authorization {
             request.metadata_mut().insert("authorization", value.clone());
         }
+        propagate_trace(request.metadata_mut());
     }
 
     /// Ask for sessions that end `ttl` after this client's last write (1 s to 24 h; the default

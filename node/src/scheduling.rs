@@ -13,17 +13,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use maos_raft_store::scheduler::plan_assignments;
-use maos_raft_store::tasks::TaskCommand;
+use maos_raft_store::tasks::{TaskCommand, TaskTable};
 use maos_raft_store::Command;
 use openraft::ServerState;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::raft::core::NodeCore;
+use crate::telemetry::traces;
 
 /// The least time between two scheduling rounds: bounds the planning work a stream of applied
 /// changes can cause (each round reads the task table).
 const ROUND_GAP_MIN: Duration = Duration::from_millis(2);
+
+/// The span of an assignment of a task whose trace is recorded (with tracing on), in that trace.
+fn assign_span(table: &TaskTable, assign: &TaskCommand) -> tracing::Span {
+    let TaskCommand::Assign { task_id, slot, node_id, .. } = assign else { return tracing::Span::none() };
+    match table.tasks.get(task_id) {
+        Some(task) if !task.spec.trace_parent.is_empty() => {
+            let span = tracing::info_span!(target: traces::TARGET, "assign", task_id = %task_id, agent_id = %slot, assigned_node = *node_id);
+            traces::follow(&span, &task.spec.trace_parent);
+            span
+        }
+        _ => tracing::Span::none(),
+    }
+}
 
 /// What a scheduling round depends on, cheaply: this node's role and term, and the task count,
 /// open tasks, held and registered slots. A wake-up that leaves it unchanged plans nothing new;
@@ -113,13 +128,19 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
         if check_expiry {
             last_expiry_check = tokio::time::Instant::now();
         }
-        let (tick_due, plan) = {
+        let (tick_due, plan, spans) = {
             let state = core.state.read();
             let table = &state.app.tasks;
+            let plan = plan_assignments(table, now_ms, settings.assignments_max, settings.lease_ms);
+            let spans: Vec<tracing::Span> = match traces::enabled() {
+                true => plan.iter().map(|assign| assign_span(table, assign)).collect(),
+                false => Vec::new(),
+            };
             (
                 check_expiry
                     && (table.tick_due(now_ms) || state.app.kv_expiry_due(now_ms) || state.app.auth.expiry_due(now_ms)),
-                plan_assignments(table, now_ms, settings.assignments_max, settings.lease_ms),
+                plan,
+                spans,
             )
         };
         if tick_due {
@@ -129,7 +150,11 @@ pub async fn leader_loop(core: Arc<NodeCore>, config: Config, mut stopped: watch
         }
         if !plan.is_empty() {
             busy = true;
-            let writes = plan.into_iter().map(|assign| core.write(Command::Task(assign)));
+            let mut spans = spans.into_iter();
+            let writes = plan.into_iter().map(|assign| {
+                let span = spans.next().unwrap_or_else(tracing::Span::none);
+                core.write(Command::Task(assign)).instrument(span)
+            });
             for result in futures::future::join_all(writes).await {
                 if let Err(error) = result {
                     // Refused assignments (a slot taken meanwhile) are planned again next round.

@@ -48,6 +48,7 @@ fn envelope(planning: bool) -> Envelope {
             credential: "maos1:7:00:task-1".into(),
             ..Default::default()
         },
+        trace_parent: String::new(),
     }
 }
 

@@ -41,6 +41,7 @@ fn envelope() -> Envelope {
             credential: "maos1:99:ab:task-1".into(),
             ..Default::default()
         },
+        trace_parent: String::new(),
     }
 }
 

@@ -156,6 +156,16 @@ impl Command {
         }
     }
 
+    /// The W3C `traceparent` of the trace this command continues (a submit's, when its trace is
+    /// recorded), else empty.
+    pub fn trace_parent(&self) -> &str {
+        match self {
+            Command::Task(TaskCommand::Submit { spec }) => &spec.trace_parent,
+            Command::Session { command, .. } | Command::Fenced { command, .. } => command.trace_parent(),
+            _ => "",
+        }
+    }
+
     /// The refusal of a [`Command::leader_only`] command sent by, or to, a node that does not lead.
     pub fn not_forwardable(name: &str) -> Rejection {
         Rejection::InvalidField {

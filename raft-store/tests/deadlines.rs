@@ -85,6 +85,7 @@ fn spec(id: &str) -> TaskSpec {
         planner_type: None,
         max_agents: None,
         input_stored: false,
+        trace_parent: String::new(),
     }
 }
 

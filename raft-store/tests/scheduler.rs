@@ -34,6 +34,7 @@ fn spec(id: &str, submitter: &str, priority: Priority) -> TaskSpec {
         planner_type: None,
         max_agents: None,
         input_stored: false,
+        trace_parent: String::new(),
     }
 }
 

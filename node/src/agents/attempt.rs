@@ -9,11 +9,13 @@ use std::time::Duration;
 use maos_raft_store::tasks::{TaskCommand, TaskId, TaskTable, TASK_TEXT_BYTES_MAX};
 use maos_raft_store::Command;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::envelope::{AgentEvent, ApiAccess, Envelope, EnvelopeCheckpoint, Outcome, OutcomeKind, ENVELOPE_FORMAT};
 use super::{AgentMetrics, Backend};
 use crate::raft::core::NodeCore;
 use crate::storage::{EnvelopeNeeds, Payload, ResultRef, Storage, StorageError};
+use crate::telemetry::traces;
 
 /// Events (progress, checkpoints) queued from one agent before it is made to wait.
 const EVENTS_QUEUED_MAX: usize = 64;
@@ -61,6 +63,7 @@ pub fn envelope_for(
         timeout_ms: lease.attempt_deadline_ms.saturating_sub(now_ms).max(1),
         checkpoint_interval_ms,
         api: api(task_id, lease.token),
+        trace_parent: task.spec.trace_parent.clone(),
     };
     Some((envelope, needs))
 }
@@ -123,7 +126,12 @@ pub(super) async fn report(
         }
     };
     let planning = matches!(command, TaskCommand::Expand { .. });
-    match core.write(Command::Task(command)).await {
+    // Inside the attempt's span, so in the task's trace when it has one.
+    let span = match traces::enabled() && !envelope.trace_parent.is_empty() {
+        true => tracing::info_span!(target: traces::TARGET, "complete", outcome = outcome_name(&command)),
+        false => tracing::Span::none(),
+    };
+    match core.write(Command::Task(command)).instrument(span).await {
         Ok(_) => {}
         Err(crate::raft::core::CoreError::Rejected(maos_raft_store::Rejection::Task(
             rejection @ maos_raft_store::tasks::TaskRejection::InvalidSpec { .. },
@@ -138,6 +146,14 @@ pub(super) async fn report(
         Err(error) => {
             tracing::info!(task_id = %task_id, token, %error, "the outcome was not applied; the lease may be gone or will expire and the task retry")
         }
+    }
+}
+
+fn outcome_name(command: &TaskCommand) -> &'static str {
+    match command {
+        TaskCommand::Complete { .. } => "completed",
+        TaskCommand::Expand { .. } => "planned",
+        _ => "failed",
     }
 }
 

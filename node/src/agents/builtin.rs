@@ -109,6 +109,7 @@ mod tests {
             timeout_ms: 1_000,
             checkpoint_interval_ms: 1_000,
             api: ApiAccess::default(),
+            trace_parent: String::new(),
         }
     }
 

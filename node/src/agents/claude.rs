@@ -13,8 +13,10 @@ use std::time::Duration;
 use maos_raft_store::tasks::TokenUsage;
 use serde::Deserialize;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::envelope::{Envelope, Outcome, OutcomeKind};
+use crate::telemetry::traces;
 
 /// The Messages API version this backend speaks.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -180,6 +182,26 @@ impl ClaudeBackend {
         prompt
     }
 
+    /// One Messages API call's span, in the attempt's when the task's trace is recorded (the
+    /// GenAI semantic conventions' names: model and token counts).
+    fn call_span(&self, envelope: &Envelope, retry: u32) -> tracing::Span {
+        if !traces::enabled() || envelope.trace_parent.is_empty() {
+            return tracing::Span::none();
+        }
+        tracing::info_span!(
+            target: traces::TARGET,
+            "claude",
+            otel.name = %format!("chat {}", self.model),
+            otel.kind = "client",
+            gen_ai.system = "anthropic",
+            gen_ai.operation.name = "chat",
+            gen_ai.request.model = %self.model,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            retry,
+        )
+    }
+
     /// Run one attempt: a conversation of one request (retried as allowed).
     pub async fn run(&self, envelope: &Envelope) -> Outcome {
         let system = self.system_prompt.clone().unwrap_or_else(|| {
@@ -195,7 +217,14 @@ impl ClaudeBackend {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(envelope.timeout_ms);
         let mut last = String::new();
         for retry in 0..=self.max_retries {
-            let answer = match tokio::time::timeout_at(deadline, self.request(&url, &body)).await {
+            let span = self.call_span(envelope, retry);
+            let request = self.request(&url, &body).instrument(span.clone());
+            let answer = match tokio::time::timeout_at(deadline, request).await {
+                Ok(Ok(outcome)) => {
+                    span.record("gen_ai.usage.input_tokens", outcome.usage.input_tokens);
+                    span.record("gen_ai.usage.output_tokens", outcome.usage.output_tokens);
+                    Ok(outcome)
+                }
                 Ok(answer) => answer,
                 Err(_) => {
                     let last = if last.is_empty() { "the request timed out".to_string() } else { last };

@@ -239,6 +239,12 @@ impl CommandBackend {
             .envs(&self.env)
             .env("MAOS_TASK_ID", &envelope.task_id)
             .env("MAOS_ATTEMPT", envelope.attempt.to_string())
+            // The attempt's span (W3C trace context), for the agent's own spans; empty untraced.
+            .envs(
+                Some(crate::telemetry::traces::current_traceparent())
+                    .filter(|t| !t.is_empty())
+                    .map(|t| ("TRACEPARENT", t)),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

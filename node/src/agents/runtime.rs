@@ -28,6 +28,7 @@ use super::keeper::Keeper;
 use crate::config::Config;
 use crate::raft::core::{CoreError, NodeCore};
 use crate::storage::Storage;
+use crate::telemetry::traces;
 
 use super::attempt::run_attempt;
 use super::{configured_slots, envelope_for, AgentMetrics, Backend};
@@ -334,12 +335,26 @@ impl AgentRuntime {
                 tracing::debug!(node_id = self.core.id, task_id = %envelope.task_id, agent_id = %slot_id, attempt = envelope.attempt, "starting an attempt");
                 let task_id = envelope.task_id.clone();
                 let token = envelope.fencing_token;
-                let span = tracing::info_span!(
-                    "attempt",
-                    task_id = %envelope.task_id,
-                    agent_id = %slot_id,
-                    attempt = envelope.attempt
-                );
+                // In the task's trace when it has one (exported); else only in the logs.
+                let span = if traces::enabled() && !envelope.trace_parent.is_empty() {
+                    let span = tracing::info_span!(
+                        target: traces::TARGET,
+                        "attempt",
+                        task_id = %envelope.task_id,
+                        agent_id = %slot_id,
+                        attempt = envelope.attempt,
+                        node_id = self.core.id,
+                    );
+                    traces::follow(&span, &envelope.trace_parent);
+                    span
+                } else {
+                    tracing::info_span!(
+                        "attempt",
+                        task_id = %envelope.task_id,
+                        agent_id = %slot_id,
+                        attempt = envelope.attempt
+                    )
+                };
                 let work = tokio::spawn(tracing::Instrument::instrument(
                     run_attempt(
                         self.core.clone(),

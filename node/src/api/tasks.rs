@@ -26,6 +26,7 @@ use openraft::AsyncRuntime;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::api::principal::{principal_in, Principal};
 use crate::api::status::{invalid, status_from, status_of_rejection, storage_status};
@@ -33,6 +34,7 @@ use crate::api::streams::{next_poll, stream_permit};
 use crate::api::views::{event, fill_view, fingerprint, priority_from, state_from, state_to, task_view, Fingerprint};
 use crate::raft::core::NodeCore;
 use crate::storage::{ResultRef, Storage, TaskPayloads};
+use crate::telemetry::traces;
 
 /// A new task id: a UUIDv7 from this node's clock and its runtime's random source, which a
 /// simulation seeds, so a simulated run replays with the same ids.
@@ -165,6 +167,7 @@ impl TaskApi {
             planner_type,
             max_agents: (r.max_agents > 0).then_some(r.max_agents),
             input_stored: false,
+            trace_parent: crate::telemetry::traces::current_traceparent(),
         };
         let mut spec = spec;
         self.storage.check_payload("input", &spec.input).map_err(|e| storage_status(&e))?;
@@ -213,6 +216,23 @@ impl TaskApi {
     /// still commit.
     /// Submit one task as `principal` (the submitter it records; see [`submitter_for`]).
     async fn submit_one(
+        &self,
+        request: SubmitTaskRequest,
+        principal: &Principal,
+    ) -> Result<SubmitTaskResponse, Status> {
+        if !traces::enabled() {
+            return self.submit_spec(request, principal).await;
+        }
+        // The task keeps this span's context: its proposal, assignment and attempts join it.
+        let span = tracing::info_span!(target: traces::TARGET, "submit", task_type = %request.task_type, task_id = tracing::field::Empty);
+        let submitted = self.submit_spec(request, principal).instrument(span.clone()).await;
+        if let Ok(answer) = &submitted {
+            span.record("task_id", answer.task_id.as_str());
+        }
+        submitted
+    }
+
+    async fn submit_spec(
         &self,
         request: SubmitTaskRequest,
         principal: &Principal,

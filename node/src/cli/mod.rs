@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use maos_client::{Client, ClientError};
 use maos_node::config::Config;
+use maos_node::telemetry::traces::{Settings as TraceSettings, Tracing};
 
 use args::{Cli, Commands, ConfigCommand, Target};
 
@@ -177,6 +178,17 @@ fn token(target: &Target) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// What the trace exporter needs from the configuration.
+fn trace_settings(config: &Config) -> TraceSettings {
+    TraceSettings {
+        endpoint: config.tracing.otlp_endpoint.clone(),
+        sample_ratio: config.tracing.sample_ratio,
+        service_name: config.tracing.service_name.clone(),
+        node_id: config.node.id,
+        ca_file: config.security.tls.ca_file.clone(),
+    }
+}
+
 /// Run the command `cli` names.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -184,11 +196,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (mut config, unknown_env) = load_config(args.config.as_ref())?;
             config.apply_flags(&args.flags).map_err(anyhow::Error::msg)?;
             config.validate()?;
-            maos_node::telemetry::logs::init(&config.system.log_level, &config.system.log_format);
+            let (traces, layer) = match config.tracing.enabled {
+                true => {
+                    let (traces, layer) = Tracing::start(&trace_settings(&config)).map_err(anyhow::Error::msg)?;
+                    (Some(traces), Some(layer))
+                }
+                false => (None, None),
+            };
+            maos_node::telemetry::logs::init(&config.system.log_level, &config.system.log_format, layer);
             for name in unknown_env {
                 tracing::warn!(variable = %name, "environment variable names no configuration key; ignored");
             }
-            maos_node::server::serve(config).await
+            let served = maos_node::server::serve(config).await;
+            if let Some(traces) = traces {
+                traces.flush().await;
+            }
+            served
         }
         Commands::Demo { keep_data, keep } => {
             let binary = std::env::current_exe().context("cannot find the maos binary")?;

@@ -217,6 +217,38 @@ mod tests {
     }
 
     #[test]
+    fn tracing_takes_an_otlp_collector_and_refuses_the_guides_jaeger_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("maos.yml");
+        let jaeger = "tracing:\n  enabled: true\n  jaeger:\n    agent_host: jaeger\n    agent_port: 6831\n";
+        std::fs::write(&path, jaeger).expect("write");
+        let loaded = Config::load(Some(&path), &env(&[])).expect("loads");
+        let said = loaded.config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(said.contains("tracing.jaeger") && said.contains("tracing.otlp_endpoint"), "{said}");
+        let problems = |pairs: &[(&str, &str)]| -> String {
+            let loaded = Config::load(None, &env(pairs)).expect("loads");
+            loaded.config.validate().err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let fine = problems(&[
+            ("MAOS_TRACING_ENABLED", "true"),
+            ("MAOS_TRACING_OTLP_ENDPOINT", "https://otel-collector:4317"),
+            ("MAOS_TRACING_SAMPLE_RATIO", "0.25"),
+        ]);
+        assert!(fine.is_empty(), "{fine}");
+        let long_name = "m".repeat(200);
+        for (key, value, named) in [
+            ("MAOS_TRACING_SAMPLE_RATIO", "1.5", "tracing.sample_ratio"),
+            ("MAOS_TRACING_OTLP_ENDPOINT", "otel-collector:4317", "tracing.otlp_endpoint"),
+            ("MAOS_TRACING_OTLP_ENDPOINT", "http://otel-collector:4317/v1/traces", "tracing.otlp_endpoint"),
+            ("MAOS_TRACING_SERVICE_NAME", long_name.as_str(), "tracing.service_name"),
+        ] {
+            let said = problems(&[(key, value)]);
+            assert!(said.contains(named), "{key}={value}: {said}");
+        }
+        assert!(!Config::default().tracing.enabled, "tracing is off unless configured");
+    }
+
+    #[test]
     fn limits_on_the_api_port_are_bounded_and_named_when_wrong() {
         let problems = |pairs: &[(&str, &str)]| -> String {
             let loaded = Config::load(None, &env(pairs)).expect("loads");

@@ -29,6 +29,7 @@ pub struct Config {
     pub redis: RedisSection,
     pub dashboard: DashboardSection,
     pub security: SecuritySection,
+    pub tracing: TracingSection,
 }
 
 impl Config {
@@ -58,6 +59,37 @@ pub struct DashboardSection {
 impl Default for DashboardSection {
     fn default() -> Self {
         Self { enabled: true, listen: "0.0.0.0:3001".into() }
+    }
+}
+
+/// Distributed tracing: OpenTelemetry spans exported over OTLP/gRPC (`docs/OPERATIONS.md`,
+/// "Tracing").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSection {
+    /// Export spans (off by default: nothing is recorded or sent).
+    pub enabled: bool,
+    /// The collector's OTLP/gRPC endpoint, `http://host:4317` (`https://` for TLS, checked
+    /// against `security.tls.ca_file` when set, else the web roots).
+    pub otlp_endpoint: String,
+    /// Share of new traces recorded, 0.0..=1.0; a caller's trace is followed as it was sampled.
+    pub sample_ratio: f64,
+    /// `service.name` of this node's spans (`service.instance.id` is the node id).
+    pub service_name: String,
+    /// The operators' guide's Jaeger agent keys: refused, naming their OTLP replacements.
+    #[serde(default, skip_serializing)]
+    pub jaeger: Option<serde_yaml::Value>,
+}
+
+impl Default for TracingSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            otlp_endpoint: "http://127.0.0.1:4317".into(),
+            sample_ratio: 1.0,
+            service_name: "maos".into(),
+            jaeger: None,
+        }
     }
 }
 

@@ -197,6 +197,40 @@ impl Config {
         }
     }
 
+    /// Check the `tracing` section.
+    fn validate_tracing(&self, bad: &mut impl FnMut(&str, String)) {
+        let tracing = &self.tracing;
+        if tracing.jaeger.is_some() {
+            bad(
+                "tracing.jaeger",
+                "MAOS exports OTLP/gRPC, not Jaeger's agent protocol: remove tracing.jaeger and set tracing.otlp_endpoint to the collector (Jaeger takes OTLP on port 4317: http://jaeger:4317), tracing.service_name for service_name, tracing.sample_ratio (0.0..=1.0) for the sampler's param".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+            bad(
+                "tracing.sample_ratio",
+                format!("{} must be in 0.0..=1.0 (1.0 records every trace)", tracing.sample_ratio),
+            );
+        }
+        let name = &tracing.service_name;
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            bad("tracing.service_name", format!("{name:?} must be 1..=128 printable characters"));
+        }
+        let endpoint = &tracing.otlp_endpoint;
+        let address = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
+        match address.map(|a| a.trim_end_matches('/')) {
+            Some(address) if !address.contains('/') => {
+                if let Err(e) = check_address(address) {
+                    bad("tracing.otlp_endpoint", format!("{e} (write http://host:4317)"));
+                }
+            }
+            _ => bad(
+                "tracing.otlp_endpoint",
+                format!("{endpoint:?} must be http://host:port or https://host:port (an OTLP/gRPC collector, e.g. http://127.0.0.1:4317)"),
+            ),
+        }
+    }
+
     /// Check every value; report all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
@@ -487,6 +521,7 @@ impl Config {
         if !["text", "json"].contains(&self.system.log_format.to_lowercase().as_str()) {
             bad("system.log_format", format!("{:?} is not one of text, json", self.system.log_format));
         }
+        self.validate_tracing(&mut bad);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -25,11 +25,13 @@ use std::time::Duration;
 use maos_raft_store::state::check_command;
 use maos_raft_store::{Command, MaosNode, NodeId, Raft, Rejection, Response, StateMachineHandle};
 use openraft::ServerState;
+use tracing::Instrument;
 
 use crate::proto::ReadIndexRequest;
 use crate::raft::clock::ClockBound;
 use crate::raft::network::Channels;
 use crate::raft::proposer::{Batcher, Clock, ProposalHold, ProposeOutcome};
+use crate::telemetry::traces;
 
 /// Pause between attempts while a leader is unknown or changing.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(25);
@@ -243,8 +245,16 @@ impl NodeCore {
     }
 
     /// Propose `command` on this node, which must be the leader, in the next batch.
+    /// A submit whose trace is recorded is proposed in a `propose` span of that trace, so the
+    /// trace shows the leader's part, whichever node the caller reached.
     pub async fn propose_local(&self, command: Command) -> ProposeOutcome {
-        self.proposer.submit("", command).await
+        let trace_parent = command.trace_parent();
+        if trace_parent.is_empty() || !traces::enabled() {
+            return self.proposer.submit("", command).await;
+        }
+        let span = tracing::info_span!(target: traces::TARGET, "propose", node_id = self.id);
+        traces::follow(&span, trace_parent);
+        self.proposer.submit("", command).instrument(span).await
     }
 
     /// Replicate `command` through the leader, wherever it is, and return its result.

@@ -397,12 +397,16 @@ where
         cert_principals: config.security.tls.client_principals.clone(),
     });
     // Inside the auth layer: a request is on its caller's session only once it is authorised.
-    let routes = tonic::service::Routes::from(
-        routes
-            .into_axum_router()
-            .layer(axum::middleware::from_fn(crate::api::sessions::caller_session))
-            .layer(axum::middleware::from_fn_with_state(authorizer.clone(), authorize)),
-    );
+    let routes = routes
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(crate::api::sessions::caller_session))
+        .layer(axum::middleware::from_fn_with_state(authorizer.clone(), authorize));
+    // Outermost, so a refused call is in its trace too.
+    let routes = match crate::telemetry::traces::enabled() {
+        true => routes.layer(axum::middleware::from_fn(observe::trace_request)),
+        false => routes,
+    };
+    let routes = tonic::service::Routes::from(routes);
     let api_limits = config.network.clone();
     spawn_in(&mut tasks, &node_span, async move {
         let result = tonic::transport::Server::builder()

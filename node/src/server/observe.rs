@@ -1,7 +1,7 @@
 //! What the composition root adds for observability around the parts it wires: apply timing
 //! (a wrapper around the state machine, so raft-store stays free of clocks), the leader-change
 //! counter, and request durations for HTTP (an axum middleware, where route templates are known)
-//! and gRPC (a tower layer on the API server).
+//! and gRPC (a tower layer on the API server), and each request's trace span (with tracing on).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,8 +15,10 @@ use maos_raft_store::{LogId, MaosNode, NodeId, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{Entry, SnapshotMeta, StorageError, StoredMembership};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::telemetry::metrics::BoundedLabel;
+use crate::telemetry::traces;
 
 /// The REST route of a submit, and the gRPC method.
 const REST_SUBMIT_ROUTE: &str = "/api/v1/tasks";
@@ -122,6 +124,37 @@ pub async fn record_http(request: Request, next: Next) -> Response {
     response
 }
 
+/// An axum middleware in front of the whole API port (the auth layer included), with tracing
+/// on: each request runs in a server span that continues the caller's `traceparent` (gRPC
+/// metadata or an HTTP header), named by its gRPC method or HTTP method.
+pub async fn trace_request(request: Request, next: Next) -> Response {
+    let name = if is_grpc(request.headers()) {
+        GRPC_METHODS.value(request.uri().path()).trim_start_matches('/').to_string()
+    } else {
+        format!("HTTP {}", request.method())
+    };
+    let span = tracing::info_span!(
+        target: traces::TARGET,
+        "request",
+        otel.name = %name,
+        otel.kind = "server",
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    traces::follow_headers(&span, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if let Some(code) = response.headers().get("grpc-status").and_then(|c| c.to_str().ok()) {
+        span.record("rpc.grpc.status_code", code);
+    }
+    response
+}
+
+fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
+    headers.get(axum::http::header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// A tower layer for the API server: `maos_grpc_request_duration_seconds` by method and status.
 #[derive(Clone, Copy, Default)]
 pub struct GrpcMetricsLayer;
@@ -155,11 +188,7 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let is_grpc = request
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
-        if !is_grpc {
+        if !is_grpc(request.headers()) {
             // Plain HTTP is timed by `record_http`, which knows the route templates.
             return Box::pin(self.inner.call(request));
         }

@@ -36,6 +36,7 @@ fn task_spec(id: &str) -> crate::tasks::TaskSpec {
         planner_type: None,
         max_agents: None,
         input_stored: false,
+        trace_parent: String::new(),
     }
 }
 

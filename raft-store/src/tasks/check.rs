@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::types::{
     PlannedTask, Task, TaskRejection, TaskSpec, TaskState, DEPENDENCIES_MAX, LABELS_MAX, PLAN_KEY_BYTES_MAX,
-    PLAN_SUBTASKS_MAX, RETRIES_MAX, TASK_TEXT_BYTES_MAX,
+    PLAN_SUBTASKS_MAX, RETRIES_MAX, TASK_TEXT_BYTES_MAX, TRACE_PARENT_BYTES_MAX,
 };
 
 pub(super) fn invalid(field: &str, message: impl Into<String>) -> TaskRejection {
@@ -45,6 +45,12 @@ pub fn check_spec(spec: &TaskSpec) -> Result<(), TaskRejection> {
     }
     if spec.parent.as_ref() == Some(&spec.id) {
         return Err(invalid("parent", "a task cannot be its own parent"));
+    }
+    if spec.trace_parent.len() > TRACE_PARENT_BYTES_MAX {
+        return Err(invalid(
+            "trace_parent",
+            format!("must be at most {TRACE_PARENT_BYTES_MAX} bytes (a W3C traceparent)"),
+        ));
     }
     if spec.max_retries > RETRIES_MAX {
         return Err(invalid("max_retries", format!("must be at most {RETRIES_MAX}")));

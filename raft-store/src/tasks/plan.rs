@@ -56,6 +56,7 @@ impl TaskTable {
                 planner_type: None,
                 max_agents: None,
                 input_stored: false,
+                trace_parent: parent.spec.trace_parent.clone(),
             };
             check_spec(&spec).map_err(|rejection| match rejection {
                 TaskRejection::InvalidSpec { field, message } => {

@@ -15,6 +15,8 @@ pub const DEPENDENCIES_MAX: usize = 256;
 pub const LABELS_MAX: usize = 32;
 /// Upper bound on `max_retries`.
 pub const RETRIES_MAX: u32 = 100;
+/// Bytes of a task's `trace_parent` at most (a W3C `traceparent` is 55).
+pub const TRACE_PARENT_BYTES_MAX: usize = 128;
 /// Upper bound on a saved checkpoint, in bytes.
 pub const CHECKPOINT_BYTES_MAX: usize = 64 * 1024;
 /// Upper bound on a progress message, in bytes.
@@ -89,6 +91,11 @@ pub struct TaskSpec {
     /// `input`: the replicated state holds only this reference.
     #[serde(default, skip_serializing_if = "is_false")]
     pub input_stored: bool,
+    /// The W3C `traceparent` of the submit's span when its trace is recorded (empty otherwise):
+    /// the task's assignment, attempts and report join that trace, on whichever node they run.
+    /// Plan children inherit it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_parent: String,
 }
 
 fn is_false(value: &bool) -> bool {
