@@ -20,13 +20,16 @@
 //! cluster (the `etcd` binary from Debian's `etcd-server`) on loopback and drives it with the same
 //! load generator, in the same run, for a side-by-side comparison. With `--secure` it also runs
 //! a cluster with TLS on port 8000 and auth on, its clients calling with an API key, for the cost
-//! of both against the plaintext cluster of the same run. Every load loop is bounded in count and
-//! time.
+//! of both against the plaintext cluster of the same run. With `--telemetry` it compares, in one
+//! run, clusters with metrics off, with metrics (the default) and with tracing at sample ratio 1.0
+//! exporting to a span sink (`otlp_sink.rs`), for key-value puts and for task submits, in rounds
+//! that alternate the order. Every load loop is bounded in count and time.
 
 mod agents;
 mod e2e;
 mod etcd;
 mod failover;
+mod otlp_sink;
 mod scheduling;
 mod task_data;
 
@@ -37,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+use maos_client::proto::v1::SubmitTaskRequest;
 use maos_client::Client;
 use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions, TlsFiles};
 
@@ -195,13 +199,25 @@ enum Bench {
         /// same cluster right after the default run through all nodes.
         #[arg(long)]
         compare_sessions: bool,
+        /// Instead of the runs above: what metrics and tracing cost. Each round starts a cluster
+        /// with `metrics.enabled: false`, one with the defaults (metrics on, tracing off) and one
+        /// with tracing at sample ratio 1.0 exporting to a span sink in this process, and drives
+        /// puts and then no-op task submits through all nodes on each; rounds alternate the order.
+        #[arg(long)]
+        telemetry: bool,
+        /// Rounds of `--telemetry`.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
 }
 
 /// Where the load goes.
 #[derive(Clone)]
 enum Target {
+    /// Key-value puts.
     Maos(Arc<Client>),
+    /// Task submits of the type `noop` (the key is the task's description).
+    MaosTask(Arc<Client>),
     Etcd(etcd::KvClient),
 }
 
@@ -209,6 +225,10 @@ impl Target {
     async fn put(&mut self, key: String, value: &str) -> Result<(), String> {
         match self {
             Target::Maos(client) => client.put(&key, value).await.map(|_| ()).map_err(|e| e.to_string()),
+            Target::MaosTask(client) => {
+                let request = SubmitTaskRequest { task_type: "noop".into(), description: key, ..Default::default() };
+                client.submit(request).await.map(|_| ()).map_err(|e| e.to_string())
+            }
             Target::Etcd(client) => client.put(key, value).await,
         }
     }
@@ -217,6 +237,8 @@ impl Target {
 struct PhaseResult {
     writes: u64,
     errors: u64,
+    /// The first error seen, to say what went wrong.
+    first_error: Option<String>,
     elapsed: Duration,
     latency_us: Histogram<u64>,
 }
@@ -225,9 +247,15 @@ fn histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-async fn drive(mut target: Target, worker: usize, until: Instant, value: Arc<String>) -> (Histogram<u64>, u64, u64) {
+async fn drive(
+    mut target: Target,
+    worker: usize,
+    until: Instant,
+    value: Arc<String>,
+) -> (Histogram<u64>, u64, u64, Option<String>) {
     let mut latency_us = histogram();
     let (mut writes, mut errors) = (0u64, 0u64);
+    let mut first_error = None;
     while Instant::now() < until && writes + errors < WRITES_PER_PHASE_MAX {
         let key = format!("bench/{worker}/{}", writes % KEYS_PER_WRITER);
         let started = Instant::now();
@@ -236,10 +264,13 @@ async fn drive(mut target: Target, worker: usize, until: Instant, value: Arc<Str
                 let _ = latency_us.record(started.elapsed().as_micros() as u64);
                 writes += 1;
             }
-            Err(_) => errors += 1,
+            Err(error) => {
+                errors += 1;
+                first_error.get_or_insert(error);
+            }
         }
     }
-    (latency_us, writes, errors)
+    (latency_us, writes, errors, first_error)
 }
 
 /// Drive `clients` concurrent writers for `seconds`; connection `i` goes to `endpoints[i % n]`.
@@ -261,13 +292,15 @@ async fn phase(
         .collect();
     let mut latency_us = histogram();
     let (mut writes, mut errors) = (0, 0);
+    let mut first_error = None;
     for task in tasks {
-        let (h, w, e) = task.await?;
+        let (h, w, e, error) = task.await?;
         latency_us.add(&h)?;
         writes += w;
         errors += e;
+        first_error = first_error.or(error);
     }
-    Ok(PhaseResult { writes, errors, elapsed: started.elapsed(), latency_us })
+    Ok(PhaseResult { writes, errors, first_error, elapsed: started.elapsed(), latency_us })
 }
 
 struct Settings {
@@ -278,30 +311,38 @@ struct Settings {
     value: Arc<String>,
     secure: bool,
     compare_sessions: bool,
+    telemetry: bool,
+    rounds: usize,
 }
 
+/// One table row per client count; returns the writes per second of each.
 async fn measure(
     system: &str,
     connect: &dyn Fn(usize) -> anyhow::Result<Target>,
     settings: &Settings,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<f64>> {
+    let mut rates = Vec::new();
     for &clients in &settings.client_counts {
         if settings.warmup_seconds > 0 {
             phase(connect, clients, settings.warmup_seconds, settings.value.clone()).await?;
         }
         let r = phase(connect, clients, settings.seconds, settings.value.clone()).await?;
         let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        let rate = r.writes as f64 / r.elapsed.as_secs_f64();
         println!(
-            "| {system} | {clients} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-            r.writes as f64 / r.elapsed.as_secs_f64(),
+            "| {system} | {clients} | {rate:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             ms(0.5),
             ms(0.99),
             ms(0.999),
             r.latency_us.max() as f64 / 1000.0,
             r.errors
         );
+        if let Some(error) = &r.first_error {
+            eprintln!("{system}, {clients} clients: {} errors, the first: {error}", r.errors);
+        }
+        rates.push(rate);
     }
-    Ok(())
+    Ok(rates)
 }
 
 async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, PathBuf)>) -> anyhow::Result<()> {
@@ -316,6 +357,9 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
     println!("| system | clients | writes/s | p50 ms | p99 ms | p999 ms | max ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
 
+    if settings.telemetry {
+        return telemetry(&maos, root.path(), &settings).await;
+    }
     let options = LocalClusterOptions { nodes: settings.nodes, log_level: "WARN".into(), ..Default::default() };
     let mut cluster = LocalCluster::new(&maos, &root.path().join("maos"), options)?;
     cluster.start_all()?;
@@ -369,6 +413,118 @@ async fn raft_writes(maos: PathBuf, settings: Settings, peer: Option<(Peer, Path
             Ok(Target::Etcd(etcd::KvClient::connect(&endpoints[i % endpoints.len()])?))
         };
         measure(&format!("etcd {} (all nodes)", etcd.version), &spread, &settings).await?;
+    }
+    Ok(())
+}
+
+/// A `--telemetry` cluster's configuration.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Telemetry {
+    MetricsOff,
+    Metrics,
+    Traced,
+}
+
+impl Telemetry {
+    fn name(self) -> &'static str {
+        match self {
+            Telemetry::MetricsOff => "metrics off",
+            Telemetry::Metrics => "metrics on (default)",
+            Telemetry::Traced => "metrics + tracing 1.0",
+        }
+    }
+
+    fn env(self, collector: &str) -> Vec<(String, String)> {
+        let pairs: &[(&str, &str)] = match self {
+            Telemetry::MetricsOff => &[("MAOS_METRICS_ENABLED", "false")],
+            Telemetry::Metrics => &[],
+            Telemetry::Traced => &[
+                ("MAOS_TRACING_ENABLED", "true"),
+                ("MAOS_TRACING_SAMPLE_RATIO", "1.0"),
+                ("MAOS_TRACING_OTLP_ENDPOINT", collector),
+            ],
+        };
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+}
+
+/// Builtin agents per node for the submits of `--telemetry` (they finish every task at once).
+const TELEMETRY_SLOTS_PER_NODE: usize = 64;
+
+/// `raft-writes --telemetry`: metrics off, on, and on with tracing at ratio 1.0, each on a fresh
+/// cluster, puts then submits through all nodes; rounds alternate the order so neither warm-up
+/// nor the machine's drift favours one. Ends with each variant's mean and the two ratios.
+async fn telemetry(maos: &Path, root: &Path, settings: &Settings) -> anyhow::Result<()> {
+    let sink = otlp_sink::Sink::default();
+    let collector = sink.start().await?;
+    let variants = [Telemetry::MetricsOff, Telemetry::Metrics, Telemetry::Traced];
+    // (variant, workload, client count) -> writes/s of each round.
+    let mut rates: std::collections::BTreeMap<(Telemetry, &str, usize), Vec<f64>> = Default::default();
+    for round in 0..settings.rounds {
+        let mut order = variants;
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for variant in order {
+            let mut env = variant.env(&collector);
+            env.extend([
+                ("MAOS_AGENTS_TYPES".to_string(), format!("{{noop: {{slots: {TELEMETRY_SLOTS_PER_NODE}}}}}")),
+                ("MAOS_SYSTEM_MAX_AGENTS".to_string(), TELEMETRY_SLOTS_PER_NODE.to_string()),
+                ("MAOS_SYSTEM_TASK_QUEUE_SIZE".to_string(), WRITES_PER_PHASE_MAX.to_string()),
+            ]);
+            let options =
+                LocalClusterOptions { nodes: settings.nodes, log_level: "WARN".into(), env, ..Default::default() };
+            let dir = root.join(format!("round-{round}-{}", variant as u8));
+            let mut cluster = LocalCluster::new(maos, &dir, options)?;
+            cluster.start_all()?;
+            let all: Vec<u64> = cluster.nodes.keys().copied().collect();
+            cluster.wait_for_leader(&all, Duration::from_secs(30)).await?;
+            cluster.wait_ready(&all, Duration::from_secs(30)).await?;
+            let spans_before = sink.spans();
+            for workload in ["puts", "submits"] {
+                let addrs: Vec<String> = cluster.nodes.values().map(|n| n.api_addr.clone()).collect();
+                let connect = move |i: usize| -> anyhow::Result<Target> {
+                    let client = Arc::new(Client::new([addrs[i % addrs.len()].clone()])?);
+                    Ok(match workload {
+                        "puts" => Target::Maos(client),
+                        _ => Target::MaosTask(client),
+                    })
+                };
+                let system = format!("round {} {}: {workload}", round + 1, variant.name());
+                let measured = measure(&system, &connect, settings).await?;
+                for (&clients, rate) in settings.client_counts.iter().zip(measured) {
+                    rates.entry((variant, workload, clients)).or_default().push(rate);
+                }
+            }
+            // Spans are sent every 500 ms: wait for the last batch before the cluster goes.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let spans = sink.spans() - spans_before;
+            println!("|  ↳ spans received by the sink from this cluster: {spans} | | | | | | | |");
+            cluster.stop();
+        }
+    }
+    println!();
+    println!("| workload | clients | metrics off, writes/s (mean, range) | metrics on | tracing 1.0 | metrics cost | tracing cost |");
+    println!("|---|---:|---|---|---|---:|---:|");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{:.0} ({lo:.0}–{hi:.0})", mean(v))
+    };
+    for workload in ["puts", "submits"] {
+        for &clients in &settings.client_counts {
+            let of = |variant| rates.get(&(variant, workload, clients)).cloned().unwrap_or_default();
+            let (off, on, traced) = (of(Telemetry::MetricsOff), of(Telemetry::Metrics), of(Telemetry::Traced));
+            println!(
+                "| {workload} | {clients} | {} | {} | {} | {:.1}% | {:.1}% |",
+                range(&off),
+                range(&on),
+                range(&traced),
+                100.0 * (1.0 - mean(&on) / mean(&off)),
+                100.0 * (1.0 - mean(&traced) / mean(&on)),
+            );
+        }
     }
     Ok(())
 }
@@ -481,7 +637,10 @@ async fn main() -> anyhow::Result<()> {
             etcd,
             secure,
             compare_sessions,
+            telemetry,
+            rounds,
         } => {
+            anyhow::ensure!((1..=20).contains(&rounds), "--rounds must be in 1..=20");
             let maos = maos_binary(maos)?;
             let settings = Settings {
                 client_counts: clients,
@@ -491,6 +650,8 @@ async fn main() -> anyhow::Result<()> {
                 value: Arc::new("x".repeat(value_bytes)),
                 secure,
                 compare_sessions,
+                telemetry,
+                rounds,
             };
             raft_writes(maos, settings, peer.map(|p| (p, etcd))).await
         }

@@ -120,3 +120,27 @@ async fn health_ready_and_metrics_are_served_beside_grpc() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// `metrics.enabled: false`: the node records nothing and says so on `/metrics`, and works as
+/// before (a task runs to completion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_turned_off_answer_404_naming_the_key() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let options = LocalClusterOptions {
+        nodes: 1,
+        env: vec![("MAOS_METRICS_ENABLED".into(), "false".into())],
+        ..Default::default()
+    };
+    let mut cluster = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_maos")), root.path(), options)?;
+    cluster.start_all()?;
+    let (leader, _) = cluster.wait_for_leader(&[1], STEP).await?;
+    cluster.wait_ready(&[1], STEP).await?;
+    let mut client = tasks_client(&cluster, leader)?;
+    let request = SubmitTaskRequest { task_type: "coder".into(), description: "t".into(), ..Default::default() };
+    let id = client.submit(request).await?.into_inner().task_id;
+    wait_all(&mut client, &[id], TaskState::Completed).await?;
+    let (status, body) = fetch(&cluster.nodes[&1].api_addr, "/metrics").await?;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("metrics.enabled: false"), "{body}");
+    Ok(())
+}

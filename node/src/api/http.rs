@@ -7,7 +7,8 @@
 //!   part of readiness: the node works without it.
 //! - `/metrics`: Prometheus text format, rendered by the exporter from the process's registry
 //!   (`telemetry::metrics`; every metric in `docs/METRICS.md`). Current-state gauges (Raft, tasks
-//!   by state, agents) are set here from this node's applied view just before rendering.
+//!   by state, agents) are set here from this node's applied view just before rendering. With
+//!   `metrics.enabled: false` no recorder is installed and `/metrics` answers 404 naming the key.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -105,7 +106,11 @@ pub async fn readiness(core: &NodeCore, agents: &AgentMetrics, storage: &Storage
     Ok(format!("node {id} in a cluster led by node {leader}; {store}{clock}"))
 }
 
-async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
+async fn metrics(State(shared): State<Shared>) -> axum::response::Response {
+    let Some(recorder) = crate::telemetry::metrics::installed() else {
+        let off = "metrics are off on this node (metrics.enabled: false); set metrics.enabled: true (MAOS_METRICS_ENABLED=true) and restart it to serve them\n";
+        return (StatusCode::NOT_FOUND, off).into_response();
+    };
     let core = &shared.core;
     {
         let metrics = core.raft.metrics();
@@ -157,7 +162,7 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
     metrics::gauge!("maos_task_queue_depth").set(counts.queued as f64);
     shared.agents.publish(agents);
     shared.storage.metrics.publish(shared.storage.backend_name());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::metrics::install().render())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], recorder.render()).into_response()
 }
 
 #[cfg(test)]

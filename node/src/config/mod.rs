@@ -249,6 +249,16 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_on_unless_turned_off() {
+        assert!(Config::default().metrics.enabled);
+        let loaded = Config::load(None, &env(&[("MAOS_METRICS_ENABLED", "false")])).expect("loads");
+        assert!(!loaded.config.metrics.enabled);
+        assert!(loaded.config.validate().is_ok());
+        let typo = Config::load(None, &env(&[("MAOS_METRICS_ENABLE", "false")])).expect("loads");
+        assert!(typo.unknown_env.iter().any(|name| name == "MAOS_METRICS_ENABLE"), "{:?}", typo.unknown_env);
+    }
+
+    #[test]
     fn limits_on_the_api_port_are_bounded_and_named_when_wrong() {
         let problems = |pairs: &[(&str, &str)]| -> String {
             let loaded = Config::load(None, &env(pairs)).expect("loads");

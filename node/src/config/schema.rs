@@ -30,6 +30,7 @@ pub struct Config {
     pub dashboard: DashboardSection,
     pub security: SecuritySection,
     pub tracing: TracingSection,
+    pub metrics: MetricsSection,
 }
 
 impl Config {
@@ -59,6 +60,21 @@ pub struct DashboardSection {
 impl Default for DashboardSection {
     fn default() -> Self {
         Self { enabled: true, listen: "0.0.0.0:3001".into() }
+    }
+}
+
+/// Prometheus metrics on `/metrics` (`docs/METRICS.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Record metrics and serve them on `/metrics` (on by default). `false` installs no
+    /// recorder, so nothing is counted, and `/metrics` answers 404 naming this key.
+    pub enabled: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self { enabled: true }
     }
 }
 

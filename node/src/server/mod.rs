@@ -177,8 +177,11 @@ where
     P: SnapshotPersistence,
 {
     // The process's metrics recorder, before anything records (a second node in this process
-    // shares it: see `telemetry::metrics`).
-    crate::telemetry::metrics::install();
+    // shares it: see `telemetry::metrics`). With `metrics.enabled: false` none: every record is
+    // a no-op and `/metrics` says so.
+    if config.metrics.enabled {
+        crate::telemetry::metrics::install();
+    }
     let raft_settings = Arc::new(raft_config(config)?);
     let keeper = Keeper::for_config(config);
     let agent_backends = backends(config, keeper.clone())?;

@@ -191,6 +191,11 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
+/// The process's recorder if [`install`] has run (`metrics.enabled`), else `None`.
+pub fn installed() -> Option<&'static PrometheusHandle> {
+    HANDLE.get()
+}
+
 fn describe() {
     for m in CATALOGUE {
         match m.kind {
