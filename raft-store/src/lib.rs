@@ -39,7 +39,8 @@ use serde::{Deserialize, Serialize};
 
 pub use command::{Command, Rejection, Request, Response, Responses};
 pub use sm_store::{
-    SnapshotPersistence, StateMachineHandle, StateMachineStore, StoredSnapshot, Validation, VALIDATION_SERVED,
+    SnapshotPersistence, StateMachineHandle, StateMachineStore, StateRead, StoredSnapshot, Validation,
+    VALIDATION_SERVED,
 };
 pub use state::{InvariantViolation, StateMachineData};
 

@@ -9,8 +9,10 @@
 //! once ([`torn_state`]), so no reader is ever served a half-applied entry; on restart the state
 //! is rebuilt from the snapshot and the log. A poisoned lock is treated the same way.
 
+use std::cell::Cell;
 use std::io::Cursor;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StoredMembership};
@@ -69,15 +71,63 @@ fn torn_state(during: &str) -> ! {
 #[derive(Debug, Clone, Default)]
 pub struct StateMachineHandle(Arc<RwLock<StateMachineData>>);
 
+thread_local! {
+    /// Reads of the applied state this thread holds (see [`StateMachineHandle::read`]).
+    static READS_HELD: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Refuse, in debug builds and so in every test, to take the state's lock on a thread that
+/// already holds a read of it. std's `RwLock` lets a waiting writer go before new readers, so a
+/// second read waits for apply, and apply waits for the first read: every task on that worker
+/// stops, and the node stops answering Raft and its API. It only shows under write load, so it
+/// is caught where it is tried rather than where it hangs.
+fn check_not_reading(what: &str) {
+    let held = READS_HELD.with(Cell::get);
+    debug_assert!(
+        held == 0,
+        "{what} on a thread that already holds a read of the state: this deadlocks once apply waits to write; \
+         pass the read you hold down instead"
+    );
+}
+
+/// A read of the applied state: the lock's guard, counted so a nested read is caught.
+pub struct StateRead<'a> {
+    guard: RwLockReadGuard<'a, StateMachineData>,
+}
+
+impl Deref for StateRead<'_> {
+    type Target = StateMachineData;
+
+    fn deref(&self) -> &StateMachineData {
+        &self.guard
+    }
+}
+
+impl Drop for StateRead<'_> {
+    fn drop(&mut self) {
+        READS_HELD.with(|held| held.set(held.get().saturating_sub(1)));
+    }
+}
+
 impl StateMachineHandle {
-    /// Read the applied state. Hold the guard briefly: apply waits for it.
-    pub fn read(&self) -> RwLockReadGuard<'_, StateMachineData> {
+    /// Read the applied state. Hold the read briefly (apply waits for it) and never take a
+    /// second one while holding it: pass the one held down instead.
+    pub fn read(&self) -> StateRead<'_> {
+        check_not_reading("a read of the state");
         // A poisoned lock means a panic while the state was held for writing: it may be torn.
-        self.0.read().unwrap_or_else(|_| torn_state("a read of the state"))
+        let guard = self.0.read().unwrap_or_else(|_| torn_state("a read of the state"));
+        READS_HELD.with(|held| held.set(held.get() + 1));
+        StateRead { guard }
+    }
+
+    /// Write the state (apply, snapshot install); the same rule as for reads.
+    fn write(&self, what: &str) -> RwLockWriteGuard<'_, StateMachineData> {
+        check_not_reading(what);
+        self.0.write().unwrap_or_else(|_| torn_state(what))
     }
 
     fn replace(&self, data: StateMachineData) {
-        *self.0.write().unwrap_or_else(|_| torn_state("installing a snapshot")) = data;
+        *self.write("installing a snapshot") = data;
     }
 }
 
@@ -228,7 +278,7 @@ impl<P: SnapshotPersistence> RaftStateMachine<TypeConfig> for StateMachineStore<
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        let mut data = self.data.0.write().unwrap_or_else(|_| torn_state("apply"));
+        let mut data = self.data.write("apply");
         let mut responses = Vec::new();
         for entry in entries {
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -312,6 +362,28 @@ mod tests {
         if PANIC_AFTER_APPLY.with(|p| p.replace(false)) {
             panic!("injected: a panic in apply after the entry changed the state");
         }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "already holds a read of the state: this deadlocks once apply waits to write")]
+    fn a_second_read_on_a_thread_holding_one_is_refused() {
+        let handle = StateMachineHandle::default();
+        // Reads one after another are fine.
+        drop(handle.read());
+        let first = handle.read();
+        // What the agent runtime did when issuing credentials (before 2026-12-08): while apply
+        // waited to write, this waited behind it, and both tokio workers stopped.
+        let _second = handle.read();
+        drop(first);
+    }
+
+    #[test]
+    fn reads_on_other_threads_are_not_nested() {
+        let handle = StateMachineHandle::default();
+        let _held = handle.read();
+        let other = handle.clone();
+        std::thread::spawn(move || other.read().app.kv.len()).join().expect("another thread reads");
     }
 
     const CHILD: &str = "MAOS_TEST_APPLY_PANIC_CHILD";

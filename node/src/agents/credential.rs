@@ -9,7 +9,7 @@
 //! credentials are valid on it alone; a credential issued so is still accepted there afterwards.
 
 use hmac::{Hmac, Mac};
-use maos_raft_store::StateMachineHandle;
+use maos_raft_store::{StateMachineData, StateMachineHandle};
 use sha2::Sha256;
 
 /// Prefix and version of the credential format.
@@ -56,7 +56,11 @@ impl Credentials {
 
     /// The cluster's key, when auth is bootstrapped: the same on every node.
     fn cluster_key(&self) -> Option<[u8; 32]> {
-        let state = self.state.as_ref()?.read();
+        Self::cluster_key_in(&self.state.as_ref()?.read())
+    }
+
+    /// The cluster's key as `state` holds it (`None` before auth is bootstrapped).
+    fn cluster_key_in(state: &StateMachineData) -> Option<[u8; 32]> {
         let secret = hex::decode(&state.app.auth.secret).ok().filter(|s| !s.is_empty())?;
         let mut mac = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes a key of any length");
         mac.update(DERIVATION);
@@ -70,9 +74,11 @@ impl Credentials {
         mac
     }
 
-    /// `maos1:<token>:<hex mac>:<task id>`.
-    pub fn issue(&self, task_id: &str, token: u64) -> String {
-        let key = self.cluster_key().unwrap_or(self.local);
+    /// `maos1:<token>:<hex mac>:<task id>`, keyed by the auth secret in `state`: the caller's
+    /// read of the applied state, which it already holds while it builds the envelope (taking a
+    /// second read on the same thread deadlocks once apply is waiting to write).
+    pub fn issue(&self, state: &StateMachineData, task_id: &str, token: u64) -> String {
+        let key = self.state.as_ref().and_then(|_| Self::cluster_key_in(state)).unwrap_or(self.local);
         let tag = hex::encode(Self::mac(&key, task_id, token).finalize().into_bytes());
         format!("{PREFIX}:{token}:{tag}:{task_id}")
     }
@@ -102,7 +108,7 @@ mod tests {
     #[test]
     fn a_credential_verifies_only_unaltered_and_only_where_issued() {
         let node = Credentials::generate();
-        let credential = node.issue("0193-task.left", 42);
+        let credential = node.issue(&StateMachineData::default(), "0193-task.left", 42);
         assert_eq!(node.verify(&credential), Ok(AgentScope { task_id: "0193-task.left".into(), token: 42 }));
         let forged = credential.replace(":42:", ":43:");
         assert_eq!(node.verify(&forged), Err(CredentialError::BadSignature));

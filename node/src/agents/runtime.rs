@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use maos_raft_store::state::fencing_token;
 use maos_raft_store::tasks::{AgentState, Slot, TaskCommand, TaskId, TaskResponse};
-use maos_raft_store::{Command, Response};
+use maos_raft_store::{Command, Response, StateMachineData};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -116,9 +116,10 @@ impl AgentRuntime {
         let endpoint = format!("{scheme}://{}", self.config.advertised_api_addr());
         let ca_file = tls.ca_file.as_ref().map(|path| path.display().to_string());
         let credentials = self.credentials.clone();
-        let api = move |task_id: &str, token: u64| ApiAccess {
+        // Called with the read of the state the caller already holds (see `Credentials::issue`).
+        let api = move |state: &StateMachineData, task_id: &str, token: u64| ApiAccess {
             endpoint: endpoint.clone(),
-            credential: credentials.issue(task_id, token),
+            credential: credentials.issue(state, task_id, token),
             ca_file: ca_file.clone(),
         };
         let mut rate = SpawnRate::new(self.config.system.agent_spawn_rate, tokio::time::Instant::now());
@@ -181,6 +182,7 @@ impl AgentRuntime {
             let (spawned, registered, new_leases, held, interrupted) = {
                 let state = self.core.state.read();
                 let table = &state.app.tasks;
+                let access = |task_id: &str, token: u64| api(&state, task_id, token);
                 // Agents spawned at run time live in the replicated state only; terminated ones
                 // are dropped at the next registration (configured ones stay, terminated).
                 let spawned: BTreeMap<String, Slot> = table
@@ -215,7 +217,7 @@ impl AgentRuntime {
                             continue;
                         }
                         if let Some(envelope) =
-                            envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &api)
+                            envelope_for(table, slot_id, task_id, now_ms, checkpoint_interval_ms, &access)
                         {
                             let lease_left = Duration::from_millis(lease.expires_at_ms.saturating_sub(now_ms));
                             new_leases.push((slot_id.clone(), slot.agent_type.clone(), envelope, lease_left));
