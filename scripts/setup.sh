@@ -70,6 +70,8 @@ setup_python_sdk() {
     "grpcio==1.68.1" "grpcio-tools==1.68.1" "protobuf==5.29.6" "googleapis-common-protos==1.66.0"
     "setuptools==75.6.0" "pytest==8.3.4" "pytest-asyncio==0.24.0" "pluggy==1.7.0" "iniconfig==2.3.1"
     "packaging==26.4" "cryptography==44.0.0" "cffi==2.1.1" "pycparser==3.12"
+    # Optional for the SDK (trace context); its tests use it.
+    "opentelemetry-api==1.39.1" "importlib_metadata==8.7.1" "zipp==4.1.2" "typing_extensions==4.16.0"
   )
   if [ ! -x "$venv/bin/python" ]; then
     echo "setup: making a Python venv for the SDK's tests in $venv"

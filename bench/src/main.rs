@@ -22,14 +22,13 @@
 //! a cluster with TLS on port 8000 and auth on, its clients calling with an API key, for the cost
 //! of both against the plaintext cluster of the same run. With `--telemetry` it compares, in one
 //! run, clusters with metrics off, with metrics (the default) and with tracing at sample ratio 1.0
-//! exporting to a span sink (`otlp_sink.rs`), for key-value puts and for task submits, in rounds
+//! exporting to a span sink (`maos_testkit::otlp`), for key-value puts and for task submits, in rounds
 //! that alternate the order. Every load loop is bounded in count and time.
 
 mod agents;
 mod e2e;
 mod etcd;
 mod failover;
-mod otlp_sink;
 mod scheduling;
 mod task_data;
 
@@ -455,7 +454,7 @@ const TELEMETRY_SLOTS_PER_NODE: usize = 64;
 /// cluster, puts then submits through all nodes; rounds alternate the order so neither warm-up
 /// nor the machine's drift favours one. Ends with each variant's mean and the two ratios.
 async fn telemetry(maos: &Path, root: &Path, settings: &Settings) -> anyhow::Result<()> {
-    let sink = otlp_sink::Sink::default();
+    let sink = maos_testkit::otlp::Collector::counting();
     let collector = sink.start().await?;
     let variants = [Telemetry::MetricsOff, Telemetry::Metrics, Telemetry::Traced];
     // (variant, workload, client count) -> writes/s of each round.

@@ -67,5 +67,6 @@ pub fn task_json(view: &TaskView) -> serde_json::Value {
         "progress_message": view.progress_message, "input_tokens": view.input_tokens,
         "output_tokens": view.output_tokens, "max_retries": view.max_retries,
         "description": view.description, "idempotency_key": view.idempotency_key, "input": view.input,
+        "trace_id": view.trace_id,
     })
 }

@@ -45,9 +45,17 @@ fn python() -> anyhow::Result<PathBuf> {
 }
 
 /// Short leases so a killed worker's task moves within seconds; the default agent pool (with the
-/// coordinator that plans `mixed` tasks); TLS on port 8000 with `tls`; auth on.
+/// coordinator that plans `mixed` tasks); TLS on port 8000 with `tls`; auth on; tracing on at
+/// sample ratio 0, so only calls that bring a sampled trace context are traced (`test_tracing.py`;
+/// their spans go nowhere: nothing listens on the discard port).
 fn options(tls: TlsFiles) -> LocalClusterOptions {
-    let env = [("MAOS_SCHEDULER_LEASE_MS", "3000"), ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS", "500")];
+    let env = [
+        ("MAOS_SCHEDULER_LEASE_MS", "3000"),
+        ("MAOS_SCHEDULER_LEASE_RENEW_INTERVAL_MS", "500"),
+        ("MAOS_TRACING_ENABLED", "true"),
+        ("MAOS_TRACING_SAMPLE_RATIO", "0.0"),
+        ("MAOS_TRACING_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+    ];
     LocalClusterOptions {
         env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         tls: Some(tls),

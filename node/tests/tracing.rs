@@ -9,86 +9,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{get, tasks_client, STEP};
 use maos_client::proto::v1::{SubmitTaskRequest, TaskState};
 use maos_testkit::local_cluster::{LocalCluster, LocalClusterOptions};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-
-/// One exported span, as the collector saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    instance: String,
-}
-
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Seen>>>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut seen = Vec::new();
-        for resource in request.into_inner().resource_spans {
-            let attributes = resource.resource.map(|r| r.attributes).unwrap_or_default();
-            let instance = attributes
-                .iter()
-                .find(|kv| kv.key == "service.instance.id")
-                .and_then(|kv| kv.value.as_ref().and_then(|v| v.value.clone()))
-                .map(|v| match v {
-                    Value::StringValue(s) => s,
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for span in resource.scope_spans.into_iter().flat_map(|s| s.spans) {
-                seen.push(Seen {
-                    name: span.name,
-                    trace_id: hex(&span.trace_id),
-                    span_id: hex(&span.span_id),
-                    parent_span_id: hex(&span.parent_span_id),
-                    instance: instance.clone(),
-                });
-            }
-        }
-        self.spans.lock().map_err(|_| tonic::Status::internal("poisoned"))?.extend(seen);
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-impl Collector {
-    /// Serve on a free loopback port; returns the endpoint to give the nodes.
-    async fn start(&self) -> anyhow::Result<String> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
-        let service = TraceServiceServer::new(self.clone());
-        tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
-        });
-        Ok(endpoint)
-    }
-
-    fn of_trace(&self, trace_id: &str) -> Vec<Seen> {
-        let spans = self.spans.lock().map(|s| s.clone()).unwrap_or_default();
-        spans.into_iter().filter(|s| s.trace_id == trace_id).collect()
-    }
-}
+use maos_testkit::otlp::{Collector, Seen};
 
 /// A command agent that answers with the `TRACEPARENT` it was started with.
 const ECHO_PY: &str = r#"import json, os, sys
@@ -101,7 +27,7 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_submitted_to_a_follower_is_one_trace_across_nodes_into_its_agent() -> anyhow::Result<()> {
-    let collector = Collector::default();
+    let collector = Collector::keeping();
     let endpoint = collector.start().await?;
     let root = tempfile::tempdir()?;
     let script = root.path().join("echo.py");
@@ -187,7 +113,7 @@ async fn a_task_submitted_to_a_follower_is_one_trace_across_nodes_into_its_agent
     assert!(instances.len() >= 2, "one trace across nodes: {instances:?}");
 
     // Nothing else was sampled: with ratio 0, a root without a caller's trace exports nothing.
-    let others: Vec<Seen> = collector.spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let others = collector.kept();
     let stray: Vec<&Seen> = others.iter().filter(|s| s.trace_id != TRACE_ID).collect();
     assert!(stray.is_empty(), "unsampled spans were exported: {stray:?}");
     Ok(())

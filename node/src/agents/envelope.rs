@@ -38,7 +38,8 @@ pub struct Envelope {
     pub checkpoint_interval_ms: u64,
     /// Where and how the agent may call the MAOS API.
     pub api: ApiAccess,
-    /// The task's trace (`TaskSpec::trace_parent`), for the node's spans; not sent to agents,
+    /// The task's trace (`TaskSpec::trace_parent`), for the node's spans (external workers get
+    /// it in their assignment); not sent to agents,
     /// which get their attempt's span as `TRACEPARENT` instead.
     #[serde(skip)]
     pub trace_parent: String,

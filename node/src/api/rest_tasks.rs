@@ -209,6 +209,8 @@ pub struct TaskBody {
     description: String,
     idempotency_key: String,
     input: String,
+    /// The W3C trace id of its submit when that was traced (sampled); empty otherwise.
+    trace_id: String,
 }
 
 impl From<&TaskView> for TaskBody {
@@ -240,6 +242,7 @@ impl From<&TaskView> for TaskBody {
             description: v.description.clone(),
             idempotency_key: v.idempotency_key.clone(),
             input: v.input.clone(),
+            trace_id: v.trace_id.clone(),
         }
     }
 }
@@ -598,13 +601,14 @@ mod tests {
             description: "d".into(),
             idempotency_key: "k".into(),
             input: "i".into(),
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
             ..Default::default()
         };
         let rest = serde_json::to_value(TaskBody::from(&view)).expect("serialises");
         assert_eq!(rest, maos_client::views::task_json(&view));
         let fields = rest.as_object().map(|o| o.len()).unwrap_or(0);
         // TaskView's fields, counted from the message (tasks.proto).
-        assert_eq!(fields, 26, "{rest}");
+        assert_eq!(fields, 27, "{rest}");
         assert_eq!((rest["priority"].as_str(), rest["state"].as_str()), (Some("high"), Some("COMPLETED")));
     }
 }

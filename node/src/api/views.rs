@@ -113,7 +113,13 @@ pub fn task_view(table: &TaskTable, task: &Task) -> TaskView {
         description: task.spec.description.clone(),
         idempotency_key: task.spec.idempotency_key.clone().unwrap_or_default(),
         input: task.spec.input.clone(),
+        trace_id: trace_id(&task.spec.trace_parent).to_string(),
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), empty without one.
+fn trace_id(traceparent: &str) -> &str {
+    traceparent.split('-').nth(1).filter(|id| id.len() == 32).unwrap_or("")
 }
 
 pub fn event(task: &Task, applied_index: u64, finished: bool) -> TaskEvent {

@@ -183,6 +183,7 @@ impl WorkerService for WorkerApi {
                         dependency_results: envelope.dependency_results.into_iter().collect(),
                         checkpoint: envelope.checkpoint.map(|c| c.data).unwrap_or_default(),
                         timeout_ms: envelope.timeout_ms,
+                        traceparent: envelope.trace_parent,
                     };
                     let (task_id, token) = (assignment.task_id.clone(), assignment.fencing_token);
                     if sender.send(Ok(assignment)).await.is_err() {

@@ -129,12 +129,12 @@ pub fn traceparent_of(span: &tracing::Span) -> String {
         return String::new();
     }
     let context = span.context();
-    let span = context.span();
-    let span = span.span_context();
-    if !span.is_valid() || !span.is_sampled() {
+    if !context.span().span_context().is_sampled() {
         return String::new();
     }
-    format!("00-{}-{}-{:02x}", span.trace_id(), span.span_id(), span.trace_flags().to_u8())
+    let mut carrier = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent").unwrap_or_default()
 }
 
 /// [`traceparent_of`] the current span.

@@ -12,6 +12,11 @@ from typing import Any, Callable, Generic, Iterable, Mapping, Optional, Sequence
 
 import grpc
 
+try:  # Optional: with OpenTelemetry's API installed, calls carry the caller's trace context.
+    from opentelemetry import propagate as _propagate
+except ImportError:  # pragma: no cover - exercised by installs without it
+    _propagate = None
+
 from .errors import InvalidArgument, MaosError, Unavailable, code_from_number, error_for, from_rpc_error
 from .v1 import agents_pb2, agents_pb2_grpc, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from .views import (
@@ -121,7 +126,8 @@ class Options:
         return self.deadline_s / 3
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        auth = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        return auth + trace_context()
 
     def channel_options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -217,6 +223,28 @@ class Call(Generic[T]):
     def invoke(self, stubs: Stubs, timeout_s: float, metadata: Sequence[tuple[str, str]]) -> Any:
         return getattr(getattr(stubs, self.service), self.method)(self.request, timeout=timeout_s,
                                                                  metadata=metadata)
+
+
+def trace_context() -> tuple[tuple[str, str], ...]:
+    """The caller's W3C trace context (`traceparent`, `tracestate`) from OpenTelemetry's current
+    span, when `opentelemetry-api` is installed and a span is current: the cluster's spans of the
+    call, and of a task it submits (its attempts too, minutes later on another node), join the
+    caller's trace. Nothing otherwise."""
+    if _propagate is None:
+        return ()
+    carrier: dict[str, str] = {}
+    _propagate.inject(carrier)
+    return tuple((k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate"))
+
+
+def continue_trace(traceparent: str) -> None:
+    """Make the W3C `traceparent` the current OpenTelemetry context of the running context (an
+    asyncio task's own copy), when `opentelemetry-api` is installed and it is not empty."""
+    if _propagate is None or not traceparent:
+        return
+    from opentelemetry import context
+
+    context.attach(_propagate.extract({"traceparent": traceparent}))
 
 
 def _spec(task_type: Union[str, TaskSpec], description: str, **fields: Any) -> TaskSpec:

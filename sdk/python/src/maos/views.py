@@ -132,6 +132,8 @@ class Task:
     output_tokens: int
     max_retries: int
     idempotency_key: str
+    #: The W3C trace id of its submit when that was traced (sampled); empty otherwise.
+    trace_id: str
 
     @classmethod
     def from_proto(cls, v: tasks_pb2.TaskView) -> "Task":
@@ -143,7 +145,7 @@ class Task:
             planning=v.planning, expanded=v.expanded, checkpoint=v.checkpoint,
             checkpoint_attempt=v.checkpoint_attempt, progress_percent=v.progress_percent,
             progress_message=v.progress_message, input_tokens=v.input_tokens, output_tokens=v.output_tokens,
-            max_retries=v.max_retries, idempotency_key=v.idempotency_key,
+            max_retries=v.max_retries, idempotency_key=v.idempotency_key, trace_id=v.trace_id,
         )
 
 

@@ -23,6 +23,7 @@ further reports raise `LeaseLost` and are not sent, and its answer is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -62,11 +63,14 @@ class Assignment:
     dependency_results: Mapping[str, str]
     checkpoint: Optional[str]
     timeout_ms: int
+    #: The W3C trace context of the task's submit when it was traced; empty otherwise. With
+    #: `opentelemetry-api` installed it is the current context while the agent function runs.
+    traceparent: str = ""
 
     @classmethod
     def from_proto(cls, a: agents_pb2.Assignment) -> "Assignment":
         return cls(a.task_id, a.attempt, a.agent_id, a.task_type, a.description, a.input, a.planning,
-                   dict(a.dependency_results), a.checkpoint or None, a.timeout_ms)
+                   dict(a.dependency_results), a.checkpoint or None, a.timeout_ms, a.traceparent)
 
 
 class _Lease:
@@ -321,6 +325,8 @@ class Worker:
 
     async def _attempt(self, agent: _AgentType, lease: _Lease) -> None:
         task_id = lease.assignment.task_id
+        # This asyncio task's own context: the attempt (and its function) continue the task's trace.
+        _core.continue_trace(lease.assignment.traceparent)
         try:
             try:
                 if agent.is_async:
@@ -350,6 +356,8 @@ class Worker:
     async def _in_thread(self, function: Handler, ctx: Context, lease: _Lease) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        # A thread starts with an empty context: run the function in the attempt's (its trace).
+        context = contextvars.copy_context()
 
         def settle(ok: bool, value: Any) -> None:
             if not future.done():
@@ -357,7 +365,7 @@ class Worker:
 
         def body() -> None:
             try:
-                value, ok = function(ctx), True
+                value, ok = context.run(function, ctx), True
             except BaseException as e:  # handed to the loop as the attempt's failure
                 value, ok = e, False
             try:
