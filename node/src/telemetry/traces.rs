@@ -106,6 +106,12 @@ impl Tracing {
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
+            // Nothing here reads OpenTelemetry's current context (spans are followed and
+            // injected through `OpenTelemetrySpanExt`), so entering a span, at every poll of
+            // an instrumented future, need not attach one; and every exported span has the
+            // same target, so it is not an attribute.
+            .with_context_activation(false)
+            .with_target(false)
             .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO))
             .boxed();
         ENABLED.store(true, Ordering::Relaxed);
